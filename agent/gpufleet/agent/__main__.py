@@ -1,0 +1,3 @@
+from gpufleet.agent.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""Reports waiting for the controller's ack, in sequence order.
+
+Every report gets the next sequence number when it is queued; it stays here until the
+controller acks it (or a later one), so a reconnect resends exactly what was not stored.
+Bounded: when the controller is away for long, the oldest *samples* are dropped first;
+health events are kept because a fault must never be lost.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from gpufleet.rpc.v1 import fleet_pb2 as pb
+
+
+class Outbox:
+    def __init__(self, agent_instance: str, max_pending: int = 3600) -> None:
+        self.agent_instance = agent_instance
+        self.max_pending = max_pending
+        self._cond = threading.Condition()
+        self._pending: deque[pb.AgentMessage] = deque()
+        self._next_seq = 1
+        self.acked_seq = 0
+        self.dropped = 0
+
+    def put_sample(self, sample: pb.NodeSample) -> int:
+        return self._put(pb.AgentMessage(sample=sample))
+
+    def put_event(self, event: pb.HealthEvent) -> int:
+        return self._put(pb.AgentMessage(event=event))
+
+    def _put(self, msg: pb.AgentMessage) -> int:
+        with self._cond:
+            msg.seq = self._next_seq
+            msg.agent_instance = self.agent_instance
+            self._next_seq += 1
+            self._pending.append(msg)
+            if len(self._pending) > self.max_pending:
+                self._drop_oldest_sample()
+            self._cond.notify_all()
+            return msg.seq
+
+    def _drop_oldest_sample(self) -> None:
+        for i, m in enumerate(self._pending):
+            if m.WhichOneof("body") == "sample":
+                del self._pending[i]
+                self.dropped += 1
+                return
+
+    def ack(self, seq: int) -> None:
+        with self._cond:
+            if seq > self.acked_seq:
+                self.acked_seq = seq
+            while self._pending and self._pending[0].seq <= seq:
+                self._pending.popleft()
+            self._cond.notify_all()
+
+    def next_after(self, seq: int, timeout_s: float) -> pb.AgentMessage | None:
+        """The first pending message with a sequence number above `seq`, waiting for one."""
+        with self._cond:
+            msg = self._first_after(seq)
+            if msg is None:
+                self._cond.wait(timeout_s)
+                msg = self._first_after(seq)
+            return msg
+
+    def _first_after(self, seq: int) -> pb.AgentMessage | None:
+        for m in self._pending:
+            if m.seq > seq:
+                return m
+        return None
+
+    def wait_empty(self, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout_s)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._pending)

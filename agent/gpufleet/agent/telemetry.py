@@ -1,0 +1,109 @@
+"""Typed values the agent collects. Units are in the names; None means "not measured"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+
+class PcieRelation(IntEnum):
+    """How two PCIe devices reach each other, as `nvidia-smi topo -m` names it.
+
+    Values match the wire contract's PcieRelation enum.
+    """
+
+    SELF = 1
+    PIX = 2
+    PXB = 3
+    PHB = 4
+    NODE = 5
+    SYS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    index: int
+    uuid: str
+    pci_bus_id: str
+    model: str
+    memory_total_bytes: int
+    numa_node: int | None
+    serial: str
+    vbios_version: str
+    nvlink_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class GpuLinkInfo:
+    gpu_a: int
+    gpu_b: int
+    nvlink_count: int
+    pcie_relation: PcieRelation
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    index: int
+    lost: bool = False
+    temperature_c: float | None = None
+    memory_temperature_c: float | None = None
+    power_w: float | None = None
+    energy_mj: int | None = None
+    utilization_gpu_pct: float | None = None
+    utilization_memory_pct: float | None = None
+    memory_used_bytes: int | None = None
+    sm_clock_mhz: int | None = None
+    memory_clock_mhz: int | None = None
+    throttle_reasons: int | None = None
+    ecc_sbe_volatile: int | None = None
+    ecc_dbe_volatile: int | None = None
+    ecc_sbe_aggregate: int | None = None
+    ecc_dbe_aggregate: int | None = None
+    remapped_rows_pending: int | None = None
+    remapped_rows_failure: int | None = None
+    pcie_link_gen: int | None = None
+    pcie_link_gen_max: int | None = None
+    pcie_link_width: int | None = None
+    pcie_link_width_max: int | None = None
+    pcie_replay_count: int | None = None
+    nvlink_up_count: int = 0
+    nvlink_down_count: int = 0
+    nvlink_crc_errors: int | None = None
+    nvlink_replay_errors: int | None = None
+    nvlink_recovery_errors: int | None = None
+    persistence_mode: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    gpu_index: int | None  # None when NVML could not tell which device
+    xid: int
+    timestamp_ms: int
+    source: str  # "nvml" or "kmsg"
+
+
+class GpuBackendError(Exception):
+    """The GPU library failed as a whole (not one field of one GPU)."""
+
+
+class GpuBackend(Protocol):
+    """What the agent needs from the GPUs; implemented over real or simulated NVML."""
+
+    name: str
+
+    def driver_version(self) -> str: ...
+
+    def cuda_driver_version(self) -> str: ...
+
+    def inventory(self) -> list[GpuInfo]: ...
+
+    def links(self) -> list[GpuLinkInfo]: ...
+
+    def nic_affinity(self) -> list[tuple[int, str, PcieRelation]]: ...
+
+    def sample(self) -> list[GpuSample]: ...
+
+    def wait_xid(self, timeout_ms: int) -> XidEvent | None: ...
+
+    def close(self) -> None: ...

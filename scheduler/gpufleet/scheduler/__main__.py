@@ -1,0 +1,3 @@
+from gpufleet.scheduler.cli import main
+
+main()

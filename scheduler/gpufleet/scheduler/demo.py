@@ -1,0 +1,147 @@
+"""`gpufleet demo`: the whole loop on one machine, on the embedded defaults.
+
+A controller (SQLite in a temporary folder) and N simulated agents as real processes talking
+gRPC over loopback; Xid 79 is injected on one node through the agent's own `sim inject`
+command, and the controller drains it in Slurm when a local Slurm knows the node names
+(otherwise it records what it would have done). The controller never imports the agent:
+agents are started as the `gpufleet-agent` program.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.slurm import CliSlurmClient, SlurmClient, SlurmError
+from gpufleet.scheduler.store import SqliteStore
+
+
+def _agent_argv() -> list[str]:
+    exe = shutil.which("gpufleet-agent", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "gpufleet.agent"]
+
+
+def _pick_slurm(mode: str, names: list[str]) -> tuple[SlurmClient | None, str]:
+    if mode == "none":
+        return None, "no Slurm (--slurm none): actions are recorded, not applied"
+    client = CliSlurmClient(timeout_s=5.0)
+    if not client.ping():
+        if mode == "cli":
+            raise click.ClickException("--slurm cli: slurmctld does not answer `scontrol ping`")
+        return None, "no Slurm answering here: actions are recorded, not applied"
+    try:
+        known = client.nodes()
+    except SlurmError as e:
+        if mode == "cli":
+            raise click.ClickException(str(e)) from e
+        return None, f"Slurm answered but sinfo failed ({e}): actions recorded, not applied"
+    missing = [n for n in names if n not in known]
+    if missing:
+        if mode == "cli":
+            raise click.ClickException(f"Slurm does not know node(s) {', '.join(missing)}")
+        return None, (f"Slurm is up but has no node(s) {', '.join(missing)}: actions are "
+                      "recorded, not applied")
+    return client, "real Slurm: the controller drains with scontrol"
+
+
+def _wait(cond: object, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(cond) and cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def run_demo(node_count: int, profile: str, fault_node: str, slurm_mode: str,
+             keep_drained: bool) -> int:
+    names = [f"n{i}" for i in range(1, node_count + 1)]
+    if fault_node not in names:
+        raise click.UsageError(f"--fault-node {fault_node!r} is not one of n1..n{node_count}")
+    say = click.echo
+    slurm, how = _pick_slurm(slurm_mode, names)
+    work = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
+    store = SqliteStore(work / "state.db")
+    ctl = Controller(store, slurm, listen="127.0.0.1:0")
+    port = ctl.start()
+    say(f"controller: 127.0.0.1:{port}, store {work / 'state.db'}")
+    say(f"slurm: {how}")
+    agents: list[subprocess.Popen[bytes]] = []
+    try:
+        for name in names:
+            agents.append(subprocess.Popen(  # noqa: S603 - our own program
+                [*_agent_argv(), "run", "--gpu-backend", "simulated", "--sim-profile", profile,
+                 "--node-name", name, "--controller", f"127.0.0.1:{port}",
+                 "--state-dir", str(work / name)],
+                stdin=subprocess.DEVNULL,
+            ))
+        if not _wait(lambda: len(store.nodes()) == node_count, 30):
+            say(f"error: only {len(store.nodes())} of {node_count} agents registered",
+                err=True)
+            return 1
+        time.sleep(1.2)  # let every agent send a sample
+        say(f"\n{node_count} simulated nodes ({profile}) reporting:")
+        _print_nodes(store)
+        if slurm is not None:
+            state = slurm.node(fault_node)
+            say(f"\nslurm before: {fault_node} State={state.state} Reason={state.reason!r}")
+            if state.drained:
+                say(f"note: {fault_node} is already drained; gpufleet will leave it as it is")
+
+        say(f"\ninjecting Xid 79 (GPU fallen off the bus) on {fault_node} GPU 3 ...")
+        t_fault = time.time()
+        subprocess.run(  # noqa: S603
+            [*_agent_argv(), "sim", "inject", "--faults-path",
+             str(work / fault_node / "sim-faults.json"), "--gpu", "3", "xid", "--xid", "79"],
+            check=True, capture_output=True,
+        )
+
+        def drained() -> bool:
+            acts = [a for a in store.actions(fault_node) if a.action == "drain"]
+            return bool(acts) and acts[-1].status in ("done", "shadow", "skipped", "failed")
+
+        if not _wait(drained, 15):
+            say("error: the controller did not act within 15 s", err=True)
+            return 1
+        t_done = time.time()
+        act = [a for a in store.actions(fault_node) if a.action == "drain"][-1]
+        say(f"controller: {act.action} {fault_node} -> {act.status} {act.detail} "
+            f"(reason {act.reason!r})")
+        say(f"fault -> {'drain' if act.status == 'done' else act.status}: "
+            f"{(t_done - t_fault) * 1000:.0f} ms (measured from injection)")
+        if slurm is not None:
+            state = slurm.node(fault_node)
+            say(f"slurm after:  {fault_node} State={state.state} Reason={state.reason!r}")
+        say("")
+        _print_nodes(store)
+        if slurm is not None and act.status == "done" and not keep_drained:
+            slurm.resume(fault_node)
+            say(f"\n(resumed {fault_node} again so the demo can be re-run; --keep-drained "
+                "leaves it drained)")
+        return 0
+    finally:
+        for p in agents:
+            p.terminate()
+        for p in agents:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        ctl.stop()
+        store.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_nodes(store: SqliteStore) -> None:
+    click.echo(f"  {'NODE':<6} {'GPUS':>4}  {'HEALTH':<8} REASON")
+    for n in store.nodes():
+        reason = f"{n.health_reason}: {n.health_evidence}" if n.health_reason else ""
+        click.echo(f"  {n.name:<6} {n.gpu_count:>4}  {n.health:<8} {reason}")
