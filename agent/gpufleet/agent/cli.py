@@ -16,7 +16,6 @@ from typing import Any
 
 import click
 from google.protobuf import json_format
-
 from gpufleet.agent import __version__
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
 from gpufleet.agent.telemetry import GpuBackendError
@@ -37,18 +36,48 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 
 def _common(f: Any) -> Any:
     options = [
-        click.option("--config", type=click.Path(dir_okay=False), callback=_load_config,
-                     is_eager=True, expose_value=False,
-                     help="TOML config file [default: /etc/gpufleet/agent.toml if present]"),
-        click.option("--node-name", default="", help="Slurm NodeName [default: short host name]"),
-        click.option("--gpu-backend", type=click.Choice(["nvml", "simulated"]), default="nvml",
-                     show_default=True, help="real NVML or the built-in simulator"),
-        click.option("--sim-profile", default="dgx-h100", show_default=True,
-                     help="simulated hardware: dgx-h100, hgx-a100, l40s-pcie, a100-pcie-bridged"),
-        click.option("--sim-faults-path", default="",
-                     help="fault file the simulator watches [default: STATE_DIR/sim-faults.json]"),
-        click.option("--state-dir", default="/var/lib/gpufleet-agent", show_default=True,
-                     type=click.Path(file_okay=False)),
+        click.option(
+            "--config",
+            type=click.Path(dir_okay=False),
+            callback=_load_config,
+            is_eager=True,
+            expose_value=False,
+            help="TOML config file [default: /etc/gpufleet/agent.toml if present]",
+        ),
+        click.option(
+            "--node-name",
+            envvar="GPUFLEET_AGENT_NODE_NAME",
+            default="",
+            help="Slurm NodeName [default: short host name]",
+        ),
+        click.option(
+            "--gpu-backend",
+            envvar="GPUFLEET_AGENT_GPU_BACKEND",
+            type=click.Choice(["nvml", "simulated"]),
+            default="nvml",
+            show_default=True,
+            help="real NVML or the built-in simulator",
+        ),
+        click.option(
+            "--sim-profile",
+            envvar="GPUFLEET_AGENT_SIM_PROFILE",
+            default="dgx-h100",
+            show_default=True,
+            help="simulated hardware: dgx-h100, hgx-a100, l40s-pcie, a100-pcie-bridged",
+        ),
+        click.option(
+            "--sim-faults-path",
+            envvar="GPUFLEET_AGENT_SIM_FAULTS_PATH",
+            default="",
+            help="fault file the simulator watches [default: STATE_DIR/sim-faults.json]",
+        ),
+        click.option(
+            "--state-dir",
+            envvar="GPUFLEET_AGENT_STATE_DIR",
+            default="/var/lib/gpufleet-agent",
+            show_default=True,
+            type=click.Path(file_okay=False),
+        ),
         click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)"),
     ]
     for opt in reversed(options):
@@ -58,8 +87,9 @@ def _common(f: Any) -> Any:
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def _make_config(**kw: Any) -> AgentConfig:
@@ -73,14 +103,16 @@ def _make_config(**kw: Any) -> AgentConfig:
 def _make_backend(cfg: AgentConfig) -> Any:
     from gpufleet.agent.nvml import NvmlBackend, load_library
 
-    lib = load_library(cfg.gpu_backend, cfg.sim_profile, cfg.resolved_faults_path(),
-                       cfg.resolved_node_name())
+    lib = load_library(
+        cfg.gpu_backend, cfg.sim_profile, cfg.resolved_faults_path(), cfg.resolved_node_name()
+    )
     name = "nvml" if cfg.gpu_backend == "nvml" else f"simulated:{cfg.sim_profile}"
     return NvmlBackend(lib, name)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"],
-                               "auto_envvar_prefix": "GPUFLEET_AGENT"})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GPUFLEET_AGENT"}
+)
 @click.version_option(__version__, prog_name="gpufleet-agent")
 def main() -> None:
     """gpufleet node agent: reports this node's GPUs, fabric and health to the controller."""
@@ -88,12 +120,28 @@ def main() -> None:
 
 @main.command()
 @_common
-@click.option("--controller", default="localhost:50051", show_default=True,
-              help="controller address HOST:PORT")
-@click.option("--interval-s", type=float, default=1.0, show_default=True,
-              help="seconds between samples")
-@click.option("--expected-gpu-count", type=click.IntRange(min=0), default=None,
-              help="GPUs this node must have; fewer is a fatal verdict")
+@click.option(
+    "--controller",
+    envvar="GPUFLEET_AGENT_CONTROLLER",
+    default="localhost:50051",
+    show_default=True,
+    help="controller address HOST:PORT",
+)
+@click.option(
+    "--interval-s",
+    envvar="GPUFLEET_AGENT_INTERVAL_S",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="seconds between samples",
+)
+@click.option(
+    "--expected-gpu-count",
+    envvar="GPUFLEET_AGENT_EXPECTED_GPU_COUNT",
+    type=click.IntRange(min=0),
+    default=None,
+    help="GPUs this node must have; fewer is a fatal verdict",
+)
 @click.option("--once", is_flag=True, help="send inventory and one sample, wait for the ack, exit")
 def run(once: bool, verbose: int, **kw: Any) -> None:
     """Run the agent (the systemd service runs this)."""
@@ -116,8 +164,10 @@ def run(once: bool, verbose: int, **kw: Any) -> None:
     except GpuBackendError as e:
         raise click.ClickException(str(e)) from e
     if once and not ok:
-        click.echo(f"error: controller {cfg.controller} did not acknowledge the report "
-                   "within 10 s", err=True)
+        click.echo(
+            f"error: controller {cfg.controller} did not acknowledge the report within 10 s",
+            err=True,
+        )
         sys.exit(EXIT_ERROR)
 
 
@@ -142,15 +192,19 @@ def collect(as_json: bool, verbose: int, **kw: Any) -> None:
     doc = {
         "inventory": json_format.MessageToDict(inv, preserving_proto_field_name=True),
         "sample": json_format.MessageToDict(sample, preserving_proto_field_name=True),
-        "timing_ms": {"inventory": round((t1 - t0) * 1000, 3),
-                      "sample": round((t2 - t1) * 1000, 3)},
+        "timing_ms": {
+            "inventory": round((t1 - t0) * 1000, 3),
+            "sample": round((t2 - t1) * 1000, 3),
+        },
     }
     agent.backend.close()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(f"node {inv.node_name}: {len(inv.gpus)} GPU(s), driver {inv.driver_version}, "
-               f"backend {inv.nvml_backend}")
+    click.echo(
+        f"node {inv.node_name}: {len(inv.gpus)} GPU(s), driver {inv.driver_version}, "
+        f"backend {inv.nvml_backend}"
+    )
     for g, s in zip(inv.gpus, sample.gpus, strict=False):
         if s.lost:
             click.echo(f"  GPU {g.index} {g.pci_bus_id} {g.model}: LOST")
@@ -158,15 +212,27 @@ def collect(as_json: bool, verbose: int, **kw: Any) -> None:
         temp = f"{s.temperature_c:.0f}C" if s.HasField("temperature_c") else "-"
         power = f"{s.power_w:.0f}W" if s.HasField("power_w") else "-"
         util = f"{s.utilization_gpu_pct:.0f}%" if s.HasField("utilization_gpu_pct") else "-"
-        click.echo(f"  GPU {g.index} {g.pci_bus_id} {g.model} {temp} {power} util {util} "
-                   f"nvlink {s.nvlink_up_count} up/{s.nvlink_down_count} down")
+        click.echo(
+            f"  GPU {g.index} {g.pci_bus_id} {g.model} {temp} {power} util {util} "
+            f"nvlink {s.nvlink_up_count} up/{s.nvlink_down_count} down"
+        )
 
 
 @main.command()
-@click.option("--state-dir", default="/var/lib/gpufleet-agent", show_default=True,
-              type=click.Path(file_okay=False))
-@click.option("--max-age-s", type=float, default=120.0, show_default=True,
-              help="older cached state counts as unknown (agent not running)")
+@click.option(
+    "--state-dir",
+    envvar="GPUFLEET_AGENT_STATE_DIR",
+    default="/var/lib/gpufleet-agent",
+    show_default=True,
+    type=click.Path(file_okay=False),
+)
+@click.option(
+    "--max-age-s",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="older cached state counts as unknown (agent not running)",
+)
 def health(state_dir: str, max_age_s: float) -> None:
     """Print the node's cached verdict; exit 0 healthy, 1 not (for Slurm HealthCheckProgram)."""
     path = Path(state_dir) / "health.json"
@@ -194,17 +260,34 @@ def sim() -> None:
 
 
 @sim.command()
-@click.option("--faults-path", required=True, type=click.Path(dir_okay=False),
-              help="the fault file the simulated agent watches")
+@click.option(
+    "--faults-path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="the fault file the simulated agent watches",
+)
 @click.option("--gpu", type=click.IntRange(min=0), required=True, help="GPU index")
-@click.argument("kind", type=click.Choice(["xid", "gpu_lost", "nvlink_down", "overheat",
-                                           "ecc_dbe", "row_remap_failure", "pcie_downtrain",
-                                           "clear"]))
+@click.argument(
+    "kind",
+    type=click.Choice(
+        [
+            "xid",
+            "gpu_lost",
+            "nvlink_down",
+            "overheat",
+            "ecc_dbe",
+            "row_remap_failure",
+            "pcie_downtrain",
+            "clear",
+        ]
+    ),
+)
 @click.option("--xid", type=click.IntRange(min=1), help="XID number (kind xid)")
 @click.option("--link", type=click.IntRange(min=0, max=17), default=0, help="NVLink (nvlink_down)")
 @click.option("--temperature-c", type=float, default=95.0, help="for kind overheat")
-def inject(faults_path: str, gpu: int, kind: str, xid: int | None, link: int,
-           temperature_c: float) -> None:
+def inject(
+    faults_path: str, gpu: int, kind: str, xid: int | None, link: int, temperature_c: float
+) -> None:
     """Inject a fault into a running simulated agent."""
     from gpufleet.agent.nvml_sim import append_fault
 

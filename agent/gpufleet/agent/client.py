@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable, Iterator
 
 import grpc
-
 from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gpufleet.agent.telemetry import (
     GpuBackendError,
@@ -37,6 +37,7 @@ T = TypeVar("T")
 FALLBACKS: dict[str, tuple[str, ...]] = {
     "pci_info": ("nvmlDeviceGetPciInfo_v3", "nvmlDeviceGetPciInfo"),
     "remote_pci_info": ("nvmlDeviceGetNvLinkRemotePciInfo_v2", "nvmlDeviceGetNvLinkRemotePciInfo"),
+    "numa_node": ("nvmlDeviceGetNumaNodeId",),
     "throttle_reasons": (
         "nvmlDeviceGetCurrentClocksEventReasons",
         "nvmlDeviceGetCurrentClocksThrottleReasons",
@@ -55,7 +56,7 @@ _TOPOLOGY_TO_RELATION = {
 }
 
 NVML_FI_DEV_MEMORY_TEMP = 82
-_NVLINK_MAX_LINKS = 18
+_NVLINK_MAX_LINKS_DEFAULT = 18  # NVLink4 (H100); newer bindings say 36
 _NVLINK_DEVICE_TYPE_SWITCH = 2
 
 
@@ -79,7 +80,7 @@ def load_library(
                 "the Python NVML bindings are missing: install them with "
                 "`pip install 'gpufleet[agent]'` (package nvidia-ml-py)"
             ) from e
-        return pynvml
+        return cast(ModuleType, pynvml)
     raise GpuBackendError(f"unknown GPU backend {backend!r}: use 'nvml' or 'simulated'")
 
 
@@ -95,6 +96,7 @@ class NvmlBackend:
         self._unsupported: set[tuple[str, int]] = set()  # (field, gpu): skip after NotSupported
         self._event_set: Any = None
         self._nvlink_links: dict[int, int] = {}
+        self._max_links = int(getattr(lib, "NVML_NVLINK_MAX_LINKS", _NVLINK_MAX_LINKS_DEFAULT))
         self._NVMLError: type[Exception] = lib.NVMLError
         self._lost_error: type[Exception] = lib.NVMLError_GpuIsLost
         # the return codes that mean "this field is not there", not "something broke"
@@ -228,7 +230,7 @@ class NvmlBackend:
         """
         n = self._nvlink_links.get(i)
         states: list[bool] = []
-        for link in range(_NVLINK_MAX_LINKS if n is None else n):
+        for link in range(self._max_links if n is None else n):
             try:
                 states.append(bool(self.lib.nvmlDeviceGetNvLinkState(h, link)))
             except self._lost_error:
@@ -287,6 +289,7 @@ class NvmlBackend:
     def nic_affinity(self) -> list[tuple[int, str, PcieRelation]]:
         from gpufleet.agent import pcie
 
+        self._ensure_started()
         if getattr(self.lib, "PROFILES", None) is not None:  # the simulator knows its board
             return self.lib.simulated_nic_affinity()  # type: ignore[no-any-return]
         infos = self.inventory()
@@ -298,7 +301,7 @@ class NvmlBackend:
         self._ensure_started()
         return [self._sample_one(i, h) for i, h in enumerate(self._handles)]
 
-    def _sample_one(self, i: int, h: Any) -> GpuSample:  # noqa: PLR0915 - one line per field
+    def _sample_one(self, i: int, h: Any) -> GpuSample:
         lib = self.lib
         f = self._field
         try:

@@ -54,7 +54,7 @@ NVML_TOPOLOGY_HOSTBRIDGE = 30
 NVML_TOPOLOGY_NODE = 40
 NVML_TOPOLOGY_SYSTEM = 50
 
-NVML_NVLINK_MAX_LINKS = 18
+NVML_NVLINK_MAX_LINKS = 36
 NVML_NVLINK_ERROR_DL_REPLAY = 0
 NVML_NVLINK_ERROR_DL_RECOVERY = 1
 NVML_NVLINK_ERROR_DL_CRC_FLIT = 2
@@ -93,43 +93,43 @@ class NVMLError(Exception):
         return _ERROR_STRINGS.get(self.value, f"NVML error {self.value}")
 
 
-class NVMLError_Uninitialized(NVMLError):  # noqa: N801 - pynvml's name
+class NVMLError_Uninitialized(NVMLError):
     _value = NVML_ERROR_UNINITIALIZED
 
 
-class NVMLError_InvalidArgument(NVMLError):  # noqa: N801
+class NVMLError_InvalidArgument(NVMLError):
     _value = NVML_ERROR_INVALID_ARGUMENT
 
 
-class NVMLError_NotSupported(NVMLError):  # noqa: N801
+class NVMLError_NotSupported(NVMLError):
     _value = NVML_ERROR_NOT_SUPPORTED
 
 
-class NVMLError_NoPermission(NVMLError):  # noqa: N801
+class NVMLError_NoPermission(NVMLError):
     _value = NVML_ERROR_NO_PERMISSION
 
 
-class NVMLError_NotFound(NVMLError):  # noqa: N801
+class NVMLError_NotFound(NVMLError):
     _value = NVML_ERROR_NOT_FOUND
 
 
-class NVMLError_Timeout(NVMLError):  # noqa: N801
+class NVMLError_Timeout(NVMLError):
     _value = NVML_ERROR_TIMEOUT
 
 
-class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801
+class NVMLError_LibraryNotFound(NVMLError):
     _value = NVML_ERROR_LIBRARY_NOT_FOUND
 
 
-class NVMLError_FunctionNotFound(NVMLError):  # noqa: N801
+class NVMLError_FunctionNotFound(NVMLError):
     _value = NVML_ERROR_FUNCTION_NOT_FOUND
 
 
-class NVMLError_GpuIsLost(NVMLError):  # noqa: N801
+class NVMLError_GpuIsLost(NVMLError):
     _value = NVML_ERROR_GPU_IS_LOST
 
 
-class NVMLError_Unknown(NVMLError):  # noqa: N801
+class NVMLError_Unknown(NVMLError):
     _value = NVML_ERROR_UNKNOWN
 
 
@@ -299,48 +299,48 @@ class _Gpu:
     last_energy_t: float = 0.0
 
 
-class c_nvmlMemory_t:  # noqa: N801 - pynvml's name
+class c_nvmlMemory_t:
     def __init__(self, total: int, used: int) -> None:
         self.total = total
         self.used = used
         self.free = total - used
 
 
-class c_nvmlUtilization_t:  # noqa: N801
+class c_nvmlUtilization_t:
     def __init__(self, gpu: int, memory: int) -> None:
         self.gpu = gpu
         self.memory = memory
 
 
-class nvmlPciInfo_t:  # noqa: N801
+class nvmlPciInfo_t:
     def __init__(self, bus_id: str) -> None:
-        self.busId = bus_id  # noqa: N815 - pynvml's name
-        self.busIdLegacy = bus_id[4:]  # noqa: N815
+        self.busId = bus_id
+        self.busIdLegacy = bus_id[4:]
         dom, bus, devfn = bus_id.split(":")
         self.domain = int(dom, 16)
         self.bus = int(bus, 16)
         self.device = int(devfn.split(".")[0], 16)
 
 
-class c_nvmlEventData_t:  # noqa: N801
+class c_nvmlEventData_t:
     def __init__(self, device: _Handle, event_type: int, event_data: int) -> None:
         self.device = device
-        self.eventType = event_type  # noqa: N815
-        self.eventData = event_data  # noqa: N815
-        self.gpuInstanceId = 0xFFFFFFFF  # noqa: N815
-        self.computeInstanceId = 0xFFFFFFFF  # noqa: N815
+        self.eventType = event_type
+        self.eventData = event_data
+        self.gpuInstanceId = 0xFFFFFFFF
+        self.computeInstanceId = 0xFFFFFFFF
 
 
-class c_nvmlFieldValue_t:  # noqa: N801
+class c_nvmlFieldValue_t:
     class _Value:
         def __init__(self, v: int) -> None:
-            self.ullVal = v  # noqa: N815
-            self.uiVal = v  # noqa: N815
-            self.sllVal = v  # noqa: N815
+            self.ullVal = v
+            self.uiVal = v
+            self.sllVal = v
 
     def __init__(self, field_id: int, ret: int, value: int) -> None:
-        self.fieldId = field_id  # noqa: N815
-        self.nvmlReturn = ret  # noqa: N815
+        self.fieldId = field_id
+        self.nvmlReturn = ret
         self.value = self._Value(value)
 
 
@@ -371,7 +371,8 @@ class _Simulator:
             _Gpu(
                 index=i,
                 spec=spec,
-                uuid=f"GPU-{seed & 0xFFFFFFFF:08x}-{i:04x}-4000-8000-{zlib.crc32(profile.name.encode()):012x}",
+                uuid=(f"GPU-{seed & 0xFFFFFFFF:08x}-{i:04x}-4000-8000-"
+                      f"{zlib.crc32(profile.name.encode()):012x}"),
                 serial=f"{1650000000000 + seed * 100 + i}",
             )
             for i, spec in enumerate(profile.gpus)
@@ -485,89 +486,89 @@ def _s() -> _Simulator:
 # ---------------------------------------------------------------- library
 
 
-def nvmlInit() -> None:  # noqa: N802 - pynvml's names below
+def nvmlInit() -> None:
     global _sim  # noqa: PLW0603 - NVML itself is process-global state
     with _lock:
         if _sim is None:
             _sim = _Simulator(PROFILES[_config["profile"]], _config["faults_path"], _config["seed"])
 
 
-def nvmlInitWithFlags(flags: int) -> None:  # noqa: N802, ARG001
+def nvmlInitWithFlags(flags: int) -> None:
     nvmlInit()
 
 
-def nvmlShutdown() -> None:  # noqa: N802
+def nvmlShutdown() -> None:
     global _sim  # noqa: PLW0603
     with _lock:
         _sim = None
 
 
-def nvmlSystemGetDriverVersion() -> str:  # noqa: N802
+def nvmlSystemGetDriverVersion() -> str:
     return _s().profile.driver_version
 
 
-def nvmlSystemGetCudaDriverVersion() -> int:  # noqa: N802
+def nvmlSystemGetCudaDriverVersion() -> int:
     return _s().profile.cuda_driver_version
 
 
 nvmlSystemGetCudaDriverVersion_v2 = nvmlSystemGetCudaDriverVersion
 
 
-def nvmlDeviceGetCount() -> int:  # noqa: N802
+def nvmlDeviceGetCount() -> int:
     sim = _s()
     sim.refresh()
     return len(sim.gpus)
 
 
-def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:  # noqa: N802
+def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
     sim = _s()
     if not 0 <= index < len(sim.gpus):
         raise NVMLError_InvalidArgument()
     return _Handle(index)
 
 
-def nvmlDeviceGetIndex(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetIndex(handle: _Handle) -> int:
     return _s().gpu(handle).index
 
 
-def nvmlDeviceGetUUID(handle: _Handle) -> str:  # noqa: N802
+def nvmlDeviceGetUUID(handle: _Handle) -> str:
     return _s().gpu(handle).uuid
 
 
-def nvmlDeviceGetName(handle: _Handle) -> str:  # noqa: N802
+def nvmlDeviceGetName(handle: _Handle) -> str:
     sim = _s()
     sim.gpu(handle)
     return sim.profile.model
 
 
-def nvmlDeviceGetSerial(handle: _Handle) -> str:  # noqa: N802
+def nvmlDeviceGetSerial(handle: _Handle) -> str:
     return _s().gpu(handle).serial
 
 
-def nvmlDeviceGetVbiosVersion(handle: _Handle) -> str:  # noqa: N802
+def nvmlDeviceGetVbiosVersion(handle: _Handle) -> str:
     _s().gpu(handle)
     return "96.00.89.00.01"
 
 
-def nvmlDeviceGetPciInfo(handle: _Handle) -> nvmlPciInfo_t:  # noqa: N802
+def nvmlDeviceGetPciInfo(handle: _Handle) -> nvmlPciInfo_t:
     return nvmlPciInfo_t(_s().gpu(handle).spec.bus_id)
 
 
 nvmlDeviceGetPciInfo_v3 = nvmlDeviceGetPciInfo
 
 
-def nvmlDeviceGetNumaNodeId(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetNumaNodeId(handle: _Handle) -> int:
     return _s().gpu(handle).spec.numa_node
 
 
-def nvmlDeviceGetMemoryInfo(handle: _Handle, version: int | None = None) -> c_nvmlMemory_t:  # noqa: N802, ARG001
+def nvmlDeviceGetMemoryInfo(handle: _Handle, version: int | None = None) -> c_nvmlMemory_t:
     sim = _s()
     g = sim.gpu(handle)
     total = sim.profile.memory_total_bytes
     return c_nvmlMemory_t(total, int(total * sim.utilization(g) / 120.0))
 
 
-def nvmlDeviceGetTemperature(handle: _Handle, sensor: int) -> int:  # noqa: N802
+def nvmlDeviceGetTemperature(handle: _Handle, sensor: int) -> int:
     sim = _s()
     g = sim.gpu(handle)
     if sensor != NVML_TEMPERATURE_GPU:
@@ -577,7 +578,7 @@ def nvmlDeviceGetTemperature(handle: _Handle, sensor: int) -> int:  # noqa: N802
     return int(32 + 0.4 * sim.utilization(g))
 
 
-def nvmlDeviceGetFieldValues(handle: _Handle, field_ids: list[int]) -> list[c_nvmlFieldValue_t]:  # noqa: N802
+def nvmlDeviceGetFieldValues(handle: _Handle, field_ids: list[int]) -> list[c_nvmlFieldValue_t]:
     sim = _s()
     g = sim.gpu(handle)
     out = []
@@ -590,13 +591,13 @@ def nvmlDeviceGetFieldValues(handle: _Handle, field_ids: list[int]) -> list[c_nv
     return out
 
 
-def nvmlDeviceGetPowerUsage(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetPowerUsage(handle: _Handle) -> int:
     """Milliwatts, as NVML reports it."""
     sim = _s()
     return int(sim.power_w(sim.gpu(handle)) * 1000)
 
 
-def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:
     """Millijoules since the driver loaded; integrates the simulated power draw."""
     sim = _s()
     g = sim.gpu(handle)
@@ -607,13 +608,13 @@ def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:  # noqa: N802
     return int(g.energy_mj)
 
 
-def nvmlDeviceGetUtilizationRates(handle: _Handle) -> c_nvmlUtilization_t:  # noqa: N802
+def nvmlDeviceGetUtilizationRates(handle: _Handle) -> c_nvmlUtilization_t:
     sim = _s()
     u = sim.utilization(sim.gpu(handle))
     return c_nvmlUtilization_t(int(u), int(u * 0.6))
 
 
-def nvmlDeviceGetClockInfo(handle: _Handle, clock_type: int) -> int:  # noqa: N802
+def nvmlDeviceGetClockInfo(handle: _Handle, clock_type: int) -> int:
     sim = _s()
     g = sim.gpu(handle)
     if clock_type == NVML_CLOCK_MEM:
@@ -622,7 +623,7 @@ def nvmlDeviceGetClockInfo(handle: _Handle, clock_type: int) -> int:  # noqa: N8
     return clock // 2 if g.overheat_c is not None else clock
 
 
-def nvmlDeviceGetCurrentClocksThrottleReasons(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetCurrentClocksThrottleReasons(handle: _Handle) -> int:
     g = _s().gpu(handle)
     if g.overheat_c is not None:
         return nvmlClocksThrottleReasonSwThermalSlowdown | nvmlClocksThrottleReasonHwThermalSlowdown
@@ -632,12 +633,12 @@ def nvmlDeviceGetCurrentClocksThrottleReasons(handle: _Handle) -> int:  # noqa: 
 nvmlDeviceGetCurrentClocksEventReasons = nvmlDeviceGetCurrentClocksThrottleReasons
 
 
-def nvmlDeviceGetTotalEccErrors(handle: _Handle, error_type: int, counter_type: int) -> int:  # noqa: N802, ARG001
+def nvmlDeviceGetTotalEccErrors(handle: _Handle, error_type: int, counter_type: int) -> int:
     g = _s().gpu(handle)
     return g.ecc_dbe if error_type == NVML_MEMORY_ERROR_TYPE_UNCORRECTED else g.ecc_sbe
 
 
-def nvmlDeviceGetRemappedRows(handle: _Handle) -> tuple[int, int, int, int]:  # noqa: N802
+def nvmlDeviceGetRemappedRows(handle: _Handle) -> tuple[int, int, int, int]:
     """(correctable rows, uncorrectable rows, is pending, failure occurred)."""
     sim = _s()
     g = sim.gpu(handle)
@@ -646,36 +647,36 @@ def nvmlDeviceGetRemappedRows(handle: _Handle) -> tuple[int, int, int, int]:  # 
     return (0, 1 if g.rows_failure else 0, int(g.rows_pending), int(g.rows_failure))
 
 
-def nvmlDeviceGetCurrPcieLinkGeneration(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetCurrPcieLinkGeneration(handle: _Handle) -> int:
     sim = _s()
     sim.gpu(handle)
     return sim.profile.pcie_gen_max
 
 
-def nvmlDeviceGetMaxPcieLinkGeneration(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetMaxPcieLinkGeneration(handle: _Handle) -> int:
     sim = _s()
     sim.gpu(handle)
     return sim.profile.pcie_gen_max
 
 
-def nvmlDeviceGetCurrPcieLinkWidth(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetCurrPcieLinkWidth(handle: _Handle) -> int:
     sim = _s()
     g = sim.gpu(handle)
     return g.pcie_width if g.pcie_width is not None else sim.profile.pcie_width_max
 
 
-def nvmlDeviceGetMaxPcieLinkWidth(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetMaxPcieLinkWidth(handle: _Handle) -> int:
     sim = _s()
     sim.gpu(handle)
     return sim.profile.pcie_width_max
 
 
-def nvmlDeviceGetPcieReplayCounter(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetPcieReplayCounter(handle: _Handle) -> int:
     _s().gpu(handle)
     return 0
 
 
-def nvmlDeviceGetPersistenceMode(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetPersistenceMode(handle: _Handle) -> int:
     _s().gpu(handle)
     return NVML_FEATURE_ENABLED
 
@@ -690,14 +691,14 @@ def _check_link(sim: _Simulator, g: _Gpu, link: int) -> None:
     del g
 
 
-def nvmlDeviceGetNvLinkState(handle: _Handle, link: int) -> int:  # noqa: N802
+def nvmlDeviceGetNvLinkState(handle: _Handle, link: int) -> int:
     sim = _s()
     g = sim.gpu(handle)
     _check_link(sim, g, link)
     return NVML_FEATURE_DISABLED if link in g.nvlink_down else NVML_FEATURE_ENABLED
 
 
-def nvmlDeviceGetNvLinkRemoteDeviceType(handle: _Handle, link: int) -> int:  # noqa: N802
+def nvmlDeviceGetNvLinkRemoteDeviceType(handle: _Handle, link: int) -> int:
     sim = _s()
     g = sim.gpu(handle)
     _check_link(sim, g, link)
@@ -706,7 +707,7 @@ def nvmlDeviceGetNvLinkRemoteDeviceType(handle: _Handle, link: int) -> int:  # n
     return NVML_NVLINK_DEVICE_TYPE_GPU
 
 
-def nvmlDeviceGetNvLinkRemotePciInfo(handle: _Handle, link: int) -> nvmlPciInfo_t:  # noqa: N802
+def nvmlDeviceGetNvLinkRemotePciInfo(handle: _Handle, link: int) -> nvmlPciInfo_t:
     sim = _s()
     g = sim.gpu(handle)
     _check_link(sim, g, link)
@@ -718,17 +719,15 @@ def nvmlDeviceGetNvLinkRemotePciInfo(handle: _Handle, link: int) -> nvmlPciInfo_
     return nvmlPciInfo_t(sim.gpus[peer].spec.bus_id)
 
 
-nvmlDeviceGetNvLinkRemotePciInfo_v2 = nvmlDeviceGetNvLinkRemotePciInfo
 
-
-def nvmlDeviceGetNvLinkErrorCounter(handle: _Handle, link: int, counter: int) -> int:  # noqa: N802, ARG001
+def nvmlDeviceGetNvLinkErrorCounter(handle: _Handle, link: int, counter: int) -> int:
     sim = _s()
     g = sim.gpu(handle)
     _check_link(sim, g, link)
     return 0
 
 
-def nvmlDeviceGetTopologyCommonAncestor(h1: _Handle, h2: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetTopologyCommonAncestor(h1: _Handle, h2: _Handle) -> int:
     sim = _s()
     a, b = sim.gpu(h1).spec, sim.gpu(h2).spec
     if h1.index == h2.index:
@@ -742,22 +741,22 @@ def nvmlDeviceGetTopologyCommonAncestor(h1: _Handle, h2: _Handle) -> int:  # noq
     return NVML_TOPOLOGY_SYSTEM
 
 
-def nvmlDeviceGetSupportedEventTypes(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetSupportedEventTypes(handle: _Handle) -> int:
     _s().gpu(handle)
     return nvmlEventTypeXidCriticalError | nvmlEventTypeDoubleBitEccError
 
 
-def nvmlEventSetCreate() -> _EventSet:  # noqa: N802
+def nvmlEventSetCreate() -> _EventSet:
     _s()
     return _EventSet()
 
 
-def nvmlDeviceRegisterEvents(handle: _Handle, event_types: int, event_set: _EventSet) -> None:  # noqa: N802
+def nvmlDeviceRegisterEvents(handle: _Handle, event_types: int, event_set: _EventSet) -> None:
     _s().gpu(handle)
     event_set.registered[handle.index] = event_types
 
 
-def nvmlEventSetWait(event_set: _EventSet, timeout_ms: int) -> c_nvmlEventData_t:  # noqa: N802
+def nvmlEventSetWait(event_set: _EventSet, timeout_ms: int) -> c_nvmlEventData_t:
     """Block up to timeout_ms for the next event on a registered GPU; NVMLError_Timeout if none."""
     sim = _s()
     deadline = time.monotonic() + timeout_ms / 1000.0
@@ -778,7 +777,7 @@ def nvmlEventSetWait(event_set: _EventSet, timeout_ms: int) -> c_nvmlEventData_t
 nvmlEventSetWait_v2 = nvmlEventSetWait
 
 
-def nvmlEventSetFree(event_set: _EventSet) -> None:  # noqa: N802
+def nvmlEventSetFree(event_set: _EventSet) -> None:
     event_set.registered.clear()
 
 

@@ -50,8 +50,7 @@ class Outbox:
 
     def ack(self, seq: int) -> None:
         with self._cond:
-            if seq > self.acked_seq:
-                self.acked_seq = seq
+            self.acked_seq = max(self.acked_seq, seq)
             while self._pending and self._pending[0].seq <= seq:
                 self._pending.popleft()
             self._cond.notify_all()

@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import psutil
-
 from gpufleet.agent import __version__, wire
 from gpufleet.agent.client import StreamClient
 from gpufleet.agent.config import AgentConfig

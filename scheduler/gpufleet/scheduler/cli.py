@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from gpufleet.scheduler import __version__
 from gpufleet.scheduler.store import SqliteStore, StoreError, now_ms
 
@@ -36,10 +35,11 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(f"{path}: not valid TOML: {e}") from e
     unknown = sorted(set(data) - CONFIG_KEYS)
     if unknown:
-        raise click.BadParameter(f"{path}: unknown key(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(sorted(CONFIG_KEYS))}")
+        raise click.BadParameter(
+            f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(CONFIG_KEYS))}"
+        )
     # every subcommand reads the same keys
-    ctx.default_map = {name: data for name in ("controller", "nodes")}
+    ctx.default_map = dict.fromkeys(("controller", "nodes"), data)
     return value
 
 
@@ -55,32 +55,62 @@ def _open_existing_store(db: str) -> SqliteStore:
 
 
 def _setup_logging(verbose: int) -> None:
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
-db_option = click.option("--db", default=DEFAULT_DB, show_default=True,
-                         type=click.Path(dir_okay=False), help="SQLite state store")
+db_option = click.option(
+    "--db",
+    default=DEFAULT_DB,
+    show_default=True,
+    envvar="GPUFLEET_DB",
+    type=click.Path(dir_okay=False),
+    help="SQLite state store",
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"],
-                               "auto_envvar_prefix": "GPUFLEET"})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GPUFLEET"}
+)
 @click.version_option(__version__, prog_name="gpufleet")
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
-              expose_value=False,
-              help="TOML config file [default: /etc/gpufleet/controller.toml if present]")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config,
+    is_eager=True,
+    expose_value=False,
+    help="TOML config file [default: /etc/gpufleet/controller.toml if present]",
+)
 def main() -> None:
     """gpufleet: GPU health, topology and recovery for Slurm clusters."""
 
 
 @main.command()
-@click.option("--listen", default="0.0.0.0:50051", show_default=True,
-              help="gRPC address agents connect to")
+@click.option(
+    "--listen",
+    default="0.0.0.0:50051",
+    show_default=True,
+    envvar="GPUFLEET_LISTEN",
+    help="gRPC address agents connect to",
+)
 @db_option
-@click.option("--slurm", type=click.Choice(["cli", "none"]), default="cli", show_default=True,
-              help="how to act on Slurm; 'none' records actions without acting")
-@click.option("--shadow", is_flag=True, help="log and record what would be done; act on nothing")
+@click.option(
+    "--slurm",
+    type=click.Choice(["cli", "none"]),
+    default="cli",
+    show_default=True,
+    envvar="GPUFLEET_SLURM",
+    help="how to act on Slurm; 'none' records actions without acting",
+)
+@click.option(
+    "--shadow",
+    is_flag=True,
+    envvar="GPUFLEET_SHADOW",
+    help="log and record what would be done; act on nothing",
+)
 @click.option("-v", "--verbose", count=True)
 def controller(listen: str, db: str, slurm: str, shadow: bool, verbose: int) -> None:
     """Run the controller (the systemd service runs this)."""
@@ -97,8 +127,11 @@ def controller(listen: str, db: str, slurm: str, shadow: bool, verbose: int) -> 
         ctl.start()
     except OSError as e:
         raise click.ClickException(f"cannot listen on {listen}: {e}") from e
-    click.echo(f"gpufleet controller listening on {listen}, store {db}"
-               f"{', shadow mode' if shadow or slurm == 'none' else ''}", err=True)
+    click.echo(
+        f"gpufleet controller listening on {listen}, store {db}"
+        f"{', shadow mode' if shadow or slurm == 'none' else ''}",
+        err=True,
+    )
 
     def _stop(signum: int, _frame: Any) -> None:
         ctl.stop()
@@ -120,8 +153,12 @@ def _age(ms: int) -> str:
 
 @main.command()
 @db_option
-@click.option("--state", "health", type=click.Choice(["ok", "warn", "degraded", "fatal"]),
-              help="only nodes in this health state")
+@click.option(
+    "--state",
+    "health",
+    type=click.Choice(["ok", "warn", "degraded", "fatal"]),
+    help="only nodes in this health state",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def nodes(db: str, health: str | None, as_json: bool) -> None:
     """List nodes with GPU count, health and the age of their last report."""
@@ -130,29 +167,51 @@ def nodes(db: str, health: str | None, as_json: bool) -> None:
     store.close()
     if as_json:
         now = now_ms()
-        click.echo(json.dumps([
-            {"name": n.name, "hostname": n.hostname, "gpus": n.gpu_count, "health": n.health,
-             "reason": n.health_reason, "evidence": n.health_evidence,
-             "last_seen_ms": n.last_seen_ms,
-             "last_seen_age_s": round((now - n.last_seen_ms) / 1000.0, 3)}
-            for n in rows
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": n.name,
+                        "hostname": n.hostname,
+                        "gpus": n.gpu_count,
+                        "health": n.health,
+                        "reason": n.health_reason,
+                        "evidence": n.health_evidence,
+                        "last_seen_ms": n.last_seen_ms,
+                        "last_seen_age_s": round((now - n.last_seen_ms) / 1000.0, 3),
+                    }
+                    for n in rows
+                ],
+                indent=2,
+            )
+        )
         return
     click.echo(f"{'NODE':<12} {'GPUS':>4} {'HEALTH':<9} {'LAST SEEN':>9}  REASON")
     for n in rows:
         reason = f"{n.health_reason}: {n.health_evidence}" if n.health_reason else ""
-        click.echo(f"{n.name:<12} {n.gpu_count:>4} {n.health:<9} {_age(n.last_seen_ms):>9}  "
-                   f"{reason}")
+        click.echo(
+            f"{n.name:<12} {n.gpu_count:>4} {n.health:<9} {_age(n.last_seen_ms):>9}  {reason}"
+        )
 
 
 @main.command()
-@click.option("--nodes", "node_count", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="simulated GPU nodes to start (named n1..nN)")
+@click.option(
+    "--nodes",
+    "node_count",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="simulated GPU nodes to start (named n1..nN)",
+)
 @click.option("--profile", default="dgx-h100", show_default=True, help="simulated hardware")
 @click.option("--fault-node", default="n3", show_default=True, help="node that gets Xid 79")
-@click.option("--slurm", type=click.Choice(["auto", "cli", "none"]), default="auto",
-              show_default=True,
-              help="auto: act on the local Slurm if it answers and knows the nodes")
+@click.option(
+    "--slurm",
+    type=click.Choice(["auto", "cli", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: act on the local Slurm if it answers and knows the nodes",
+)
 @click.option("--keep-drained", is_flag=True, help="leave the faulty node drained at the end")
 def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_drained: bool) -> None:
     """A controller plus simulated agents on this machine: nodes, a fault, the drain."""

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import click
-
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmClient, SlurmError
 from gpufleet.scheduler.store import SqliteStore
@@ -61,8 +60,9 @@ def _wait(cond: object, timeout_s: float) -> bool:
     return False
 
 
-def run_demo(node_count: int, profile: str, fault_node: str, slurm_mode: str,
-             keep_drained: bool) -> int:
+def run_demo(  # noqa: PLR0915 - a demo script reads best top to bottom
+    node_count: int, profile: str, fault_node: str, slurm_mode: str, keep_drained: bool
+) -> int:
     names = [f"n{i}" for i in range(1, node_count + 1)]
     if fault_node not in names:
         raise click.UsageError(f"--fault-node {fault_node!r} is not one of n1..n{node_count}")
@@ -77,7 +77,7 @@ def run_demo(node_count: int, profile: str, fault_node: str, slurm_mode: str,
     agents: list[subprocess.Popen[bytes]] = []
     try:
         for name in names:
-            agents.append(subprocess.Popen(  # noqa: S603 - our own program
+            agents.append(subprocess.Popen(
                 [*_agent_argv(), "run", "--gpu-backend", "simulated", "--sim-profile", profile,
                  "--node-name", name, "--controller", f"127.0.0.1:{port}",
                  "--state-dir", str(work / name)],
@@ -98,7 +98,7 @@ def run_demo(node_count: int, profile: str, fault_node: str, slurm_mode: str,
 
         say(f"\ninjecting Xid 79 (GPU fallen off the bus) on {fault_node} GPU 3 ...")
         t_fault = time.time()
-        subprocess.run(  # noqa: S603
+        subprocess.run(
             [*_agent_argv(), "sim", "inject", "--faults-path",
              str(work / fault_node / "sim-faults.json"), "--gpu", "3", "xid", "--xid", "79"],
             check=True, capture_output=True,

@@ -9,20 +9,20 @@ codes; nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler.actions import ActionQueue
 from gpufleet.scheduler.ingest import IngestError, Ingestor
 from gpufleet.scheduler.slurm import SlurmClient
 from gpufleet.scheduler.store import SqliteStore, StoreError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,11 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
         self.ingest = ingest
         self.streams = 0
 
-    async def Connect(  # noqa: N802 - gRPC method name
+    async def Connect(
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ControllerMessage]:
         node = None
+        seq = 0
         self.streams += 1
         try:
             async for msg in request_iterator:
@@ -114,7 +115,7 @@ class Controller:
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())
-        except BaseException as e:  # reported to the thread that called start()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the thread that called start()
             self._error = e
             self._ready.set()
         finally:
@@ -137,10 +138,9 @@ class Controller:
         self._grace_s = grace_s
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None and not loop.is_closed():
-            try:
+            # RuntimeError: the loop closed in between, so it has already stopped
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stopping.set)
-            except RuntimeError:  # the loop closed in between: already stopped
-                pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=grace_s + 5)
         self.actions.stop()

@@ -1,0 +1,45 @@
+"""An in-memory SlurmClient for unit tests; the real one is tested against real Slurm."""
+
+from __future__ import annotations
+
+import threading
+
+from gpufleet.scheduler.slurm import SlurmError, SlurmNode
+
+
+class FakeSlurm:
+    def __init__(self, names: list[str]) -> None:
+        self.state = {n: ("IDLE", "") for n in names}
+        self.calls: list[tuple[str, str]] = []
+        self.down = False  # slurmctld not answering
+        self.lock = threading.Lock()
+
+    def _check(self) -> None:
+        if self.down:
+            raise SlurmError("slurm_load_node error: Unable to contact slurm controller")
+
+    def ping(self) -> bool:
+        return not self.down
+
+    def nodes(self) -> dict[str, SlurmNode]:
+        self._check()
+        return {n: self.node(n) for n in self.state}
+
+    def node(self, name: str) -> SlurmNode:
+        self._check()
+        if name not in self.state:
+            raise SlurmError(f"Node {name} not found", transient=False)
+        state, reason = self.state[name]
+        return SlurmNode(name, state, reason)
+
+    def drain(self, name: str, reason: str) -> None:
+        self._check()
+        with self.lock:
+            self.calls.append(("drain", name))
+            self.state[name] = ("IDLE+DRAIN", reason)
+
+    def resume(self, name: str) -> None:
+        self._check()
+        with self.lock:
+            self.calls.append(("resume", name))
+            self.state[name] = ("IDLE", "")

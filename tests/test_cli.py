@@ -1,0 +1,102 @@
+"""Both programs behave like real CLIs: help, exit codes, errors on stderr, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpufleet.scheduler.store import SqliteStore
+
+
+def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    module = "gpufleet.agent" if argv[0] == "gpufleet-agent" else "gpufleet.scheduler"
+    return subprocess.run([sys.executable, "-m", module, *argv[1:]], capture_output=True,
+                          text=True, timeout=60, env=env, check=False)
+
+
+@pytest.mark.parametrize("prog", ["gpufleet", "gpufleet-agent"])
+def test_help_and_version(prog: str) -> None:
+    h = run(prog, "--help")
+    assert h.returncode == 0 and "Usage:" in h.stdout and h.stderr == ""
+    v = run(prog, "--version")
+    assert v.returncode == 0 and "0.1.0" in v.stdout
+
+
+def test_nodes_without_store_is_a_clear_error(tmp_path) -> None:
+    missing = tmp_path / "nope.db"
+    r = run("gpufleet", "nodes", "--json", "--db", str(missing))
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert f"no gpufleet store at {missing}" in r.stderr and "Traceback" not in r.stderr
+    assert not missing.exists()  # reading never creates a store
+
+
+def test_nodes_json(tmp_path) -> None:
+    db = tmp_path / "state.db"
+    s = SqliteStore(db)
+    s.upsert_node("n2", "host2", 8, b"", "a", 1000)
+    s.upsert_node("n1", "host1", 4, b"", "b", 1000)
+    s.close()
+    r = run("gpufleet", "nodes", "--json", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [(n["name"], n["gpus"], n["health"]) for n in doc] == [("n1", 4, "ok"), ("n2", 8, "ok")]
+    assert doc[0]["last_seen_age_s"] > 0
+    table = run("gpufleet", "nodes", "--db", str(db))
+    assert table.stdout.splitlines()[0].split()[:3] == ["NODE", "GPUS", "HEALTH"]
+
+
+def test_db_from_environment(tmp_path) -> None:
+    db = tmp_path / "state.db"
+    SqliteStore(db).close()
+    import os
+
+    r = run("gpufleet", "nodes", "--json", env={**os.environ, "GPUFLEET_DB": str(db)})
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+def test_bad_config_file_names_the_file_and_key(tmp_path) -> None:
+    cfg = tmp_path / "controller.toml"
+    cfg.write_text('lisen = "0.0.0.0:1"\n')
+    r = run("gpufleet", "--config", str(cfg), "nodes")
+    assert r.returncode == 2 and "unknown key(s) lisen" in r.stderr
+    cfg.write_text("listen = \n")
+    r = run("gpufleet", "--config", str(cfg), "nodes")
+    assert r.returncode == 2 and "not valid TOML" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--interval-s", "0"], "interval_s=0.0: must be between"),
+        (["run", "--controller", "nocolon"], "expected HOST:PORT"),
+        (["run", "--gpu-backend", "cuda"], "'cuda' is not one of"),
+    ],
+)
+def test_agent_bad_input(tmp_path, args: list[str], message: str) -> None:
+    r = run("gpufleet-agent", *args, "--state-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_once_without_controller_fails_cleanly(tmp_path) -> None:
+    r = run("gpufleet-agent", "run", "--once", "--gpu-backend", "simulated",
+            "--controller", "127.0.0.1:9", "--state-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "did not acknowledge" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_collect_and_health_shim(tmp_path) -> None:
+    r = run("gpufleet-agent", "collect", "--json", "--gpu-backend", "simulated",
+            "--sim-profile", "hgx-a100", "--state-dir", str(tmp_path), "--node-name", "gpu01")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["inventory"]["node_name"] == "gpu01"
+    assert len(doc["sample"]["gpus"]) == 8
+    h = run("gpufleet-agent", "health", "--state-dir", str(tmp_path))
+    assert h.returncode == 0 and h.stdout.startswith("ok")
+    none = run("gpufleet-agent", "health", "--state-dir", str(tmp_path / "missing"))
+    assert none.returncode == 2 and "is gpufleet-agent running" in none.stderr
