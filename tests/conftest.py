@@ -25,3 +25,9 @@ def real_data(relative: str) -> Path:
             pytest.fail(msg + " (CI=true: it must be there)")
         pytest.skip(msg)
     return path
+
+
+# The real-Slurm fixtures (tests/slurm/fixtures.py), for tests outside tests/slurm too.
+from tests.slurm.fixtures import clean_slurm_lab, slurm_lab  # noqa: E402
+
+__all__ = ["IN_CI", "REAL_DATA", "REPO", "clean_slurm_lab", "real_data", "slurm_lab"]

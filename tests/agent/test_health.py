@@ -6,10 +6,10 @@ import importlib.util
 import sys
 
 import pytest
-
 from gpufleet.agent.health import HealthState, Severity, classify_xid
 from gpufleet.agent.telemetry import GpuSample, XidEvent
 from gpufleet.agent.xid_catalog import XID_CATALOG
+
 from tests.conftest import REPO, real_data
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from gpufleet.agent import nvml_sim
 from gpufleet.agent.nvml import NvmlBackend, load_library
 from gpufleet.agent.telemetry import GpuBackendError, PcieRelation
@@ -120,7 +119,7 @@ def test_missing_libnvidia_ml_says_how_to_fix() -> None:
 
         pynvml.nvmlInit()
     except Exception:  # noqa: BLE001 - probing whether a driver is present
-        with pytest.raises(GpuBackendError, match="libnvidia-ml.so.1 was not found"):
+        with pytest.raises(GpuBackendError, match=r"libnvidia-ml\.so\.1 was not found"):
             backend.inventory()
     else:
         pynvml.nvmlShutdown()

@@ -6,7 +6,6 @@ import json
 
 import pynvml
 import pytest
-
 from gpufleet.agent import nvml_sim
 
 # helpers the simulator adds for tests and demos; real NVML has no such calls

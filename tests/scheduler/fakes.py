@@ -9,7 +9,7 @@ from gpufleet.scheduler.slurm import SlurmError, SlurmNode
 
 class FakeSlurm:
     def __init__(self, names: list[str]) -> None:
-        self.state = {n: ("IDLE", "") for n in names}
+        self.state = dict.fromkeys(names, ("IDLE", ""))
         self.calls: list[tuple[str, str]] = []
         self.down = False  # slurmctld not answering
         self.lock = threading.Lock()

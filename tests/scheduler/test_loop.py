@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from gpufleet.agent import nvml_sim
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.nvml import NvmlBackend, load_library
@@ -17,6 +16,7 @@ from gpufleet.scheduler.actions import ActionQueue
 from gpufleet.scheduler.ingest import IngestError, Ingestor
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.store import SqliteStore
+
 from tests.scheduler.fakes import FakeSlurm
 
 
@@ -65,7 +65,7 @@ def test_xid79_drains_once_with_gpufleet_reason(controller, tmp_path) -> None:
         nvml_sim.inject({"kind": "xid", "gpu": 3, "xid": 79})
         assert wait_for(lambda: slurm.state["n3"][0] == "IDLE+DRAIN")
         elapsed_ms = (time.monotonic() - t0) * 1000
-        state, reason = slurm.state["n3"]
+        _state, reason = slurm.state["n3"]
         assert reason.startswith("gpufleet:xid79 GPU 3 (0000:5d:00.0)")
         time.sleep(0.5)  # the GPU-lost verdicts that follow must not drain again
         assert slurm.calls == [("drain", "n3")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-
 from gpufleet.scheduler.store import MIGRATIONS, SqliteStore, StoreError, VerdictRow
 
 
@@ -35,7 +34,7 @@ def test_newer_schema_is_refused_and_left_alone(tmp_path) -> None:
 def test_not_a_database_is_a_clear_error(tmp_path) -> None:
     path = tmp_path / "state.db"
     path.write_text("this is not sqlite")
-    with pytest.raises(StoreError, match="state.db"):
+    with pytest.raises(StoreError, match=r"state\.db"):
         SqliteStore(path)
     assert path.read_text() == "this is not sqlite"  # nothing stored is lost
 
