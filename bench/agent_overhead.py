@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import psutil
-
 from gpufleet.agent import nvml_sim
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.nvml import NvmlBackend, load_library

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from gpufleet.agent.nvml_sim import append_fault
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.store import SqliteStore
+
 from tests.slurm.harness import SlurmLab
 
 pytestmark = pytest.mark.slurm

@@ -115,8 +115,11 @@ def run_demo(  # noqa: PLR0915 - a demo script reads best top to bottom
         act = [a for a in store.actions(fault_node) if a.action == "drain"][-1]
         say(f"controller: {act.action} {fault_node} -> {act.status} {act.detail} "
             f"(reason {act.reason!r})")
-        say(f"fault -> {'drain' if act.status == 'done' else act.status}: "
-            f"{(t_done - t_fault) * 1000:.0f} ms (measured from injection)")
+        outcome = "drain" if act.status == "done" else act.status
+        if act.done_ms is not None and act.fault_ms is not None:
+            say(f"fault -> {outcome}: {act.done_ms - act.fault_ms} ms from the agent's Xid event "
+                f"to scontrol done ({(t_done - t_fault) * 1000:.0f} ms wall, including "
+                "starting the inject command)")
         if slurm is not None:
             state = slurm.node(fault_node)
             say(f"slurm after:  {fault_node} State={state.state} Reason={state.reason!r}")

@@ -1,0 +1,78 @@
+"""pytest fixtures for the real Slurm lab of harness.py.
+
+`slurm_lab` (session) starts one lab for the whole session and stops it at the end.
+`clean_slurm_lab` (function) is the same lab, reset first: daemons restarted if a test killed
+them, all jobs cancelled, drained/down nodes resumed, every node idle.
+
+Skips when not root unless CI=true; under CI=true a lab that cannot start FAILS the tests, so a
+CI job cannot go green by silently skipping every Slurm test.
+
+The lab lives in a fixed dir ($GPUFLEET_SLURM_TEST_LAB or /tmp/gpufleet-slurm-lab-pytest) so a
+run killed with SIGKILL is cleaned up by the next one, and on ports 6917/17101.. so it can run
+beside a lab started by hand with `harness.py up` (6817/17001..).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import SlurmLab, SlurmLabConfig, SlurmLabError
+
+TEST_CTLD_PORT = 6917
+TEST_NODE_PORT0 = 17100
+
+# One lab per process even if this module's fixture is registered twice (e.g. re-exported by
+# tests/slurm/conftest.py and by tests/conftest.py): both registrations share it.
+_shared: dict[str, SlurmLab | BaseException] = {}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def slurm_test_config() -> SlurmLabConfig:
+    """The shape every Slurm test sees: 8 nodes n1..n8, gpu:8 each, leaf1=n[1-4], leaf2=n[5-8]."""
+    lab_dir = Path(os.environ.get("GPUFLEET_SLURM_TEST_LAB", "/tmp/gpufleet-slurm-lab-pytest"))
+    return SlurmLabConfig(lab_dir=lab_dir, ctld_port=TEST_CTLD_PORT, node_port0=TEST_NODE_PORT0)
+
+
+def _get_lab() -> SlurmLab:
+    if "lab" in _shared:
+        cached = _shared["lab"]
+        if isinstance(cached, BaseException):
+            raise cached
+        return cached
+    lab = SlurmLab(slurm_test_config())
+    try:
+        lab.start()
+    except SlurmLabError as exc:
+        _shared["lab"] = exc
+        raise
+    _shared["lab"] = lab
+    return lab
+
+
+@pytest.fixture(scope="session")
+def slurm_lab() -> Iterator[SlurmLab]:
+    """A running 8-node Slurm 22.05 lab shared by the session; clients via lab.run()/lab.env()."""
+    if os.geteuid() != 0 and not _in_ci():
+        pytest.skip("real Slurm lab needs root (slurmd/slurmctld/munged); run as root or CI=true")
+    try:
+        lab = _get_lab()
+    except SlurmLabError as exc:
+        if _in_ci():
+            pytest.fail(f"CI=true and the Slurm lab could not start: {exc}", pytrace=False)
+        pytest.skip(f"Slurm lab could not start: {exc}")
+    yield lab
+    lab.stop()  # idempotent: a second registration's teardown is a no-op
+
+
+@pytest.fixture
+def clean_slurm_lab(slurm_lab: SlurmLab) -> SlurmLab:
+    """slurm_lab after reset(): no jobs, every node idle, both daemons kinds running."""
+    slurm_lab.reset()
+    return slurm_lab

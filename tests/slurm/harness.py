@@ -1,0 +1,970 @@
+"""A real single-machine Slurm 22.05 cluster for tests (Debian bookworm packages, run as root).
+
+Why a real Slurm: the controller's Slurm adapter parses `sinfo --json`, `scontrol show ...` and
+drives drain/resume/requeue; fakes drift from what 22.05 actually prints. This module starts
+munged (only if none works), one slurmctld and N `slurmd -N nX` daemons on distinct ports, with
+fake GPU GRES backed by dummy character devices and a topology/tree of leaf switches + a spine.
+
+All runtime state lives under `lab_dir`; configs go to `etc_dir` (never /etc/slurm), so client
+commands need SLURM_CONF: use `lab.env()` or `lab.run(...)`.
+
+CLI:  python tests/slurm/harness.py up [--lab DIR] [--nodes N] [--leaves L] | down | status
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+__all__ = [
+    "SlurmCommandError",
+    "SlurmLab",
+    "SlurmLabConfig",
+    "SlurmLabError",
+    "default_lab_dir",
+]
+
+log = logging.getLogger("gpufleet.tests.slurmlab")
+
+PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client", "slurm-wlm-basic-plugins")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+MUNGE_RUN = Path("/run/munge")
+CLIENT_TIMEOUT_S = 30.0
+# Job states after which a job never changes again (wait_job_state fails fast on them).
+TERMINAL_JOB_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+# Ambient variables that would change what client commands do or print (e.g. when the tests run
+# inside a Slurm job, or a developer has SQUEUE_FORMAT set): dropped from lab.env().
+_AMBIENT_SLURM_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SACCT_")
+
+
+def default_lab_dir() -> Path:
+    """$GPUFLEET_SLURM_LAB or /tmp/gpufleet-slurm-lab: one well-known place so `down` finds it."""
+    return Path(os.environ.get("GPUFLEET_SLURM_LAB", "/tmp/gpufleet-slurm-lab"))
+
+
+class SlurmLabError(Exception):
+    """The lab could not be started, stopped or queried; the message names the log to read."""
+
+
+class SlurmCommandError(SlurmLabError, subprocess.CalledProcessError):
+    """A Slurm client command failed; also a CalledProcessError so callers can use either."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        subprocess.CalledProcessError.__init__(self, returncode, list(cmd), stdout, stderr)
+
+    def __str__(self) -> str:
+        detail = (self.stderr or self.stdout or "").strip()
+        return f"`{shlex.join(self.cmd)}` exited {self.returncode}: {detail}"
+
+
+@dataclass(frozen=True)
+class SlurmLabConfig:
+    """Shape of the fake cluster. Paths are made absolute (slurm.conf needs absolute paths)."""
+
+    lab_dir: Path = dataclasses.field(default_factory=default_lab_dir)
+    etc_dir: Path | None = None  # None -> lab_dir / "etc"
+    nodes: int = 8
+    leaves: int = 2
+    cpus: int = 4
+    mem_mb: int = 2000
+    gpus: int = 8
+    ctld_port: int = 6817
+    node_port0: int = 17000  # node nX listens on node_port0 + X
+    slurmd_timeout_s: int = 60
+    topology_conf: str | None = None  # written verbatim instead of the generated tree
+    extra_conf: str = ""  # appended to slurm.conf (a later key overrides an earlier one)
+    cluster_name: str = "lab"
+
+    def __post_init__(self) -> None:
+        lab_dir = Path(self.lab_dir).absolute()
+        object.__setattr__(self, "lab_dir", lab_dir)
+        etc = lab_dir / "etc" if self.etc_dir is None else Path(self.etc_dir).absolute()
+        object.__setattr__(self, "etc_dir", etc)
+        if self.nodes < 1 or not 1 <= self.leaves <= self.nodes:
+            raise ValueError(f"need 1 <= leaves ({self.leaves}) <= nodes ({self.nodes})")
+        if self.cpus < 1 or self.mem_mb < 1 or self.gpus < 0:
+            raise ValueError("cpus and mem_mb must be >= 1, gpus >= 0")
+        if self.node_port0 <= self.ctld_port <= self.node_port0 + self.nodes:
+            raise ValueError("ctld_port collides with the slurmd port range")
+
+    @property
+    def etc(self) -> Path:
+        """etc_dir after defaulting (typed as Path, which the field cannot be)."""
+        assert self.etc_dir is not None  # set in __post_init__
+        return self.etc_dir
+
+    def to_json(self) -> str:
+        """Saved in lab_dir so `down`/`status` (another process) know etc_dir and the shape."""
+        return json.dumps(
+            {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()},
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SlurmLabConfig:
+        """Inverse of to_json; unknown keys (from another harness version) are ignored."""
+        raw: dict[str, Any] = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        for key in ("lab_dir", "etc_dir"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = Path(kwargs[key])
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _hostlist(prefix: str, first: int, last: int) -> str:
+    """n[1-4] / n3: Slurm rejects nothing here, but a 1-element range reads badly in logs."""
+    return f"{prefix}{first}" if first == last else f"{prefix}[{first}-{last}]"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _proc_alive(pid: int | None, comm: str | None = None) -> bool:
+    """Alive and not a zombie (PID 1 here reaps orphans lazily); optionally check the name.
+
+    The name check keeps a stale pid file (after a reboot) from making us signal a stranger.
+    """
+    if pid is None or pid <= 0:
+        return False
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    state = stat_line.rsplit(")", 1)[-1].split()[0]
+    return state != "Z" and (comm is None or name == comm)
+
+
+def _procs_named(comm: str) -> list[int]:
+    """Live (non-zombie) pids whose /proc comm is `comm`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _proc_alive(int(entry.name), comm):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _with_descendants(roots: Iterable[int]) -> dict[int, str]:
+    """{pid: comm} of `roots` and every live descendant (a step's job processes)."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        head, _, rest = stat_line.rpartition(")")
+        fields = rest.split()
+        if fields[0] == "Z":
+            continue
+        comms[int(entry.name)] = head.split("(", 1)[1]
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = [pid for pid in roots if pid in comms]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found[pid] = comms[pid]
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _port_free(port: int) -> bool:
+    """Bind like the daemons do (SO_REUSEADDR): TIME_WAIT leftovers are fine, listeners are not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))  # noqa: S104  (slurmd/slurmctld bind INADDR_ANY)
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"({path} not readable)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _munge_works() -> bool:
+    try:
+        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10, check=False)
+        if cred.returncode != 0:
+            return False
+        out = subprocess.run(
+            ["unmunge"], input=cred.stdout, capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0
+
+
+def _stop_pids(pids: dict[int, str], timeout_s: float) -> list[int]:
+    """TERM {pid: comm}, wait, KILL stragglers; returns pids still alive after all that."""
+    live = {pid: comm for pid, comm in pids.items() if _proc_alive(pid, comm)}
+    for pid in live:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while live and time.monotonic() < deadline:
+        live = {pid: comm for pid, comm in live.items() if _proc_alive(pid, comm)}
+        if live:
+            time.sleep(0.1)
+    for pid in live:
+        log.warning("pid %d (%s) ignored SIGTERM for %.0fs -> SIGKILL", pid, live[pid], timeout_s)
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while live and time.monotonic() < deadline:
+        live = {pid: comm for pid, comm in live.items() if _proc_alive(pid, comm)}
+        if live:
+            time.sleep(0.1)
+    return sorted(live)
+
+
+# ---------------------------------------------------------------------------------------- lab
+
+
+class SlurmLab:
+    """Start/stop/query one lab cluster. Needs root (daemons, mknod, munge key, /etc/hosts)."""
+
+    def __init__(self, config: SlurmLabConfig | None = None) -> None:
+        self.config = config or SlurmLabConfig()
+        self.last_start_s: float | None = None  # how long the last start() took
+
+    @classmethod
+    def from_lab_dir(cls, lab_dir: Path | None = None) -> SlurmLab:
+        """The lab recorded in lab_dir/lab.json (written by start); defaults if there is none."""
+        lab_dir = Path(lab_dir or default_lab_dir())
+        try:
+            return cls(SlurmLabConfig.from_json((lab_dir / "lab.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return cls(SlurmLabConfig(lab_dir=lab_dir))
+
+    # ---------------------------------------------------------------- paths and environment
+
+    @property
+    def lab_dir(self) -> Path:
+        return self.config.lab_dir
+
+    @property
+    def etc_dir(self) -> Path:
+        return self.config.etc
+
+    @property
+    def conf_path(self) -> Path:
+        """slurm.conf; export SLURM_CONF=this to use the lab from a shell."""
+        return self.etc_dir / "slurm.conf"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.lab_dir / "log"
+
+    @property
+    def pid_dir(self) -> Path:
+        return self.lab_dir / "pids"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Working directory of sbatch(): job output files land here, not in the repo."""
+        return self.lab_dir / "jobs"
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"n{i}" for i in range(1, self.config.nodes + 1)]
+
+    def log_file(self, daemon: str) -> Path:
+        """Log of 'slurmctld' or a node name ('n3' -> slurmd-n3.log)."""
+        name = daemon if daemon == "slurmctld" else f"slurmd-{daemon}"
+        return self.log_dir / f"{name}.log"
+
+    def env(self) -> dict[str, str]:
+        """os.environ + SLURM_CONF, minus ambient SLURM_*/SQUEUE_*/... that change client output."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_AMBIENT_SLURM_PREFIXES)}
+        env["SLURM_CONF"] = str(self.conf_path)
+        return env
+
+    def run(
+        self,
+        *argv: str,
+        check: bool = True,
+        timeout_s: float = CLIENT_TIMEOUT_S,
+        cwd: Path | None = None,
+        input_text: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a Slurm client command against this lab (SLURM_CONF set, text output captured)."""
+        try:
+            proc = subprocess.run(
+                list(argv),
+                env=self.env(),
+                cwd=cwd,
+                input=input_text,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise SlurmLabError(
+                f"`{shlex.join(argv)}` timed out after {timeout_s}s; "
+                f"is slurmctld up? read {self.log_file('slurmctld')}"
+            ) from exc
+        if check and proc.returncode != 0:
+            raise SlurmCommandError(argv, proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 90) -> None:
+        """Fresh cluster (state and spool wiped), returning once every node is idle.
+
+        A previous instance recorded in lab_dir is stopped first; on failure, whatever this call
+        started is stopped again and SlurmLabError names the log to read.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        if os.geteuid() != 0:
+            raise SlurmLabError(
+                "SlurmLab needs root: it starts slurmd/slurmctld/munged, creates device nodes "
+                "and the munge key"
+            )
+        if any(self.pid_dir.glob("*.pid")):
+            log.info("previous instance in %s: stopping it", self.lab_dir)
+            SlurmLab.from_lab_dir(self.lab_dir).stop()
+        self._check_ports()
+        self._ensure_packages()
+        self._ensure_hostname()
+        self._prepare_dirs()
+        try:
+            self._ensure_munge()
+            self._write_configs()
+            self._start_ctld(deadline)
+            for node in self.node_names:
+                self._start_slurmd(node)
+            self.wait_nodes_idle(max(deadline - time.monotonic(), 1.0))
+        except BaseException as exc:
+            log.warning("start failed (%s); stopping what was started", type(exc).__name__)
+            self.stop()
+            raise
+        self.last_start_s = time.monotonic() - t0
+        log.info(
+            "%d nodes idle after %.1fs (SLURM_CONF=%s)",
+            self.config.nodes,
+            self.last_start_s,
+            self.conf_path,
+        )
+
+    def stop(self) -> None:
+        """Cancel jobs, then stop slurmd, slurmctld and munged (if we started it) by pid file.
+
+        Idempotent: with no pid files it does nothing.
+        """
+        if not self.pid_dir.is_dir():
+            return
+        if self.ctld_alive():
+            self._cancel_all_jobs()
+        pidfiles = sorted(self.pid_dir.glob("slurmd-*.pid"))
+        self._stop_pidfiles(pidfiles, "slurmd", 20)
+        self._stop_pidfiles([self.pid_dir / "slurmctld.pid"], "slurmctld", 30)
+        munged = self.pid_dir / "munged.pid"
+        if munged.exists():
+            others = _procs_named("slurmctld") + _procs_named("slurmd")
+            if others:
+                # Another lab (or a real Slurm) on this machine may authenticate through the
+                # munged we started: leave it running; it is harmless.
+                log.info("leaving munged running: other Slurm daemons use it (pids %s)", others)
+                munged.unlink(missing_ok=True)
+            else:
+                self._stop_pidfiles([munged], "munged", 10)
+        leftovers = self._our_stepds()
+        if leftovers:
+            # slurmctld was already down (no scancel): the steps outlived their slurmd.
+            victims = _with_descendants(leftovers)
+            log.warning("killing leftover slurmstepd %s and their jobs %s", leftovers, victims)
+            _stop_pids(victims, 1)  # slurmstepd ignores SIGTERM by design
+
+    def reset(self, timeout_s: float = 60) -> None:
+        """Back to a clean idle cluster between tests: restart dead daemons, cancel all jobs,
+        resume drained/down nodes. Node features/weights changed by a test are not restored.
+        """
+        deadline = time.monotonic() + timeout_s
+        if not self.ctld_alive():
+            self.start_slurmctld(timeout_s)
+        for node in self.node_names:
+            if not self.slurmd_alive(node):
+                self._start_slurmd(node)
+        self._cancel_all_jobs()
+        for name, info in self.sinfo_nodes().items():
+            flags = set(info.get("state_flags") or [])
+            if info.get("state") == "down" or flags & {"DRAIN", "FAIL"}:
+                self.run("scontrol", "update", f"nodename={name}", "state=resume", check=False)
+        self.wait_nodes_idle(max(deadline - time.monotonic(), 1.0))
+
+    def status(self) -> dict[str, int | None]:
+        """{daemon: pid if alive else None} for everything with a pid file."""
+        out: dict[str, int | None] = {}
+        for path in sorted(self.pid_dir.glob("*.pid")):
+            comm = path.stem.split("-", 1)[0]
+            pid = _read_pid(path)
+            out[path.stem] = pid if _proc_alive(pid, comm) else None
+        return out
+
+    def ctld_alive(self) -> bool:
+        return _proc_alive(_read_pid(self.pid_dir / "slurmctld.pid"), "slurmctld")
+
+    def slurmd_alive(self, node: str) -> bool:
+        return _proc_alive(_read_pid(self.pid_dir / f"slurmd-{node}.pid"), "slurmd")
+
+    def stop_slurmctld(self, timeout_s: float = 30) -> None:
+        """Controller outage: TERM slurmctld (state is saved and recovered by start_slurmctld)."""
+        self._stop_pidfiles([self.pid_dir / "slurmctld.pid"], "slurmctld", timeout_s)
+
+    def start_slurmctld(self, timeout_s: float = 30, *, wait_nodes: bool = True) -> None:
+        """Bring the controller back, recovering saved state (jobs, node drains).
+
+        Right after a restart every node reads UNKNOWN(+DRAIN...) until its slurmd registers
+        again (0.1-4 s here); wait_nodes waits for that so node states are meaningful.
+        """
+        deadline = time.monotonic() + timeout_s
+        if not self.ctld_alive():
+            self._start_ctld(deadline)
+        while wait_nodes:
+            states = re.findall(r"\bState=(\S+)", self.run("scontrol", "show", "nodes").stdout)
+            if not any(s.startswith("UNKNOWN") for s in states):
+                return
+            if time.monotonic() > deadline:
+                raise SlurmLabError(
+                    f"nodes did not re-register after slurmctld restart ({states}); "
+                    f"read {self.log_file('slurmctld')}"
+                )
+            time.sleep(0.1)
+
+    def stop_slurmd(self, node: str, timeout_s: float = 20) -> None:
+        """Node loss: IDLE+NOT_RESPONDING after ~slurmd_timeout_s, DOWN+NOT_RESPONDING later."""
+        self._stop_pidfiles([self.pid_dir / f"slurmd-{node}.pid"], "slurmd", timeout_s)
+
+    def start_slurmd(self, node: str) -> None:
+        """Restart one node's slurmd (ReturnToService=2 brings a DOWN node back by itself)."""
+        if not self.slurmd_alive(node):
+            self._start_slurmd(node)
+
+    # ------------------------------------------------------------------------------ queries
+
+    def sinfo_nodes(self) -> dict[str, dict[str, Any]]:
+        """`sinfo --json` nodes by name. 22.05: state 'idle' + state_flags ['DRAIN'], reason."""
+        data = json.loads(self.run("sinfo", "--json").stdout)
+        return {node["name"]: node for node in data["nodes"]}
+
+    def show_node(self, name: str) -> str:
+        """Raw `scontrol show node NAME` (22.05 has no `scontrol --json`)."""
+        return self.run("scontrol", "show", "node", name).stdout
+
+    def node_state(self, name: str) -> str:
+        """Compact state as scontrol prints it: IDLE, IDLE+DRAIN, DOWN+NOT_RESPONDING, ..."""
+        match = re.search(r"\bState=(\S+)", self.show_node(name))
+        if not match:
+            raise SlurmLabError(f"no State= in `scontrol show node {name}`")
+        return match.group(1)
+
+    def wait_node_state(self, name: str, states: str | Iterable[str], timeout_s: float = 30) -> str:
+        """Poll node_state() until it is one of `states` (exact, e.g. 'IDLE').
+
+        Needed after `state=resume`: 22.05 shows IDLE+NOT_RESPONDING until its next ping.
+        """
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout_s
+        while (state := self.node_state(name)) not in wanted:
+            if time.monotonic() > deadline:
+                raise SlurmLabError(
+                    f"node {name} still {state} after {timeout_s}s, wanted {sorted(wanted)}; "
+                    f"read {self.log_file(name)}"
+                )
+            time.sleep(0.2)
+        return state
+
+    def node_reason(self, name: str) -> str:
+        """Reason text without the ' [user@time]' suffix scontrol adds; '' when none."""
+        suffix = r"(?: \[[^\]@]*@[^\]]*\])?"  # " [root@2024-05-01T12:00:00]"
+        match = re.search(rf"^\s*Reason=(.*?){suffix}\s*$", self.show_node(name), re.M)
+        return match.group(1) if match else ""
+
+    def hostnames(self, hostlist: str) -> list[str]:
+        """Expand a Slurm hostlist ('n[1-3,5]') with scontrol itself."""
+        return self.run("scontrol", "show", "hostnames", hostlist).stdout.split()
+
+    def switches(self) -> dict[str, dict[str, str]]:
+        """`scontrol show topology` as {switch: {'Level': '0', 'Nodes': 'n[1-4]', ...}}."""
+        out: dict[str, dict[str, str]] = {}
+        for line in self.run("scontrol", "show", "topology").stdout.splitlines():
+            fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+            if "SwitchName" in fields:
+                out[fields.pop("SwitchName")] = fields
+        return out
+
+    def sbatch(self, *args: str) -> int:
+        """Submit with --parsable and return the job id; runs in jobs_dir so output stays there."""
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        out = self.run("sbatch", "--parsable", *args, cwd=self.jobs_dir).stdout.strip()
+        try:
+            return int(out.split(";", 1)[0])
+        except ValueError as exc:
+            raise SlurmLabError(f"sbatch printed {out!r}, not a job id") from exc
+
+    def show_job(self, jobid: int) -> str:
+        return self.run("scontrol", "show", "job", str(jobid)).stdout
+
+    def job_state(self, jobid: int) -> str:
+        """JobState (RUNNING, PENDING, COMPLETED, ...); MinJobAge=300 keeps finished jobs."""
+        match = re.search(r"\bJobState=(\S+)", self.show_job(jobid))
+        if not match:
+            raise SlurmLabError(f"no JobState= in `scontrol show job {jobid}`")
+        return match.group(1)
+
+    def job_nodes(self, jobid: int) -> list[str]:
+        """Expanded NodeList of a job ([] while pending)."""
+        match = re.search(r"^\s*NodeList=(\S+)", self.show_job(jobid), re.M)
+        if not match or match.group(1) == "(null)":
+            return []
+        return self.hostnames(match.group(1))
+
+    def wait_job_state(self, jobid: int, states: str | Iterable[str], timeout_s: float = 30) -> str:
+        """Poll until the job is in one of `states`; fails fast on another terminal state."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.job_state(jobid)
+            if state in wanted:
+                return state
+            if state in TERMINAL_JOB_STATES:
+                raise SlurmLabError(f"job {jobid} ended {state}, wanted {sorted(wanted)}")
+            if time.monotonic() > deadline:
+                raise SlurmLabError(
+                    f"job {jobid} still {state} after {timeout_s}s, wanted {sorted(wanted)}; "
+                    f"read {self.log_file('slurmctld')}"
+                )
+            time.sleep(0.2)
+
+    def wait_nodes_idle(self, timeout_s: float = 60) -> None:
+        """Until sinfo shows every node 'idle'; fails fast if a slurmd dies or a node is INVAL."""
+        deadline = time.monotonic() + timeout_s
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            proc = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+            if proc.returncode == 0:
+                states = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line)
+                if len(states) == self.config.nodes and set(states.values()) == {"idle"}:
+                    return
+                for node, state in states.items():
+                    if state.startswith("inval"):
+                        raise SlurmLabError(
+                            f"node {node} is {state} (config/GRES mismatch); "
+                            f"read {self.log_file(node)} and {self.log_file('slurmctld')}"
+                        )
+            if not self.ctld_alive():
+                raise SlurmLabError(
+                    f"slurmctld died; read {self.log_file('slurmctld')}:\n"
+                    + _tail(self.log_file("slurmctld"))
+                )
+            for node in self.node_names:
+                pid = _read_pid(self.pid_dir / f"slurmd-{node}.pid")
+                if pid is not None and not _proc_alive(pid, "slurmd"):
+                    raise SlurmLabError(
+                        f"slurmd of {node} died; read {self.log_file(node)}:\n"
+                        + _tail(self.log_file(node))
+                    )
+            time.sleep(0.2)
+        bad = {node: state for node, state in states.items() if state != "idle"} or states
+        logs = ", ".join(str(self.log_file(node)) for node in bad if node in self.node_names)
+        raise SlurmLabError(
+            f"nodes not idle after {timeout_s:.0f}s: {bad or 'sinfo failed'}; "
+            f"read {logs or self.log_file('slurmctld')}"
+        )
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _check_ports(self) -> None:
+        ports = {"slurmctld": self.config.ctld_port}
+        for i, node in enumerate(self.node_names, start=1):
+            ports[f"slurmd {node}"] = self.config.node_port0 + i
+        busy = [f"{who}:{port}" for who, port in ports.items() if not _port_free(port)]
+        if busy:
+            raise SlurmLabError(
+                f"ports in use: {', '.join(busy)}. Another Slurm (another lab dir?) is running; "
+                "stop it (`python tests/slurm/harness.py down --lab DIR`) or pick other ports "
+                "(ctld_port, node_port0)"
+            )
+
+    def _ensure_packages(self) -> None:
+        if shutil.which("dpkg-query") is None:
+            daemons = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged")
+            if all(Path(d).exists() for d in daemons):
+                return  # not Debian, but Slurm is there: try it
+            raise SlurmLabError(f"no dpkg-query and no {daemons}: install Slurm 22.05 + munge")
+        missing = []
+        for pkg in PACKAGES:
+            proc = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Status}", pkg],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.stdout.strip() != "install ok installed":
+                missing.append(pkg)
+        if not missing:
+            return
+        log.info("installing %s", " ".join(missing))
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        ):
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                err = proc.stderr.strip()[-2000:]
+                raise SlurmLabError(f"`{shlex.join(argv)}` failed ({proc.returncode}): {err}")
+        if Path("/run/systemd/system").is_dir():
+            # The packages start their services with the stock config; they would hold 6817.
+            subprocess.run(
+                ["systemctl", "stop", "slurmctld", "slurmd"], capture_output=True, check=False
+            )
+
+    def _ensure_hostname(self) -> None:
+        """SlurmctldHost/NodeHostname use the short host name, which must resolve."""
+        host = socket.gethostname().split(".", 1)[0]
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror:
+            log.info("adding %s to /etc/hosts", host)
+            with Path("/etc/hosts").open("a") as hosts:
+                hosts.write(f"127.0.0.1 {host}\n")
+
+    def _prepare_dirs(self) -> None:
+        """Fresh state/spool/logs; slurmctld runs as user slurm and needs state and log."""
+        for sub in ("state", "spool", "log"):
+            shutil.rmtree(self.lab_dir / sub, ignore_errors=True)
+        for sub in ("state", "spool", "log", "pids", "dev", "jobs"):
+            (self.lab_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.etc_dir.mkdir(parents=True, exist_ok=True)
+        self.lab_dir.chmod(0o755)
+        for sub in ("spool", "log", "pids", "dev"):
+            (self.lab_dir / sub).chmod(0o755)
+        (self.lab_dir / "jobs").chmod(0o1777)  # jobs of non-root test users write output here
+        for sub in ("state", "log"):
+            shutil.chown(self.lab_dir / sub, "slurm", "slurm")
+        for node in self.node_names:
+            (self.lab_dir / "spool" / node).mkdir()
+        (self.lab_dir / "lab.json").write_text(self.config.to_json())
+        for idx in range(self.config.gpus):
+            dev = self.lab_dir / "dev" / f"nvidia{idx}"
+            if dev.exists():
+                continue
+            try:
+                # Slurm 22.05 drops GPUs without File= and needs a real char device for
+                # CUDA_VISIBLE_DEVICES; major 195 is what the nvidia driver uses.
+                os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(195, idx))
+            except OSError:
+                dev.touch()  # nodes still show gpu:N; jobs just get no CUDA_VISIBLE_DEVICES
+
+    def _ensure_munge(self) -> None:
+        if not MUNGE_KEY.exists() or MUNGE_KEY.stat().st_size == 0:
+            log.info("creating %s", MUNGE_KEY)
+            MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
+            MUNGE_KEY.write_bytes(os.urandom(1024))
+        shutil.chown(MUNGE_KEY, "munge", "munge")
+        MUNGE_KEY.chmod(0o400)
+        MUNGE_RUN.mkdir(parents=True, exist_ok=True)
+        shutil.chown(MUNGE_RUN, "munge", "munge")
+        MUNGE_RUN.chmod(0o755)
+        if _munge_works():
+            log.info("reusing the running munged (stop() leaves it alone)")
+            return
+        pidfile = MUNGE_RUN / "munged.pid"
+        if _proc_alive(_read_pid(pidfile), "munged"):
+            raise SlurmLabError(
+                "munged is running but `munge -n | unmunge` fails; read /var/log/munge/munged.log"
+            )
+        for stale in (pidfile, MUNGE_RUN / "munge.socket.2", MUNGE_RUN / "munge.socket.2.lock"):
+            stale.unlink(missing_ok=True)
+        proc = subprocess.run(
+            ["runuser", "-u", "munge", "--", "/usr/sbin/munged"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise SlurmLabError(
+                f"munged failed ({proc.returncode}): {proc.stderr.strip()}; "
+                "read /var/log/munge/munged.log"
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _read_pid(pidfile) is None:
+            time.sleep(0.05)
+        pid = _read_pid(pidfile)
+        if pid is None:
+            raise SlurmLabError(f"munged wrote no {pidfile}; read /var/log/munge/munged.log")
+        (self.pid_dir / "munged.pid").write_text(f"{pid}\n")  # marks "we started it"
+        if not _munge_works():
+            raise SlurmLabError("`munge -n | unmunge` fails; read /var/log/munge/munged.log")
+        log.info("munged started (pid %d)", pid)
+
+    def slurm_conf_text(self) -> str:
+        """slurm.conf for this lab (cgroup-free, no health check, no accounting)."""
+        cfg, lab = self.config, self.lab_dir
+        host = socket.gethostname().split(".", 1)[0]
+        gres = f" Gres=gpu:{cfg.gpus}" if cfg.gpus else ""
+        ports = f"[{cfg.node_port0 + 1}-{cfg.node_port0 + cfg.nodes}]"
+        if cfg.nodes == 1:
+            ports = str(cfg.node_port0 + 1)
+        nodes = _hostlist("n", 1, cfg.nodes)
+        return f"""\
+# generated by tests/slurm/harness.py
+ClusterName={cfg.cluster_name}
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=slurm
+SlurmdUser=root
+SlurmctldPort={cfg.ctld_port}
+AuthType=auth/munge
+CredType=cred/munge
+StateSaveLocation={lab}/state
+SlurmdSpoolDir={lab}/spool/%n
+SlurmctldPidFile={lab}/pids/slurmctld.pid
+SlurmdPidFile={lab}/pids/slurmd-%n.pid
+SlurmctldLogFile={lab}/log/slurmctld.log
+SlurmdLogFile={lab}/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# no cgroups: works in containers / VMs without a delegated cgroup tree
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+MailProg=/bin/true
+# node hardware is fake: trust slurm.conf, not the host's cores/memory
+SlurmdParameters=config_overrides
+ReturnToService=2
+SchedulerType=sched/backfill
+# react within ~1 s instead of the 60 s / 30 s / 3 s defaults
+SchedulerParameters=sched_interval=1,bf_interval=1,batch_sched_delay=0
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+GresTypes=gpu
+TopologyPlugin=topology/tree
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=300
+SlurmctldTimeout=30
+SlurmdTimeout={cfg.slurmd_timeout_s}
+InactiveLimit=0
+KillWait=10
+NodeName={nodes} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports} CPUs={cfg.cpus} \
+RealMemory={cfg.mem_mb}{gres} State=UNKNOWN
+PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{cfg.extra_conf}
+"""
+
+    def topology_conf_text(self) -> str:
+        """`leaves` leaf switches over consecutive node ranges (sizes differ by <= 1) + a spine."""
+        cfg = self.config
+        if cfg.topology_conf is not None:
+            return cfg.topology_conf
+        base, extra = divmod(cfg.nodes, cfg.leaves)
+        lines, first = [], 1
+        for leaf in range(1, cfg.leaves + 1):
+            last = first + base - 1 + (1 if leaf <= extra else 0)
+            lines.append(f"SwitchName=leaf{leaf} Nodes={_hostlist('n', first, last)}")
+            first = last + 1
+        lines.append(f"SwitchName=spine Switches={_hostlist('leaf', 1, cfg.leaves)}")
+        return "\n".join(lines) + "\n"
+
+    def gres_conf_text(self) -> str:
+        cfg = self.config
+        text = "AutoDetect=off\n"
+        if cfg.gpus:
+            files = _hostlist(f"{self.lab_dir}/dev/nvidia", 0, cfg.gpus - 1)
+            text += f"NodeName={_hostlist('n', 1, cfg.nodes)} Name=gpu File={files}\n"
+        return text
+
+    def _write_configs(self) -> None:
+        self.conf_path.write_text(self.slurm_conf_text())
+        (self.etc_dir / "gres.conf").write_text(self.gres_conf_text())
+        (self.etc_dir / "topology.conf").write_text(self.topology_conf_text())
+
+    def _spawn_daemon(self, name: str, argv: list[str]) -> None:
+        """Run a self-daemonizing Slurm daemon; its stdio goes to log/NAME.out, not our pipes."""
+        out = self.log_dir / f"{name}.out"
+        with out.open("ab") as fh:
+            proc = subprocess.run(
+                argv,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                timeout=30,
+                check=False,
+                start_new_session=True,
+            )
+        if proc.returncode != 0:
+            raise SlurmLabError(
+                f"`{shlex.join(argv)}` exited {proc.returncode}; read {out} and "
+                f"{self.log_dir / (name + '.log')}:\n{_tail(out)}"
+            )
+
+    def _start_ctld(self, deadline: float) -> None:
+        self._spawn_daemon("slurmctld", ["/usr/sbin/slurmctld", "-f", str(self.conf_path)])
+        logfile = self.log_file("slurmctld")
+        while True:
+            proc = self.run("scontrol", "ping", check=False, timeout_s=10)
+            if "is UP" in proc.stdout:
+                log.info("slurmctld up (pid %s)", _read_pid(self.pid_dir / "slurmctld.pid"))
+                return
+            pid = _read_pid(self.pid_dir / "slurmctld.pid")
+            if pid is not None and not _proc_alive(pid, "slurmctld"):
+                raise SlurmLabError(f"slurmctld exited; read {logfile}:\n{_tail(logfile)}")
+            if time.monotonic() > deadline:
+                raise SlurmLabError(f"slurmctld not up in time; read {logfile}:\n{_tail(logfile)}")
+            time.sleep(0.1)
+
+    def _start_slurmd(self, node: str) -> None:
+        self._spawn_daemon(
+            f"slurmd-{node}", ["/usr/sbin/slurmd", "-f", str(self.conf_path), "-N", node]
+        )
+
+    def _stop_pidfiles(self, files: Iterable[Path], comm: str, timeout_s: float) -> None:
+        files = list(files)
+        pids = {pid: comm for f in files if (pid := _read_pid(f)) is not None}
+        stuck = _stop_pids(pids, timeout_s)
+        if stuck:
+            log.error("%s pids %s survived SIGKILL (uninterruptible?)", comm, stuck)
+        for f in files:
+            f.unlink(missing_ok=True)  # daemons remove their own pid file; this gets the rest
+
+    def _cancel_all_jobs(self, timeout_s: float = 20) -> None:
+        """scancel everything and wait until nothing runs/completes (no slurmstepd left)."""
+        proc = self.run("squeue", "-h", "-o", "%i", check=False, timeout_s=10)
+        jobs = proc.stdout.split()
+        if proc.returncode != 0 or not jobs:
+            return
+        self.run("scancel", *jobs, check=False, timeout_s=10)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            proc = self.run("squeue", "-h", "-t", "R,CG,S,CF,PD", "-o", "%i", check=False)
+            if proc.returncode != 0 or not proc.stdout.strip():
+                return
+            time.sleep(0.2)
+        log.warning("jobs still active %ss after scancel: %s", timeout_s, proc.stdout.split())
+
+    def _our_stepds(self) -> list[int]:
+        """slurmstepd processes of this lab. Their environ is empty, but cwd and the log fd
+        point into lab_dir (a slurmstepd outlives a killed slurmd and keeps its job running).
+        """
+        prefix = str(self.lab_dir) + "/"
+        mine = []
+        for pid in _procs_named("slurmstepd"):
+            proc = Path(f"/proc/{pid}")
+            try:
+                links = [proc / "cwd", *(proc / "fd").iterdir()]
+                targets = [os.readlink(link) for link in links]
+            except OSError:
+                continue
+            if any(target.startswith(prefix) for target in targets):
+                mine.append(pid)
+        return mine
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """up / down / status, for poking at the lab by hand."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a fresh lab and leave it running")
+    down = sub.add_parser("down", help="stop the lab in --lab")
+    status = sub.add_parser("status", help="daemons and sinfo of the lab in --lab")
+    for p in (up, down, status):
+        p.add_argument("--lab", type=Path, default=None, help="lab dir (default %(default)s)")
+    up.add_argument("--nodes", type=int, default=8)
+    up.add_argument("--leaves", type=int, default=2)
+    up.add_argument("--timeout", type=float, default=90)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="[slurmlab %(relativeCreated)6.0fms] %(message)s"
+    )
+    lab_dir: Path = args.lab or default_lab_dir()
+    try:
+        if args.cmd == "up":
+            lab = SlurmLab(SlurmLabConfig(lab_dir=lab_dir, nodes=args.nodes, leaves=args.leaves))
+            lab.start(timeout_s=args.timeout)
+            print(f"export SLURM_CONF={lab.conf_path}")
+        elif args.cmd == "down":
+            SlurmLab.from_lab_dir(lab_dir).stop()
+        else:
+            lab = SlurmLab.from_lab_dir(lab_dir)
+            for daemon, pid in lab.status().items():
+                print(f"{daemon:16} {pid if pid else 'not running'}")
+            if lab.ctld_alive():
+                print(lab.run("sinfo", "-N", "-o", "%N %T %G %E", check=False).stdout, end="")
+            print(f"export SLURM_CONF={lab.conf_path}")
+    except SlurmLabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
