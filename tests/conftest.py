@@ -7,6 +7,7 @@ CI=true a test that needs it fails when it is missing; elsewhere it is skipped.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,22 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA = REPO.parent / "shared" / "data" / "real"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figure() -> Callable[[str], None]:
+    """Record a measured figure; all of them are printed at the end of the run."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
 
 
 def real_data(relative: str) -> Path:
@@ -30,4 +47,6 @@ def real_data(relative: str) -> Path:
 # The real-Slurm fixtures (tests/slurm/fixtures.py), for tests outside tests/slurm too.
 from tests.slurm.fixtures import clean_slurm_lab, slurm_lab  # noqa: E402
 
-__all__ = ["IN_CI", "REAL_DATA", "REPO", "clean_slurm_lab", "real_data", "slurm_lab"]
+__all__ = [
+    "IN_CI", "REAL_DATA", "REPO", "clean_slurm_lab", "real_data", "report_figure", "slurm_lab",
+]

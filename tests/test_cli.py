@@ -99,3 +99,16 @@ def test_agent_collect_and_health_shim(tmp_path) -> None:
     assert h.returncode == 0 and h.stdout.startswith("ok")
     none = run("gpufleet-agent", "health", "--state-dir", str(tmp_path / "missing"))
     assert none.returncode == 2 and "is gpufleet-agent running" in none.stderr
+
+
+def test_demo_without_slurm_shows_the_loop() -> None:
+    r = run("gpufleet", "demo", "--nodes", "2", "--fault-node", "n2", "--slurm", "none")
+    assert r.returncode == 0, r.stderr
+    assert "2 simulated nodes (dgx-h100) reporting" in r.stdout
+    assert "drain n2 -> shadow" in r.stdout
+    assert "n2        8  fatal    xid79" in r.stdout
+
+
+def test_demo_rejects_an_unknown_fault_node() -> None:
+    r = run("gpufleet", "demo", "--nodes", "2", "--fault-node", "n9", "--slurm", "none")
+    assert r.returncode == 2 and "'n9' is not one of n1..n2" in r.stderr

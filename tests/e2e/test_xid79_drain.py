@@ -54,7 +54,9 @@ def fleet(clean_slurm_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controlle
         store.close()
 
 
-def test_xid79_on_n3_drains_n3_in_real_slurm(clean_slurm_lab: SlurmLab, fleet) -> None:
+def test_xid79_on_n3_drains_n3_in_real_slurm(
+    clean_slurm_lab: SlurmLab, fleet, report_figure
+) -> None:
     ctl, work = fleet
     lab = clean_slurm_lab
     assert _wait(lambda: {n.name for n in ctl.store.nodes()} == {"n1", "n3"}, 30)
@@ -74,7 +76,9 @@ def test_xid79_on_n3_drains_n3_in_real_slurm(clean_slurm_lab: SlurmLab, fleet) -
 
     (action,) = [a for a in ctl.store.actions("n3") if a.action == "drain"]
     assert action.status == "done" and action.fault_ms is not None and action.done_ms is not None
-    print(f"\nfault -> drain on real Slurm: {fault_to_drain_ms:.0f} ms seen by scontrol "
-          f"(controller's record: agent event -> scontrol done {action.done_ms - action.fault_ms}"
-          " ms)")
+    report_figure(
+        f"fault -> drain on real Slurm 22.05: {fault_to_drain_ms:.0f} ms from the fault to "
+        f"scontrol showing DRAIN (controller's record, agent Xid event -> scontrol done: "
+        f"{action.done_ms - action.fault_ms} ms)"
+    )
     assert ctl.store.node("n3").health == "fatal"

@@ -54,7 +54,7 @@ def test_once_registers_the_node(controller, tmp_path) -> None:
     assert (node.name, node.gpu_count, node.health) == ("n1", 4, "ok")
 
 
-def test_xid79_drains_once_with_gpufleet_reason(controller, tmp_path) -> None:
+def test_xid79_drains_once_with_gpufleet_reason(controller, tmp_path, report_figure) -> None:
     ctl, slurm = controller
     agent = make_agent(tmp_path, ctl.port, node="n3")
     t = threading.Thread(target=agent.run, daemon=True)
@@ -73,7 +73,7 @@ def test_xid79_drains_once_with_gpufleet_reason(controller, tmp_path) -> None:
         assert act.status == "done" and act.fault_ms is not None
         node = ctl.store.node("n3")
         assert node is not None and node.health == "fatal"
-        print(f"in-process fault -> drain: {elapsed_ms:.0f} ms")
+        report_figure(f"fault -> drain over loopback gRPC, in-memory Slurm: {elapsed_ms:.0f} ms")
     finally:
         agent.stop.set()
         t.join(5)

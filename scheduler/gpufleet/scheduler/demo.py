@@ -15,12 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmClient, SlurmError
-from gpufleet.scheduler.store import SqliteStore
+from gpufleet.scheduler.store import ActionRow, SqliteStore
 
 
 def _agent_argv() -> list[str]:
@@ -51,85 +52,46 @@ def _pick_slurm(mode: str, names: list[str]) -> tuple[SlurmClient | None, str]:
     return client, "real Slurm: the controller drains with scontrol"
 
 
-def _wait(cond: object, timeout_s: float) -> bool:
+def _wait(cond: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if callable(cond) and cond():
+        if cond():
             return True
         time.sleep(0.05)
     return False
 
 
-def run_demo(  # noqa: PLR0915 - a demo script reads best top to bottom
+def run_demo(
     node_count: int, profile: str, fault_node: str, slurm_mode: str, keep_drained: bool
 ) -> int:
     names = [f"n{i}" for i in range(1, node_count + 1)]
     if fault_node not in names:
         raise click.UsageError(f"--fault-node {fault_node!r} is not one of n1..n{node_count}")
-    say = click.echo
     slurm, how = _pick_slurm(slurm_mode, names)
     work = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
     store = SqliteStore(work / "state.db")
     ctl = Controller(store, slurm, listen="127.0.0.1:0")
     port = ctl.start()
-    say(f"controller: 127.0.0.1:{port}, store {work / 'state.db'}")
-    say(f"slurm: {how}")
-    agents: list[subprocess.Popen[bytes]] = []
+    click.echo(f"controller: 127.0.0.1:{port}, store {work / 'state.db'}")
+    click.echo(f"slurm: {how}")
+    agents = [
+        subprocess.Popen(
+            [*_agent_argv(), "run", "--gpu-backend", "simulated", "--sim-profile", profile,
+             "--node-name", name, "--controller", f"127.0.0.1:{port}",
+             "--state-dir", str(work / name)],
+            stdin=subprocess.DEVNULL,
+        )
+        for name in names
+    ]
     try:
-        for name in names:
-            agents.append(subprocess.Popen(
-                [*_agent_argv(), "run", "--gpu-backend", "simulated", "--sim-profile", profile,
-                 "--node-name", name, "--controller", f"127.0.0.1:{port}",
-                 "--state-dir", str(work / name)],
-                stdin=subprocess.DEVNULL,
-            ))
         if not _wait(lambda: len(store.nodes()) == node_count, 30):
-            say(f"error: only {len(store.nodes())} of {node_count} agents registered",
-                err=True)
+            click.echo(f"error: only {len(store.nodes())} of {node_count} agents registered",
+                       err=True)
             return 1
         time.sleep(1.2)  # let every agent send a sample
-        say(f"\n{node_count} simulated nodes ({profile}) reporting:")
+        click.echo(f"\n{node_count} simulated nodes ({profile}) reporting:")
         _print_nodes(store)
-        if slurm is not None:
-            state = slurm.node(fault_node)
-            say(f"\nslurm before: {fault_node} State={state.state} Reason={state.reason!r}")
-            if state.drained:
-                say(f"note: {fault_node} is already drained; gpufleet will leave it as it is")
-
-        say(f"\ninjecting Xid 79 (GPU fallen off the bus) on {fault_node} GPU 3 ...")
-        t_fault = time.time()
-        subprocess.run(
-            [*_agent_argv(), "sim", "inject", "--faults-path",
-             str(work / fault_node / "sim-faults.json"), "--gpu", "3", "xid", "--xid", "79"],
-            check=True, capture_output=True,
-        )
-
-        def drained() -> bool:
-            acts = [a for a in store.actions(fault_node) if a.action == "drain"]
-            return bool(acts) and acts[-1].status in ("done", "shadow", "skipped", "failed")
-
-        if not _wait(drained, 15):
-            say("error: the controller did not act within 15 s", err=True)
-            return 1
-        t_done = time.time()
-        act = [a for a in store.actions(fault_node) if a.action == "drain"][-1]
-        say(f"controller: {act.action} {fault_node} -> {act.status} {act.detail} "
-            f"(reason {act.reason!r})")
-        outcome = "drain" if act.status == "done" else act.status
-        if act.done_ms is not None and act.fault_ms is not None:
-            say(f"fault -> {outcome}: {act.done_ms - act.fault_ms} ms from the agent's Xid event "
-                f"to scontrol done ({(t_done - t_fault) * 1000:.0f} ms wall, including "
-                "starting the inject command)")
-        if slurm is not None:
-            state = slurm.node(fault_node)
-            say(f"slurm after:  {fault_node} State={state.state} Reason={state.reason!r}")
-        say("")
-        _print_nodes(store)
-        if slurm is not None and act.status == "done" and not keep_drained:
-            slurm.resume(fault_node)
-            say(f"\n(resumed {fault_node} again so the demo can be re-run; --keep-drained "
-                "leaves it drained)")
-        return 0
+        return _fault_and_drain(store, slurm, fault_node, work, keep_drained)
     finally:
         for p in agents:
             p.terminate()
@@ -141,6 +103,52 @@ def run_demo(  # noqa: PLR0915 - a demo script reads best top to bottom
         ctl.stop()
         store.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _fault_and_drain(
+    store: SqliteStore, slurm: SlurmClient | None, node: str, work: Path, keep_drained: bool
+) -> int:
+    say = click.echo
+    if slurm is not None:
+        state = slurm.node(node)
+        say(f"\nslurm before: {node} State={state.state} Reason={state.reason!r}")
+        if state.drained:
+            say(f"note: {node} is already drained; gpufleet will leave it as it is")
+    say(f"\ninjecting Xid 79 (GPU fallen off the bus) on {node} GPU 3 ...")
+    t_fault = time.time()
+    subprocess.run(
+        [*_agent_argv(), "sim", "inject", "--faults-path", str(work / node / "sim-faults.json"),
+         "--gpu", "3", "xid", "--xid", "79"],
+        check=True, capture_output=True,
+    )
+
+    def drain_action() -> ActionRow | None:
+        acts = [a for a in store.actions(node) if a.action == "drain"]
+        finished = acts and acts[-1].status in ("done", "shadow", "skipped", "failed")
+        return acts[-1] if finished else None
+
+    if not _wait(lambda: drain_action() is not None, 15):
+        say("error: the controller did not act within 15 s", err=True)
+        return 1
+    t_done = time.time()
+    act = drain_action()
+    assert act is not None  # noqa: S101 - just waited for it
+    say(f"controller: drain {node} -> {act.status} {act.detail} (reason {act.reason!r})")
+    if act.done_ms is not None and act.fault_ms is not None:
+        outcome = "drain" if act.status == "done" else act.status
+        say(f"fault -> {outcome}: {act.done_ms - act.fault_ms} ms from the agent's Xid event "
+            f"to scontrol done ({(t_done - t_fault) * 1000:.0f} ms wall, including starting "
+            "the inject command)")
+    if slurm is not None:
+        state = slurm.node(node)
+        say(f"slurm after:  {node} State={state.state} Reason={state.reason!r}")
+    say("")
+    _print_nodes(store)
+    if slurm is not None and act.status == "done" and not keep_drained:
+        slurm.resume(node)
+        say(f"\n(resumed {node} again so the demo can be re-run; --keep-drained leaves it "
+            "drained)")
+    return 0
 
 
 def _print_nodes(store: SqliteStore) -> None:
