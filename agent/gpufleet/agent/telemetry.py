@@ -107,3 +107,52 @@ class GpuBackend(Protocol):
     def wait_xid(self, timeout_ms: int) -> XidEvent | None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IbPortInfo:
+    """One InfiniBand (or RoCE) port as sysfs describes it: inventory and state."""
+
+    hca: str  # mlx5_0
+    port: int  # 1-based
+    node_guid: str  # 0x-prefixed, 16 lower-case hex digits: 0x506b4b0300c1a2b4
+    port_guid: str
+    lid: int
+    sm_lid: int
+    state: str  # ACTIVE, DOWN, INIT, ARMED (sysfs "4: ACTIVE" -> "ACTIVE")
+    phys_state: str  # LinkUp, Polling, Disabled (sysfs "5: LinkUp" -> "LinkUp")
+    rate_gbps: float  # sysfs "400 Gb/sec (4X NDR)" -> 400.0
+    link_layer: str  # InfiniBand or Ethernet
+    numa_node: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IbPortSample:
+    """A port's state and its standard error counters (None where the counter is missing)."""
+
+    hca: str
+    port: int
+    state: str
+    phys_state: str
+    rate_gbps: float
+    symbol_error: int | None = None
+    link_downed: int | None = None
+    link_error_recovery: int | None = None
+    port_rcv_errors: int | None = None
+    port_xmit_discards: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DiskUsage:
+    path: str
+    used_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    cpu_pct: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    load_1m: float
+    disks: tuple[DiskUsage, ...] = ()
