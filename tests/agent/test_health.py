@@ -6,7 +6,7 @@ import importlib.util
 import sys
 
 import pytest
-from gpufleet.agent.health import HealthState, Severity, classify_xid
+from gpufleet.agent.health import HealthConfig, HealthState, Severity, classify_xid
 from gpufleet.agent.telemetry import GpuSample, XidEvent
 from gpufleet.agent.xid_catalog import XID_CATALOG
 
@@ -57,14 +57,15 @@ def test_xid_verdict_never_softens() -> None:
     assert "0000:2a:00.0" in worst.evidence
 
 
-def test_lost_gpu_and_gpu_count() -> None:
-    h = HealthState(expected_gpu_count=4)
+def test_lost_gpu_and_gpu_count_act_at_once_and_recover_debounced() -> None:
+    h = HealthState(HealthConfig(expected_gpu_count=4, debounce_default=2))
     ok = [GpuSample(index=i) for i in range(4)]
     assert h.evaluate(ok, 1) == []  # all fine: nothing to report
     changed = h.evaluate([*ok[:3], GpuSample(index=3, lost=True)], 2)
     assert {(v.check, v.severity) for v in changed} == {
         ("gpu_lost", Severity.FATAL), ("gpu_count", Severity.FATAL)}
     assert h.evaluate([*ok[:3], GpuSample(index=3, lost=True)], 3) == []  # no change, no noise
-    back = h.evaluate(ok, 4)
+    assert h.evaluate(ok, 4) == []  # one good cycle is not yet a recovery
+    back = h.evaluate(ok, 5)
     assert {(v.check, v.severity) for v in back} == {
         ("gpu_lost", Severity.OK), ("gpu_count", Severity.OK)}

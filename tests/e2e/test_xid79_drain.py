@@ -38,7 +38,7 @@ def fleet(clean_slurm_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controlle
         subprocess.Popen(
             [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
              "--node-name", node, "--controller", f"127.0.0.1:{ctl.port}",
-             "--state-dir", str(tmp_path / node)],
+             "--state-dir", str(tmp_path / node), "--metrics-listen", ""],
             stdin=subprocess.DEVNULL,
         )
         for node in ("n1", "n3")

@@ -18,6 +18,7 @@ import click
 from google.protobuf import json_format
 from gpufleet.agent import __version__
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
+from gpufleet.agent.nvml_sim import FAULT_KINDS
 from gpufleet.agent.telemetry import GpuBackendError
 
 EXIT_UNHEALTHY = 1
@@ -31,6 +32,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     except ConfigError as e:
         raise click.BadParameter(str(e)) from e
     ctx.default_map = {**(ctx.default_map or {}), **data}
+    ctx.meta["gpufleet_config_file"] = data  # keys with no flag (thresholds, debounce)
     return value
 
 
@@ -93,10 +95,18 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _make_config(**kw: Any) -> AgentConfig:
+    """Flags and environment (as click resolved them) over the file over the defaults."""
     kw.pop("verbose", None)
+    ctx = click.get_current_context()
+    settings = dict(ctx.meta.get("gpufleet_config_file", {}))
+    for name, value in kw.items():
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            settings[name] = value
+        else:
+            settings.setdefault(name, value)
     try:
-        return AgentConfig(**kw).validate()
-    except ConfigError as e:
+        return AgentConfig(**settings).validate()
+    except (ConfigError, TypeError) as e:
         raise click.UsageError(str(e)) from e
 
 
@@ -141,6 +151,13 @@ def main() -> None:
     type=click.IntRange(min=0),
     default=None,
     help="GPUs this node must have; fewer is a fatal verdict",
+)
+@click.option(
+    "--metrics-listen",
+    envvar="GPUFLEET_AGENT_METRICS_LISTEN",
+    default="0.0.0.0:9835",
+    show_default=True,
+    help="Prometheus /metrics address; '' turns it off",
 )
 @click.option("--once", is_flag=True, help="send inventory and one sample, wait for the ack, exit")
 def run(once: bool, verbose: int, **kw: Any) -> None:
@@ -267,21 +284,7 @@ def sim() -> None:
     help="the fault file the simulated agent watches",
 )
 @click.option("--gpu", type=click.IntRange(min=0), required=True, help="GPU index")
-@click.argument(
-    "kind",
-    type=click.Choice(
-        [
-            "xid",
-            "gpu_lost",
-            "nvlink_down",
-            "overheat",
-            "ecc_dbe",
-            "row_remap_failure",
-            "pcie_downtrain",
-            "clear",
-        ]
-    ),
-)
+@click.argument("kind", type=click.Choice(FAULT_KINDS))
 @click.option("--xid", type=click.IntRange(min=1), help="XID number (kind xid)")
 @click.option("--link", type=click.IntRange(min=0, max=17), default=0, help="NVLink (nvlink_down)")
 @click.option("--temperature-c", type=float, default=95.0, help="for kind overheat")

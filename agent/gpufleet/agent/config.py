@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from gpufleet.agent.health import CHECKS, HealthConfig
+
 DEFAULT_CONFIG_PATH = Path("/etc/gpufleet/agent.toml")
 
 
@@ -30,12 +32,43 @@ class AgentConfig:
     state_dir: str = "/var/lib/gpufleet-agent"
     expected_gpu_count: int | None = None
     insecure: bool = True  # TLS comes with the certificates issue; plaintext for now
+    metrics_listen: str = "0.0.0.0:9835"  # Prometheus /metrics; "" turns it off
+    sysfs_root: str = "/sys"  # InfiniBand ports are read below <sysfs_root>/class/infiniband
+    kmsg_path: str = "auto"  # kernel log for NVRM Xid lines: auto = /dev/kmsg with real NVML
+    disk_paths: tuple[str, ...] = ("/",)  # add job scratch (e.g. /tmp, /local) in the file
+    # health thresholds (see gpufleet.agent.health.HealthConfig)
+    expected_ib_rate_gbps: float | None = None
+    ib_hcas: tuple[str, ...] = ()
+    gpu_temperature_degraded_c: float = 92.0
+    nvlink_crc_errors_per_min_degraded: float = 100.0
+    ib_errors_per_min_degraded: float = 10.0
+    disk_used_pct_warn: float = 95.0
+    debounce_cycles: int = 3
+    debounce: tuple[tuple[str, int], ...] = ()  # [debounce] table in TOML: check = cycles
 
     def resolved_node_name(self) -> str:
         return self.node_name or socket.gethostname().split(".")[0]
 
     def resolved_faults_path(self) -> Path:
         return Path(self.sim_faults_path or Path(self.state_dir) / "sim-faults.json")
+
+    def resolved_kmsg_path(self) -> Path | None:
+        if self.kmsg_path == "auto":
+            return Path("/dev/kmsg") if self.gpu_backend == "nvml" else None
+        return Path(self.kmsg_path) if self.kmsg_path else None
+
+    def health_config(self) -> HealthConfig:
+        return HealthConfig(
+            expected_gpu_count=self.expected_gpu_count,
+            expected_ib_rate_gbps=self.expected_ib_rate_gbps,
+            ib_hcas=self.ib_hcas,
+            gpu_temperature_degraded_c=self.gpu_temperature_degraded_c,
+            nvlink_crc_errors_per_min_degraded=self.nvlink_crc_errors_per_min_degraded,
+            ib_errors_per_min_degraded=self.ib_errors_per_min_degraded,
+            disk_used_pct_warn=self.disk_used_pct_warn,
+            debounce_default=self.debounce_cycles,
+            debounce=self.debounce,
+        )
 
     def validate(self) -> AgentConfig:
         if not 0.05 <= self.interval_s <= 3600:
@@ -46,6 +79,15 @@ class AgentConfig:
             raise ConfigError(f"controller={self.controller!r}: expected HOST:PORT")
         if self.expected_gpu_count is not None and self.expected_gpu_count < 0:
             raise ConfigError(f"expected_gpu_count={self.expected_gpu_count}: must be >= 0")
+        if self.debounce_cycles < 1:
+            raise ConfigError(f"debounce_cycles={self.debounce_cycles}: must be >= 1")
+        for check, cycles in self.debounce:
+            if check not in CHECKS:
+                raise ConfigError(f"debounce.{check}: unknown check; known: {', '.join(CHECKS)}")
+            if not isinstance(cycles, int) or cycles < 1:
+                raise ConfigError(f"debounce.{check}={cycles!r}: must be a whole number >= 1")
+        if self.metrics_listen and ":" not in self.metrics_listen:
+            raise ConfigError(f"metrics_listen={self.metrics_listen!r}: expected HOST:PORT or ''")
         return self
 
 
@@ -65,4 +107,14 @@ def load_file(path: Path | None) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
+    # TOML tables and arrays become the tuples the frozen config holds
+    if "debounce" in data:
+        if not isinstance(data["debounce"], dict):
+            raise ConfigError(f"{path}: debounce must be a table, e.g. [debounce] thermal = 5")
+        data["debounce"] = tuple(data["debounce"].items())
+    for key in ("disk_paths", "ib_hcas"):
+        if key in data:
+            if not isinstance(data[key], list):
+                raise ConfigError(f"{path}: {key} must be a list of strings")
+            data[key] = tuple(str(x) for x in data[key])
     return data

@@ -295,8 +295,35 @@ class _Gpu:
     rows_pending: bool = False
     rows_failure: bool = False
     pcie_width: int | None = None  # None: trained at max
+    nvlink_crc_errors: int = 0
+    hw_power_brake: bool = False
     energy_mj: float = 0.0
     last_energy_t: float = 0.0
+
+
+def _clear(g: _Gpu, _fault: dict[str, Any]) -> None:
+    g.lost = False
+    g.nvlink_down.clear()
+    g.overheat_c = None
+    g.pcie_width = None
+    g.rows_failure = g.rows_pending = g.hw_power_brake = False
+
+
+# fault kind -> how it changes the simulated GPU (xid is handled apart: it is an event)
+_FAULTS: dict[str, Any] = {
+    "gpu_lost": lambda g, f: setattr(g, "lost", True),
+    "nvlink_down": lambda g, f: g.nvlink_down.add(int(f.get("link", 0))),
+    "overheat": lambda g, f: setattr(g, "overheat_c", float(f.get("temperature_c", 95.0))),
+    "ecc_dbe": lambda g, f: setattr(g, "ecc_dbe", g.ecc_dbe + int(f.get("count", 1))),
+    "row_remap_failure": lambda g, f: setattr(g, "rows_failure", True),
+    "row_remap_pending": lambda g, f: setattr(g, "rows_pending", True),
+    "pcie_downtrain": lambda g, f: setattr(g, "pcie_width", int(f.get("width", 8))),
+    "nvlink_errors": lambda g, f: setattr(
+        g, "nvlink_crc_errors", g.nvlink_crc_errors + int(f.get("count", 100))),
+    "power_brake": lambda g, f: setattr(g, "hw_power_brake", True),
+    "clear": _clear,
+}
+FAULT_KINDS = ("xid", *_FAULTS)
 
 
 class c_nvmlMemory_t:
@@ -419,26 +446,11 @@ class _Simulator:
                 elif xid == 48:  # double-bit ECC error
                     gpu.ecc_dbe += 1
                 self.cond.notify_all()
-            elif kind == "gpu_lost":
-                gpu.lost = True
-            elif kind == "nvlink_down":
-                gpu.nvlink_down.add(int(fault.get("link", 0)))
-            elif kind == "overheat":
-                gpu.overheat_c = float(fault.get("temperature_c", 95.0))
-            elif kind == "ecc_dbe":
-                gpu.ecc_dbe += int(fault.get("count", 1))
-            elif kind == "row_remap_failure":
-                gpu.rows_failure = True
-            elif kind == "pcie_downtrain":
-                gpu.pcie_width = int(fault.get("width", 8))
-            elif kind == "clear":
-                gpu.lost = False
-                gpu.nvlink_down.clear()
-                gpu.overheat_c = None
-                gpu.pcie_width = None
-                gpu.rows_failure = False
-            else:
+                return
+            change = _FAULTS.get(kind)
+            if change is None:
                 raise ValueError(f"unknown simulated fault kind {kind!r}")
+            change(gpu, fault)
 
     def gpu(self, handle: _Handle) -> _Gpu:
         if not isinstance(handle, _Handle):
@@ -625,9 +637,13 @@ def nvmlDeviceGetClockInfo(handle: _Handle, clock_type: int) -> int:
 
 def nvmlDeviceGetCurrentClocksThrottleReasons(handle: _Handle) -> int:
     g = _s().gpu(handle)
+    reasons = 0
     if g.overheat_c is not None:
-        return nvmlClocksThrottleReasonSwThermalSlowdown | nvmlClocksThrottleReasonHwThermalSlowdown
-    return 0
+        reasons |= nvmlClocksThrottleReasonSwThermalSlowdown
+        reasons |= nvmlClocksThrottleReasonHwThermalSlowdown
+    if g.hw_power_brake:
+        reasons |= nvmlClocksThrottleReasonHwPowerBrakeSlowdown
+    return reasons
 
 
 nvmlDeviceGetCurrentClocksEventReasons = nvmlDeviceGetCurrentClocksThrottleReasons
@@ -724,7 +740,8 @@ def nvmlDeviceGetNvLinkErrorCounter(handle: _Handle, link: int, counter: int) ->
     sim = _s()
     g = sim.gpu(handle)
     _check_link(sim, g, link)
-    return 0
+    # injected CRC errors all land on link 0
+    return g.nvlink_crc_errors if (link == 0 and counter == NVML_NVLINK_ERROR_DL_CRC_DATA) else 0
 
 
 def nvmlDeviceGetTopologyCommonAncestor(h1: _Handle, h2: _Handle) -> int:

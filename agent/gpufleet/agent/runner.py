@@ -14,14 +14,24 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 from gpufleet.agent import __version__, wire
 from gpufleet.agent.client import StreamClient
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.health import HealthState, Severity, Verdict
+from gpufleet.agent.infiniband import IbSysfs
+from gpufleet.agent.kmsg import KmsgReader, to_xid_events
+from gpufleet.agent.metrics import AgentCollector, Snapshot, start_exporter
 from gpufleet.agent.outbox import Outbox
-from gpufleet.agent.telemetry import GpuBackend, XidEvent
+from gpufleet.agent.telemetry import (
+    DiskUsage,
+    GpuBackend,
+    GpuInfo,
+    HostSample,
+    XidEvent,
+)
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -43,7 +53,13 @@ class Agent:
         self.cfg = cfg
         self.backend = backend
         self.node_name = cfg.resolved_node_name()
-        self.health = HealthState(expected_gpu_count=cfg.expected_gpu_count)
+        self.health = HealthState(cfg.health_config())
+        self.ib = IbSysfs(Path(cfg.sysfs_root))
+        self.metrics = AgentCollector()
+        self._gpu_infos: tuple[GpuInfo, ...] = ()
+        self._kmsg: KmsgReader | None = None
+        self._recent_xids: dict[tuple[int | None, int], int] = {}
+        self._missing_disks: set[str] = set()
         self.outbox = Outbox(agent_instance=uuid.uuid4().hex)
         self.stop = threading.Event()
         self.cycles = 0
@@ -57,6 +73,7 @@ class Agent:
 
     def inventory(self) -> pb.NodeInventory:
         gpus = self.backend.inventory()
+        self._gpu_infos = tuple(gpus)
         self._bus_ids = {g.index: g.pci_bus_id for g in gpus}
         vm = psutil.virtual_memory()
         inv = pb.NodeInventory(
@@ -68,6 +85,7 @@ class Agent:
             gpus=[wire.gpu_info(g) for g in gpus],
             gpu_links=[wire.gpu_link(lk) for lk in self.backend.links()],
             gpu_nic_affinity=[wire.nic_affinity(*a) for a in self.backend.nic_affinity()],
+            ib_ports=[wire.ib_port(p) for p in self.ib.ports()],
             cpu_count=psutil.cpu_count() or 0,
             memory_total_bytes=vm.total,
             numa_node_count=len({g.numa_node for g in gpus if g.numa_node is not None}),
@@ -81,22 +99,51 @@ class Agent:
         inv = self._inventory if self._inventory is not None else self.inventory()
         return pb.Hello(inventory=inv, last_acked_seq=self.outbox.acked_seq)
 
+    def host(self) -> HostSample:
+        vm = psutil.virtual_memory()
+        disks = []
+        for path in self.cfg.disk_paths:
+            try:
+                du = psutil.disk_usage(path)
+            except OSError as e:
+                if path not in self._missing_disks:  # say it once, not every second
+                    log.warning("disk path %s: %s", path, e)
+                    self._missing_disks.add(path)
+                continue
+            disks.append(DiskUsage(path, du.used, du.total))
+        return HostSample(
+            cpu_pct=psutil.cpu_percent(interval=None),
+            memory_used_bytes=vm.total - vm.available,
+            memory_total_bytes=vm.total,
+            load_1m=os.getloadavg()[0],
+            disks=tuple(disks),
+        )
+
     def sample(self) -> pb.NodeSample:
+        t0 = time.perf_counter()
         now = _now_ms()
         gpus = self.backend.sample()
+        ib_ports = self.ib.sample()
+        host = self.host()
         with self._health_lock:
-            changed = self.health.evaluate(gpus, now)
-        msg = pb.NodeSample(timestamp_ms=now, gpus=[wire.gpu_sample(g) for g in gpus])
-        msg.verdicts.extend(wire.verdict(v) for v in changed)
-        vm = psutil.virtual_memory()
-        msg.host.cpu_pct = psutil.cpu_percent(interval=None)
-        msg.host.memory_used_bytes = vm.total - vm.available
-        msg.host.memory_total_bytes = vm.total
-        msg.host.load_1m = os.getloadavg()[0]
+            changed = self.health.evaluate(gpus, now, ib_ports, host)
+            current = tuple(self.health.current.values())
+        msg = pb.NodeSample(
+            timestamp_ms=now,
+            gpus=[wire.gpu_sample(g) for g in gpus],
+            ib_ports=[wire.ib_port_sample(p) for p in ib_ports],
+            host=wire.host_sample(host),
+            verdicts=[wire.verdict(v) for v in changed],
+        )
         # rewritten on change, and every 30 s as a heartbeat so `health` can tell a
         # stopped agent from a healthy one
         if changed or now - self._cache_written_ms > 30_000:
             self._write_health_cache(force=True)
+        self.metrics.update(Snapshot(
+            node_name=self.node_name, timestamp_ms=now, gpus=self._gpu_infos,
+            gpu_samples=tuple(gpus), ib_ports=tuple(ib_ports), host=host, verdicts=current,
+            cycle_seconds=time.perf_counter() - t0,
+        ))
         return msg
 
     def on_xid(self, event: XidEvent) -> pb.HealthEvent:
@@ -141,16 +188,43 @@ class Agent:
 
     # ------------------------------------------------------------ loops
 
+    def _xid_is_new(self, event: XidEvent) -> bool:
+        """NVML and the kernel log report the same XID: keep the first within 10 s."""
+        key = (event.gpu_index, event.xid)
+        last = self._recent_xids.get(key)
+        self._recent_xids[key] = event.timestamp_ms
+        return last is None or event.timestamp_ms - last > 10_000
+
+    def _open_kmsg(self) -> None:
+        path = self.cfg.resolved_kmsg_path()
+        if path is None:
+            return
+        try:
+            self._kmsg = KmsgReader(path)
+        except OSError as e:
+            log.warning("not reading XIDs from %s (%s); NVML events still are. The agent "
+                        "needs CAP_SYSLOG to read the kernel log.", path, e)
+
     def _event_loop(self) -> None:
+        self._open_kmsg()
         while not self.stop.is_set():
+            events: list[XidEvent] = []
             try:
                 event = self.backend.wait_xid(500)
+                if event is not None:
+                    events.append(event)
+                if self._kmsg is not None:
+                    bus_to_index = {bus: i for i, bus in self._bus_ids.items()}
+                    events += to_xid_events(self._kmsg.read_new(), bus_to_index, _now_ms())
             except Exception:
                 log.exception("XID event watch failed; retrying in 1 s")
                 self.stop.wait(1.0)
                 continue
-            if event is not None:
-                self.outbox.put_event(self.on_xid(event))
+            for ev in events:
+                if self._xid_is_new(ev):
+                    self.outbox.put_event(self.on_xid(ev))
+        if self._kmsg is not None:
+            self._kmsg.close()
 
     def _sample_loop(self, once: bool) -> None:
         next_t = time.monotonic()
@@ -173,6 +247,7 @@ class Agent:
         """Run until stopped; with once=True send one sample and return whether it was acked."""
         self.inventory()
         self._write_health_cache()
+        server = self._start_metrics() if not once else None
         psutil.cpu_percent(interval=None)  # prime: the first call always returns 0
         client = StreamClient(self.cfg.controller, self.outbox, self.hello)
         threads = [threading.Thread(target=client.run, args=(self.stop,), name="stream",
@@ -190,4 +265,18 @@ class Agent:
             self.stop.set()
             for t in threads:
                 t.join(timeout=2.0)
+            if server is not None:
+                server.shutdown()
             self.backend.close()
+
+    def _start_metrics(self) -> Any:
+        if not self.cfg.metrics_listen:
+            return None
+        host, _, port = self.cfg.metrics_listen.rpartition(":")
+        try:
+            _registry, server = start_exporter(self.metrics, host or "0.0.0.0", int(port))  # noqa: S104
+        except (OSError, ValueError) as e:
+            # metrics are worth less than the health loop: run on without them
+            log.error("Prometheus exporter not started on %s: %s", self.cfg.metrics_listen, e)
+            return None
+        return server

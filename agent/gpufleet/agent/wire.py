@@ -5,11 +5,20 @@ from __future__ import annotations
 import dataclasses
 
 from gpufleet.agent.health import Verdict
-from gpufleet.agent.telemetry import GpuInfo, GpuLinkInfo, GpuSample, PcieRelation
+from gpufleet.agent.telemetry import (
+    GpuInfo,
+    GpuLinkInfo,
+    GpuSample,
+    HostSample,
+    IbPortInfo,
+    IbPortSample,
+    PcieRelation,
+)
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 # Field names are the same on both sides by design; unset (None) stays unset on the wire.
 _SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(GpuSample))
+_IB_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(IbPortSample))
 
 
 def gpu_info(g: GpuInfo) -> pb.Gpu:
@@ -57,7 +66,35 @@ def verdict(v: Verdict) -> pb.Verdict:
         reason_code=v.reason_code,
         evidence=v.evidence,
         since_ms=v.since_ms,
+        subject=v.subject,
     )
     if v.gpu_index is not None:
         msg.gpu_index = v.gpu_index
     return msg
+
+
+def ib_port(p: IbPortInfo) -> pb.IbPort:
+    msg = pb.IbPort(hca=p.hca, port=p.port, node_guid=p.node_guid, port_guid=p.port_guid,
+                    lid=p.lid, sm_lid=p.sm_lid, state=p.state, phys_state=p.phys_state,
+                    rate_gbps=p.rate_gbps, link_layer=p.link_layer)
+    if p.numa_node is not None:
+        msg.numa_node = p.numa_node
+    return msg
+
+
+def ib_port_sample(p: IbPortSample) -> pb.IbPortSample:
+    msg = pb.IbPortSample()
+    for name in _IB_SAMPLE_FIELDS:
+        value = getattr(p, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def host_sample(h: HostSample) -> pb.HostSample:
+    return pb.HostSample(
+        cpu_pct=h.cpu_pct, memory_used_bytes=h.memory_used_bytes,
+        memory_total_bytes=h.memory_total_bytes, load_1m=h.load_1m,
+        disks=[pb.DiskUsage(path=d.path, used_bytes=d.used_bytes, total_bytes=d.total_bytes)
+               for d in h.disks],
+    )

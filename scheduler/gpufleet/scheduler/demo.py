@@ -78,7 +78,7 @@ def run_demo(
         subprocess.Popen(
             [*_agent_argv(), "run", "--gpu-backend", "simulated", "--sim-profile", profile,
              "--node-name", name, "--controller", f"127.0.0.1:{port}",
-             "--state-dir", str(work / name)],
+             "--state-dir", str(work / name), "--metrics-listen", ""],
             stdin=subprocess.DEVNULL,
         )
         for name in names

@@ -94,7 +94,7 @@ class Ingestor:
         severity = _severity(v.severity)
         before, _after = self.store.set_verdict(
             VerdictRow(node, v.check, v.gpu_index if v.HasField("gpu_index") else None,
-                       severity, v.reason_code, v.evidence, v.since_ms)
+                       v.subject, severity, v.reason_code, v.evidence, v.since_ms)
         )
         # act on the transition into fatal: the first fatal verdict names the cause; later
         # ones (the GPU-lost check after an Xid 79) add evidence, not another drain

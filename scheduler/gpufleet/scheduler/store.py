@@ -72,6 +72,26 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX actions_node ON actions(node, created_ms);
     """,
+    # 2: verdicts about things that are not GPUs (IB ports, paths) get a subject
+    """
+    CREATE TABLE verdicts_v2 (
+        node        TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        check_name  TEXT NOT NULL,
+        gpu_index   INTEGER NOT NULL,          -- -1: not about one GPU
+        subject     TEXT NOT NULL DEFAULT '',  -- "mlx5_0/1", "/tmp", ...
+        severity    TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        evidence    TEXT NOT NULL,
+        since_ms    INTEGER NOT NULL,
+        PRIMARY KEY (node, check_name, gpu_index, subject)
+    );
+    INSERT INTO verdicts_v2 (node, check_name, gpu_index, subject, severity, reason_code,
+                             evidence, since_ms)
+        SELECT node, check_name, gpu_index, '', severity, reason_code, evidence, since_ms
+        FROM verdicts;
+    DROP TABLE verdicts;
+    ALTER TABLE verdicts_v2 RENAME TO verdicts;
+    """,
 ]
 
 
@@ -111,6 +131,7 @@ class VerdictRow:
     node: str
     check_name: str
     gpu_index: int | None
+    subject: str
     severity: str
     reason_code: str
     evidence: str
@@ -284,16 +305,20 @@ class SqliteStore:
             before = db.execute("SELECT health FROM nodes WHERE name = ?", (v.node,)).fetchone()
             if v.severity == "ok":
                 db.execute(
-                    "DELETE FROM verdicts WHERE node = ? AND check_name = ? AND gpu_index = ?",
-                    (v.node, v.check_name, gpu),
+                    "DELETE FROM verdicts WHERE node = ? AND check_name = ? AND gpu_index = ? "
+                    "AND subject = ?",
+                    (v.node, v.check_name, gpu, v.subject),
                 )
             else:
                 db.execute(
-                    """INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT(node, check_name, gpu_index) DO UPDATE SET
+                    """INSERT INTO verdicts (node, check_name, gpu_index, subject, severity,
+                                            reason_code, evidence, since_ms)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(node, check_name, gpu_index, subject) DO UPDATE SET
                          severity=excluded.severity, reason_code=excluded.reason_code,
                          evidence=excluded.evidence, since_ms=excluded.since_ms""",
-                    (v.node, v.check_name, gpu, v.severity, v.reason_code, v.evidence, v.since_ms),
+                    (v.node, v.check_name, gpu, v.subject, v.severity, v.reason_code,
+                     v.evidence, v.since_ms),
                 )
             rows = db.execute(
                 "SELECT severity, reason_code, evidence FROM verdicts WHERE node = ? "
@@ -311,8 +336,9 @@ class SqliteStore:
     def verdicts(self, node: str) -> list[VerdictRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT node, check_name, gpu_index, severity, reason_code, evidence, since_ms "
-                "FROM verdicts WHERE node = ? ORDER BY check_name, gpu_index", (node,)
+                "SELECT node, check_name, gpu_index, subject, severity, reason_code, evidence, "
+                "since_ms FROM verdicts WHERE node = ? ORDER BY check_name, gpu_index, subject",
+                (node,),
             ).fetchall()
         return [VerdictRow(r[0], r[1], None if r[2] < 0 else r[2], *r[3:]) for r in rows]
 

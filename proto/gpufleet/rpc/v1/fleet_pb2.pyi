@@ -715,6 +715,7 @@ class Verdict(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     SINCE_MS_FIELD_NUMBER: _builtins.int
     GPU_INDEX_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
     check: _builtins.str
     """"xid", "gpu_count", "ib_port", ..."""
     severity: Global___Severity.ValueType
@@ -724,6 +725,10 @@ class Verdict(_message.Message):
     """human readable: "GPU 3 (0000:9b:00.0) Xid 79 GPU fallen off the bus" """
     since_ms: _builtins.int
     gpu_index: _builtins.int
+    subject: _builtins.str
+    """What the check looked at when it is not a GPU: an IB port "mlx5_0/1", a path "/tmp".
+    One verdict per (check, gpu_index, subject).
+    """
     def __init__(
         self,
         *,
@@ -733,10 +738,11 @@ class Verdict(_message.Message):
         evidence: _builtins.str = ...,
         since_ms: _builtins.int = ...,
         gpu_index: _builtins.int | None = ...,
+        subject: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "gpu_index", b"gpu_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "check", b"check", "evidence", b"evidence", "gpu_index", b"gpu_index", "reason_code", b"reason_code", "severity", b"severity", "since_ms", b"since_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "check", b"check", "evidence", b"evidence", "gpu_index", b"gpu_index", "reason_code", b"reason_code", "severity", b"severity", "since_ms", b"since_ms", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gpu_index: _TypeAlias = _typing.Literal["gpu_index"]  # noqa: Y015
     _WhichOneofArgType__gpu_index: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index"]  # noqa: Y015
