@@ -112,3 +112,36 @@ def test_demo_without_slurm_shows_the_loop() -> None:
 def test_demo_rejects_an_unknown_fault_node() -> None:
     r = run("gpufleet", "demo", "--nodes", "2", "--fault-node", "n9", "--slurm", "none")
     assert r.returncode == 2 and "'n9' is not one of n1..n2" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[debounce]\nthermall = 5\n", "debounce.thermall: unknown check"),
+        ("[debounce]\nthermal = 0\n", "debounce.thermal=0: must be a whole number >= 1"),
+        ('disk_paths = "/"\n', "disk_paths must be a list of strings"),
+        ("expected_gpu_count = 8\ninterval = 1\n", "unknown key(s) interval"),
+    ],
+)
+def test_agent_config_file_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(toml)
+    r = run("gpufleet-agent", "collect", "--config", str(cfg), "--gpu-backend", "simulated",
+            "--state-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flag_beats_environment_beats_file(tmp_path) -> None:
+    import os
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('node_name = "from-file"\ngpu_backend = "simulated"\n')
+    env = {**os.environ, "GPUFLEET_AGENT_NODE_NAME": "from-env"}
+    base = ["gpufleet-agent", "collect", "--json", "--config", str(cfg), "--state-dir",
+            str(tmp_path)]
+    by_file = json.loads(run(*base).stdout)["inventory"]["node_name"]
+    by_env = json.loads(run(*base, env=env).stdout)["inventory"]["node_name"]
+    by_flag = json.loads(run(*base, "--node-name", "from-flag", env=env).stdout)
+    assert (by_file, by_env, by_flag["inventory"]["node_name"]) == (
+        "from-file", "from-env", "from-flag")
