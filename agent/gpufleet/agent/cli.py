@@ -117,7 +117,7 @@ def _make_backend(cfg: AgentConfig) -> Any:
         cfg.gpu_backend, cfg.sim_profile, cfg.resolved_faults_path(), cfg.resolved_node_name()
     )
     name = "nvml" if cfg.gpu_backend == "nvml" else f"simulated:{cfg.sim_profile}"
-    return NvmlBackend(lib, name)
+    return NvmlBackend(lib, name, counter_interval_s=cfg.nvml_counter_interval_s)
 
 
 @click.group(

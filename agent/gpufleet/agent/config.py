@@ -36,6 +36,8 @@ class AgentConfig:
     sysfs_root: str = "/sys"  # InfiniBand ports are read below <sysfs_root>/class/infiniband
     kmsg_path: str = "auto"  # kernel log for NVRM Xid lines: auto = /dev/kmsg with real NVML
     disk_paths: tuple[str, ...] = ("/",)  # add job scratch (e.g. /tmp, /local) in the file
+    # energy, PCIe replay and NVLink error counters: costly NVML calls, read this often
+    nvml_counter_interval_s: float = 10.0
     # health thresholds (see gpufleet.agent.health.HealthConfig)
     expected_ib_rate_gbps: float | None = None
     ib_hcas: tuple[str, ...] = ()
@@ -73,6 +75,10 @@ class AgentConfig:
     def validate(self) -> AgentConfig:
         if not 0.05 <= self.interval_s <= 3600:
             raise ConfigError(f"interval_s={self.interval_s}: must be between 0.05 and 3600")
+        if not 0 <= self.nvml_counter_interval_s <= 3600:
+            raise ConfigError(
+                f"nvml_counter_interval_s={self.nvml_counter_interval_s}: must be 0..3600"
+            )
         if self.gpu_backend not in ("nvml", "simulated"):
             raise ConfigError(f"gpu_backend={self.gpu_backend!r}: use 'nvml' or 'simulated'")
         if ":" not in self.controller:
