@@ -22,8 +22,10 @@ import pytest
 
 from .harness import SlurmLab, SlurmLabConfig, SlurmLabError
 
-TEST_CTLD_PORT = 6917
-TEST_NODE_PORT0 = 17100
+# $GPUFLEET_SLURM_TEST_PORT moves the whole lab (slurmd ports follow), so two test runs can
+# share a machine when each also sets its own $GPUFLEET_SLURM_TEST_LAB.
+TEST_CTLD_PORT = int(os.environ.get("GPUFLEET_SLURM_TEST_PORT", "6917"))
+TEST_NODE_PORT0 = TEST_CTLD_PORT + 10183
 
 # One lab per process even if this module's fixture is registered twice (e.g. re-exported by
 # tests/slurm/conftest.py and by tests/conftest.py): both registrations share it.
