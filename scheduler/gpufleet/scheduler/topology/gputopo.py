@@ -1,0 +1,167 @@
+"""A node's GPU topology from the inventory its agent sent: NVLink counts between GPU pairs,
+PCIe relations, GPU <-> NIC affinity, NUMA nodes, NVLink islands; rendered like
+`nvidia-smi topo -m`. Also reads real `nvidia-smi topo -m` text into the same form, so the two
+can be compared cell by cell. Never calls NVML: that is the agent's job.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from gpufleet.rpc.v1 import fleet_pb2
+from gpufleet.scheduler.topology.ibnetdiscover import IbParseError
+
+__all__ = ["TopoMatrix", "from_inventory", "nvlink_islands", "parse_topo_m", "render_topo_m"]
+
+_REL = {
+    fleet_pb2.PCIE_RELATION_SELF: "X",
+    fleet_pb2.PCIE_RELATION_PIX: "PIX",
+    fleet_pb2.PCIE_RELATION_PXB: "PXB",
+    fleet_pb2.PCIE_RELATION_PHB: "PHB",
+    fleet_pb2.PCIE_RELATION_NODE: "NODE",
+    fleet_pb2.PCIE_RELATION_SYS: "SYS",
+}
+CELL = re.compile(r"^(X|NV\d+|PIX|PXB|PHB|NODE|SYS|SOC|N/A)$")
+
+
+@dataclass
+class TopoMatrix:
+    """Devices ("GPU0".., "NIC0"..), the cell for each ordered pair, and per-GPU affinity."""
+
+    devices: list[str]
+    cells: dict[tuple[str, str], str] = field(default_factory=dict)
+    cpu_affinity: dict[str, str] = field(default_factory=dict)
+    numa_affinity: dict[str, str] = field(default_factory=dict)
+    gpu_numa_id: dict[str, str] = field(default_factory=dict)
+    nics: dict[str, str] = field(default_factory=dict)  # NIC0 -> mlx5_0
+
+    @property
+    def gpus(self) -> list[str]:
+        return [d for d in self.devices if d.startswith("GPU")]
+
+    def nvlinks(self, a: str, b: str) -> int:
+        cell = self.cells.get((a, b), "")
+        return int(cell[2:]) if cell.startswith("NV") else 0
+
+
+def from_inventory(inv: fleet_pb2.NodeInventory,
+                   cpu_affinity: dict[int, str] | None = None) -> TopoMatrix:
+    """Matrix of one node. CPU affinity is not in the v1 inventory: pass it if known."""
+    gpus = sorted(inv.gpus, key=lambda g: g.index)
+    hcas = sorted({a.hca for a in inv.gpu_nic_affinity})
+    m = TopoMatrix([f"GPU{g.index}" for g in gpus] + [f"NIC{i}" for i in range(len(hcas))])
+    m.nics = {f"NIC{i}": h for i, h in enumerate(hcas)}
+    nic_of = {h: f"NIC{i}" for i, h in enumerate(hcas)}
+    for g in gpus:
+        m.cells[(f"GPU{g.index}", f"GPU{g.index}")] = "X"
+        name = f"GPU{g.index}"
+        numa = str(g.numa_node) if g.HasField("numa_node") else "N/A"
+        m.numa_affinity[name] = numa
+        m.gpu_numa_id[name] = "N/A"  # only C2C/NVLink-attached memory GPUs (GH200) have one
+        m.cpu_affinity[name] = (cpu_affinity or {}).get(g.index, "N/A")
+    for lk in inv.gpu_links:
+        cell = f"NV{lk.nvlink_count}" if lk.nvlink_count else _REL.get(lk.pcie_relation, "N/A")
+        m.cells[(f"GPU{lk.gpu_a}", f"GPU{lk.gpu_b}")] = cell
+        m.cells[(f"GPU{lk.gpu_b}", f"GPU{lk.gpu_a}")] = cell
+    for a in inv.gpu_nic_affinity:
+        cell = _REL.get(a.pcie_relation, "N/A")
+        m.cells[(f"GPU{a.gpu_index}", nic_of[a.hca])] = cell
+        m.cells[(nic_of[a.hca], f"GPU{a.gpu_index}")] = cell
+    for nic in m.nics:
+        m.cells[(nic, nic)] = "X"
+    return m
+
+
+def nvlink_islands(m: TopoMatrix) -> list[list[str]]:
+    """GPUs that reach each other over NVLink (directly or through NVSwitch), largest first."""
+    seen: set[str] = set()
+    out = []
+    for g in m.gpus:
+        if g in seen:
+            continue
+        island, stack = [], [g]
+        seen.add(g)
+        while stack:
+            x = stack.pop()
+            island.append(x)
+            for y in m.gpus:
+                if y not in seen and m.nvlinks(x, y) > 0:
+                    seen.add(y)
+                    stack.append(y)
+        out.append(sorted(island, key=lambda d: int(d[3:])))
+    return sorted(out, key=lambda i: (-len(i), int(i[0][3:])))
+
+
+def render_topo_m(m: TopoMatrix) -> str:
+    """Text laid out as `nvidia-smi topo -m` prints it (tab separated, legend after)."""
+    head = ["", *m.devices, "CPU Affinity", "NUMA Affinity", "GPU NUMA ID"]
+    rows = ["\t".join(head)]
+    for d in m.devices:
+        cells = [" X " if d == c else m.cells.get((d, c), "N/A") for c in m.devices]
+        if d.startswith("GPU"):
+            tail = [m.cpu_affinity.get(d, "N/A"), m.numa_affinity.get(d, "N/A"), "",
+                    m.gpu_numa_id.get(d, "N/A")]
+        else:
+            tail = []
+        rows.append("\t".join([d, *cells, *tail]).rstrip("\t"))
+    rows += ["", "Legend:", "",
+             "  X    = Self",
+             "  SYS  = Connection traversing PCIe as well as the SMP interconnect between NUMA "
+             "nodes (e.g., QPI/UPI)",
+             "  NODE = Connection traversing PCIe as well as the interconnect between PCIe Host "
+             "Bridges within a NUMA node",
+             "  PHB  = Connection traversing PCIe as well as a PCIe Host Bridge (typically the "
+             "CPU)",
+             "  PXB  = Connection traversing multiple PCIe bridges (without traversing the PCIe "
+             "Host Bridge)",
+             "  PIX  = Connection traversing at most a single PCIe bridge",
+             "  NV#  = Connection traversing a bonded set of # NVLinks"]
+    if m.nics:
+        rows += ["", "NIC Legend:", ""] + [f"  {n}: {h}" for n, h in m.nics.items()]
+    return "\n".join(rows) + "\n"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def parse_topo_m(text: str, source: str = "<topo -m>") -> TopoMatrix:
+    """Read `nvidia-smi topo -m` output (ANSI underline around the header is dropped).
+
+    The header row names the device columns; each row has one cell per device, then CPU
+    affinity, NUMA affinity and (drivers >= 535) an empty column and the GPU NUMA ID.
+    """
+    lines = [_ANSI.sub("", raw) for raw in text.splitlines()]
+    start = next((i for i, ln in enumerate(lines)
+                  if "CPU Affinity" in ln and re.search(r"\bGPU\d+\b", ln)), None)
+    if start is None:
+        raise IbParseError(source, 1, "no `nvidia-smi topo -m` header (GPU0 ... CPU Affinity)")
+    header = [h.strip() for h in lines[start].split("\t") if h.strip()]
+    devices = [h for h in header if re.fullmatch(r"(GPU|NIC|mlx\S*)\d*", h)]
+    m = TopoMatrix(devices)
+    for i in range(start + 1, len(lines)):
+        raw = lines[i]
+        if not raw.strip():
+            break
+        fields = [f.strip() for f in raw.split("\t")]
+        name = fields[0]
+        if name not in devices:
+            raise IbParseError(source, i + 1, f"row {name!r} is not a device of the header", raw)
+        cells = fields[1:1 + len(devices)]
+        if len(cells) < len(devices):
+            raise IbParseError(source, i + 1, f"{len(cells)} cells for {len(devices)} devices",
+                               raw)
+        for col, cell in zip(devices, cells, strict=True):
+            if not CELL.match(cell):
+                raise IbParseError(source, i + 1, f"unknown relation {cell!r} for {col}", raw)
+            if cell != "N/A":  # unknown stays absent, as in from_inventory
+                m.cells[(name, col)] = cell
+        rest = fields[1 + len(devices):]
+        if name.startswith("GPU") and rest:
+            m.cpu_affinity[name] = rest[0] or "N/A"
+            m.numa_affinity[name] = (rest[1] if len(rest) > 1 else "") or "N/A"
+            m.gpu_numa_id[name] = rest[-1] if len(rest) > 2 else "N/A"
+    for raw in lines[start:]:
+        if nm := re.match(r"^\s+(NIC\d+):\s+(\S+)\s*$", raw):
+            m.nics[nm.group(1)] = nm.group(2)
+    return m
