@@ -1,34 +1,80 @@
-"""The SQLite state store: migrations, node identity, verdicts -> health, actions."""
+"""The state store on both backends (SQLite and a real PostgreSQL): migrations, node identity,
+verdicts -> health, events, reachability, actions, the degraded policy's memory, and the
+standby-controller path (a second store on the same PostgreSQL)."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 
+import psycopg
 import pytest
-from gpufleet.scheduler.store import MIGRATIONS, SqliteStore, StoreError, VerdictRow
+from gpufleet.scheduler.store import (
+    MIGRATIONS,
+    PG_MIGRATIONS,
+    EventRow,
+    PolicyRow,
+    PostgresStore,
+    SqliteStore,
+    StoreError,
+    VerdictRow,
+    open_store,
+)
+
+from .conftest import Backend
+from .pg_server import PgServer, free_port
 
 
-def test_migrations_apply_once_and_reopen(tmp_path) -> None:
-    path = tmp_path / "state.db"
-    s = SqliteStore(path)
-    assert s.schema_version() == len(MIGRATIONS)
+def _migrations(backend: Backend) -> list[str]:
+    return MIGRATIONS if backend.kind == "sqlite" else PG_MIGRATIONS
+
+
+def _make_old_store(backend: Backend, version: int) -> None:
+    """A store as an older gpufleet left it: migrations 1..version applied by hand."""
+    for script in _migrations(backend)[:version]:
+        backend.raw_script(script)
+    backend.raw("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for v in range(1, version + 1):
+        backend.raw("INSERT INTO schema_version VALUES (?)", (v,))
+
+
+def test_migrations_apply_once_and_reopen(store_backend: Backend) -> None:
+    s = store_backend.open()
+    assert s.schema_version() == len(MIGRATIONS) == len(PG_MIGRATIONS)
     s.upsert_node("n1", "host1", 8, b"inv", "a", 1000)
     s.close()
-    s = SqliteStore(path)  # reopening keeps the data and applies nothing twice
+    s = store_backend.open()  # reopening keeps the data and applies nothing twice
     assert [n.name for n in s.nodes()] == ["n1"]
+    assert s.inventory("n1") == b"inv"
     assert s.schema_version() == len(MIGRATIONS)
+    versions = store_backend.raw("SELECT version FROM schema_version ORDER BY version")
+    assert [v[0] for v in versions] == list(range(1, len(MIGRATIONS) + 1))
 
 
-def test_newer_schema_is_refused_and_left_alone(tmp_path) -> None:
-    path = tmp_path / "state.db"
-    SqliteStore(path).close()
-    db = sqlite3.connect(path)
-    db.execute("INSERT INTO schema_version VALUES (99)")
-    db.commit()
-    db.close()
+def test_newer_schema_is_refused_and_left_alone(store_backend: Backend) -> None:
+    store_backend.open().close()
+    store_backend.raw("INSERT INTO schema_version VALUES (99)")
     with pytest.raises(StoreError, match="schema version 99, newer"):
-        SqliteStore(path)
-    assert sqlite3.connect(path).execute("SELECT count(*) FROM nodes").fetchone()[0] == 0
+        store_backend.open()
+    assert store_backend.raw("SELECT count(*) FROM nodes")[0][0] == 0
+    assert store_backend.raw("SELECT max(version) FROM schema_version")[0][0] == 99
+
+
+def test_someone_elses_tables_are_a_clear_error_and_kept(store_backend: Backend) -> None:
+    # a database already used by another program, with its own `nodes` table
+    store_backend.raw("CREATE TABLE nodes (id INTEGER PRIMARY KEY, rack TEXT)")
+    store_backend.raw("INSERT INTO nodes VALUES (1, 'r1')")
+    with pytest.raises(StoreError) as err:
+        store_backend.open()
+    shown = "state.db" if store_backend.kind == "sqlite" else "postgresql://postgres@127.0.0.1"
+    assert shown in str(err.value)
+    # the failed migration was rolled back as a whole: their data stays, nothing of ours
+    assert store_backend.raw("SELECT id, rack FROM nodes") == [(1, "r1")]
+    assert store_backend.raw(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        if store_backend.kind == "postgres"
+        else "SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'"
+    )[0][0] == 0
 
 
 def test_not_a_database_is_a_clear_error(tmp_path) -> None:
@@ -39,8 +85,33 @@ def test_not_a_database_is_a_clear_error(tmp_path) -> None:
     assert path.read_text() == "this is not sqlite"  # nothing stored is lost
 
 
-def test_worst_verdict_is_node_health(tmp_path) -> None:
-    s = SqliteStore(tmp_path / "s.db")
+def test_unreachable_postgres_is_a_clear_error_without_the_password() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(StoreError) as err:
+        open_store(f"postgresql://gf:s3cret@127.0.0.1:{port}/gpufleet?connect_timeout=2")
+    assert f"postgresql://gf@127.0.0.1:{port}/gpufleet" in str(err.value)
+    assert "s3cret" not in str(err.value)
+
+
+def test_open_store_picks_the_backend(tmp_path, pg_server: PgServer) -> None:
+    s = open_store(str(tmp_path / "a.db"))
+    assert isinstance(s, SqliteStore)
+    s.close()
+    s = open_store(f"sqlite:///{tmp_path}/b.db")
+    assert isinstance(s, SqliteStore) and (tmp_path / "b.db").exists()
+    s.close()
+    for scheme in ("postgresql", "postgres"):
+        s = open_store(pg_server.dsn().replace("postgresql", scheme, 1))
+        assert isinstance(s, PostgresStore)
+        s.close()
+    with pytest.raises(StoreError, match=r"mysql://\.\.\."):
+        open_store("mysql://root:pw@db/gpufleet")
+    with pytest.raises(StoreError, match="empty store target"):
+        open_store("  ")
+
+
+def test_worst_verdict_is_node_health(store_backend: Backend) -> None:
+    s = store_backend.open()
     s.upsert_node("n1", "h", 8, b"", "a", 1)
     assert s.set_verdict(VerdictRow("n1", "thermal", 2, "", "warn", "hot", "GPU 2 88C", 10)) == (
         "ok", "warn")
@@ -56,10 +127,11 @@ def test_worst_verdict_is_node_health(tmp_path) -> None:
     assert node is not None and node.health == "warn"
 
 
-def test_new_agent_instance_resets_verdicts_and_sequence(tmp_path) -> None:
-    s = SqliteStore(tmp_path / "s.db")
+def test_new_agent_instance_resets_verdicts_and_sequence(store_backend: Backend) -> None:
+    s = store_backend.open()
     s.upsert_node("n1", "h", 8, b"", "a", 1)
     s.touch_node("n1", "a", 41, 2)
+    s.touch_node("n1", "a", 40, 3)  # a late, older report never moves the sequence back
     s.set_verdict(VerdictRow("n1", "xid", 3, "", "fatal", "xid79", "GPU 3", 3))
     assert s.last_seq("n1") == ("a", 41)
     s.upsert_node("n1", "h", 8, b"", "a", 4)  # same instance reconnecting: keeps its place
@@ -69,36 +141,235 @@ def test_new_agent_instance_resets_verdicts_and_sequence(tmp_path) -> None:
     assert s.verdicts("n1") == []
     node = s.node("n1")
     assert node is not None and node.health == "ok" and node.first_seen_ms == 1
+    assert s.last_seq("nope") == ("", 0)
 
 
-def test_actions_are_recorded(tmp_path) -> None:
-    s = SqliteStore(tmp_path / "s.db")
+def test_actions_are_recorded(store_backend: Backend) -> None:
+    s = store_backend.open()
     a = s.add_action("n1", "drain", "gpufleet:xid79", "policy", "queued", 100, 150)
+    b = s.add_action("n2", "degrade", "gpufleet:ecc", "policy", "queued", None, 160)
+    assert b > a
     s.update_action(a, "done", "was IDLE", 1, 180)
     (row,) = s.actions("n1")
     assert (row.status, row.attempts, row.done_ms - row.fault_ms) == ("done", 1, 80)
+    assert [r.id for r in s.actions()] == [a, b]
+    assert [r.id for r in s.actions(since_ms=155)] == [b]
 
 
-def test_migration_2_keeps_verdicts_of_a_version_1_store(tmp_path) -> None:
-    path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    db.executescript(MIGRATIONS[0])
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version VALUES (1)")
-    db.execute("INSERT INTO nodes (name, first_seen_ms, last_seen_ms) VALUES ('n1', 1, 1)")
-    db.execute("INSERT INTO verdicts VALUES ('n1', 'xid', 3, 'fatal', 'xid79', 'GPU 3', 5)")
-    db.commit()
-    db.close()
-    s = SqliteStore(path)
+def test_migration_2_keeps_verdicts_of_a_version_1_store(store_backend: Backend) -> None:
+    _make_old_store(store_backend, 1)
+    store_backend.raw("INSERT INTO nodes (name, first_seen_ms, last_seen_ms) VALUES ('n1', 1, 1)")
+    store_backend.raw("INSERT INTO verdicts VALUES ('n1', 'xid', 3, 'fatal', 'xid79', 'GPU 3', 5)")
+    s = store_backend.open()
     assert s.schema_version() == len(MIGRATIONS)
     assert s.verdicts("n1") == [VerdictRow("n1", "xid", 3, "", "fatal", "xid79", "GPU 3", 5)]
 
 
-def test_two_ib_ports_are_two_verdicts(tmp_path) -> None:
-    s = SqliteStore(tmp_path / "s.db")
+def test_a_version_2_store_migrates_without_losing_data(store_backend: Backend) -> None:
+    _make_old_store(store_backend, 2)
+    store_backend.raw(
+        "INSERT INTO nodes (name, hostname, gpu_count, inventory, health, health_reason, "
+        "health_evidence, agent_instance, last_seq, first_seen_ms, last_seen_ms) "
+        "VALUES ('n1', 'host1', 8, ?, 'fatal', 'xid79', 'GPU 3', 'inst-a', 77, 10, 20)",
+        (b"\x00inv\xff",),
+    )
+    # column names: migration 2 put `subject` last on PostgreSQL, fourth on SQLite
+    store_backend.raw("INSERT INTO verdicts (node, check_name, gpu_index, subject, severity, "
+                      "reason_code, evidence, since_ms) VALUES ('n1', 'ib_port', -1, "
+                      "'mlx5_0/1', 'degraded', 'ib_port_down', 'rate 100', 12)")
+    store_backend.raw("INSERT INTO events (node, ts_ms, received_ms, kind, severity, reason_code, "
+                      "evidence, gpu_index, xid) VALUES ('n1', 11, 12, 'xid', 'fatal', 'xid79', "
+                      "'GPU 3', 3, 79)")
+    store_backend.raw("INSERT INTO actions (node, action, reason, actor, status, detail, "
+                      "attempts, created_ms, done_ms, fault_ms) VALUES ('n1', 'drain', "
+                      "'gpufleet:xid79', 'policy', 'done', 'was IDLE', 1, 13, 14, 11)")
+    s = store_backend.open()
+    assert s.schema_version() == len(MIGRATIONS)
+    node = s.node("n1")
+    assert node is not None
+    assert (node.hostname, node.gpu_count, node.health, node.health_reason, node.first_seen_ms,
+            node.last_seen_ms) == ("host1", 8, "fatal", "xid79", 10, 20)
+    assert node.reachable is True and node.unreachable_since_ms is None
+    assert s.inventory("n1") == b"\x00inv\xff"
+    assert s.last_seq("n1") == ("inst-a", 77)
+    assert s.verdicts("n1") == [VerdictRow("n1", "ib_port", None, "mlx5_0/1", "degraded",
+                                           "ib_port_down", "rate 100", 12)]
+    (ev,) = s.events("n1")
+    assert (ev.ts_ms, ev.kind, ev.gpu_index, ev.xid) == (11, "xid", 3, 79)
+    (act,) = s.actions("n1")
+    assert (act.action, act.status, act.detail, act.done_ms, act.fault_ms) == (
+        "drain", "done", "was IDLE", 14, 11)
+    assert s.policy_state("n1") is None
+    # ids keep counting after the old rows, on both dialects
+    assert s.add_action("n1", "resume", "r", "admin", "queued", None, 30) > act.id
+
+
+def test_two_ib_ports_are_two_verdicts(store_backend: Backend) -> None:
+    s = store_backend.open()
     s.upsert_node("n1", "h", 8, b"", "a", 1)
     s.set_verdict(VerdictRow("n1", "ib_port", None, "mlx5_0/1", "degraded", "ib_port_down", "", 1))
     s.set_verdict(VerdictRow("n1", "ib_port", None, "mlx5_1/1", "degraded", "ib_port_down", "", 2))
     assert [v.subject for v in s.verdicts("n1")] == ["mlx5_0/1", "mlx5_1/1"]
     s.set_verdict(VerdictRow("n1", "ib_port", None, "mlx5_0/1", "ok", "ok", "", 3))
     assert [v.subject for v in s.verdicts("n1")] == ["mlx5_1/1"]
+
+
+def test_events_newest_last_filtered_and_limited(store_backend: Backend) -> None:
+    s = store_backend.open()
+    ids = []
+    for i, (node, ts) in enumerate([("n1", 100), ("n2", 110), ("n1", 120), ("n1", 130)]):
+        ids.append(s.add_event(node, ts, "xid", "fatal", f"xid{i}", f"ev {i}", i, 79, ts + 5))
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    everything = s.events()
+    assert [e.ts_ms for e in everything] == [100, 110, 120, 130]
+    assert everything[0] == EventRow(ids[0], "n1", 100, 105, "xid", "fatal", "xid0", "ev 0", 0, 79)
+    assert [e.ts_ms for e in s.events("n1")] == [100, 120, 130]
+    assert [e.ts_ms for e in s.events(since_ms=110)] == [110, 120, 130]
+    # a limit keeps the newest ones, still newest last
+    assert [e.ts_ms for e in s.events("n1", limit=2)] == [120, 130]
+    assert s.events("n1", since_ms=131) == []
+    assert s.events(limit=0) == []
+    none_gpu = s.add_event("n3", 140, "gpu_lost", "fatal", "gpu_lost", "", None, None, 141)
+    (e,) = s.events("n3")
+    assert (e.id, e.gpu_index, e.xid) == (none_gpu, None, None)
+    with pytest.raises(StoreError, match="limit"):
+        s.events(limit=-1)
+
+
+def test_reachability_changes_once_and_keeps_when_it_went_silent(store_backend: Backend) -> None:
+    s = store_backend.open()
+    s.upsert_node("n1", "h", 8, b"", "a", 1)
+    node = s.node("n1")
+    assert node is not None and node.reachable and node.unreachable_since_ms is None
+    assert s.set_reachable("n1", False, 1000) is True
+    assert s.set_reachable("n1", False, 2000) is False  # already unreachable: the first time stays
+    node = s.node("n1")
+    assert node is not None and not node.reachable and node.unreachable_since_ms == 1000
+    assert [n.reachable for n in s.nodes()] == [False]
+    assert s.set_reachable("n1", True, 3000) is True
+    node = s.node("n1")
+    assert node is not None and node.reachable and node.unreachable_since_ms is None
+    assert s.set_reachable("n1", True, 4000) is False
+    assert s.set_reachable("ghost", False, 5000) is False  # unknown node: nothing changed
+    assert s.node("ghost") is None
+
+
+def test_policy_state_remembers_what_to_undo(store_backend: Backend) -> None:
+    s = store_backend.open()
+    assert s.policy_state("n1") is None
+    s.set_policy_state(PolicyRow("n1", 1, "gf_degraded", 100))
+    s.set_policy_state(PolicyRow("n2", None, "", 110))
+    assert s.policy_state("n1") == PolicyRow("n1", 1, "gf_degraded", 100)
+    assert s.policy_state("n2") == PolicyRow("n2", None, "", 110)
+    s.set_policy_state(PolicyRow("n1", 5, "", 120))  # replaced, not duplicated
+    assert s.policy_state("n1") == PolicyRow("n1", 5, "", 120)
+    s.clear_policy_state("n1")
+    s.clear_policy_state("n1")  # idempotent
+    assert s.policy_state("n1") is None
+    assert s.policy_state("n2") is not None
+    s.close()
+    assert store_backend.open().policy_state("n2") == PolicyRow("n2", None, "", 110)
+
+
+def test_concurrent_openers_migrate_once(store_backend: Backend) -> None:
+    """Two (here: six) controllers starting at once on a fresh store: one migrates, the others
+    wait and find the schema current. On PostgreSQL this is the advisory lock's job."""
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+    stores = []
+
+    def opener() -> None:
+        barrier.wait()
+        try:
+            stores.append(open_store(store_backend.target))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=opener) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    store_backend.opened.extend(stores)
+    assert errors == []
+    assert len(stores) == 6
+    versions = store_backend.raw("SELECT version FROM schema_version ORDER BY version")
+    assert [v[0] for v in versions] == list(range(1, len(MIGRATIONS) + 1))
+    stores[0].upsert_node("n1", "h", 8, b"", "a", 1)
+    assert [n.name for n in stores[5].nodes()] == ["n1"]
+
+
+def test_standby_controller_sees_the_active_ones_writes(store_backend: Backend) -> None:
+    active = store_backend.open()
+    standby = store_backend.open()
+    active.upsert_node("n1", "h", 8, b"inv", "a", 1)
+    active.set_verdict(VerdictRow("n1", "xid", 3, "", "fatal", "xid79", "GPU 3", 2))
+    action = active.add_action("n1", "drain", "gpufleet:xid79", "policy", "queued", 2, 3)
+    active.set_policy_state(PolicyRow("n1", 1, "gf_degraded", 4))
+    active.set_reachable("n1", False, 5)
+    node = standby.node("n1")
+    assert node is not None and (node.health, node.reachable) == ("fatal", False)
+    assert [a.id for a in standby.actions("n1")] == [action]
+    assert standby.policy_state("n1") == PolicyRow("n1", 1, "gf_degraded", 4)
+    # ... and takes over: its writes are seen by the old active one
+    standby.update_action(action, "done", "was IDLE", 1, 6)
+    assert active.actions("n1")[0].status == "done"
+
+
+def test_concurrent_writers_keep_every_row(store_backend: Backend) -> None:
+    """Four threads on one store and two stores on one database: nothing lost, ids unique."""
+    a, b = store_backend.open(), store_backend.open()
+    for s in (a, b):
+        s.upsert_node("n1", "h", 8, b"", "a", 1)
+
+    def writer(store: object, k: int) -> None:
+        for i in range(50):
+            store.add_event("n1", k * 1000 + i, "xid", "warn", "x", "", None, None, 1)  # type: ignore[attr-defined]
+            store.touch_node("n1", "a", k * 1000 + i, 2)  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=writer, args=(s, k)) for k, s in enumerate([a, a, b, b])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    events = a.events(limit=10_000)
+    assert len(events) == 200 and len({e.id for e in events}) == 200
+    assert b.last_seq("n1") == ("a", 3049)
+
+
+def test_postgres_reconnects_after_the_server_dropped_it(pg_server: PgServer) -> None:
+    dsn = pg_server.create_database()
+    s = open_store(dsn)
+    s.upsert_node("n1", "h", 8, b"", "a", 1)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name = 'gpufleet-controller'")
+    # the call that meets the dead connection fails cleanly, naming the server ...
+    with pytest.raises(StoreError, match=r"postgresql://postgres@127\.0\.0\.1"):
+        s.nodes()
+    # ... and the next one has a new connection
+    assert [n.name for n in s.nodes()] == ["n1"]
+    s.close()
+    pg_server.drop_database(dsn)
+
+
+def test_sqlite_is_in_wal_mode(tmp_path) -> None:
+    SqliteStore(tmp_path / "s.db").close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_job_keeps_its_newest_checkpoint(store_backend: Backend) -> None:
+    from gpufleet.scheduler.store import CheckpointRow
+
+    s = store_backend.open()
+    assert s.checkpoint("42") is None
+    assert s.record_checkpoint(CheckpointRow("42", "n1", 100, "/ck/step-100", 10, 1000, 11))
+    assert s.record_checkpoint(CheckpointRow("42", "n2", 200, "/ck/step-200", 20, 1000, 21))
+    # a replay or a late registration of an older step changes nothing
+    assert not s.record_checkpoint(CheckpointRow("42", "n1", 150, "/ck/step-150", 30, 1000, 31))
+    assert not s.record_checkpoint(CheckpointRow("42", "n2", 200, "/ck/step-200", 20, 1000, 21))
+    row = s.checkpoint("42")
+    assert row is not None and (row.node, row.step, row.path) == ("n2", 200, "/ck/step-200")
+    assert s.checkpoint("43") is None
+    s.close()

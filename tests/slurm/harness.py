@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -44,6 +45,11 @@ __all__ = [
 log = logging.getLogger("gpufleet.tests.slurmlab")
 
 PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client", "slurm-wlm-basic-plugins")
+# only for start_restd(): slurmrestd, and auth/jwt for slurmctld (Debian splits it out)
+REST_PACKAGES = ("slurmrestd", "slurm-wlm-jwt-plugin")
+# slurmrestd refuses to run as root or as SlurmUser: an unprivileged user it can be
+REST_USER = "nobody"  # run with its own primary group: root's group is refused too
+REST_API = "v0.0.38"  # Slurm 22.05's openapi plugin
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
 CLIENT_TIMEOUT_S = 30.0
@@ -103,6 +109,7 @@ class SlurmLabConfig:
     topology_conf: str | None = None  # written verbatim instead of the generated tree
     extra_conf: str = ""  # appended to slurm.conf (a later key overrides an earlier one)
     cluster_name: str = "lab"
+    restd: bool = False  # also start slurmrestd (JWT auth, unix socket) in start()
 
     def __post_init__(self) -> None:
         lab_dir = Path(self.lab_dir).absolute()
@@ -271,6 +278,9 @@ class SlurmLab:
     def __init__(self, config: SlurmLabConfig | None = None) -> None:
         self.config = config or SlurmLabConfig()
         self.last_start_s: float | None = None  # how long the last start() took
+        # JWT auth in slurm.conf: only when slurmrestd is wanted (needs slurm-wlm-jwt-plugin)
+        self._jwt = self.config.restd
+        self._restd_proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def from_lab_dir(cls, lab_dir: Path | None = None) -> SlurmLab:
@@ -394,6 +404,8 @@ class SlurmLab:
             for node in self.node_names:
                 self._start_slurmd(node)
             self.wait_nodes_idle(max(deadline - time.monotonic(), 1.0))
+            if self.config.restd:
+                self.start_restd(max(deadline - time.monotonic(), 1.0))
         except BaseException as exc:
             log.warning("start failed (%s); stopping what was started", type(exc).__name__)
             self.stop()
@@ -415,6 +427,7 @@ class SlurmLab:
             return
         if self.ctld_alive():
             self._cancel_all_jobs()
+        self.stop_restd()
         pidfiles = sorted(self.pid_dir.glob("slurmd-*.pid"))
         self._stop_pidfiles(pidfiles, "slurmd", 20)
         self._stop_pidfiles([self.pid_dir / "slurmctld.pid"], "slurmctld", 30)
@@ -499,6 +512,87 @@ class SlurmLab:
         """Restart one node's slurmd (ReturnToService=2 brings a DOWN node back by itself)."""
         if not self.slurmd_alive(node):
             self._start_slurmd(node)
+
+    # ---------------------------------------------------------------------------- slurmrestd
+
+    @property
+    def jwt_key_path(self) -> Path:
+        return self.etc_dir / "jwt_hs256.key"
+
+    @property
+    def rest_socket(self) -> Path:
+        """slurmrestd's unix socket (every request still needs a JWT: see jwt_token())."""
+        return self.lab_dir / "rest" / "slurmrestd.sock"
+
+    def jwt_enabled(self) -> bool:
+        """slurm.conf of this lab accepts JWTs (AuthAltTypes=auth/jwt)."""
+        try:
+            return "AuthAltTypes=auth/jwt" in self.conf_path.read_text()
+        except OSError:
+            return False
+
+    def restd_alive(self) -> bool:
+        return _proc_alive(_read_pid(self.pid_dir / "slurmrestd.pid"), "slurmrestd")
+
+    def start_restd(self, timeout_s: float = 60) -> None:
+        """Start slurmrestd (as REST_USER, unix socket, rest_auth/jwt) against this lab.
+
+        slurmctld must accept JWTs for that: if this lab's slurm.conf does not yet, a key is
+        made, the config rewritten with AuthAltTypes=auth/jwt and slurmctld restarted (its
+        state is saved and recovered; munge stays the main auth). Idempotent.
+        """
+        if self.restd_alive():
+            return
+        deadline = time.monotonic() + timeout_s
+        self._ensure_packages(REST_PACKAGES)
+        self._jwt = True
+        if not self.jwt_enabled():
+            self._write_configs()  # slurm_conf_text() now adds the JWT lines
+            if self.ctld_alive():
+                self.stop_slurmctld()
+            self.start_slurmctld(max(deadline - time.monotonic(), 1.0))
+        sock_dir = self.rest_socket.parent
+        sock_dir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(sock_dir, REST_USER)
+        self.rest_socket.unlink(missing_ok=True)
+        logfile = self.log_dir / "slurmrestd.log"
+        env = {**self.env(), "SLURM_JWT": "daemon"}  # 22.05: use auth/jwt, not munge
+        with logfile.open("ab") as fh:
+            # slurmrestd stays in the foreground: Popen's pid is the daemon's pid
+            proc = subprocess.Popen(
+                ["/usr/sbin/slurmrestd", "-f", str(self.conf_path), "-a", "rest_auth/jwt",
+                 "-s", f"openapi/{REST_API}", f"unix:{self.rest_socket}"],
+                env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                user=REST_USER, group=pwd.getpwnam(REST_USER).pw_gid, extra_groups=[],
+                start_new_session=True,
+            )
+        self._restd_proc = proc  # reaped in stop_restd()
+        (self.pid_dir / "slurmrestd.pid").write_text(f"{proc.pid}\n")
+        while not self.rest_socket.exists():
+            if proc.poll() is not None:
+                raise SlurmLabError(
+                    f"slurmrestd exited {proc.returncode}; read {logfile}:\n{_tail(logfile)}"
+                )
+            if time.monotonic() > deadline:
+                self.stop_restd()
+                raise SlurmLabError(f"slurmrestd made no socket in time; read {logfile}")
+            time.sleep(0.05)
+        log.info("slurmrestd up (pid %d, %s)", proc.pid, self.rest_socket)
+
+    def stop_restd(self, timeout_s: float = 10) -> None:
+        """Stop slurmrestd by its pid file (no-op when it is not running)."""
+        self._stop_pidfiles([self.pid_dir / "slurmrestd.pid"], "slurmrestd", timeout_s)
+        if self._restd_proc is not None:
+            self._restd_proc.wait(timeout_s)  # already dead: only reaps the zombie
+            self._restd_proc = None
+
+    def jwt_token(self, user: str = "root", lifespan_s: int = 3600) -> str:
+        """A JWT for `user` from `scontrol token` (needs jwt_enabled())."""
+        out = self.run("scontrol", "token", f"username={user}", f"lifespan={lifespan_s}").stdout
+        token = out.strip().removeprefix("SLURM_JWT=")
+        if not token:
+            raise SlurmLabError(f"`scontrol token` printed no token: {out!r}")
+        return token
 
     # ------------------------------------------------------------------------------ queries
 
@@ -646,14 +740,14 @@ class SlurmLab:
                 "(ctld_port, node_port0)"
             )
 
-    def _ensure_packages(self) -> None:
+    def _ensure_packages(self, packages: Sequence[str] = PACKAGES) -> None:
         if shutil.which("dpkg-query") is None:
             daemons = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged")
             if all(Path(d).exists() for d in daemons):
                 return  # not Debian, but Slurm is there: try it
             raise SlurmLabError(f"no dpkg-query and no {daemons}: install Slurm 22.05 + munge")
         missing = []
-        for pkg in PACKAGES:
+        for pkg in packages:
             proc = subprocess.run(
                 ["dpkg-query", "-W", "-f=${Status}", pkg],
                 capture_output=True,
@@ -814,8 +908,18 @@ KillWait=10
 NodeName={nodes} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports} CPUs={cfg.cpus} \
 RealMemory={cfg.mem_mb}{gres} State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-{cfg.extra_conf}
+{self._jwt_conf()}{cfg.extra_conf}
 """
+
+    def _jwt_conf(self) -> str:
+        """JWT as an alternative auth (for slurmrestd) once start_restd() has made the key."""
+        if not self._jwt:
+            return ""
+        if not self.jwt_key_path.exists():
+            self.jwt_key_path.write_bytes(os.urandom(32))
+        shutil.chown(self.jwt_key_path, "slurm", "slurm")  # slurmctld reads it, nobody else
+        self.jwt_key_path.chmod(0o600)
+        return f"AuthAltTypes=auth/jwt\nAuthAltParameters=jwt_key={self.jwt_key_path}\n"
 
     def topology_conf_text(self) -> str:
         """`leaves` leaf switches over consecutive node ranges (sizes differ by <= 1) + a spine."""

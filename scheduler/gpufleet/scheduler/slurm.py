@@ -1,9 +1,12 @@
-"""Talking to Slurm: a `SlurmClient` Protocol and its implementation over the Slurm CLI.
+"""Talking to Slurm: the `SlurmClient` Protocol, its CLI implementation, and the factory that
+picks one of the three (CLI, slurmrestd, pyslurm).
 
-Reads use the `--json` output of sinfo/squeue (stable across 22.05+); node updates use
-`scontrol update`, since neither `scontrol --json` (23.02+) nor a node-update endpoint in
-slurmrestd v0.0.38 exists on 22.05. Every call has a timeout: a slow slurmctld must never
-hang the caller. Errors become `SlurmError` with the command and Slurm's own message.
+The CLI client reads with the `--json` output of sinfo (stable across 22.05+) and `scontrol -o
+show node`, and changes nodes with `scontrol update`: 22.05 has neither `scontrol --json`
+(23.02+) nor a node-update endpoint in slurmrestd (v0.0.38 has GET only, checked against
+22.05.8's own /openapi/v3). Every call has a timeout: a slow slurmctld must never hang the
+caller. Errors become `SlurmError` naming the node and the command, with `transient` saying
+whether a retry may help (controller down or slow: yes; unknown node, bad value: no).
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
+SLURM_KINDS = ("cli", "rest", "pyslurm", "none")
+
 
 class SlurmError(Exception):
-    """A Slurm command failed or timed out; `transient` says whether a retry may help."""
+    """A Slurm call failed or timed out; `transient` says whether a retry may help."""
 
     def __init__(self, message: str, transient: bool = True) -> None:
         super().__init__(message)
@@ -31,7 +36,7 @@ class SlurmNode:
     name: str
     state: str  # compact, as scontrol prints it: IDLE, MIXED+DRAIN, DOWN+NOT_RESPONDING
     reason: str
-    features: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()  # available features (what set_features sets)
     weight: int = 1
 
     @property
@@ -48,17 +53,82 @@ class SlurmClient(Protocol):
 
     def resume(self, name: str) -> None: ...
 
+    def set_weight(self, name: str, weight: int) -> None: ...
+
+    def set_features(self, name: str, features: tuple[str, ...]) -> None: ...
+
     def ping(self) -> bool: ...
 
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FEATURE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Slurm's weight is a uint32; 0 would be legal but means "first choice" to the scheduler,
+# which no policy here wants to set by accident
+MAX_WEIGHT = 2**32 - 2
+
+# Slurm messages that no retry will fix (checked case-insensitively)
+_PERMANENT = (
+    "invalid node name",
+    "invalid user",
+    "access denied",
+    "not a valid number",
+    "invalid argument",
+    "invalid feature",
+    "permission denied",
+    "user not found",
+    "not found",  # "Node nX not found"
+)
+
+
+def is_permanent_message(msg: str) -> bool:
+    low = msg.lower()
+    return any(p in low for p in _PERMANENT)
 
 
 def check_node_name(name: str) -> str:
-    """Node names go into scontrol argv: allow only what Slurm node names look like."""
+    """Node names go into scontrol argv and URLs: allow only what Slurm node names look like."""
     if not _NODE_NAME.match(name):
         raise SlurmError(f"invalid node name {name!r}", transient=False)
     return name
+
+
+def check_weight(name: str, weight: int) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise SlurmError(f"node {name}: weight {weight!r} is not an integer in 1..{MAX_WEIGHT}",
+                         transient=False)
+    return weight
+
+
+def check_features(name: str, features: Iterable[str]) -> tuple[str, ...]:
+    """Features go into a comma-separated scontrol value: no commas, spaces or '=' inside."""
+    out: list[str] = []
+    for f in features:
+        if not isinstance(f, str) or not _FEATURE.match(f):
+            raise SlurmError(f"node {name}: invalid feature {f!r} (letters, digits, _ . - only)",
+                             transient=False)
+        if f not in out:
+            out.append(f)
+    return tuple(out)
+
+
+def clean_reason(reason: str) -> str:
+    """Slurm keeps the reason as free text; newlines would break `scontrol -o` parsing."""
+    return " ".join(reason.split())[:200]
+
+
+def split_features(text: str | None) -> tuple[str, ...]:
+    if not text or text == "(null)":
+        return ()
+    return tuple(f for f in text.split(",") if f)
+
+
+def node_from_json(n: Mapping[str, Any]) -> SlurmNode:
+    """A node of `sinfo --json` or slurmrestd v0.0.38 (the same data_parser output in 22.05):
+    state 'idle' + state_flags ['DRAIN'] -> 'IDLE+DRAIN'."""
+    flags = [str(f) for f in n.get("state_flags", []) or [] if f]
+    state = "+".join([str(n.get("state", "")).upper(), *flags])
+    return SlurmNode(str(n["name"]), state, str(n.get("reason", "") or ""),
+                     split_features(n.get("features")), int(n.get("weight", 1) or 1))
 
 
 def expand_hostlist(expr: str) -> list[str]:
@@ -77,13 +147,14 @@ def _reason_from_scontrol(text: str) -> str:
 
 
 class CliSlurmClient:
-    """SlurmClient over sinfo/squeue --json and scontrol."""
+    """SlurmClient over `sinfo --json`, `scontrol -o show node` and `scontrol update`."""
 
     def __init__(self, env: Mapping[str, str] | None = None, timeout_s: float = 10.0) -> None:
         self.env = dict(env) if env is not None else None
         self.timeout_s = timeout_s
 
-    def _run(self, *argv: str) -> str:
+    def _run(self, *argv: str, node: str | None = None) -> str:
+        what = f"`{' '.join(argv)}`" + (f" for node {node}" if node else "")
         try:
             p = subprocess.run(
                 argv, capture_output=True, text=True, timeout=self.timeout_s, env=self.env,
@@ -93,12 +164,10 @@ class CliSlurmClient:
             raise SlurmError(f"{argv[0]} not found: is the Slurm client installed?",
                              transient=False) from e
         except subprocess.TimeoutExpired as e:
-            raise SlurmError(f"`{' '.join(argv[:3])}` timed out after {self.timeout_s} s") from e
+            raise SlurmError(f"{what} timed out after {self.timeout_s} s") from e
         if p.returncode != 0:
-            msg = (p.stderr or p.stdout).strip()
-            # "Invalid node name specified" will not get better by retrying
-            transient = "Invalid node name" not in msg and "Invalid user" not in msg
-            raise SlurmError(f"`{' '.join(argv[:3])}` failed: {msg}", transient=transient)
+            msg = " ".join((p.stderr or p.stdout).split())
+            raise SlurmError(f"{what} failed: {msg}", transient=not is_permanent_message(msg))
         return p.stdout
 
     def ping(self) -> bool:
@@ -112,32 +181,56 @@ class CliSlurmClient:
         try:
             doc = json.loads(self._run("sinfo", "--json"))
         except ValueError as e:
-            raise SlurmError(f"sinfo --json printed no JSON: {e}") from e
-        out: dict[str, SlurmNode] = {}
-        for n in doc.get("nodes", []):
-            flags = [f for f in n.get("state_flags", []) if f]
-            state = "+".join([str(n.get("state", "")).upper(), *flags])
-            features = tuple(f for f in str(n.get("active_features", "")).split(",") if f)
-            out[n["name"]] = SlurmNode(n["name"], state, n.get("reason", "") or "",
-                                       features, int(n.get("weight", 1) or 1))
-        return out
+            raise SlurmError(f"`sinfo --json` printed no JSON: {e}") from e
+        return {n.name: n for n in map(node_from_json, doc.get("nodes", []))}
 
     def node(self, name: str) -> SlurmNode:
-        text = self._run("scontrol", "-o", "show", "node", check_node_name(name))
+        text = self._run("scontrol", "-o", "show", "node", check_node_name(name), node=name)
         m = re.search(r"\bState=(\S+)", text)
         if not m:
-            raise SlurmError(f"scontrol show node {name}: no State= in output", transient=False)
-        fm = re.search(r"\bActiveFeatures=(\S+)", text)
+            # 22.05 prints "Node nX not found" with exit status 0 for an unknown node
+            raise SlurmError(f"`scontrol -o show node {name}`: node {name} not found: "
+                             f"{text.strip()[:200]}", transient=False)
+        fm = re.search(r"\bAvailableFeatures=(\S*)", text)
         wm = re.search(r"\bWeight=(\d+)", text)
-        features = tuple(f for f in (fm.group(1) if fm else "").split(",") if f and f != "(null)")
-        return SlurmNode(name, m.group(1), _reason_from_scontrol(text), features,
+        return SlurmNode(name, m.group(1), _reason_from_scontrol(text),
+                         split_features(fm.group(1) if fm else ""),
                          int(wm.group(1)) if wm else 1)
 
     def drain(self, name: str, reason: str) -> None:
-        # Slurm keeps the reason as free text; newlines would break `scontrol -o` parsing
-        reason = " ".join(reason.split())[:200]
         self._run("scontrol", "update", f"nodename={check_node_name(name)}", "state=drain",
-                  f"reason={reason}")
+                  f"reason={clean_reason(reason)}", node=name)
 
     def resume(self, name: str) -> None:
-        self._run("scontrol", "update", f"nodename={check_node_name(name)}", "state=resume")
+        self._run("scontrol", "update", f"nodename={check_node_name(name)}", "state=resume",
+                  node=name)
+
+    def set_weight(self, name: str, weight: int) -> None:
+        self._run("scontrol", "update", f"nodename={check_node_name(name)}",
+                  f"weight={check_weight(name, weight)}", node=name)
+
+    def set_features(self, name: str, features: tuple[str, ...]) -> None:
+        # Available and active together: without a node_features plugin (the usual case on
+        # GPU clusters) the two must agree, and a constraint matches the active set.
+        value = ",".join(check_features(name, features))
+        self._run("scontrol", "update", f"nodename={check_node_name(name)}",
+                  f"availablefeatures={value}", f"activefeatures={value}", node=name)
+
+
+def make_slurm_client(kind: str, **options: Any) -> SlurmClient | None:
+    """cli | rest | pyslurm -> that client (options go to its constructor); none -> None
+    (the controller then records actions in shadow mode)."""
+    if kind == "cli":
+        return CliSlurmClient(**options)
+    if kind == "rest":
+        from gpufleet.scheduler.slurm_rest import RestSlurmClient
+
+        return RestSlurmClient(**options)
+    if kind == "pyslurm":
+        from gpufleet.scheduler.slurm_pyslurm import PyslurmClient
+
+        return PyslurmClient(**options)
+    if kind == "none":
+        return None
+    raise SlurmError(f"unknown Slurm client kind {kind!r}: use one of {', '.join(SLURM_KINDS)}",
+                     transient=False)

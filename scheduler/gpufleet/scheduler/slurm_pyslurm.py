@@ -1,0 +1,138 @@
+"""SlurmClient over pyslurm (Slurm's C API from Python), where pyslurm is installed and
+built for the Slurm the cluster runs.
+
+pyslurm's major.minor follows Slurm's (pyslurm 23.2.x <-> Slurm 23.02); a pyslurm built for
+another Slurm is refused at construction with a message saying which client to use instead.
+PyPI ships only pyslurm 25.11, which does not build against Slurm 22.05 (this project's test
+Slurm), so this client is exercised by contract tests that run only where pyslurm imports.
+Written against pyslurm's object API (23.02+: `Node`, `Nodes`, `Node.modify`, `RPCError`).
+
+pyslurm calls block in C for up to Slurm's MessageTimeout; each call runs on a small worker
+pool and the caller waits at most `timeout_s` (a stuck call keeps its worker, not the caller).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+from gpufleet.scheduler.slurm import (
+    SlurmError,
+    SlurmNode,
+    check_features,
+    check_node_name,
+    check_weight,
+    clean_reason,
+    is_permanent_message,
+)
+
+T = TypeVar("T")
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    m = re.search(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def running_slurm_version(timeout_s: float = 10.0) -> str:
+    """`sinfo --version` -> '22.05.8' (what the cluster's client libraries are)."""
+    try:
+        out = subprocess.run(["sinfo", "--version"], capture_output=True, text=True,
+                             timeout=timeout_s, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SlurmError(f"cannot tell the Slurm version (`sinfo --version`): {e}",
+                         transient=False) from e
+    return out.split()[-1] if out.split() else ""
+
+
+class PyslurmClient:
+    """SlurmClient over pyslurm; refuses a pyslurm that does not match the running Slurm."""
+
+    def __init__(self, timeout_s: float = 10.0, slurm_version: str | None = None,
+                 workers: int = 4) -> None:
+        try:
+            import pyslurm  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as e:
+            raise SlurmError(
+                "pyslurm is not installed (PyPI has only 25.11, which needs Slurm 25.11): "
+                "install the pyslurm matching your Slurm, or use the cli or rest client",
+                transient=False,
+            ) from e
+        self._pyslurm: Any = pyslurm
+        self.timeout_s = timeout_s
+        self.pyslurm_version = str(getattr(pyslurm, "__version__", "") or pyslurm.version())
+        self.slurm_version = slurm_version or running_slurm_version()
+        mine, theirs = _major_minor(self.pyslurm_version), _major_minor(self.slurm_version)
+        if mine is None or theirs is None or mine != theirs:
+            raise SlurmError(
+                f"pyslurm {self.pyslurm_version} does not match Slurm {self.slurm_version} "
+                "(major.minor must agree): use the cli or rest client", transient=False)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pyslurm")
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        future = self._pool.submit(fn)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout as e:
+            raise SlurmError(f"pyslurm {what} timed out after {self.timeout_s} s") from e
+        except SlurmError:
+            raise
+        except ValueError as e:  # pyslurm's own argument checks
+            raise SlurmError(f"pyslurm {what}: {e}", transient=False) from e
+        except Exception as e:  # RPCError and whatever the C layer raises
+            msg = str(e)
+            raise SlurmError(f"pyslurm {what} failed: {msg}",
+                             transient=not is_permanent_message(msg)) from e
+
+    def _to_node(self, n: Any) -> SlurmNode:
+        return SlurmNode(str(n.name), str(n.state or "").upper(), str(n.reason or ""),
+                         tuple(n.available_features or ()), int(n.weight or 1))
+
+    def _load(self, name: str) -> Any:
+        node_cls = self._pyslurm.Node
+        if hasattr(node_cls, "load"):
+            return node_cls.load(name)
+        return node_cls(name).reload()
+
+    def ping(self) -> bool:
+        try:
+            self.nodes()
+        except SlurmError:
+            return False
+        return True
+
+    def nodes(self) -> dict[str, SlurmNode]:
+        def load() -> dict[str, SlurmNode]:
+            nodes_cls = self._pyslurm.Nodes
+            coll = nodes_cls.load() if hasattr(nodes_cls, "load") else nodes_cls()
+            return {str(k): self._to_node(v) for k, v in coll.items()}
+
+        return self._call("load nodes", load)
+
+    def node(self, name: str) -> SlurmNode:
+        check_node_name(name)
+        return self._call(f"load node {name}", lambda: self._to_node(self._load(name)))
+
+    def _modify(self, name: str, what: str, **changes: Any) -> None:
+        check_node_name(name)
+        node_cls = self._pyslurm.Node
+        self._call(f"{what} node {name}",
+                   lambda: node_cls(name).modify(node_cls(**changes)))
+
+    def drain(self, name: str, reason: str) -> None:
+        self._modify(name, "drain", state="DRAIN", reason=clean_reason(reason))
+
+    def resume(self, name: str) -> None:
+        self._modify(name, "resume", state="RESUME")
+
+    def set_weight(self, name: str, weight: int) -> None:
+        self._modify(name, "set weight of", weight=check_weight(name, weight))
+
+    def set_features(self, name: str, features: tuple[str, ...]) -> None:
+        value = list(check_features(name, features))
+        self._modify(name, "set features of", available_features=value,
+                     active_features=value)

@@ -1,0 +1,214 @@
+"""SlurmClient over slurmrestd, the API SchedMD recommends for external controllers.
+
+Reads (nodes, one node, ping) go to slurmrestd over a unix socket or TCP, authenticated with a
+JWT (`X-SLURM-USER-NAME` / `X-SLURM-USER-TOKEN`; slurmctld needs AuthAltTypes=auth/jwt).
+Node *updates* are not in Slurm 22.05's REST API: its OpenAPI document (openapi/v0.0.38,
+fetched from a real 22.05.8 slurmrestd at /openapi/v3) has only GET on /node/{node_name}
+and /nodes; `POST /slurm/v0.0.39/node/{node_name}` arrived with 23.02. So drain, resume,
+weight and features go through `scontrol update` (the CLI client) on 22.05; pass
+`api_version="v0.0.39"` or later to send them to slurmrestd instead.
+
+Every request has a timeout. Connection refused, a missing socket, a timeout and HTTP 5xx
+are transient SlurmErrors; an unknown node, a refused token and bad input are not.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from gpufleet.scheduler.slurm import (
+    CliSlurmClient,
+    SlurmClient,
+    SlurmError,
+    SlurmNode,
+    check_features,
+    check_node_name,
+    check_weight,
+    clean_reason,
+    is_permanent_message,
+    node_from_json,
+)
+
+DEFAULT_API_VERSION = "v0.0.38"  # Slurm 22.05
+# Slurm's ESLURM_INVALID_NODE_NAME: the node does not exist; retrying will not help
+ESLURM_INVALID_NODE_NAME = 2018
+_UPDATE_VERSIONS_FROM = (0, 0, 39)  # first API version with POST /node/{name}
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout_s: float) -> None:
+        super().__init__("localhost", timeout=timeout_s)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _version_tuple(api_version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in api_version.lstrip("v").split("."))
+    except ValueError as e:
+        raise SlurmError(f"invalid slurmrestd API version {api_version!r} (want vX.Y.Z)",
+                         transient=False) from e
+
+
+class RestSlurmClient:
+    """SlurmClient over slurmrestd; `socket_path` (unix) or `url` (http://host:port)."""
+
+    def __init__(
+        self,
+        socket_path: str | Path | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        token_file: str | Path | None = None,
+        user_name: str = "root",
+        api_version: str = DEFAULT_API_VERSION,
+        timeout_s: float = 5.0,
+        update_client: SlurmClient | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if (socket_path is None) == (url is None):
+            raise SlurmError("RestSlurmClient needs exactly one of socket_path or url",
+                             transient=False)
+        self.socket_path = str(socket_path) if socket_path is not None else None
+        self.url = url
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SlurmError(f"slurmrestd url {url!r}: want http(s)://host:port",
+                                 transient=False)
+        self._token = token
+        self.token_file = Path(token_file) if token_file is not None else None
+        self.user_name = user_name
+        self.api_version = api_version
+        self._native_updates = _version_tuple(api_version) >= _UPDATE_VERSIONS_FROM
+        self.timeout_s = timeout_s
+        # 22.05: updates via scontrol (see the module docstring)
+        self.update_client = update_client or CliSlurmClient(env=env, timeout_s=timeout_s)
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix:{self.socket_path}" if self.socket_path else str(self.url)
+
+    def _token_now(self) -> str:
+        # re-read on every call, so a token rotated on disk is picked up without a restart
+        if self.token_file is not None:
+            try:
+                text = self.token_file.read_text().strip()
+            except OSError as e:
+                raise SlurmError(f"cannot read slurmrestd token file {self.token_file}: {e}",
+                                 transient=False) from e
+            return text.removeprefix("SLURM_JWT=")
+        return self._token or os.environ.get("SLURM_JWT", "")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.socket_path is not None:
+            return _UnixHTTPConnection(self.socket_path, self.timeout_s)
+        parts = urlsplit(str(self.url))
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return cls(parts.hostname or "", parts.port, timeout=self.timeout_s)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                 node: str | None = None) -> dict[str, Any]:
+        full = f"/slurm/{self.api_version}/{path}"
+        what = f"slurmrestd {method} {full} at {self.endpoint}" + (
+            f" for node {node}" if node else "")
+        headers = {"X-SLURM-USER-NAME": self.user_name, "X-SLURM-USER-TOKEN": self._token_now(),
+                   "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn = self._connection()
+        try:
+            conn.request(method, full, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except TimeoutError as e:
+            raise SlurmError(f"{what} timed out after {self.timeout_s} s") from e
+        except (ConnectionError, FileNotFoundError, OSError, http.client.HTTPException) as e:
+            raise SlurmError(f"{what} failed: {e}") from e
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            doc = {}
+        if not isinstance(doc, dict):
+            doc = {"errors": [{"error": f"response is not a JSON object: {raw[:100]!r}"}]}
+        errors = [e for e in (doc.get("errors") or []) if isinstance(e, dict)]
+        if resp.status in {401, 403}:
+            text = raw.decode(errors="replace").strip()[:200]
+            raise SlurmError(f"{what}: HTTP {resp.status} {text} (check the JWT and "
+                             "AuthAltTypes=auth/jwt)", transient=False)
+        if resp.status >= 400 or errors:
+            msg = "; ".join(str(e.get("description") or e.get("error") or e) for e in errors) \
+                or raw.decode(errors="replace").strip()[:200]
+            permanent = any(e.get("errno") == ESLURM_INVALID_NODE_NAME for e in errors) \
+                or is_permanent_message(msg) or 400 <= resp.status < 500
+            raise SlurmError(f"{what}: HTTP {resp.status}: {msg}", transient=not permanent)
+        return doc
+
+    # ------------------------------------------------------------------ reads
+
+    def ping(self) -> bool:
+        try:
+            doc = self._request("GET", "ping")
+        except SlurmError:
+            return False
+        return any(p.get("ping") == "UP" for p in doc.get("pings", []))
+
+    def nodes(self) -> dict[str, SlurmNode]:
+        doc = self._request("GET", "nodes")
+        return {n.name: n for n in map(node_from_json, doc.get("nodes", []))}
+
+    def node(self, name: str) -> SlurmNode:
+        doc = self._request("GET", f"node/{quote(check_node_name(name))}", node=name)
+        found = [n for n in doc.get("nodes", []) if n.get("name") == name]
+        if not found:
+            raise SlurmError(f"slurmrestd at {self.endpoint}: node {name} not found",
+                             transient=False)
+        return node_from_json(found[0])
+
+    # ------------------------------------------------------------------ updates
+
+    def _update(self, name: str, changes: dict[str, Any]) -> None:
+        self._request("POST", f"node/{quote(check_node_name(name))}", changes, node=name)
+
+    def drain(self, name: str, reason: str) -> None:
+        if not self._native_updates:
+            self.update_client.drain(name, reason)
+            return
+        self._update(name, {"state": ["DRAIN"], "reason": clean_reason(reason)})
+
+    def resume(self, name: str) -> None:
+        if not self._native_updates:
+            self.update_client.resume(name)
+            return
+        self._update(name, {"state": ["RESUME"]})
+
+    def set_weight(self, name: str, weight: int) -> None:
+        if not self._native_updates:
+            self.update_client.set_weight(name, weight)
+            return
+        self._update(name, {"weight": check_weight(name, weight)})
+
+    def set_features(self, name: str, features: tuple[str, ...]) -> None:
+        if not self._native_updates:
+            self.update_client.set_features(name, features)
+            return
+        value = list(check_features(name, features))
+        self._update(name, {"features": value, "features_act": value})

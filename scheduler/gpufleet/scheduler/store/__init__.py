@@ -1,0 +1,68 @@
+"""The controller's state: nodes, their verdicts, health events, Slurm actions, and what the
+degraded policy changed.
+
+One interface (`StateStore`), two backends: SQLite (embedded default, WAL, one file) and
+PostgreSQL (production, and a standby controller sharing the database). Schema changes are
+numbered migrations applied in order at open, one numbering for both; a store written by a
+newer gpufleet is refused rather than guessed at. Nothing here talks to Slurm or to agents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (
+    HEALTH_ORDER,
+    ActionRow,
+    CheckpointRow,
+    EventRow,
+    NodeRow,
+    PolicyRow,
+    StateStore,
+    StoreError,
+    VerdictRow,
+    now_ms,
+)
+from .migrations import MIGRATIONS, PG_MIGRATIONS
+from .postgres import PostgresStore, describe_target
+from .sqlite import SqliteStore
+
+__all__ = [
+    "HEALTH_ORDER",
+    "MIGRATIONS",
+    "PG_MIGRATIONS",
+    "ActionRow",
+    "CheckpointRow",
+    "EventRow",
+    "NodeRow",
+    "PolicyRow",
+    "PostgresStore",
+    "SqliteStore",
+    "StateStore",
+    "StoreError",
+    "VerdictRow",
+    "now_ms",
+    "open_store",
+]
+
+_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(target: str | Path) -> StateStore:
+    """A path (or `sqlite:///PATH`) -> SqliteStore; `postgresql://` / `postgres://` ->
+    PostgresStore; any other URL is a StoreError naming it."""
+    text = str(target).strip()
+    if not text:
+        raise StoreError("empty store target: give a file path or a postgresql:// URL")
+    if text.startswith(_URL_SCHEMES):
+        return PostgresStore(text)
+    if text.startswith("sqlite:///"):
+        return SqliteStore(text.removeprefix("sqlite://"))
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        shown = describe_target(text) if scheme.startswith("postgres") else f"{scheme}://..."
+        raise StoreError(
+            f"unsupported store target {shown!r}: use a file path (SQLite) or a "
+            "postgresql:// URL"
+        )
+    return SqliteStore(text)

@@ -1,0 +1,451 @@
+"""Rows, the `StateStore` Protocol, and the SQL both backends share.
+
+The domain logic (worst verdict wins, a new agent instance resets its verdicts, ...) is
+written once in portable SQL with `?` placeholders; a backend supplies the connection, the
+transaction and the placeholder style. Nothing here talks to Slurm or to agents.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+HEALTH_ORDER = {"unknown": 0, "ok": 1, "warn": 2, "degraded": 3, "fatal": 4}
+
+
+class StoreError(Exception):
+    """The state store cannot be opened or used; the message names the file or server."""
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    name: str
+    hostname: str
+    gpu_count: int
+    health: str
+    health_reason: str
+    health_evidence: str
+    first_seen_ms: int
+    last_seen_ms: int
+    reachable: bool = True
+    unreachable_since_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class ActionRow:
+    id: int
+    node: str
+    action: str
+    reason: str
+    actor: str
+    status: str
+    detail: str
+    attempts: int
+    created_ms: int
+    done_ms: int | None
+    fault_ms: int | None
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    node: str
+    check_name: str
+    gpu_index: int | None
+    subject: str
+    severity: str
+    reason_code: str
+    evidence: str
+    since_ms: int
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    node: str
+    ts_ms: int  # when it happened, agent clock
+    received_ms: int  # when the controller stored it
+    kind: str
+    severity: str
+    reason_code: str
+    evidence: str
+    gpu_index: int | None
+    xid: int | None
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    """What the degraded policy changed on a node, so that recovery can undo exactly that."""
+
+    node: str
+    original_weight: int | None  # None: the weight was not changed
+    feature_added: str  # "": no feature was added
+    applied_ms: int
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    """The newest complete checkpoint a job registered through its node's agent."""
+
+    job_id: str
+    node: str
+    step: int
+    path: str
+    time_ms: int
+    uid: int | None
+    received_ms: int
+
+
+class StateStore(Protocol):
+    def upsert_node(
+        self, name: str, hostname: str, gpu_count: int, inventory: bytes, agent_instance: str,
+        now_ms: int,
+    ) -> None: ...
+
+    def last_seq(self, name: str) -> tuple[str, int]: ...
+
+    def touch_node(self, name: str, agent_instance: str, seq: int, now_ms: int) -> None: ...
+
+    def set_reachable(self, name: str, reachable: bool, now_ms: int) -> bool: ...
+
+    def set_verdict(self, v: VerdictRow) -> tuple[str, str]: ...
+
+    def add_event(
+        self, node: str, ts_ms: int, kind: str, severity: str, reason_code: str, evidence: str,
+        gpu_index: int | None, xid: int | None, now_ms: int,
+    ) -> int: ...
+
+    def events(
+        self, node: str | None = None, since_ms: int = 0, limit: int = 1000
+    ) -> list[EventRow]: ...
+
+    def nodes(self) -> list[NodeRow]: ...
+
+    def node(self, name: str) -> NodeRow | None: ...
+
+    def inventory(self, name: str) -> bytes | None: ...
+
+    def verdicts(self, node: str) -> list[VerdictRow]: ...
+
+    def add_action(
+        self, node: str, action: str, reason: str, actor: str, status: str, fault_ms: int | None,
+        now_ms: int,
+    ) -> int: ...
+
+    def update_action(self, action_id: int, status: str, detail: str, attempts: int,
+                      done_ms: int | None) -> None: ...
+
+    def actions(self, node: str | None = None, since_ms: int = 0) -> list[ActionRow]: ...
+
+    def policy_state(self, node: str) -> PolicyRow | None: ...
+
+    def set_policy_state(self, row: PolicyRow) -> None: ...
+
+    def clear_policy_state(self, node: str) -> None: ...
+
+    def record_checkpoint(self, row: CheckpointRow) -> bool: ...
+
+    def checkpoint(self, job_id: str) -> CheckpointRow | None: ...
+
+    def schema_version(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+_NODE_COLUMNS = ("name, hostname, gpu_count, health, health_reason, health_evidence, "
+                 "first_seen_ms, last_seen_ms, reachable, unreachable_since_ms")
+_EVENT_COLUMNS = ("id, node, ts_ms, received_ms, kind, severity, reason_code, evidence, "
+                  "gpu_index, xid")
+
+
+def _node_row(r: Any) -> NodeRow:
+    return NodeRow(name=r[0], hostname=r[1], gpu_count=r[2], health=r[3], health_reason=r[4],
+                   health_evidence=r[5], first_seen_ms=r[6], last_seen_ms=r[7],
+                   reachable=bool(r[8]), unreachable_since_ms=r[9])
+
+
+def check_schema_version(version: int, known: int, target: str) -> None:
+    """Refuse a store written by a newer gpufleet rather than guess at its schema."""
+    if version > known:
+        raise StoreError(
+            f"store {target} has schema version {version}, newer than this gpufleet knows "
+            f"({known}): upgrade gpufleet"
+        )
+
+
+class SqlStore:
+    """The store's logic over one DB-API connection behind a lock (writes are short).
+
+    Subclasses provide `_tx()` (a write transaction yielding something with `execute`),
+    `_read()` (the same for reads), and `_FOR_UPDATE` (row locks where the dialect has them).
+    Driver errors leave as StoreError naming the target (`self.target`).
+    """
+
+    _FOR_UPDATE = ""
+    target = ""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    # backend hooks -------------------------------------------------------------------------
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ schema
+
+    def schema_version(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT max(version) FROM schema_version").fetchone()[0])
+
+    # ------------------------------------------------------------ nodes
+
+    def upsert_node(
+        self, name: str, hostname: str, gpu_count: int, inventory: bytes, agent_instance: str,
+        now_ms: int,
+    ) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT agent_instance FROM nodes WHERE name = ?" + self._FOR_UPDATE,  # noqa: S608 - constant
+                (name,),
+            ).fetchone()
+            if row is not None and row[0] != agent_instance:
+                # A new agent instance (restart, reboot) reports every verdict afresh in its
+                # first samples; the record of past faults stays in events and actions.
+                db.execute("DELETE FROM verdicts WHERE node = ?", (name,))
+                db.execute("UPDATE nodes SET health = 'ok', health_reason = '', "
+                           "health_evidence = '', last_seq = 0 WHERE name = ?", (name,))
+            db.execute(
+                """INSERT INTO nodes (name, hostname, gpu_count, inventory, agent_instance,
+                                      health, last_seq, first_seen_ms, last_seen_ms)
+                   VALUES (?, ?, ?, ?, ?, 'ok', 0, ?, ?)
+                   ON CONFLICT(name) DO UPDATE SET
+                     hostname=excluded.hostname, gpu_count=excluded.gpu_count,
+                     inventory=excluded.inventory, last_seen_ms=excluded.last_seen_ms,
+                     agent_instance=excluded.agent_instance""",
+                (name, hostname, gpu_count, inventory, agent_instance, now_ms, now_ms),
+            )
+
+    def last_seq(self, name: str) -> tuple[str, int]:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT agent_instance, last_seq FROM nodes WHERE name = ?", (name,)
+            ).fetchone()
+        return (str(row[0]), int(row[1])) if row else ("", 0)
+
+    def touch_node(self, name: str, agent_instance: str, seq: int, now_ms: int) -> None:
+        with self._tx() as db:
+            # CASE, not max()/GREATEST(): the one spelling both dialects share
+            db.execute(
+                "UPDATE nodes SET last_seen_ms = ?, "
+                "last_seq = CASE WHEN last_seq > ? THEN last_seq ELSE ? END "
+                "WHERE name = ? AND agent_instance = ?",
+                (now_ms, seq, seq, name, agent_instance),
+            )
+
+    def set_reachable(self, name: str, reachable: bool, now_ms: int) -> bool:
+        """Mark a node (un)reachable; True when that changed it (False too for unknown nodes).
+
+        `unreachable_since_ms` keeps the moment it first went silent, and is cleared when it
+        comes back.
+        """
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE nodes SET reachable = ?, unreachable_since_ms = ? "
+                "WHERE name = ? AND reachable <> ?",
+                (reachable, None if reachable else now_ms, name, reachable),
+            )
+            return bool(cur.rowcount > 0)
+
+    def nodes(self) -> list[NodeRow]:
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY name").fetchall()  # noqa: S608 - constant
+        return [_node_row(r) for r in rows]
+
+    def node(self, name: str) -> NodeRow | None:
+        with self._read() as db:
+            r = db.execute(
+                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE name = ?", (name,)  # noqa: S608
+            ).fetchone()
+        return _node_row(r) if r else None
+
+    def inventory(self, name: str) -> bytes | None:
+        with self._read() as db:
+            r = db.execute("SELECT inventory FROM nodes WHERE name = ?", (name,)).fetchone()
+        return bytes(r[0]) if r and r[0] is not None else None
+
+    # ------------------------------------------------------------ verdicts
+
+    def set_verdict(self, v: VerdictRow) -> tuple[str, str]:
+        """Store a verdict; return the node's health (worst current verdict) before and after."""
+        gpu = -1 if v.gpu_index is None else v.gpu_index
+        with self._tx() as db:
+            # the row lock (PostgreSQL) serialises two writers of one node's verdicts
+            before = db.execute(
+                "SELECT health FROM nodes WHERE name = ?" + self._FOR_UPDATE,  # noqa: S608 - constant
+                (v.node,),
+            ).fetchone()
+            if v.severity == "ok":
+                db.execute(
+                    "DELETE FROM verdicts WHERE node = ? AND check_name = ? AND gpu_index = ? "
+                    "AND subject = ?",
+                    (v.node, v.check_name, gpu, v.subject),
+                )
+            else:
+                db.execute(
+                    """INSERT INTO verdicts (node, check_name, gpu_index, subject, severity,
+                                            reason_code, evidence, since_ms)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(node, check_name, gpu_index, subject) DO UPDATE SET
+                         severity=excluded.severity, reason_code=excluded.reason_code,
+                         evidence=excluded.evidence, since_ms=excluded.since_ms""",
+                    (v.node, v.check_name, gpu, v.subject, v.severity, v.reason_code,
+                     v.evidence, v.since_ms),
+                )
+            rows = db.execute(
+                "SELECT severity, reason_code, evidence FROM verdicts WHERE node = ? "
+                "ORDER BY since_ms", (v.node,)
+            ).fetchall()
+            # worst wins; among equals the oldest, so the first cause stays the named one
+            worst = max(rows, key=lambda r: HEALTH_ORDER.get(r[0], 0), default=("ok", "", ""))
+            db.execute(
+                "UPDATE nodes SET health = ?, health_reason = ?, health_evidence = ? "
+                "WHERE name = ?",
+                (worst[0], worst[1], worst[2], v.node),
+            )
+        return (str(before[0]) if before else "unknown"), str(worst[0])
+
+    def verdicts(self, node: str) -> list[VerdictRow]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT node, check_name, gpu_index, subject, severity, reason_code, evidence, "
+                "since_ms FROM verdicts WHERE node = ? ORDER BY check_name, gpu_index, subject",
+                (node,),
+            ).fetchall()
+        return [VerdictRow(r[0], r[1], None if r[2] < 0 else r[2], *r[3:]) for r in rows]
+
+    # ------------------------------------------------------------ events and actions
+
+    def add_event(
+        self, node: str, ts_ms: int, kind: str, severity: str, reason_code: str, evidence: str,
+        gpu_index: int | None, xid: int | None, now_ms: int,
+    ) -> int:
+        with self._tx() as db:
+            row = db.execute(
+                "INSERT INTO events (node, ts_ms, received_ms, kind, severity, reason_code, "
+                "evidence, gpu_index, xid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (node, ts_ms, now_ms, kind, severity, reason_code, evidence, gpu_index, xid),
+            ).fetchone()
+            return int(row[0])
+
+    def events(
+        self, node: str | None = None, since_ms: int = 0, limit: int = 1000
+    ) -> list[EventRow]:
+        """Events with ts_ms >= since_ms (agent clock), the newest `limit` of them, newest last."""
+        if limit < 0:
+            raise StoreError(f"events: limit must be >= 0, got {limit}")
+        q = f"SELECT {_EVENT_COLUMNS} FROM events WHERE ts_ms >= ?"  # noqa: S608 - constant
+        args: list[object] = [since_ms]
+        if node is not None:
+            q += " AND node = ?"
+            args.append(node)
+        q += " ORDER BY ts_ms DESC, id DESC LIMIT ?"
+        args.append(limit)
+        with self._read() as db:
+            rows = db.execute(q, args).fetchall()
+        return [EventRow(*r) for r in reversed(rows)]
+
+    def add_action(
+        self, node: str, action: str, reason: str, actor: str, status: str, fault_ms: int | None,
+        now_ms: int,
+    ) -> int:
+        with self._tx() as db:
+            row = db.execute(
+                "INSERT INTO actions (node, action, reason, actor, status, created_ms, fault_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (node, action, reason, actor, status, now_ms, fault_ms),
+            ).fetchone()
+            return int(row[0])
+
+    def update_action(self, action_id: int, status: str, detail: str, attempts: int,
+                      done_ms: int | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE actions SET status = ?, detail = ?, attempts = ?, done_ms = ? WHERE id = ?",
+                (status, detail, attempts, done_ms, action_id),
+            )
+
+    def actions(self, node: str | None = None, since_ms: int = 0) -> list[ActionRow]:
+        q = ("SELECT id, node, action, reason, actor, status, detail, attempts, created_ms, "
+             "done_ms, fault_ms FROM actions WHERE created_ms >= ?")
+        args: list[object] = [since_ms]
+        if node is not None:
+            q += " AND node = ?"
+            args.append(node)
+        with self._read() as db:
+            rows = db.execute(q + " ORDER BY id", args).fetchall()
+        return [ActionRow(*r) for r in rows]
+
+    # ------------------------------------------------------------ degraded-policy memory
+
+    def policy_state(self, node: str) -> PolicyRow | None:
+        with self._read() as db:
+            r = db.execute(
+                "SELECT node, original_weight, feature_added, applied_ms FROM policy_state "
+                "WHERE node = ?", (node,)
+            ).fetchone()
+        return PolicyRow(*r) if r else None
+
+    def set_policy_state(self, row: PolicyRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO policy_state (node, original_weight, feature_added, applied_ms)
+                   VALUES (?, ?, ?, ?)
+                   ON CONFLICT(node) DO UPDATE SET original_weight=excluded.original_weight,
+                     feature_added=excluded.feature_added, applied_ms=excluded.applied_ms""",
+                (row.node, row.original_weight, row.feature_added, row.applied_ms),
+            )
+
+    def clear_policy_state(self, node: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM policy_state WHERE node = ?", (node,))
+
+
+
+    # ------------------------------------------------------------ job checkpoints
+
+    def record_checkpoint(self, row: CheckpointRow) -> bool:
+        """Keep the job's newest step; an older or equal one (a replay, a late save from a
+        previous run) changes nothing. True when stored."""
+        with self._tx() as db:
+            cur = db.execute(
+                """INSERT INTO checkpoints (job_id, node, step, path, time_ms, uid, received_ms)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(job_id) DO UPDATE SET node=excluded.node, step=excluded.step,
+                     path=excluded.path, time_ms=excluded.time_ms, uid=excluded.uid,
+                     received_ms=excluded.received_ms
+                   WHERE excluded.step > checkpoints.step""",
+                (row.job_id, row.node, row.step, row.path, row.time_ms, row.uid,
+                 row.received_ms),
+            )
+            return bool(cur.rowcount)
+
+    def checkpoint(self, job_id: str) -> CheckpointRow | None:
+        with self._read() as db:
+            r = db.execute(
+                "SELECT job_id, node, step, path, time_ms, uid, received_ms FROM checkpoints "
+                "WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return CheckpointRow(*r) if r else None

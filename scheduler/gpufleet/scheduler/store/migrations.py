@@ -1,0 +1,204 @@
+"""Schema migrations of the state store, one numbering for both SQL dialects.
+
+Migration N is `MIGRATIONS[N-1]` on SQLite and `PG_MIGRATIONS[N-1]` on PostgreSQL; both lists
+always have the same length, and a store records the highest number applied in
+`schema_version`. Each migration runs in one transaction with the version bump, so a crash
+leaves the previous version intact. Never edit a released migration: append a new one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: the foundation schema
+    """
+    CREATE TABLE nodes (
+        name            TEXT PRIMARY KEY,
+        hostname        TEXT NOT NULL DEFAULT '',
+        gpu_count       INTEGER NOT NULL DEFAULT 0,
+        inventory       BLOB,
+        health          TEXT NOT NULL DEFAULT 'unknown',
+        health_reason   TEXT NOT NULL DEFAULT '',
+        health_evidence TEXT NOT NULL DEFAULT '',
+        agent_instance  TEXT NOT NULL DEFAULT '',
+        last_seq        INTEGER NOT NULL DEFAULT 0,
+        first_seen_ms   INTEGER NOT NULL,
+        last_seen_ms    INTEGER NOT NULL
+    );
+    CREATE TABLE verdicts (
+        node        TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        check_name  TEXT NOT NULL,
+        gpu_index   INTEGER NOT NULL,          -- -1: the node as a whole
+        severity    TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        evidence    TEXT NOT NULL,
+        since_ms    INTEGER NOT NULL,
+        PRIMARY KEY (node, check_name, gpu_index)
+    );
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY,
+        node        TEXT NOT NULL,
+        ts_ms       INTEGER NOT NULL,          -- when it happened, agent clock
+        received_ms INTEGER NOT NULL,          -- when the controller stored it
+        kind        TEXT NOT NULL,
+        severity    TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        evidence    TEXT NOT NULL,
+        gpu_index   INTEGER,
+        xid         INTEGER
+    );
+    CREATE INDEX events_node_ts ON events(node, ts_ms);
+    CREATE TABLE actions (
+        id          INTEGER PRIMARY KEY,
+        node        TEXT NOT NULL,
+        action      TEXT NOT NULL,             -- drain, resume, ...
+        reason      TEXT NOT NULL,
+        actor       TEXT NOT NULL,             -- "policy" or a user name
+        status      TEXT NOT NULL,             -- queued, done, failed, skipped, shadow
+        detail      TEXT NOT NULL DEFAULT '',
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        created_ms  INTEGER NOT NULL,
+        done_ms     INTEGER,
+        fault_ms    INTEGER                    -- the fault that caused it, agent clock
+    );
+    CREATE INDEX actions_node ON actions(node, created_ms);
+    """,
+    # 2: verdicts about things that are not GPUs (IB ports, paths) get a subject
+    """
+    CREATE TABLE verdicts_v2 (
+        node        TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        check_name  TEXT NOT NULL,
+        gpu_index   INTEGER NOT NULL,          -- -1: not about one GPU
+        subject     TEXT NOT NULL DEFAULT '',  -- "mlx5_0/1", "/tmp", ...
+        severity    TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        evidence    TEXT NOT NULL,
+        since_ms    INTEGER NOT NULL,
+        PRIMARY KEY (node, check_name, gpu_index, subject)
+    );
+    INSERT INTO verdicts_v2 (node, check_name, gpu_index, subject, severity, reason_code,
+                             evidence, since_ms)
+        SELECT node, check_name, gpu_index, '', severity, reason_code, evidence, since_ms
+        FROM verdicts;
+    DROP TABLE verdicts;
+    ALTER TABLE verdicts_v2 RENAME TO verdicts;
+    """,
+    # 3: node reachability (liveness) and what the degraded policy changed, to undo it
+    """
+    ALTER TABLE nodes ADD COLUMN reachable INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE nodes ADD COLUMN unreachable_since_ms INTEGER;
+    CREATE TABLE policy_state (
+        node            TEXT PRIMARY KEY,
+        original_weight INTEGER,                -- NULL: the weight was not changed
+        feature_added   TEXT NOT NULL DEFAULT '',  -- '': no feature was added
+        applied_ms      INTEGER NOT NULL
+    );
+    CREATE INDEX events_ts ON events(ts_ms);
+    """,
+    # 4: the newest checkpoint each job registered (gpufleet.agent.job), for recovery
+    """
+    CREATE TABLE checkpoints (
+        job_id      TEXT PRIMARY KEY,
+        node        TEXT NOT NULL,
+        step        INTEGER NOT NULL,
+        path        TEXT NOT NULL,
+        time_ms     INTEGER NOT NULL,          -- when the job saved it, node clock
+        uid         INTEGER,                   -- the registering process, from the kernel
+        received_ms INTEGER NOT NULL
+    );
+    """,
+]
+
+# PostgreSQL: BIGINT for millisecond times (past 2038 and past 2^31 ids), BYTEA, identity ids.
+PG_MIGRATIONS: list[str] = [
+    # 1: the foundation schema
+    """
+    CREATE TABLE nodes (
+        name            TEXT PRIMARY KEY,
+        hostname        TEXT NOT NULL DEFAULT '',
+        gpu_count       INTEGER NOT NULL DEFAULT 0,
+        inventory       BYTEA,
+        health          TEXT NOT NULL DEFAULT 'unknown',
+        health_reason   TEXT NOT NULL DEFAULT '',
+        health_evidence TEXT NOT NULL DEFAULT '',
+        agent_instance  TEXT NOT NULL DEFAULT '',
+        last_seq        BIGINT NOT NULL DEFAULT 0,
+        first_seen_ms   BIGINT NOT NULL,
+        last_seen_ms    BIGINT NOT NULL
+    );
+    CREATE TABLE verdicts (
+        node        TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        check_name  TEXT NOT NULL,
+        gpu_index   INTEGER NOT NULL,
+        severity    TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        evidence    TEXT NOT NULL,
+        since_ms    BIGINT NOT NULL,
+        PRIMARY KEY (node, check_name, gpu_index)
+    );
+    CREATE TABLE events (
+        id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        node        TEXT NOT NULL,
+        ts_ms       BIGINT NOT NULL,
+        received_ms BIGINT NOT NULL,
+        kind        TEXT NOT NULL,
+        severity    TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        evidence    TEXT NOT NULL,
+        gpu_index   INTEGER,
+        xid         INTEGER
+    );
+    CREATE INDEX events_node_ts ON events(node, ts_ms);
+    CREATE TABLE actions (
+        id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        node        TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        actor       TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        detail      TEXT NOT NULL DEFAULT '',
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        created_ms  BIGINT NOT NULL,
+        done_ms     BIGINT,
+        fault_ms    BIGINT
+    );
+    CREATE INDEX actions_node ON actions(node, created_ms);
+    """,
+    # 2: verdicts get a subject (PostgreSQL alters in place; DDL is transactional)
+    """
+    ALTER TABLE verdicts ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+    ALTER TABLE verdicts DROP CONSTRAINT verdicts_pkey;
+    ALTER TABLE verdicts ADD PRIMARY KEY (node, check_name, gpu_index, subject);
+    """,
+    # 3: node reachability and the degraded policy's memory
+    """
+    ALTER TABLE nodes ADD COLUMN reachable BOOLEAN NOT NULL DEFAULT TRUE;
+    ALTER TABLE nodes ADD COLUMN unreachable_since_ms BIGINT;
+    CREATE TABLE policy_state (
+        node            TEXT PRIMARY KEY,
+        original_weight INTEGER,
+        feature_added   TEXT NOT NULL DEFAULT '',
+        applied_ms      BIGINT NOT NULL
+    );
+    CREATE INDEX events_ts ON events(ts_ms);
+    """,
+    # 4: the newest checkpoint each job registered
+    """
+    CREATE TABLE checkpoints (
+        job_id      TEXT PRIMARY KEY,
+        node        TEXT NOT NULL,
+        step        BIGINT NOT NULL,
+        path        TEXT NOT NULL,
+        time_ms     BIGINT NOT NULL,
+        uid         BIGINT,
+        received_ms BIGINT NOT NULL
+    );
+    """,
+]
+
+if len(MIGRATIONS) != len(PG_MIGRATIONS):  # pragma: no cover - caught by any test run
+    raise RuntimeError("every migration needs both dialects: MIGRATIONS and PG_MIGRATIONS differ")
+
+
+def statements(migration: str) -> list[str]:
+    """Split a migration into statements (no migration has a ';' inside a literal)."""
+    return [s.strip() for s in migration.split(";") if s.strip()]
