@@ -12,9 +12,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from gpufleet.scheduler.slurm import SlurmClient, SlurmError
-from gpufleet.scheduler.store import SqliteStore, now_ms
+from gpufleet.scheduler.slurm import SlurmClient, SlurmError, SlurmNode
+from gpufleet.scheduler.store import PolicyRow, StateStore, now_ms
+
+if TYPE_CHECKING:
+    from gpufleet.scheduler.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ REASON_PREFIX = "gpufleet:"
 class Action:
     id: int
     node: str
-    kind: str  # "drain" | "resume"
+    kind: str  # "drain" | "resume" | "degrade" | "restore"
     reason: str
     fault_ms: int | None
 
@@ -33,7 +37,7 @@ class Action:
 class ActionQueue:
     def __init__(
         self,
-        store: SqliteStore,
+        store: StateStore,
         slurm: SlurmClient | None,
         shadow: bool = False,
         retry_initial_s: float = 0.5,
@@ -50,6 +54,10 @@ class ActionQueue:
         self._inflight: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self.fault_to_action_ms: list[int] = []
+        self.metrics: ControllerMetrics | None = None  # set by the controller when it has one
+        # what "degrade" does (set by the health policy from its config)
+        self.degraded_weight: int | None = 1000
+        self.degraded_feature = "gf_degraded"
 
     def start(self) -> None:
         self._thread.start()
@@ -71,6 +79,8 @@ class ActionQueue:
         status = "shadow" if self.shadow else "queued"
         action_id = self.store.add_action(node, kind, reason, actor, status, fault_ms, now_ms())
         if self.shadow:
+            if self.metrics is not None:
+                self.metrics.action_finished(kind, "shadow", None)
             log.warning("shadow mode: would %s %s (%s)", kind, node, reason)
             with self._lock:
                 self._inflight.discard((node, kind))
@@ -101,6 +111,8 @@ class ActionQueue:
             except SlurmError as e:
                 if not e.transient:
                     self.store.update_action(a.id, "failed", str(e), attempts, now_ms())
+                    if self.metrics is not None:
+                        self.metrics.action_finished(a.kind, "failed", None)
                     log.error("%s %s failed: %s", a.kind, a.node, e)
                     return
                 if attempts == 1:
@@ -111,29 +123,74 @@ class ActionQueue:
                 continue
             done = now_ms()
             self.store.update_action(a.id, status, detail, attempts, done)
+            if self.metrics is not None:
+                self.metrics.action_finished(
+                    a.kind, status, (done - a.fault_ms) / 1000 if a.fault_ms is not None else None
+                )
             if status == "done" and a.fault_ms is not None:
                 self.fault_to_action_ms.append(done - a.fault_ms)
             log.warning("%s %s: %s %s", a.kind, a.node, status, detail)
             return
 
     def _apply(self, a: Action) -> tuple[str, str]:
+        """Do one action in Slurm; returns (status, detail) for the record."""
         assert self.slurm is not None  # noqa: S101
-        node = self.slurm.node(a.node)
-        if a.kind == "drain":
-            if node.drained and not node.reason.startswith(REASON_PREFIX):
-                # An admin (or NHC) drained it first: keep their reason, it says more to them.
-                return "skipped", f"already drained by someone else: {node.reason!r}"
-            self.slurm.drain(a.node, a.reason)
-            return "done", f"was {node.state}"
-        if a.kind == "resume":
-            if not node.drained:
-                return "skipped", f"not drained ({node.state})"
-            if not node.reason.startswith(REASON_PREFIX):
-                # Never resume a node gpufleet did not drain.
-                return "skipped", f"drained by someone else: {node.reason!r}"
-            self.slurm.resume(a.node)
-            return "done", f"was {node.state}"
-        raise SlurmError(f"unknown action {a.kind!r}", transient=False)
+        apply = {
+            "drain": self._drain, "resume": self._resume,
+            "degrade": self._degrade, "restore": self._restore,
+        }.get(a.kind)
+        if apply is None:
+            raise SlurmError(f"unknown action {a.kind!r}", transient=False)
+        return apply(a, self.slurm, self.slurm.node(a.node))
+
+    def _drain(self, a: Action, slurm: SlurmClient, node: SlurmNode) -> tuple[str, str]:
+        if node.drained and not node.reason.startswith(REASON_PREFIX):
+            # An admin (or NHC) drained it first: keep their reason, it says more to them.
+            return "skipped", f"already drained by someone else: {node.reason!r}"
+        slurm.drain(a.node, a.reason)
+        return "done", f"was {node.state}"
+
+    def _resume(self, a: Action, slurm: SlurmClient, node: SlurmNode) -> tuple[str, str]:
+        if not node.drained:
+            return "skipped", f"not drained ({node.state})"
+        if not node.reason.startswith(REASON_PREFIX):
+            # Never resume a node gpufleet did not drain.
+            return "skipped", f"drained by someone else: {node.reason!r}"
+        slurm.resume(a.node)
+        return "done", f"was {node.state}"
+
+    def _degrade(self, a: Action, slurm: SlurmClient, node: SlurmNode) -> tuple[str, str]:
+        if self.store.policy_state(a.node) is not None:
+            return "skipped", "already degraded by gpufleet"
+        feature = self.degraded_feature
+        add_feature = bool(feature) and feature not in node.features
+        # remember first, change second: a crash in between leaves a note, not a mystery
+        self.store.set_policy_state(PolicyRow(
+            a.node, node.weight if self.degraded_weight is not None else None,
+            feature if add_feature else "", now_ms(),
+        ))
+        done = []
+        if self.degraded_weight is not None and node.weight != self.degraded_weight:
+            slurm.set_weight(a.node, self.degraded_weight)
+            done.append(f"weight {node.weight} -> {self.degraded_weight}")
+        if add_feature:
+            slurm.set_features(a.node, (*node.features, feature))
+            done.append(f"feature +{feature}")
+        return "done", ", ".join(done) or "nothing to change"
+
+    def _restore(self, a: Action, slurm: SlurmClient, node: SlurmNode) -> tuple[str, str]:
+        row = self.store.policy_state(a.node)
+        if row is None:
+            return "skipped", "nothing to restore"
+        done = []
+        if row.original_weight is not None and node.weight != row.original_weight:
+            slurm.set_weight(a.node, row.original_weight)
+            done.append(f"weight {node.weight} -> {row.original_weight}")
+        if row.feature_added and row.feature_added in node.features:
+            slurm.set_features(a.node, tuple(f for f in node.features if f != row.feature_added))
+            done.append(f"feature -{row.feature_added}")
+        self.store.clear_policy_state(a.node)
+        return "done", ", ".join(done) or "nothing to change"
 
     def wait_idle(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,195 @@
+"""The health policy over a real SQLite store and the in-memory Slurm: drain, degrade, resume
+after the quiet period, never lift someone else's drain, unreachable nodes, shadow mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gpufleet.scheduler.actions import ActionQueue
+from gpufleet.scheduler.policy import HealthPolicy, PolicyConfig
+from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
+
+from .fakes import FakeSlurm
+
+QUIET_S = 300.0
+NODES = ["n1", "n2", "n3"]
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, shadow: bool = False, **config: object) -> None:
+        self.store = SqliteStore(tmp_path / "state.db")
+        self.slurm = FakeSlurm(NODES)
+        for n in NODES:
+            self.store.upsert_node(n, n, 8, b"", "i1", now_ms())
+        self.actions = ActionQueue(self.store, self.slurm, shadow=shadow, retry_initial_s=0.01)
+        self.actions.start()
+        self.config = PolicyConfig(resume_quiet_s=QUIET_S, **config)  # type: ignore[arg-type]
+        self.policy = HealthPolicy(self.store, self.actions, self.config)
+
+    def verdict(self, node: str, severity: str, code: str = "x", check: str = "xid") -> None:
+        """What ingest does with a verdict: store it, tell the policy about the transition."""
+        before, after = self.store.set_verdict(
+            VerdictRow(node, check, 0, "", severity, code, f"evidence {code}", now_ms())
+        )
+        self.policy.on_health_change(node, before, after, code, f"evidence {code}", now_ms())
+        assert self.actions.wait_idle(5.0)
+
+    def tick_after(self, seconds: float) -> None:
+        """A policy tick `seconds` from now, with every node still reporting."""
+        for n in NODES:
+            self.store.touch_node(n, "i1", 0, now_ms() + int(seconds * 1000))
+        self.policy.tick(now_ms() + int(seconds * 1000))
+        assert self.actions.wait_idle(5.0)
+
+    def close(self) -> None:
+        self.actions.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def test_fatal_drains_and_resumes_only_after_the_quiet_period(cluster: Cluster) -> None:
+    cluster.verdict("n1", "fatal", "xid79")
+    state, reason = cluster.slurm.state["n1"]
+    assert "DRAIN" in state and reason.startswith("gpufleet:xid79")
+    cluster.verdict("n1", "ok")
+    cluster.tick_after(QUIET_S / 2)
+    assert "DRAIN" in cluster.slurm.state["n1"][0]  # not yet
+    cluster.tick_after(QUIET_S + 1)
+    assert cluster.slurm.state["n1"] == ("IDLE", "")
+    resumes = [a for a in cluster.store.actions("n1") if a.action == "resume"]
+    assert [(a.actor, a.status) for a in resumes] == [("policy", "done")]
+    cluster.tick_after(QUIET_S * 2)  # nothing more to undo: no second resume
+    assert len([a for a in cluster.store.actions("n1") if a.action == "resume"]) == 1
+
+
+def test_a_relapse_restarts_the_quiet_period(cluster: Cluster) -> None:
+    cluster.verdict("n1", "fatal", "xid79")
+    cluster.verdict("n1", "ok")
+    cluster.verdict("n1", "fatal", "xid48")  # second fault inside the quiet period
+    cluster.tick_after(QUIET_S + 1)
+    assert "DRAIN" in cluster.slurm.state["n1"][0]
+    cluster.verdict("n1", "ok")
+    cluster.tick_after(QUIET_S + 1)
+    assert cluster.slurm.state["n1"] == ("IDLE", "")
+
+
+def test_an_admin_drain_is_never_lifted(cluster: Cluster) -> None:
+    cluster.slurm.state["n2"] = ("IDLE+DRAIN", "bad fan, ticket 4711")
+    cluster.verdict("n2", "fatal", "xid79")
+    cluster.verdict("n2", "ok")
+    cluster.tick_after(QUIET_S + 1)
+    assert cluster.slurm.state["n2"] == ("IDLE+DRAIN", "bad fan, ticket 4711")
+    assert ("resume", "n2") not in cluster.slurm.calls
+    drain = next(a for a in cluster.store.actions("n2") if a.action == "drain")
+    assert drain.status == "skipped"
+
+
+def test_an_admin_who_redrains_after_gpufleet_keeps_the_node(cluster: Cluster) -> None:
+    cluster.verdict("n3", "fatal", "xid79")
+    cluster.slurm.state["n3"] = ("IDLE+DRAIN", "RMA open")  # admin took it over
+    cluster.verdict("n3", "ok")
+    cluster.tick_after(QUIET_S + 1)
+    assert cluster.slurm.state["n3"] == ("IDLE+DRAIN", "RMA open")
+    resume = next(a for a in cluster.store.actions("n3") if a.action == "resume")
+    assert resume.status == "skipped"
+
+
+def test_degraded_raises_weight_and_adds_feature_then_restores(cluster: Cluster) -> None:
+    cluster.slurm.weight["n1"] = 7
+    cluster.verdict("n1", "degraded", "pcie_downtrained", check="pcie")
+    assert cluster.slurm.weight["n1"] == 1000
+    assert cluster.slurm.features["n1"] == ("gpu", "gf_degraded")
+    assert "DRAIN" not in cluster.slurm.state["n1"][0]  # degraded is not drained
+    row = cluster.store.policy_state("n1")
+    assert row is not None and row.original_weight == 7 and row.feature_added == "gf_degraded"
+    cluster.verdict("n1", "ok", check="pcie")
+    cluster.tick_after(QUIET_S + 1)
+    assert cluster.slurm.weight["n1"] == 7
+    assert cluster.slurm.features["n1"] == ("gpu",)
+    assert cluster.store.policy_state("n1") is None
+
+
+def test_a_feature_the_admin_set_is_not_removed(cluster: Cluster) -> None:
+    cluster.slurm.features["n1"] = ("gpu", "gf_degraded")  # set by an admin beforehand
+    cluster.verdict("n1", "degraded", "thermal", check="thermal")
+    cluster.verdict("n1", "ok", check="thermal")
+    cluster.tick_after(QUIET_S + 1)
+    assert cluster.slurm.features["n1"] == ("gpu", "gf_degraded")
+
+
+def test_silent_node_is_unreachable_but_not_drained(cluster: Cluster) -> None:
+    later = now_ms() + 60_000
+    cluster.store.touch_node("n1", "i1", 0, later)
+    cluster.store.touch_node("n2", "i1", 0, later)  # n3 stays silent
+    cluster.policy.tick(later)
+    assert cluster.actions.wait_idle(5.0)
+    n3 = cluster.store.node("n3")
+    assert n3 is not None and not n3.reachable and n3.unreachable_since_ms == later
+    assert cluster.store.node("n1").reachable  # type: ignore[union-attr]
+    assert not cluster.slurm.calls
+    cluster.store.touch_node("n3", "i1", 0, later + 1000)
+    cluster.policy.tick(later + 1000)
+    assert cluster.store.node("n3").reachable  # type: ignore[union-attr]
+
+
+def test_drain_unreachable_when_configured(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, drain_unreachable=True)
+    try:
+        c.policy.tick(now_ms() + 60_000)
+        assert c.actions.wait_idle(5.0)
+        assert all(c.slurm.state[n][1].startswith("gpufleet:unreachable") for n in NODES)
+    finally:
+        c.close()
+
+
+def test_shadow_mode_decides_and_records_but_changes_nothing(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, shadow=True)
+    try:
+        c.verdict("n1", "fatal", "xid79")
+        c.verdict("n2", "degraded", "thermal", check="thermal")
+        assert not c.slurm.calls
+        assert {(a.node, a.action, a.status) for a in c.store.actions()} == {
+            ("n1", "drain", "shadow"), ("n2", "degrade", "shadow")
+        }
+    finally:
+        c.close()
+
+
+def test_after_a_controller_restart_it_waits_a_full_quiet_period(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    c.verdict("n1", "fatal", "xid79")
+    c.verdict("n1", "ok")
+    c.actions.stop()
+    # a new controller process on the same store: it must still know it drained n1
+    c.actions = ActionQueue(c.store, c.slurm, retry_initial_s=0.01)
+    c.actions.start()
+    c.policy = HealthPolicy(c.store, c.actions, c.config)
+    try:
+        c.tick_after(QUIET_S / 2)
+        assert "DRAIN" in c.slurm.state["n1"][0]
+        c.tick_after(QUIET_S + 1)
+        assert c.slurm.state["n1"] == ("IDLE", "")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("resume_quiet_s", -1.0, "resume_quiet_s=-1.0"),
+        ("unreachable_after_s", 0.0, "unreachable_after_s=0.0"),
+        ("degraded_weight", -5, "degraded_weight=-5"),
+        ("degraded_feature", "gf degraded", "degraded_feature='gf degraded'"),
+    ],
+)
+def test_bad_policy_config_names_the_key(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PolicyConfig(**{field: value}).validate()  # type: ignore[arg-type]
