@@ -164,3 +164,34 @@ def test_unknown_severity_is_refused_and_nothing_changes(tmp_path) -> None:
     with pytest.raises(IngestError, match="unknown severity 77"):
         ingest.handle(node, bad)
     assert store.last_seq("n1") == ("i1", 0)
+
+
+def _ckpt(seq: int, job_id: str, step: int, path: str = "/scratch/ck/step") -> pb.AgentMessage:
+    return pb.AgentMessage(seq=seq, agent_instance="i1", checkpoint=pb.CheckpointRegistered(
+        job_id=job_id, step=step, path=f"{path}-{step}", time_ms=10, node="n1", uid=1000,
+        received_ms=11))
+
+
+def test_checkpoint_registrations_are_kept_per_job(tmp_path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    ingest = Ingestor(store, ActionQueue(store, None))
+    node = ingest.hello(_hello())
+    assert ingest.handle(node, _ckpt(1, "4711", 300)) == 1
+    assert ingest.handle(node, _ckpt(2, "4711", 200)) == 2  # older step: acked, not kept
+    row = store.checkpoint("4711")
+    assert row is not None and (row.step, row.path, row.uid) == (300, "/scratch/ck/step-300", 1000)
+    assert store.last_seq("n1") == ("i1", 2)
+
+
+@pytest.mark.parametrize(
+    ("msg", "error"),
+    [(_ckpt(1, "47;11", 1), "invalid job id"), (_ckpt(1, "4711", 1, path="rel/ck"), "bad path")],
+)
+def test_bad_checkpoint_registration_is_refused(tmp_path, msg: pb.AgentMessage,
+                                                error: str) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    ingest = Ingestor(store, ActionQueue(store, None))
+    node = ingest.hello(_hello())
+    with pytest.raises(IngestError, match=error):
+        ingest.handle(node, msg)
+    assert store.checkpoint("4711") is None and store.checkpoint("47;11") is None
