@@ -15,6 +15,7 @@ from typing import Any
 from gpufleet.agent.health import CHECKS, HealthConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpufleet/agent.toml")
+DEFAULT_JOB_SOCKET = "/run/gpufleet-agent/job.sock"
 
 
 class ConfigError(Exception):
@@ -47,12 +48,22 @@ class AgentConfig:
     disk_used_pct_warn: float = 95.0
     debounce_cycles: int = 3
     debounce: tuple[tuple[str, int], ...] = ()  # [debounce] table in TOML: check = cycles
+    # unix socket where jobs register checkpoints (gpufleet.agent.job); "" turns it off.
+    # Must match the jobs' GPUFLEET_AGENT_SOCKET (the helper's default is the nvml one).
+    # auto = /run/gpufleet-agent/job.sock with real NVML, off with the simulator (tests and
+    # demos run many simulated agents on one host: they must not fight over one socket)
+    job_socket_path: str = "auto"
 
     def resolved_node_name(self) -> str:
         return self.node_name or socket.gethostname().split(".")[0]
 
     def resolved_faults_path(self) -> Path:
         return Path(self.sim_faults_path or Path(self.state_dir) / "sim-faults.json")
+
+    def resolved_job_socket_path(self) -> str:
+        if self.job_socket_path == "auto":
+            return DEFAULT_JOB_SOCKET if self.gpu_backend == "nvml" else ""
+        return self.job_socket_path
 
     def resolved_kmsg_path(self) -> Path | None:
         if self.kmsg_path == "auto":
@@ -94,7 +105,20 @@ class AgentConfig:
                 raise ConfigError(f"debounce.{check}={cycles!r}: must be a whole number >= 1")
         if self.metrics_listen and ":" not in self.metrics_listen:
             raise ConfigError(f"metrics_listen={self.metrics_listen!r}: expected HOST:PORT or ''")
+        self._validate_job_socket()
         return self
+
+    def _validate_job_socket(self) -> None:
+        if not self.job_socket_path or self.job_socket_path == "auto":
+            return
+        if not self.job_socket_path.startswith("/"):
+            raise ConfigError(
+                f"job_socket_path={self.job_socket_path!r}: must be an absolute path or ''")
+        # sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
+        if len(self.job_socket_path.encode()) > 107:
+            raise ConfigError(
+                f"job_socket_path={self.job_socket_path!r}: longer than the 107 bytes a "
+                "unix socket path may have")
 
 
 def load_file(path: Path | None) -> dict[str, Any]:

@@ -792,6 +792,60 @@ class HealthEvent(_message.Message):
 Global___HealthEvent: _TypeAlias = HealthEvent  # noqa: Y015
 
 @_typing.final
+class CheckpointRegistered(_message.Message):
+    """---------------------------------------------------------------- jobs
+
+    A job on this node published a complete checkpoint (gpufleet.agent.job.save) and told the
+    agent through its local job socket. The controller keeps the newest per job: the step a
+    requeued job resumes from, and the base for "work lost" in a recovery.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    RECEIVED_MS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """SLURM_JOB_ID, as the job stated it"""
+    step: _builtins.int
+    path: _builtins.str
+    """absolute path of the checkpoint directory, as the job sees it"""
+    time_ms: _builtins.int
+    """when the job published it (job's wall clock, Unix epoch)"""
+    node: _builtins.str
+    """Slurm NodeName of the agent that received it"""
+    uid: _builtins.int
+    """uid of the process that registered it (SO_PEERCRED on the job socket): the controller
+    can check it owns job_id, since any local user may write to the socket.
+    """
+    received_ms: _builtins.int
+    """agent wall clock when the registration arrived"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        path: _builtins.str = ...,
+        time_ms: _builtins.int = ...,
+        node: _builtins.str = ...,
+        uid: _builtins.int | None = ...,
+        received_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "uid", b"uid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "job_id", b"job_id", "node", b"node", "path", b"path", "received_ms", b"received_ms", "step", b"step", "time_ms", b"time_ms", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__uid: _TypeAlias = _typing.Literal["uid"]  # noqa: Y015
+    _WhichOneofArgType__uid: _TypeAlias = _typing.Literal["_uid", b"_uid"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__uid) -> _WhichOneofReturnType__uid | None: ...
+
+Global___CheckpointRegistered: _TypeAlias = CheckpointRegistered  # noqa: Y015
+
+@_typing.final
 class Hello(_message.Message):
     """---------------------------------------------------------------- stream"""
 
@@ -831,6 +885,7 @@ class AgentMessage(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     SAMPLE_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     agent_instance: _builtins.str
     """random per agent start, makes seq unique across restarts"""
@@ -840,6 +895,8 @@ class AgentMessage(_message.Message):
     def sample(self) -> Global___NodeSample: ...
     @_builtins.property
     def event(self) -> Global___HealthEvent: ...
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointRegistered: ...
     def __init__(
         self,
         *,
@@ -848,12 +905,13 @@ class AgentMessage(_message.Message):
         hello: Global___Hello | None = ...,
         sample: Global___NodeSample | None = ...,
         event: Global___HealthEvent | None = ...,
+        checkpoint: Global___CheckpointRegistered | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "event", b"event", "hello", b"hello", "sample", b"sample"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "event", b"event", "hello", b"hello", "sample", b"sample", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event", "checkpoint"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
