@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 from google.protobuf import json_format
-from gpufleet.agent import __version__
+from gpufleet.agent import __version__, sdnotify
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
 from gpufleet.agent.nvml_sim import FAULT_KINDS
 from gpufleet.agent.telemetry import GpuBackendError
@@ -176,10 +176,15 @@ def run(once: bool, verbose: int, **kw: Any) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # Type=notify: the config is valid and the GPU library answered, so the agent is up;
+    # the controller may still be away (the agent reconnects on its own, that is normal)
+    sdnotify.notify("READY=1")
     try:
         ok = agent.run(once=once)
     except GpuBackendError as e:
         raise click.ClickException(str(e)) from e
+    finally:
+        sdnotify.notify("STOPPING=1")
     if once and not ok:
         click.echo(
             f"error: controller {cfg.controller} did not acknowledge the report within 10 s",

@@ -16,11 +16,18 @@ from typing import Any
 
 import click
 from gpufleet.scheduler import __version__
-from gpufleet.scheduler.store import SqliteStore, StoreError, now_ms
+from gpufleet.scheduler.store import StateStore, StoreError, now_ms, open_store
 
 DEFAULT_CONFIG = Path("/etc/gpufleet/controller.toml")
 DEFAULT_DB = "/var/lib/gpufleet/state.db"
-CONFIG_KEYS = {"listen", "db", "slurm", "shadow"}
+# keys of controller.toml: the `controller` command's options (the admin commands read `db`
+# and `slurm` from the same file)
+CONFIG_KEYS = {
+    "listen", "db", "slurm", "slurm_rest_socket", "slurm_rest_url", "slurm_jwt_file", "shadow",
+    "resume_quiet_s", "unreachable_after_s",
+    "drain_unreachable", "degraded_weight", "degraded_feature", "metrics_listen",
+}
+_ADMIN_KEYS = {"db", "slurm"}
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -38,18 +45,24 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(
             f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(CONFIG_KEYS))}"
         )
-    # every subcommand reads the same keys
-    ctx.default_map = dict.fromkeys(("controller", "nodes"), data)
+    admin = {k: v for k, v in data.items() if k in _ADMIN_KEYS}
+    ctx.default_map = {
+        "controller": data,
+        "nodes": {"db": admin.get("db", DEFAULT_DB), "show": {"db": admin.get("db", DEFAULT_DB)}},
+        "drain": admin,
+        "resume": admin,
+        "events": {k: v for k, v in admin.items() if k == "db"},
+    }
     return value
 
 
-def _open_existing_store(db: str) -> SqliteStore:
-    if not Path(db).exists():
+def _open_existing_store(db: str) -> StateStore:
+    if "://" not in db and not Path(db).exists():
         raise click.ClickException(
             f"no gpufleet store at {db}: is the controller running, or pass --db/GPUFLEET_DB"
         )
     try:
-        return SqliteStore(db)
+        return open_store(db)
     except StoreError as e:
         raise click.ClickException(str(e)) from e
 
@@ -67,8 +80,7 @@ db_option = click.option(
     default=DEFAULT_DB,
     show_default=True,
     envvar="GPUFLEET_DB",
-    type=click.Path(dir_okay=False),
-    help="SQLite state store",
+    help="state store: a SQLite file, or postgresql://USER@HOST/DB (standby controllers share one)",
 )
 
 
@@ -99,30 +111,88 @@ def main() -> None:
 @db_option
 @click.option(
     "--slurm",
-    type=click.Choice(["cli", "none"]),
+    type=click.Choice(["cli", "rest", "pyslurm", "none"]),
     default="cli",
     show_default=True,
     envvar="GPUFLEET_SLURM",
-    help="how to act on Slurm; 'none' records actions without acting",
+    help="how to reach Slurm: its commands, slurmrestd, pyslurm; 'none' records actions "
+    "without acting",
 )
+@click.option("--slurm-rest-socket", envvar="GPUFLEET_SLURM_REST_SOCKET",
+              help="slurmrestd unix socket (with --slurm rest)")
+@click.option("--slurm-rest-url", envvar="GPUFLEET_SLURM_REST_URL",
+              help="slurmrestd http://HOST:PORT (with --slurm rest)")
+@click.option("--slurm-jwt-file", envvar="GPUFLEET_SLURM_JWT_FILE",
+              help="file holding the JWT for slurmrestd (re-read on every call)")
 @click.option(
     "--shadow",
     is_flag=True,
     envvar="GPUFLEET_SHADOW",
     help="log and record what would be done; act on nothing",
 )
+@click.option(
+    "--resume-quiet-s",
+    type=click.FloatRange(0),
+    default=300.0,
+    show_default=True,
+    help="healthy this long before gpufleet resumes a node it drained / undoes 'degraded'",
+)
+@click.option(
+    "--unreachable-after-s",
+    type=click.FloatRange(1),
+    default=30.0,
+    show_default=True,
+    help="a node silent this long is 'unreachable' (alerted, not drained)",
+)
+@click.option("--drain-unreachable", is_flag=True, help="also drain unreachable nodes")
+@click.option(
+    "--degraded-weight",
+    type=click.IntRange(0, 2**31 - 2),
+    default=1000,
+    show_default=True,
+    help="Slurm Weight for degraded nodes (higher is chosen later)",
+)
+@click.option(
+    "--degraded-feature",
+    default="gf_degraded",
+    show_default=True,
+    help="Slurm feature added to degraded nodes; '' for none",
+)
+@click.option(
+    "--metrics-listen",
+    default="0.0.0.0:9836",
+    show_default=True,
+    envvar="GPUFLEET_METRICS_LISTEN",
+    help="Prometheus /metrics address; '' turns it off",
+)
 @click.option("-v", "--verbose", count=True)
-def controller(listen: str, db: str, slurm: str, shadow: bool, verbose: int) -> None:
+def controller(
+    listen: str, db: str, slurm: str, slurm_rest_socket: str | None, slurm_rest_url: str | None,
+    slurm_jwt_file: str | None, shadow: bool, resume_quiet_s: float,
+    unreachable_after_s: float, drain_unreachable: bool, degraded_weight: int,
+    degraded_feature: str, metrics_listen: str, verbose: int,
+) -> None:
     """Run the controller (the systemd service runs this)."""
+    from gpufleet.scheduler import sdnotify
+    from gpufleet.scheduler.policy import PolicyConfig
     from gpufleet.scheduler.server import Controller
-    from gpufleet.scheduler.slurm import CliSlurmClient
 
     _setup_logging(verbose)
     try:
-        store = SqliteStore(db)
+        policy = PolicyConfig(
+            resume_quiet_s=resume_quiet_s, unreachable_after_s=unreachable_after_s,
+            drain_unreachable=drain_unreachable, degraded_weight=degraded_weight,
+            degraded_feature=degraded_feature,
+        ).validate()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        store = open_store(db)
     except StoreError as e:
         raise click.ClickException(str(e)) from e
-    ctl = Controller(store, CliSlurmClient() if slurm == "cli" else None, listen, shadow)
+    ctl = Controller(store, _make_slurm(slurm, slurm_rest_socket, slurm_rest_url, slurm_jwt_file),
+                     listen, shadow,
+                     policy=policy, metrics_listen=metrics_listen or None)
     try:
         ctl.start()
     except OSError as e:
@@ -133,13 +203,33 @@ def controller(listen: str, db: str, slurm: str, shadow: bool, verbose: int) -> 
         err=True,
     )
 
+    sdnotify.notify("READY=1")  # systemd Type=notify: started once agents can connect
+
     def _stop(signum: int, _frame: Any) -> None:
+        sdnotify.notify("STOPPING=1")
         ctl.stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     ctl.wait()
     store.close()
+
+
+def _make_slurm(
+    kind: str, rest_socket: str | None, rest_url: str | None, jwt_file: str | None
+) -> Any:
+    from gpufleet.scheduler.slurm import SlurmError, make_slurm_client
+
+    options: dict[str, Any] = {}
+    if kind == "rest":
+        if not (rest_socket or rest_url):
+            raise click.UsageError("--slurm rest needs --slurm-rest-socket or --slurm-rest-url")
+        options = {"socket_path": rest_socket, "url": rest_url, "token_file": jwt_file}
+        options = {k: v for k, v in options.items() if v}
+    try:
+        return make_slurm_client(kind, **options)
+    except (SlurmError, ImportError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _age(ms: int) -> str:
@@ -151,19 +241,28 @@ def _age(ms: int) -> str:
     return f"{s / 3600:.1f}h"
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @db_option
 @click.option(
     "--state",
     "health",
-    type=click.Choice(["ok", "warn", "degraded", "fatal"]),
-    help="only nodes in this health state",
+    type=click.Choice(["ok", "warn", "degraded", "fatal", "unreachable"]),
+    help="only nodes in this health state (unreachable: silent nodes)",
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def nodes(db: str, health: str | None, as_json: bool) -> None:
-    """List nodes with GPU count, health and the age of their last report."""
+@click.pass_context
+def nodes(ctx: click.Context, db: str, health: str | None, as_json: bool) -> None:
+    """List nodes with GPU count, health and the age of their last report.
+
+    `gpufleet nodes show NODE` shows one node's verdicts, actions and events.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     store = _open_existing_store(db)
-    rows = [n for n in store.nodes() if health is None or n.health == health]
+    rows = [
+        n for n in store.nodes()
+        if health is None or n.health == health or (health == "unreachable" and not n.reachable)
+    ]
     store.close()
     if as_json:
         now = now_ms()
@@ -177,6 +276,7 @@ def nodes(db: str, health: str | None, as_json: bool) -> None:
                         "health": n.health,
                         "reason": n.health_reason,
                         "evidence": n.health_evidence,
+                        "reachable": n.reachable,
                         "last_seen_ms": n.last_seen_ms,
                         "last_seen_age_s": round((now - n.last_seen_ms) / 1000.0, 3),
                     }
@@ -186,12 +286,142 @@ def nodes(db: str, health: str | None, as_json: bool) -> None:
             )
         )
         return
-    click.echo(f"{'NODE':<12} {'GPUS':>4} {'HEALTH':<9} {'LAST SEEN':>9}  REASON")
+    click.echo(f"{'NODE':<12} {'GPUS':>4} {'HEALTH':<11} {'LAST SEEN':>9}  REASON")
     for n in rows:
         reason = f"{n.health_reason}: {n.health_evidence}" if n.health_reason else ""
+        shown = n.health if n.reachable else f"{n.health}/unr"
         click.echo(
-            f"{n.name:<12} {n.gpu_count:>4} {n.health:<9} {_age(n.last_seen_ms):>9}  {reason}"
+            f"{n.name:<12} {n.gpu_count:>4} {shown:<11} {_age(n.last_seen_ms):>9}  {reason}"
         )
+
+
+@nodes.command("show")
+@click.argument("node")
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def nodes_show(node: str, db: str, as_json: bool) -> None:
+    """One node: health, current verdicts, gpufleet's actions and recent events."""
+    from gpufleet.scheduler.admin import format_ts, timeline
+
+    store = _open_existing_store(db)
+    row = store.node(node)
+    if row is None:
+        store.close()
+        raise click.ClickException(f"no node {node!r} in the store at {db}")
+    verdicts = [v for v in store.verdicts(node) if v.severity != "ok"]
+    entries = timeline(store, node, 0, limit=50)
+    store.close()
+    if as_json:
+        click.echo(json.dumps({
+            "name": row.name, "hostname": row.hostname, "gpus": row.gpu_count,
+            "health": row.health, "reason": row.health_reason, "evidence": row.health_evidence,
+            "reachable": row.reachable, "unreachable_since_ms": row.unreachable_since_ms,
+            "first_seen_ms": row.first_seen_ms, "last_seen_ms": row.last_seen_ms,
+            "verdicts": [
+                {"check": v.check_name, "gpu": v.gpu_index, "subject": v.subject,
+                 "severity": v.severity, "reason_code": v.reason_code, "evidence": v.evidence,
+                 "since_ms": v.since_ms}
+                for v in verdicts
+            ],
+            "timeline": [e.as_dict() for e in entries],
+        }, indent=2))
+        return
+    click.echo(f"node {row.name} ({row.hostname}), {row.gpu_count} GPUs")
+    cause = f"  {row.health_reason}: {row.health_evidence}" if row.health_reason else ""
+    click.echo(f"  health    {row.health}{'' if row.reachable else ' (unreachable)'}{cause}")
+    click.echo(
+        f"  last seen {_age(row.last_seen_ms)} ago; first seen {format_ts(row.first_seen_ms)}"
+    )
+    click.echo("  verdicts not ok:" if verdicts else "  verdicts: all ok")
+    for v in verdicts:
+        where = f"GPU {v.gpu_index}" if v.gpu_index is not None else (v.subject or "node")
+        click.echo(f"    {v.severity:<9} {v.check_name:<14} {where:<10} {v.evidence}")
+    click.echo("  timeline (newest last):" if entries else "  timeline: nothing recorded")
+    for e in entries:
+        click.echo(f"    {format_ts(e.ts_ms)} {e.what:<6} {e.kind:<8} {e.severity_or_status:<8} "
+                   f"{e.actor:<8} {e.text}")
+
+
+def _slurm_for_admin(slurm: str) -> Any:
+    from gpufleet.scheduler.slurm import CliSlurmClient
+
+    if slurm == "none":
+        raise click.UsageError("drain/resume act on Slurm: --slurm none cannot do that")
+    return CliSlurmClient()
+
+
+slurm_option = click.option(
+    "--slurm",
+    type=click.Choice(["cli"]),
+    default="cli",
+    show_default=True,
+    envvar="GPUFLEET_SLURM",
+    help="how to reach Slurm",
+)
+
+
+@main.command()
+@click.argument("node")
+@click.option("--reason", required=True, help="why (kept verbatim as Slurm's reason)")
+@db_option
+@slurm_option
+def drain(node: str, reason: str, db: str, slurm: str) -> None:
+    """Drain NODE by hand. gpufleet never resumes a node drained this way."""
+    from gpufleet.scheduler.admin import AdminError, caller_name
+    from gpufleet.scheduler.admin import drain as do_drain
+
+    store = _open_existing_store(db)
+    try:
+        click.echo(do_drain(store, _slurm_for_admin(slurm), node, reason, caller_name()))
+    except AdminError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        store.close()
+
+
+@main.command()
+@click.argument("node")
+@db_option
+@slurm_option
+def resume(node: str, db: str, slurm: str) -> None:
+    """Resume NODE by hand, whoever drained it (recorded with your name)."""
+    from gpufleet.scheduler.admin import AdminError, caller_name
+    from gpufleet.scheduler.admin import resume as do_resume
+
+    store = _open_existing_store(db)
+    try:
+        click.echo(do_resume(store, _slurm_for_admin(slurm), node, caller_name()))
+    except AdminError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        store.close()
+
+
+@main.command()
+@db_option
+@click.option("--since", default="1d", show_default=True,
+              help="how far back: 30m, 2h, 1d, 1w or an ISO time")
+@click.option("--node", help="only this node")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def events(db: str, since: str, node: str | None, limit: int, as_json: bool) -> None:
+    """Health events from the agents and gpufleet's actions, oldest first."""
+    from gpufleet.scheduler.admin import AdminError, format_ts, parse_since, timeline
+
+    try:
+        since_ms = parse_since(since)
+    except AdminError as err:
+        raise click.BadParameter(str(err), param_hint="--since") from err
+    store = _open_existing_store(db)
+    entries = timeline(store, node, since_ms, limit)
+    store.close()
+    if as_json:
+        click.echo(json.dumps([t.as_dict() for t in entries], indent=2))
+        return
+    click.echo(f"{'TIME':<19} {'NODE':<10} {'WHAT':<6} {'KIND':<8} {'STATUS':<8} {'ACTOR':<8} TEXT")
+    for t in entries:
+        click.echo(f"{format_ts(t.ts_ms)} {t.node:<10} {t.what:<6} {t.kind:<8} "
+                   f"{t.severity_or_status:<8} {t.actor:<8} {t.text}")
 
 
 @main.command()
@@ -219,6 +449,17 @@ def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_draine
 
     sys.exit(run_demo(node_count, profile, fault_node, slurm, keep_drained))
 
+
+def _register_command_groups() -> None:
+    """Groups that live in their own modules (each module is the group's whole CLI)."""
+    from gpufleet.scheduler.cli_certs import certs_group
+    from gpufleet.scheduler.cli_topology import topology
+
+    main.add_command(topology)
+    main.add_command(certs_group)
+
+
+_register_command_groups()
 
 if __name__ == "__main__":
     main()

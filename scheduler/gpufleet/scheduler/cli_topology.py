@@ -42,9 +42,9 @@ def _inventories(db: str | None) -> dict[str, fleet_pb2.NodeInventory]:
         return {}
     if not Path(db).exists():
         raise click.ClickException(f"no gpufleet store at {db}")
-    from gpufleet.scheduler.store import SqliteStore
+    from gpufleet.scheduler.store import open_store
 
-    store = SqliteStore(db)
+    store = open_store(db)
     try:
         out = {}
         for row in store.nodes():

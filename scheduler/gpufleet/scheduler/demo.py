@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmClient, SlurmError
-from gpufleet.scheduler.store import ActionRow, SqliteStore
+from gpufleet.scheduler.store import ActionRow, SqliteStore, StateStore
 
 
 def _agent_argv() -> list[str]:
@@ -106,7 +106,7 @@ def run_demo(
 
 
 def _fault_and_drain(
-    store: SqliteStore, slurm: SlurmClient | None, node: str, work: Path, keep_drained: bool
+    store: StateStore, slurm: SlurmClient | None, node: str, work: Path, keep_drained: bool
 ) -> int:
     say = click.echo
     if slurm is not None:
@@ -151,7 +151,7 @@ def _fault_and_drain(
     return 0
 
 
-def _print_nodes(store: SqliteStore) -> None:
+def _print_nodes(store: StateStore) -> None:
     click.echo(f"  {'NODE':<6} {'GPUS':>4}  {'HEALTH':<8} REASON")
     for n in store.nodes():
         reason = f"{n.health_reason}: {n.health_evidence}" if n.health_reason else ""
