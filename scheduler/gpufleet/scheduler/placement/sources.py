@@ -1,0 +1,382 @@
+"""Builders of the engine's ClusterView: Slurm (CLI JSON), topology.conf text, the controller's
+store (read-only), and the PlacementSource interface `gpufleet sbatch` asks.
+
+Nothing here writes to Slurm or to the store. Every Slurm call has a deadline: the caller (an
+interactive `gpufleet sbatch`) gives placement 2 s in all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+from gpufleet.scheduler.placement.engine import place
+from gpufleet.scheduler.placement.model import (
+    ClusterView,
+    NicAffinity,
+    NodeView,
+    Placement,
+    PlacementError,
+    PlacementRequest,
+)
+
+__all__ = [
+    "GrpcPlacementSource",
+    "LocalPlacementSource",
+    "PlacementSource",
+    "PlacementUnavailable",
+    "apply_store",
+    "parse_gres_detail",
+    "parse_time_min",
+    "parse_topology_conf",
+    "view_from_slurm",
+]
+
+# states in which a job holds its GPUs
+_HOLDING_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED"})
+_TOPO_KEYS = {"switchname", "switches", "nodes", "linkspeed", "level"}
+# Same names as NVML's topology levels, by the wire contract's PcieRelation enum numbers
+_PCIE_NAMES = {1: "X", 2: "PIX", 3: "PXB", 4: "PHB", 5: "NODE", 6: "SYS"}
+# A store whose newest agent report is older than this means the controller (or every agent)
+# is away: its health is no basis for a placement.
+DEFAULT_STALE_AFTER_S = 120.0
+
+
+class PlacementUnavailable(Exception):
+    """The source cannot answer now (controller away, Slurm slow): submit without placement."""
+
+
+def _expand(expr: str, what: str) -> list[str]:
+    try:
+        return list(NodeSet(expr))
+    except NodeSetParseError as e:
+        raise PlacementError(f"{what}: invalid hostlist {expr!r}: {e}") from e
+
+
+def parse_topology_conf(  # noqa: PLR0912 - one branch per check, each with its own message
+    text: str, source: str = "topology.conf",
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Slurm topology/tree text (topology.conf, or `scontrol show topology`) ->
+    (node -> leaf switch, switch -> parent switch).
+
+    A node's leaf is the switch listing it under Nodes= that has no Switches= (scontrol repeats
+    every node below an upper switch in its Nodes=); a node listed only by an upper switch
+    hangs from that switch directly.
+    """
+    direct: dict[str, str] = {}
+    upper_nodes: dict[str, str] = {}
+    parent: dict[str, str] = {}
+    seen: set[str] = set()
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source} line {lineno}"
+        fields: dict[str, str] = {}
+        for token in line.split():
+            key, eq, value = token.partition("=")
+            if not eq or not value:
+                raise PlacementError(f"{where}: expected KEY=VALUE, got {token!r}")
+            if key.lower() not in _TOPO_KEYS:
+                raise PlacementError(f"{where}: unknown key {key!r}")
+            fields[key.lower()] = value
+        name = fields.get("switchname")
+        if name is None:
+            raise PlacementError(f"{where}: no SwitchName=")
+        if name in seen:
+            raise PlacementError(f"{where}: switch {name} defined twice")
+        seen.add(name)
+        children = _expand(fields["switches"], where) if "switches" in fields else []
+        for child in children:
+            if child in parent and parent[child] != name:
+                raise PlacementError(
+                    f"{where}: switch {child} already under {parent[child]}, now also {name}")
+            parent[child] = name
+        for node in _expand(fields["nodes"], where) if "nodes" in fields else []:
+            if children:
+                upper_nodes.setdefault(node, name)
+            elif node in direct:
+                raise PlacementError(
+                    f"{where}: node {node} is on leaf {direct[node]} and on {name}")
+            else:
+                direct[node] = name
+    for node, sw in upper_nodes.items():
+        direct.setdefault(node, sw)
+    return direct, parent
+
+
+_GRES_IDX = re.compile(r"gpu(?::[^:(,]+)?:(\d+)\(IDX:([0-9,\-]*)\)")
+_GRES_COUNT = re.compile(r"gpu(?::[^:(,]+)?:(\d+)")
+
+
+def parse_gres_detail(text: str) -> set[int]:
+    """`gpu:3(IDX:0-2)` / `gpu:h100:2(IDX:0,3)` -> GPU indices ({} when none are named)."""
+    out: set[int] = set()
+    for m in _GRES_IDX.finditer(text):
+        for part in filter(None, m.group(2).split(",")):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _gpu_count(gres: str) -> int:
+    # "gpu:8", "gpu:h100:8(S:0-1)", "gpu:a:4,gpu:b:4" (several types: summed)
+    return sum(int(m.group(1)) for m in _GRES_COUNT.finditer(gres or ""))
+
+
+def parse_time_min(text: str) -> int | None:
+    """Slurm time (`90`, `1:30:00`, `2-00`, `UNLIMITED`) -> minutes (None: no limit)."""
+    value = text.strip()
+    if value.upper() in {"UNLIMITED", "INFINITE", "NONE", ""}:
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
+    if not m:
+        raise PlacementError(f"time {text!r}: not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH...)")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        secs = days * 86400 + (a or 0) * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        secs = (a or 0) * 3600 + (b or 0) * 60 + c
+    elif b is not None:  # MM:SS
+        secs = (a or 0) * 60 + b
+    else:  # MM
+        secs = (a or 0) * 60
+    return max(1, -(-secs // 60))
+
+
+Runner = Callable[[Sequence[str], float], str]
+
+
+def cli_runner(env: Mapping[str, str] | None = None) -> Runner:
+    """Run a Slurm client command with a timeout; errors become PlacementUnavailable."""
+
+    def run(argv: Sequence[str], timeout_s: float) -> str:
+        try:
+            p = subprocess.run(list(argv), capture_output=True, text=True, check=False,
+                               timeout=max(timeout_s, 0.05), env=dict(env) if env else None)
+        except FileNotFoundError as e:
+            raise PlacementUnavailable(f"{argv[0]} not found on PATH") from e
+        except subprocess.TimeoutExpired as e:
+            raise PlacementUnavailable(f"`{' '.join(argv)}` took over {timeout_s:.1f} s") from e
+        if p.returncode != 0:
+            msg = " ".join((p.stderr or p.stdout).split())[:300]
+            raise PlacementUnavailable(f"`{' '.join(argv)}` failed: {msg}")
+        return p.stdout
+
+    return run
+
+
+def _json(text: str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise PlacementUnavailable(f"`{what}` printed no JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise PlacementUnavailable(f"`{what}` printed JSON that is not an object")
+    return doc
+
+
+def used_gpus_from_squeue(doc: Mapping[str, Any]) -> dict[str, set[int]]:
+    """node -> GPU indices held by jobs, from `squeue --json` (gres_detail is per node, in the
+    order of the job's node list)."""
+    used: dict[str, set[int]] = {}
+    for job in doc.get("jobs", []) or []:
+        if str(job.get("job_state", "")).upper() not in _HOLDING_STATES:
+            continue
+        details = job.get("gres_detail") or []
+        nodes = _expand(str(job.get("nodes") or ""), f"job {job.get('job_id')} nodes")
+        for node, detail in zip(nodes, details, strict=False):
+            used.setdefault(node, set()).update(parse_gres_detail(str(detail)))
+    return used
+
+
+def view_from_slurm(run: Runner, timeout_s: float = 2.0, topology_conf: str | None = None
+                    ) -> ClusterView:
+    """Nodes (sinfo --json), GPUs held (squeue --json), partitions (scontrol show partition) and
+    the switch tree (topology_conf text if given, else `scontrol show topology`)."""
+    deadline = time.monotonic() + timeout_s
+
+    def left() -> float:
+        return deadline - time.monotonic()
+
+    sinfo = _json(run(["sinfo", "--json"], left()), "sinfo --json")
+    squeue = _json(run(["squeue", "--json"], left()), "squeue --json")
+    parts_text = run(["scontrol", "-o", "show", "partition"], left())
+    if topology_conf is None:
+        topology_conf = run(["scontrol", "show", "topology"], left())
+        leaf_of, parent = parse_topology_conf(topology_conf, "scontrol show topology")
+    else:
+        leaf_of, parent = parse_topology_conf(topology_conf)
+    used = used_gpus_from_squeue(squeue)
+    nodes: dict[str, NodeView] = {}
+    for n in sinfo.get("nodes", []) or []:
+        name = str(n["name"])
+        count = _gpu_count(str(n.get("gres", "")))
+        flags = [str(f) for f in n.get("state_flags", []) or [] if f]
+        state = "+".join([str(n.get("state", "")).upper(), *flags])
+        feats = str(n.get("active_features") or n.get("features") or "")
+        cpus = n.get("cpus")
+        alloc = n.get("alloc_cpus")
+        nodes[name] = NodeView(
+            name=name,
+            gpu_count=count,
+            free_gpus=frozenset(set(range(count)) - used.get(name, set())),
+            slurm_state=state,
+            partitions=frozenset(str(p) for p in n.get("partitions", []) or []),
+            features=frozenset(f for f in feats.split(",") if f and f != "(null)"),
+            cpus_free=int(cpus) - int(alloc) if cpus is not None and alloc is not None else None,
+        )
+    default_partition, max_time = None, {}
+    for line in parts_text.splitlines():
+        kv = dict(t.split("=", 1) for t in line.split() if "=" in t)
+        if "PartitionName" not in kv:
+            continue
+        max_time[kv["PartitionName"]] = parse_time_min(kv.get("MaxTime", "UNLIMITED"))
+        if kv.get("Default") == "YES":
+            default_partition = kv["PartitionName"]
+    return ClusterView(nodes=nodes, leaf_of=leaf_of, parent=parent,
+                       default_partition=default_partition, partition_max_time_min=max_time,
+                       sources=["slurm"])
+
+
+class HealthStore(Protocol):
+    """What the engine reads from gpufleet's state store (a StateStore satisfies it)."""
+
+    def nodes(self) -> Sequence[Any]: ...
+
+    def verdicts(self, node: str) -> Sequence[Any]: ...
+
+    def inventory(self, name: str) -> bytes | None: ...
+
+
+def _islands_and_nics(inventory: bytes) -> tuple[tuple[frozenset[int], ...],
+                                                 dict[int, NicAffinity]]:
+    from gpufleet.rpc.v1 import fleet_pb2
+
+    inv = fleet_pb2.NodeInventory()
+    inv.ParseFromString(inventory)
+    root = {g.index: g.index for g in inv.gpus}
+
+    def find(x: int) -> int:
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+
+    for link in inv.gpu_links:
+        if link.nvlink_count > 0 and link.gpu_a in root and link.gpu_b in root:
+            root[find(link.gpu_a)] = find(link.gpu_b)
+    groups: dict[int, set[int]] = {}
+    for g in root:
+        groups.setdefault(find(g), set()).add(g)
+    islands = tuple(sorted((frozenset(s) for s in groups.values()), key=min))
+    nics: dict[int, NicAffinity] = {}
+    for aff in inv.gpu_nic_affinity:
+        rel = _PCIE_NAMES.get(int(aff.pcie_relation), "SYS")
+        old = nics.get(aff.gpu_index)
+        order = list(_PCIE_NAMES.values())
+        if old is None or order.index(rel) < order.index(old.relation):
+            nics[aff.gpu_index] = NicAffinity(aff.hca, rel)
+    return (islands if inv.gpu_links else ()), nics
+
+
+def apply_store(view: ClusterView, store: HealthStore) -> ClusterView:
+    """The view with gpufleet's health, per-GPU verdicts, NVLink islands and NIC affinity."""
+    nodes = dict(view.nodes)
+    for row in store.nodes():
+        node = nodes.get(row.name)
+        if node is None:
+            continue  # gpufleet knows a node Slurm does not: nothing to place there
+        health = row.health if getattr(row, "reachable", True) else "unreachable"
+        bad: dict[int, str] = {}
+        for v in store.verdicts(row.name):
+            if v.gpu_index is not None and v.severity in {"degraded", "fatal"}:
+                bad[int(v.gpu_index)] = f"{v.severity} {v.reason_code}"
+        inv = store.inventory(row.name)
+        islands, nics = _islands_and_nics(inv) if inv else ((), {})
+        nodes[row.name] = replace(node, health=health, health_reason=row.health_reason,
+                                  unhealthy_gpus=bad, nvlink_islands=islands, gpu_nic=nics)
+    return replace(view, nodes=nodes, sources=[*view.sources, "gpufleet store"])
+
+
+class PlacementSource(Protocol):
+    """Where `gpufleet sbatch` / `gpufleet place` get a placement from."""
+
+    def place(self, request: PlacementRequest) -> Placement:
+        """A placement (ok or fallback); PlacementUnavailable when there is no answer now."""
+        ...
+
+
+@dataclass
+class LocalPlacementSource:
+    """Computes in this process from Slurm + the controller's store (+ topology.conf).
+
+    The store stands for the controller: missing, unreadable, or with no agent report newer
+    than `stale_after_s`, it means the controller is away -> PlacementUnavailable.
+    """
+
+    store_path: str | None
+    topology_conf: Path | None = None
+    env: Mapping[str, str] | None = None
+    timeout_s: float = 2.0
+    stale_after_s: float = DEFAULT_STALE_AFTER_S
+    runner: Runner | None = None
+    now_s: Callable[[], float] = field(default=time.time)
+
+    def view(self) -> ClusterView:
+        t0 = time.monotonic()
+        topo = None
+        if self.topology_conf is not None:
+            try:
+                topo = self.topology_conf.read_text()
+            except OSError as e:
+                raise PlacementError(f"topology file {self.topology_conf}: {e}") from e
+        view = view_from_slurm(self.runner or cli_runner(self.env), self.timeout_s, topo)
+        if self.store_path is not None:
+            view = apply_store(view, self._open_store())
+        if time.monotonic() - t0 > self.timeout_s:
+            raise PlacementUnavailable(f"reading the cluster took over {self.timeout_s} s")
+        return view
+
+    def _open_store(self) -> HealthStore:
+        from gpufleet.scheduler.store import SqliteStore, StoreError
+
+        path = str(self.store_path)
+        if not Path(path).exists():
+            raise PlacementUnavailable(f"no gpufleet store at {path}: is the controller running?")
+        try:
+            store = SqliteStore(path)
+            rows = store.nodes()
+        except StoreError as e:
+            raise PlacementUnavailable(f"gpufleet store {path}: {e}") from e
+        newest_ms = max((r.last_seen_ms for r in rows), default=0)
+        age_s = self.now_s() - newest_ms / 1000
+        if age_s > self.stale_after_s:
+            raise PlacementUnavailable(
+                f"gpufleet store {path}: newest agent report is {age_s:.0f} s old "
+                f"(> {self.stale_after_s:.0f} s): controller away")
+        return store
+
+    def place(self, request: PlacementRequest) -> Placement:
+        return place(self.view(), request)
+
+
+@dataclass
+class GrpcPlacementSource:
+    """Asks the controller's `Place` RPC. Not wired yet: the RPC is not in the wire contract
+    (see docs/placement.md, "For maintainers"); until it is, every call is unavailable so
+    callers fall back exactly as when the controller is away."""
+
+    address: str
+    timeout_s: float = 2.0
+
+    def place(self, request: PlacementRequest) -> Placement:
+        raise PlacementUnavailable(
+            f"controller {self.address}: the Place RPC is not in the wire contract yet")
