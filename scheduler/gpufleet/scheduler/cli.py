@@ -453,10 +453,13 @@ def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_draine
 def _register_command_groups() -> None:
     """Groups that live in their own modules (each module is the group's whole CLI)."""
     from gpufleet.scheduler.cli_certs import certs_group
+    from gpufleet.scheduler.cli_place import place_cmd, sbatch_cmd
     from gpufleet.scheduler.cli_topology import topology
 
     main.add_command(topology)
     main.add_command(certs_group)
+    main.add_command(place_cmd)
+    main.add_command(sbatch_cmd)
 
 
 _register_command_groups()
