@@ -99,6 +99,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
             "gpufleet_controller_listen": f"127.0.0.1:{grpc_port}",
             "gpufleet_controller_slurm": "none",
             "gpufleet_controller_tls_ca_dir": str(tmp / "ca"),
+            "gpufleet_controller_tls_extra_sans": ["127.0.0.1"],  # what the agent dials
             "gpufleet_controller_certs_command": certs_cmd,
         }}},
         "gpufleet_agents": {"hosts": {"gpu01": {

@@ -135,8 +135,17 @@ def main() -> None:
     envvar="GPUFLEET_AGENT_CONTROLLER",
     default="localhost:50051",
     show_default=True,
-    help="controller address HOST:PORT",
+    help="controller address HOST:PORT; several (active, standbys) separated by commas",
 )
+@click.option("--ca-path", envvar="GPUFLEET_AGENT_CA_PATH", default="",
+              help="cluster CA certificate (mTLS; with --cert-path and --key-path)")
+@click.option("--cert-path", envvar="GPUFLEET_AGENT_CERT_PATH", default="",
+              help="this node's certificate from `gpufleet certs issue NODE`")
+@click.option("--key-path", envvar="GPUFLEET_AGENT_KEY_PATH", default="",
+              help="this node's key (mode 0600)")
+@click.option("--insecure/--no-insecure", envvar="GPUFLEET_AGENT_INSECURE", default=None,
+              help="plaintext to a controller run with --insecure (demo); --no-insecure "
+              "insists on TLS [default: TLS when the three paths are set]")
 @click.option(
     "--interval-s",
     envvar="GPUFLEET_AGENT_INTERVAL_S",
@@ -274,6 +283,46 @@ def health(state_dir: str, max_age_s: float) -> None:
     click.echo(line.strip())
     if doc.get("severity") == "fatal":
         sys.exit(EXIT_UNHEALTHY)
+
+
+def _job_hook(kind: str, state_dir: str) -> None:
+    """Record a job's start/end for the agent. Exits 0 whatever happens: Slurm drains a node
+    whose Prolog fails and fails the job whose Epilog does, and accounting is not worth that."""
+    import os
+
+    from gpufleet.agent.accounting import AccountingError, job_from_env, write_hook_file
+
+    node = os.environ.get("SLURMD_NODENAME", "")
+    state_dir = state_dir.replace("{node}", node)  # several slurmd on one host (test labs)
+    try:
+        job = job_from_env(os.environ)
+        write_hook_file(state_dir, kind, job, int(time.time() * 1000))
+    except (AccountingError, OSError) as e:
+        click.echo(f"gpufleet-agent {'prolog' if kind == 'start' else 'epilog'}: job not "
+                   f"accounted: {e}", err=True)
+
+
+_HOOK_STATE_DIR = click.option(
+    "--state-dir",
+    envvar="GPUFLEET_AGENT_STATE_DIR",
+    default="/var/lib/gpufleet-agent",
+    show_default=True,
+    help="the agent's state dir ('{node}' becomes SLURMD_NODENAME)",
+)
+
+
+@main.command()
+@_HOOK_STATE_DIR
+def prolog(state_dir: str) -> None:
+    """Slurm Prolog: record that SLURM_JOB_ID holds SLURM_JOB_GPUS from now (always exits 0)."""
+    _job_hook("start", state_dir)
+
+
+@main.command()
+@_HOOK_STATE_DIR
+def epilog(state_dir: str) -> None:
+    """Slurm Epilog: record that SLURM_JOB_ID released its GPUs now (always exits 0)."""
+    _job_hook("end", state_dir)
 
 
 @main.group()

@@ -1,5 +1,12 @@
 """The agent's side of the `Connect` stream: send reports, take acks, reconnect with backoff.
 
+Several controllers (active and standbys, `controller = "head1:50051,head2:50051"`): on a
+failed or refused stream the next address is tried at once; backoff starts only once every
+address failed in a row. A standby answers UNAVAILABLE until it takes over.
+
+mTLS (`tls`): the channel presents this node's certificate and trusts only the cluster CA;
+the files are re-read at every connect, so renewed certificates need no restart.
+
 Quiet by design: a controller that is away is logged once when it goes and once when it
 comes back, not every retry.
 """
@@ -10,6 +17,8 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from gpufleet.agent.outbox import Outbox
@@ -21,6 +30,38 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
+class TlsFileError(Exception):
+    """A TLS file cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path, what: str) -> bytes:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise TlsFileError(f"{path}: cannot read the {what}: {e.strerror}") from e
+            if b"-----BEGIN" not in data:
+                raise TlsFileError(f"{path}: the {what} is not PEM")
+            return data
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_path, "CA certificate"),
+            private_key=read(self.key_path, "agent key"),
+            certificate_chain=read(self.cert_path, "agent certificate"),
+        )
+
+
+def split_targets(controller: str) -> list[str]:
+    """'head1:50051, head2:50051' -> ['head1:50051', 'head2:50051']."""
+    return [t.strip() for t in controller.split(",") if t.strip()]
+
+
 class StreamClient:
     def __init__(
         self,
@@ -29,8 +70,13 @@ class StreamClient:
         hello: Callable[[], pb.Hello],
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 30.0,
+        tls: ClientTls | None = None,
     ) -> None:
-        self.target = target
+        self.targets = split_targets(target)
+        if not self.targets:
+            raise ValueError(f"controller {target!r}: no address")
+        self.target = self.targets[0]  # the one in use (or tried last)
+        self.tls = tls
         self.outbox = outbox
         self.hello = hello
         self.backoff_initial_s = backoff_initial_s
@@ -38,18 +84,30 @@ class StreamClient:
         self.connected = threading.Event()
         self.connects = 0
 
+    def _channel(self) -> grpc.Channel:
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ]
+        if self.tls is None:
+            return grpc.insecure_channel(self.target, options=options)
+        return grpc.secure_channel(self.target, self.tls.credentials(), options=options)
+
     def run(self, stop: threading.Event) -> None:
         backoff = self.backoff_initial_s
         was_down = False
+        index = 0
+        failures_in_row = 0
         while not stop.is_set():
-            channel = grpc.insecure_channel(
-                self.target,
-                options=[
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.keepalive_time_ms", 20_000),
-                    ("grpc.keepalive_timeout_ms", 10_000),
-                ],
-            )
+            self.target = self.targets[index % len(self.targets)]
+            try:
+                channel = self._channel()
+            except TlsFileError as e:
+                log.error("cannot connect to %s: %s", self.target, e)
+                stop.wait(min(backoff, self.backoff_max_s))
+                backoff = min(backoff * 2, self.backoff_max_s)
+                continue
             try:
                 stub = pb_grpc.FleetControllerStub(channel)
                 call = stub.Connect(self._requests(stop))
@@ -61,19 +119,29 @@ class StreamClient:
                             log.info("controller %s is back", self.target)
                             was_down = False
                         backoff = self.backoff_initial_s
+                        failures_in_row = 0
                     if reply.HasField("ack"):
                         self.outbox.ack(reply.ack.seq)
                     if stop.is_set():
                         call.cancel()
                         break
             except grpc.RpcError as e:
-                if not stop.is_set() and not was_down:
-                    code = e.code() if hasattr(e, "code") else "?"
+                code = e.code() if hasattr(e, "code") else "?"
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    # no retry will fix a certificate for the wrong node; say so every time
+                    log.error("controller %s refused this agent: %s", self.target,
+                              e.details() if hasattr(e, "details") else e)
+                elif not stop.is_set() and not was_down:
                     log.warning("controller %s unreachable (%s); retrying", self.target, code)
                     was_down = True
             finally:
                 self.connected.clear()
                 channel.close()
+            index += 1
+            failures_in_row += 1
+            if failures_in_row < len(self.targets):
+                continue  # another controller may be active: try it now, not after a backoff
+            failures_in_row = 0
             # full jitter keeps a whole cluster from reconnecting in lock step
             stop.wait(random.uniform(0, backoff))  # noqa: S311 - not crypto
             backoff = min(backoff * 2, self.backoff_max_s)

@@ -2,6 +2,16 @@
 
 The file is TOML (default /etc/gpufleet/agent.toml) with the same keys as the flags, using
 underscores: `controller = "head1:50051"`, `interval_s = 1.0`, ...
+
+`controller` may list several controllers, comma-separated (active and standbys): the
+agent tries the next one when a stream fails.
+
+TLS (mTLS to the controller): set all of `ca_path`, `cert_path`, `key_path` (the Ansible
+role stages them as /etc/gpufleet/tls/{ca.crt,agent.crt,agent.key}) and the agent connects
+with TLS. With none of them set the agent speaks plaintext, which only a controller started
+with --insecure accepts (the demo and tests keep working unchanged). `insecure = false`
+with no certificates is an error (a site that wants TLS enforced on the agent side too
+sets it), and so is `insecure = true` with certificates.
 """
 
 from __future__ import annotations
@@ -10,9 +20,12 @@ import socket
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpufleet.agent.health import CHECKS, HealthConfig
+
+if TYPE_CHECKING:
+    from gpufleet.agent.client import ClientTls
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpufleet/agent.toml")
 DEFAULT_JOB_SOCKET = "/run/gpufleet-agent/job.sock"
@@ -32,7 +45,11 @@ class AgentConfig:
     sim_faults_path: str = ""  # default: <state_dir>/sim-faults.json
     state_dir: str = "/var/lib/gpufleet-agent"
     expected_gpu_count: int | None = None
-    insecure: bool = True  # TLS comes with the certificates issue; plaintext for now
+    # None: TLS when ca_path/cert_path/key_path are set, else plaintext with a warning
+    insecure: bool | None = None
+    ca_path: str = ""  # the cluster CA (ca.crt from `gpufleet certs init`)
+    cert_path: str = ""  # this node's certificate (`gpufleet certs issue NODE`)
+    key_path: str = ""  # its key (mode 0600)
     metrics_listen: str = "0.0.0.0:9835"  # Prometheus /metrics; "" turns it off
     sysfs_root: str = "/sys"  # InfiniBand ports are read below <sysfs_root>/class/infiniband
     kmsg_path: str = "auto"  # kernel log for NVRM Xid lines: auto = /dev/kmsg with real NVML
@@ -70,6 +87,17 @@ class AgentConfig:
             return Path("/dev/kmsg") if self.gpu_backend == "nvml" else None
         return Path(self.kmsg_path) if self.kmsg_path else None
 
+    def client_tls(self) -> ClientTls | None:
+        """The stream's TLS files; None for plaintext (validate() checked the combination)."""
+        from gpufleet.agent.client import ClientTls
+
+        if not self.ca_path:
+            return None
+        return ClientTls(Path(self.ca_path), Path(self.cert_path), Path(self.key_path))
+
+    def controller_targets(self) -> list[str]:
+        return [t.strip() for t in self.controller.split(",") if t.strip()]
+
     def health_config(self) -> HealthConfig:
         return HealthConfig(
             expected_gpu_count=self.expected_gpu_count,
@@ -84,6 +112,10 @@ class AgentConfig:
         )
 
     def validate(self) -> AgentConfig:
+        for f in fields(self):
+            # a number where a string belongs (`controller = 0`) is the file's fault: name it
+            if f.type == "str" and not isinstance(getattr(self, f.name), str):
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: must be a string")
         if not 0.05 <= self.interval_s <= 3600:
             raise ConfigError(f"interval_s={self.interval_s}: must be between 0.05 and 3600")
         if not 0 <= self.nvml_counter_interval_s <= 3600:
@@ -92,8 +124,12 @@ class AgentConfig:
             )
         if self.gpu_backend not in ("nvml", "simulated"):
             raise ConfigError(f"gpu_backend={self.gpu_backend!r}: use 'nvml' or 'simulated'")
-        if ":" not in self.controller:
-            raise ConfigError(f"controller={self.controller!r}: expected HOST:PORT")
+        targets = self.controller_targets()
+        if not targets or any(":" not in t for t in targets):
+            raise ConfigError(
+                f"controller={self.controller!r}: expected HOST:PORT, or several separated "
+                "by commas")
+        self._validate_tls()
         if self.expected_gpu_count is not None and self.expected_gpu_count < 0:
             raise ConfigError(f"expected_gpu_count={self.expected_gpu_count}: must be >= 0")
         if self.debounce_cycles < 1:
@@ -107,6 +143,25 @@ class AgentConfig:
             raise ConfigError(f"metrics_listen={self.metrics_listen!r}: expected HOST:PORT or ''")
         self._validate_job_socket()
         return self
+
+    def _validate_tls(self) -> None:
+        files = {"ca_path": self.ca_path, "cert_path": self.cert_path,
+                 "key_path": self.key_path}
+        given = [k for k, v in files.items() if v]
+        if given and len(given) < len(files):
+            missing = ", ".join(k for k in files if k not in given)
+            raise ConfigError(f"TLS needs ca_path, cert_path and key_path together: {missing} "
+                              "not set")
+        if given and self.insecure:
+            raise ConfigError("insecure = true together with ca_path/cert_path/key_path: "
+                              "choose TLS or plaintext")
+        if not given and self.insecure is False:
+            raise ConfigError("insecure = false needs ca_path, cert_path and key_path (from "
+                              "`gpufleet certs issue NODE`)")
+        for key in given:
+            path = Path(files[key])
+            if not path.is_file():
+                raise ConfigError(f"{key}={files[key]!r}: no such file")
 
     def _validate_job_socket(self) -> None:
         if not self.job_socket_path or self.job_socket_path == "auto":

@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 from gpufleet.agent import __version__, wire
+from gpufleet.agent.accounting import Accountant
 from gpufleet.agent.client import StreamClient
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.health import HealthState, Severity, Verdict
@@ -30,6 +31,7 @@ from gpufleet.agent.telemetry import (
     DiskUsage,
     GpuBackend,
     GpuInfo,
+    GpuSample,
     HostSample,
     XidEvent,
 )
@@ -57,6 +59,10 @@ class _Outbox(Outbox):
                 del self._pending[waiting[0]]
                 self.dropped += 1
         return self._put(pb.AgentMessage(checkpoint=ckpt))
+
+    def put_usage(self, report: pb.JobUsageReport) -> int:
+        # never dropped for space (only samples are): usage is cumulative and few per minute
+        return self._put(pb.AgentMessage(usage=report))
 
 
 def _boot_id() -> str:
@@ -86,6 +92,7 @@ class Agent:
         self._health_lock = threading.Lock()
         self._last_cached: tuple[int, str] | None = None
         self._cache_written_ms = 0
+        self.accounting = Accountant(cfg.state_dir, self.node_name)
 
     # ------------------------------------------------------------ collection
 
@@ -93,6 +100,7 @@ class Agent:
         gpus = self.backend.inventory()
         self._gpu_infos = tuple(gpus)
         self._bus_ids = {g.index: g.pci_bus_id for g in gpus}
+        self.accounting.set_inventory({g.uuid: g.index for g in gpus})
         vm = psutil.virtual_memory()
         inv = pb.NodeInventory(
             node_name=self.node_name,
@@ -139,8 +147,10 @@ class Agent:
 
     def sample(self) -> pb.NodeSample:
         t0 = time.perf_counter()
+        job_change = self._poll_jobs()
         now = _now_ms()
         gpus = self.backend.sample()
+        self._account(gpus, now, job_change)
         ib_ports = self.ib.sample()
         host = self.host()
         with self._health_lock:
@@ -163,6 +173,27 @@ class Agent:
             cycle_seconds=time.perf_counter() - t0,
         ))
         return msg
+
+    def _poll_jobs(self) -> bool:
+        """New prolog/epilog records? Then this sample reads the energy counters afresh."""
+        try:
+            changed = self.accounting.poll_spool()
+        except OSError as e:
+            log.error("job spool %s unreadable: %s", self.accounting.spool, e)
+            return False
+        expire = getattr(self.backend, "expire_counters", None)
+        if changed and expire is not None:
+            expire()
+        return changed
+
+    def _account(self, gpus: list[GpuSample], now_ms: int, job_change: bool) -> None:
+        try:
+            rows = self.accounting.on_sample(gpus, now_ms, self.outbox.acked_seq)
+            if rows:
+                seq = self.outbox.put_usage(self.accounting.report(rows))
+                self.accounting.queued(rows, seq)
+        except Exception:  # accounting must never stop health sampling
+            log.exception("job accounting failed for this sample (job change: %s)", job_change)
 
     def on_xid(self, event: XidEvent) -> pb.HealthEvent:
         with self._health_lock:
@@ -294,7 +325,8 @@ class Agent:
         server = self._start_metrics() if not once else None
         job_socket = self._start_job_socket() if not once else None
         psutil.cpu_percent(interval=None)  # prime: the first call always returns 0
-        client = StreamClient(self.cfg.controller, self.outbox, self.hello)
+        client = StreamClient(self.cfg.controller, self.outbox, self.hello,
+                              tls=self.cfg.client_tls())
         threads = [threading.Thread(target=client.run, args=(self.stop,), name="stream",
                                     daemon=True)]
         if not once:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gpufleet.scheduler import audit
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, SlurmNode
 from gpufleet.scheduler.store import PolicyRow, StateStore, now_ms
 
@@ -79,6 +80,8 @@ class ActionQueue:
         status = "shadow" if self.shadow else "queued"
         action_id = self.store.add_action(node, kind, reason, actor, status, fault_ms, now_ms())
         if self.shadow:
+            audit.record(actor, kind, node, "controller", "shadow", reason=reason,
+                         action_id=action_id)
             if self.metrics is not None:
                 self.metrics.action_finished(kind, "shadow", None)
             log.warning("shadow mode: would %s %s (%s)", kind, node, reason)
@@ -111,6 +114,8 @@ class ActionQueue:
             except SlurmError as e:
                 if not e.transient:
                     self.store.update_action(a.id, "failed", str(e), attempts, now_ms())
+                    audit.record("policy", a.kind, a.node, "controller", "failed",
+                                 reason=a.reason, error=str(e), action_id=a.id)
                     if self.metrics is not None:
                         self.metrics.action_finished(a.kind, "failed", None)
                     log.error("%s %s failed: %s", a.kind, a.node, e)
@@ -123,6 +128,8 @@ class ActionQueue:
                 continue
             done = now_ms()
             self.store.update_action(a.id, status, detail, attempts, done)
+            audit.record("policy", a.kind, a.node, "controller", status, reason=a.reason,
+                         detail=detail, action_id=a.id)
             if self.metrics is not None:
                 self.metrics.action_finished(
                     a.kind, status, (done - a.fault_ms) / 1000 if a.fault_ms is not None else None

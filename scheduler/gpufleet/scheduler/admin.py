@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from gpufleet.scheduler import audit
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
 from gpufleet.scheduler.store import StateStore, now_ms
 
@@ -90,12 +92,16 @@ def _act(
     store: StateStore, node: str, kind: str, reason: str, actor: str, call: Callable[[], None]
 ) -> str:
     action_id = store.add_action(node, kind, reason, actor, "queued", None, now_ms())
+    source = f"cli@{socket.gethostname()}"
     try:
         call()
     except SlurmError as e:
         store.update_action(action_id, "failed", str(e), 1, now_ms())
+        audit.record(actor, kind, node, source, "failed", reason=reason, error=str(e),
+                     action_id=action_id)
         raise AdminError(f"{kind} {node} failed: {e}") from e
     store.update_action(action_id, "done", "", 1, now_ms())
+    audit.record(actor, kind, node, source, "done", reason=reason, action_id=action_id)
     return f"{kind} {node}: done (recorded as action {action_id}, actor {actor})"
 
 

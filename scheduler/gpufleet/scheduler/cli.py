@@ -26,6 +26,8 @@ CONFIG_KEYS = {
     "listen", "db", "slurm", "slurm_rest_socket", "slurm_rest_url", "slurm_jwt_file", "shadow",
     "resume_quiet_s", "unreachable_after_s",
     "drain_unreachable", "degraded_weight", "degraded_feature", "metrics_listen",
+    "tls_ca", "tls_cert", "tls_key", "insecure",
+    "recover", "recovery_grace_s", "recovery_max_restarts", "recovery_signal",
 }
 _ADMIN_KEYS = {"db", "slurm"}
 
@@ -52,6 +54,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         "drain": admin,
         "resume": admin,
         "events": {k: v for k, v in admin.items() if k == "db"},
+        "jobs": {"show": {"db": admin.get("db", DEFAULT_DB)}},
     }
     return value
 
@@ -165,19 +168,45 @@ def main() -> None:
     envvar="GPUFLEET_METRICS_LISTEN",
     help="Prometheus /metrics address; '' turns it off",
 )
+@click.option("--tls-ca", envvar="GPUFLEET_TLS_CA",
+              help="cluster CA certificate: agents must present a certificate it signed")
+@click.option("--tls-cert", envvar="GPUFLEET_TLS_CERT",
+              help="this controller's certificate (`gpufleet certs issue HEAD --role controller`)")
+@click.option("--tls-key", envvar="GPUFLEET_TLS_KEY", help="this controller's key")
+@click.option("--insecure", is_flag=True, envvar="GPUFLEET_INSECURE",
+              help="serve plaintext without client certificates (demo only: any client can "
+              "claim any node)")
+@click.option("--recover/--no-recover", default=True, show_default=True,
+              help="signal and requeue checkpointing jobs on a node that turns fatal (cli Slurm "
+              "client only)")
+@click.option("--recovery-grace-s", type=click.FloatRange(0, 3600), default=5.0,
+              show_default=True, help="default time a job gets to checkpoint after the signal")
+@click.option("--recovery-max-restarts", type=click.IntRange(0, 1000), default=3,
+              show_default=True, help="default restarts per job")
+@click.option("--recovery-signal", default="USR1", show_default=True,
+              help="signal sent to the job's batch shell (GPUFLEET_CKPT_SIGNAL)")
 @click.option("-v", "--verbose", count=True)
 def controller(
     listen: str, db: str, slurm: str, slurm_rest_socket: str | None, slurm_rest_url: str | None,
     slurm_jwt_file: str | None, shadow: bool, resume_quiet_s: float,
     unreachable_after_s: float, drain_unreachable: bool, degraded_weight: int,
-    degraded_feature: str, metrics_listen: str, verbose: int,
+    degraded_feature: str, metrics_listen: str, tls_ca: str | None, tls_cert: str | None,
+    tls_key: str | None, insecure: bool, recover: bool, recovery_grace_s: float,
+    recovery_max_restarts: int, recovery_signal: str, verbose: int,
 ) -> None:
     """Run the controller (the systemd service runs this)."""
     from gpufleet.scheduler import sdnotify
     from gpufleet.scheduler.policy import PolicyConfig
     from gpufleet.scheduler.server import Controller
+    from gpufleet.scheduler.tls import TlsConfigError, from_options
 
     _setup_logging(verbose)
+    try:
+        tls = from_options(tls_ca, tls_cert, tls_key, insecure)
+        if tls is not None:
+            tls.credentials()  # unreadable files are a start-up error, not a silent port
+    except TlsConfigError as e:
+        raise click.UsageError(str(e)) from e
     try:
         policy = PolicyConfig(
             resume_quiet_s=resume_quiet_s, unreachable_after_s=unreachable_after_s,
@@ -190,16 +219,24 @@ def controller(
         store = open_store(db)
     except StoreError as e:
         raise click.ClickException(str(e)) from e
+    recovery = None
+    if recover and slurm == "cli":
+        from gpufleet.scheduler.recovery import RecoveryConfig
+
+        recovery = RecoveryConfig(signal=recovery_signal, grace_s=recovery_grace_s,
+                                  max_restarts=recovery_max_restarts)
     ctl = Controller(store, _make_slurm(slurm, slurm_rest_socket, slurm_rest_url, slurm_jwt_file),
                      listen, shadow,
-                     policy=policy, metrics_listen=metrics_listen or None)
+                     policy=policy, metrics_listen=metrics_listen or None, tls=tls,
+                     recovery=recovery)
     try:
         ctl.start()
     except OSError as e:
         raise click.ClickException(f"cannot listen on {listen}: {e}") from e
     click.echo(
-        f"gpufleet controller listening on {listen}, store {db}"
-        f"{', shadow mode' if shadow or slurm == 'none' else ''}",
+        f"gpufleet controller listening on {listen} ({'plaintext' if tls is None else 'mTLS'}), "
+        f"store {db}{', shadow mode' if shadow or slurm == 'none' else ''}"
+        f"{'' if ctl.active else ', standby'}",
         err=True,
     )
 
@@ -453,6 +490,7 @@ def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_draine
 def _register_command_groups() -> None:
     """Groups that live in their own modules (each module is the group's whole CLI)."""
     from gpufleet.scheduler.cli_certs import certs_group
+    from gpufleet.scheduler.cli_jobs import jobs
     from gpufleet.scheduler.cli_place import place_cmd, sbatch_cmd
     from gpufleet.scheduler.cli_topology import topology
 
@@ -460,6 +498,7 @@ def _register_command_groups() -> None:
     main.add_command(certs_group)
     main.add_command(place_cmd)
     main.add_command(sbatch_cmd)
+    main.add_command(jobs)
 
 
 _register_command_groups()

@@ -223,6 +223,12 @@ def ckpt_flags(args: SbatchArgs, ckpt_dir: Path) -> tuple[list[str], dict[str, s
         flags.append("--requeue")
     if "signal" not in args.values:
         flags.append(f"--signal=B:{c.signal}@{c.signal_before_end_s}")
+    # the marker the controller's recovery looks for (scheduler/recovery.py): a job is
+    # signalled and requeued on a fault only if it says it checkpoints; ours comes after the
+    # user's options, so keep their comment in it
+    comment = (args.values.get("comment") or "").strip()
+    if "gpufleet-ckpt" not in comment:
+        flags.append(f"--comment={comment + ' ' if comment else ''}gpufleet-ckpt")
     export = args.values.get("export")
     if export is not None and export.upper() != "ALL":
         # a user's --export list would drop our variables: add them to it

@@ -25,6 +25,7 @@ from gpufleet.scheduler.actions import REASON_PREFIX, ActionQueue
 from gpufleet.scheduler.metrics import ControllerMetrics
 from gpufleet.scheduler.policy import HealthPolicy
 from gpufleet.scheduler.store import CheckpointRow, StateStore, VerdictRow, now_ms
+from gpufleet.scheduler.store.acct import UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Ingestor:
         log.info("node %s connected (%d GPUs, %s)", name, len(inv.gpus), inv.nvml_backend)
         return name
 
-    def handle(self, node: str, msg: pb.AgentMessage) -> int:
+    def handle(self, node: str, msg: pb.AgentMessage) -> int:  # noqa: PLR0912 - one flat branch per report kind reads best
         """Apply one report; return the sequence number to acknowledge."""
         body = msg.WhichOneof("body")
         state = self._nodes.get(node)
@@ -124,6 +125,8 @@ class Ingestor:
             self._event(node, msg.event, now)
         elif body == "checkpoint":
             self._checkpoint(node, msg.checkpoint, now)
+        elif body == "usage":
+            self._usage(node, msg.usage)
         elif body == "hello":
             raise IngestError("hello sent twice on one stream")
         else:
@@ -155,6 +158,33 @@ class Ingestor:
         ))
         log.info("job %s checkpoint step %d on %s%s", c.job_id, c.step, node,
                  "" if stored else " (not newer: kept the stored one)")
+
+    def _usage(self, node: str, rep: pb.JobUsageReport) -> None:
+        """Job accounting: cumulative rows, idempotent by themselves (store/acct.py), so a
+        replay the sequence check lets through still counts once."""
+        if rep.node and rep.node != node:
+            raise IngestError(f"usage report for node {rep.node!r} on the stream of {node!r}")
+        rows = []
+        for u in rep.usage:
+            if not _JOB_ID.match(u.job_id):
+                raise IngestError(f"usage with invalid job id {u.job_id!r}")
+            if u.gpu_index >= MAX_GPUS_PER_NODE:
+                raise IngestError(f"usage of job {u.job_id} on GPU {u.gpu_index}: no such GPU")
+            if u.as_of_ms < u.start_ms or (u.HasField("end_ms") and u.end_ms < u.start_ms):
+                raise IngestError(f"usage of job {u.job_id}: as_of/end before start")
+            rows.append(UsageRow(
+                u.job_id, node, u.gpu_index, u.user, u.account, u.start_ms,
+                u.end_ms if u.HasField("end_ms") else None, u.as_of_ms, u.allocated_ms,
+                u.busy_ms, u.energy_mj, u.idle_since_ms if u.HasField("idle_since_ms") else None,
+            ))
+        deltas = self.store.record_usage(rows)
+        if self.metrics is not None:
+            for d in deltas:
+                self.metrics.acct.usage(d.account, d.allocated_ms, d.busy_ms, d.energy_mj)
+            for r in rows:
+                self.metrics.acct.gpu_state(r.job_id, node, r.gpu_index, r.user, r.account,
+                                            r.idle_since_ms, r.end_ms is not None)
+        self._counted("usage", 0)  # as_of may be an old end time: not a report lag
 
     def _counted(self, kind: str, agent_timestamp_ms: int) -> None:
         self.counters.reports += 1

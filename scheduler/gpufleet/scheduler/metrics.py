@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from gpufleet.scheduler import __version__
+from gpufleet.scheduler.acct_metrics import AcctMetrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
@@ -61,6 +62,15 @@ FAULT_TO_ACTION_BUCKETS_S = (
 )
 # Report lag (controller receive time - agent sample time): agents sample at 1 Hz, so
 # anything past a few seconds is a backlog (or a skewed agent clock).
+# Recovery steps, fault -> drain / signal / requeue / running again: the target for running
+# again is <= 10 s (grace period included); Slurm alone takes 7-9 minutes.
+RECOVERY_STEPS = ("drain", "signal", "requeue", "running")
+RECOVERY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                      600.0)
+# Work lost to a fault (requeue - last registered checkpoint): checkpoint intervals run from
+# minutes to hours.
+LOST_WORK_BUCKETS_S = (1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+                       14400.0, 43200.0)
 REPORT_LAG_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                         60.0)
 
@@ -131,6 +141,7 @@ class ControllerMetrics:
         self._agents_lock = threading.Lock()
         self.connected_agents = 0
         r = self.registry
+        self.acct = AcctMetrics(r)  # job accounting, per account (acct_metrics.py)
         self._reports = Counter(
             "gpufleet_controller_reports_received",
             "Agent reports the controller stored, a count: kind sample (the 1 Hz samples) or "
@@ -182,6 +193,27 @@ class ControllerMetrics:
             "When the controller last stored an agent report, in seconds since the Unix epoch.",
             registry=r,
         )
+        self._recovery_step = Histogram(
+            "gpufleet_controller_recovery_step_seconds",
+            "From a fault (agent clock) to each step of the recovery of a job on the faulty "
+            "node, in seconds: step drain, signal, requeue or running (the job running again).",
+            ["step"], buckets=RECOVERY_BUCKETS_S, registry=r,
+        )
+        self._lost_work = Histogram(
+            "gpufleet_controller_recovery_lost_work_seconds",
+            "Work a requeued job lost, in seconds: from its last registered checkpoint (or its "
+            "start, without one) to the requeue.",
+            buckets=LOST_WORK_BUCKETS_S, registry=r,
+        )
+        self._recoveries = Counter(
+            "gpufleet_controller_recoveries",
+            "Recoveries of jobs on a fatal node that reached a final status, a count: "
+            "running_again, requeued (not seen running again), not_requested, do_not_requeue, "
+            "finished, limit, failed, shadow.",
+            ["status"], registry=r,
+        )
+        for step in RECOVERY_STEPS:
+            self._recovery_step.labels(step)
         info = Gauge("gpufleet_controller_info",
                      "Constant 1; carries the controller's version (no unit).", ["version"],
                      registry=r)
@@ -241,6 +273,20 @@ class ControllerMetrics:
         self._actions.labels(kind, status).inc()
         if status == "done" and fault_to_done_s is not None:
             self._fault_to_action.labels(kind).observe(max(0.0, fault_to_done_s))
+
+
+    # ------------------------------------------------------------ recovery
+
+    def recovery_finished(self, status: str, fault_ms: int | None,
+                          steps_ms: Mapping[str, int | None], lost_work_ms: int | None) -> None:
+        """A job's recovery ended: count it, observe fault -> each step reached, lost work."""
+        self._recoveries.labels(status).inc()
+        if fault_ms is not None:
+            for step, at_ms in steps_ms.items():
+                if at_ms is not None:
+                    self._recovery_step.labels(step).observe(max(0.0, (at_ms - fault_ms) / 1000))
+        if lost_work_ms is not None:
+            self._lost_work.observe(max(0.0, lost_work_ms / 1000))
 
 
 def _register_defaults(registry: CollectorRegistry) -> None:

@@ -20,9 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gpufleet.scheduler.actions import REASON_PREFIX, ActionQueue
 from gpufleet.scheduler.store import StateStore, now_ms
+
+if TYPE_CHECKING:
+    from gpufleet.scheduler.recovery import RecoveryManager
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,8 @@ class HealthPolicy:
                 self._to_undo.add(a.node)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # set by the controller when job recovery is on: fatal nodes get their jobs requeued
+        self.recovery: RecoveryManager | None = None
 
     # ------------------------------------------------------------ transitions (ingest path)
 
@@ -94,6 +100,8 @@ class HealthPolicy:
             if self.actions.submit(node, "drain", reason, fault_ms) is not None:
                 log.warning("node %s fatal: %s -> drain", node, evidence)
             self._mark_undo(node)
+            if self.recovery is not None:  # returns at once: the work runs on its own pool
+                self.recovery.node_fatal(node, fault_ms)
         elif after == "degraded" and before in (*HEALTHY, "unknown"):
             reason = f"{REASON_PREFIX}{reason_code} {evidence}".strip()
             if self.actions.submit(node, "degrade", reason, fault_ms) is not None:

@@ -216,6 +216,146 @@ class CliSlurmClient:
         self._run("scontrol", "update", f"nodename={check_node_name(name)}",
                   f"availablefeatures={value}", f"activefeatures={value}", node=name)
 
+    # ------------------------------------------------------------ jobs (recovery)
+
+    def _jobs(self, *args: str, what: str) -> list[SlurmJob]:
+        try:
+            doc = json.loads(self._run("squeue", "--json", *args))
+        except ValueError as e:
+            raise SlurmError(f"`squeue --json` for {what} printed no JSON: {e}") from e
+        return [job_from_json(j) for j in doc.get("jobs", [])]
+
+    def jobs_on_node(self, node: str) -> list[SlurmJob]:
+        """Jobs in any state slurmctld still holds (MinJobAge) whose allocation has `node`:
+        a job the fault already killed is as much recovery's business as a running one."""
+        jobs = self._jobs("-t", "all", "-w", check_node_name(node), what=f"node {node}")
+        return [j for j in jobs if node in j.nodes]
+
+    def job(self, job_id: str) -> SlurmJob | None:
+        """The job in any state while slurmctld still holds it (MinJobAge); None after."""
+        try:
+            jobs = self._jobs("-t", "all", "-j", check_job_id(job_id), what=f"job {job_id}")
+        except SlurmError as e:
+            if "invalid job id" in str(e).lower():
+                return None
+            raise
+        return next((j for j in jobs if j.job_id == job_id), None)
+
+    def signal_job(self, job_id: str, signal: str, scope: str) -> None:
+        """scope batch: the batch shell only; full: shell and every step; steps: steps only."""
+        if scope not in SIGNAL_SCOPES:
+            raise SlurmError(f"signal scope {scope!r}: use one of {', '.join(SIGNAL_SCOPES)}",
+                             transient=False)
+        argv = ["scancel", f"--signal={check_signal(signal)}"]
+        if scope != "steps":
+            argv.append(f"--{scope}")
+        self._run(*argv, check_job_id(job_id))
+
+    def requeue(self, job_id: str) -> None:
+        self._run("scontrol", "requeue", check_job_id(job_id))
+
+    def update_job(self, job_id: str, *, start_now_plus_s: int | None = None,
+                   excluded_nodes: tuple[str, ...] | None = None) -> None:
+        """StartTime=now[+N] clears the 120 s BeginTime Slurm puts on a requeued job (it only
+        sticks once the job is PENDING: set while COMPLETING, Slurm overwrites it)."""
+        argv = ["scontrol", "update", f"JobId={check_job_id(job_id)}"]
+        if start_now_plus_s is not None:
+            if start_now_plus_s < 0:
+                raise SlurmError(f"job {job_id}: start delay {start_now_plus_s} s < 0",
+                                 transient=False)
+            argv.append("StartTime=now" + (f"+{start_now_plus_s}" if start_now_plus_s else ""))
+        if excluded_nodes is not None:
+            names = [check_node_name(n) for n in excluded_nodes]
+            argv.append(f"ExcNodeList={NodeSet.fromlist(names)}" if names else "ExcNodeList=")
+        if len(argv) == 3:
+            return
+        self._run(*argv)
+
+
+# ---------------------------------------------------------------- jobs (recovery)
+
+SIGNAL_SCOPES = ("batch", "full", "steps")
+_SIGNAL = re.compile(r"^(SIG)?[A-Z0-9]{1,8}$")
+_JOB_ID = re.compile(r"^[0-9]{1,10}$")
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """One job as `squeue --json` (22.05) describes it: what recovery needs to decide."""
+
+    job_id: str
+    state: str  # RUNNING, PENDING, COMPLETING, COMPLETED, FAILED, ...
+    nodes: tuple[str, ...]  # expanded; () while pending
+    requeue: bool  # submitted requeueable (--requeue, or JobRequeue=1 by default)
+    batch: bool  # a batch job (only those can be requeued)
+    comment: str
+    restart_count: int  # Slurm's own count of requeues
+    exit_status: int | None  # the process exit status (93 = do not requeue); None: killed
+    exit_signal: int  # the signal that ended it, 0 if none
+    excluded_nodes: tuple[str, ...]
+    start_time_s: int  # Unix seconds; 0 if not started
+    state_reason: str = ""
+    end_time_s: int = 0  # Unix seconds; for a running job, its time limit's end
+
+
+def check_job_id(job_id: str) -> str:
+    """Job ids go into scancel/scontrol argv: digits only (no array or het suffixes)."""
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise SlurmError(f"invalid job id {job_id!r}: expected digits", transient=False)
+    return job_id
+
+
+def check_signal(sig: str) -> str:
+    """USR1, SIGUSR1 or a number: what scancel --signal accepts; nothing else reaches argv."""
+    if not isinstance(sig, str) or not _SIGNAL.match(sig.upper()):
+        raise SlurmError(f"invalid signal {sig!r}: expected a name like USR1 or a number",
+                         transient=False)
+    return sig.upper()
+
+
+def decode_exit_code(raw: int) -> tuple[int | None, int]:
+    """`squeue --json` (22.05) prints the raw wait status: 93 << 8 for `exit 93`; -> (exit
+    status, signal). A job killed by a signal has no exit status."""
+    sig = raw & 0x7F
+    return (None if sig else (raw >> 8) & 0xFF), sig
+
+
+def job_from_json(j: Mapping[str, Any]) -> SlurmJob:
+    nodes_expr = str(j.get("nodes", "") or "")
+    excluded = str(j.get("excluded_nodes", "") or "")
+    status, sig = decode_exit_code(int(j.get("exit_code", 0) or 0))
+    return SlurmJob(
+        job_id=str(j["job_id"]),
+        state=str(j.get("job_state", "")).upper(),
+        nodes=tuple(expand_hostlist(nodes_expr)) if nodes_expr else (),
+        requeue=bool(j.get("requeue", False)),
+        batch=bool(j.get("batch_flag", False)),
+        comment=str(j.get("comment", "") or ""),
+        restart_count=int(j.get("restart_cnt", 0) or 0),
+        exit_status=status,
+        exit_signal=sig,
+        excluded_nodes=tuple(expand_hostlist(excluded)) if excluded else (),
+        start_time_s=int(j.get("start_time", 0) or 0),
+        state_reason=str(j.get("state_reason", "") or ""),
+        end_time_s=int(j.get("end_time", 0) or 0),
+    )
+
+
+class SlurmJobClient(Protocol):
+    """What recovery needs from Slurm besides nodes; the CLI client has it (22.05's
+    slurmrestd v0.0.38 cannot requeue, so the REST client does not)."""
+
+    def jobs_on_node(self, node: str) -> list[SlurmJob]: ...
+
+    def job(self, job_id: str) -> SlurmJob | None: ...
+
+    def signal_job(self, job_id: str, signal: str, scope: str) -> None: ...
+
+    def requeue(self, job_id: str) -> None: ...
+
+    def update_job(self, job_id: str, *, start_now_plus_s: int | None = None,
+                   excluded_nodes: tuple[str, ...] | None = None) -> None: ...
+
 
 def make_slurm_client(kind: str, **options: Any) -> SlurmClient | None:
     """cli | rest | pyslurm -> that client (options go to its constructor); none -> None

@@ -111,6 +111,32 @@ EVENT_KIND_THERMAL: EventKind.ValueType  # 5
 EVENT_KIND_VERDICT_CHANGED: EventKind.ValueType  # 6
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
+class _JobPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_PHASE_UNSPECIFIED: _JobPhase.ValueType  # 0
+    JOB_PHASE_STARTED: _JobPhase.ValueType  # 1
+    """the prolog ran: the job holds these GPUs from start_ms"""
+    JOB_PHASE_RUNNING: _JobPhase.ValueType  # 2
+    """a periodic report (each minute boundary)"""
+    JOB_PHASE_ENDED: _JobPhase.ValueType  # 3
+    """the epilog ran: totals are final, end_ms is set"""
+
+class JobPhase(_JobPhase, metaclass=_JobPhaseEnumTypeWrapper):
+    """---------------------------------------------------------------- accounting"""
+
+JOB_PHASE_UNSPECIFIED: JobPhase.ValueType  # 0
+JOB_PHASE_STARTED: JobPhase.ValueType  # 1
+"""the prolog ran: the job holds these GPUs from start_ms"""
+JOB_PHASE_RUNNING: JobPhase.ValueType  # 2
+"""a periodic report (each minute boundary)"""
+JOB_PHASE_ENDED: JobPhase.ValueType  # 3
+"""the epilog ran: totals are final, end_ms is set"""
+Global___JobPhase: _TypeAlias = JobPhase  # noqa: Y015
+
 @_typing.final
 class Gpu(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -846,6 +872,109 @@ class CheckpointRegistered(_message.Message):
 Global___CheckpointRegistered: _TypeAlias = CheckpointRegistered  # noqa: Y015
 
 @_typing.final
+class JobGpuUsage(_message.Message):
+    """One job's use of one GPU on this node, CUMULATIVE since the job started there (not an
+    increment): the controller keeps, per (job, node, gpu), the row with the newest as_of_ms,
+    so a replayed, reordered or resent report can never be counted twice, and a lost one is
+    made good by the next. Per-minute rollups get the difference to the stored row.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    AS_OF_MS_FIELD_NUMBER: _builtins.int
+    ALLOCATED_MS_FIELD_NUMBER: _builtins.int
+    BUSY_MS_FIELD_NUMBER: _builtins.int
+    ENERGY_MJ_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    IDLE_SINCE_MS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """SLURM_JOB_ID"""
+    gpu_index: _builtins.int
+    """NVML index on this node"""
+    user: _builtins.str
+    """SLURM_JOB_USER"""
+    account: _builtins.str
+    """SLURM_JOB_ACCOUNT"""
+    start_ms: _builtins.int
+    """prolog time, agent wall clock, Unix epoch"""
+    end_ms: _builtins.int
+    """epilog time; set with JOB_PHASE_ENDED"""
+    as_of_ms: _builtins.int
+    """the totals below are up to this time"""
+    allocated_ms: _builtins.int
+    """as_of_ms (or end_ms) - start_ms"""
+    busy_ms: _builtins.int
+    """utilisation-weighted: sum of util/100 x dt over 1 s samples"""
+    energy_mj: _builtins.int
+    """NVML total-energy deltas while the job held the GPU"""
+    phase: Global___JobPhase.ValueType
+    idle_since_ms: _builtins.int
+    """since when this GPU has been at 0 % utilisation while held; unset when it is busy"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        gpu_index: _builtins.int = ...,
+        user: _builtins.str = ...,
+        account: _builtins.str = ...,
+        start_ms: _builtins.int = ...,
+        end_ms: _builtins.int | None = ...,
+        as_of_ms: _builtins.int = ...,
+        allocated_ms: _builtins.int = ...,
+        busy_ms: _builtins.int = ...,
+        energy_mj: _builtins.int | None = ...,
+        phase: Global___JobPhase.ValueType = ...,
+        idle_since_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_energy_mj", b"_energy_mj", "_idle_since_ms", b"_idle_since_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "idle_since_ms", b"idle_since_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_energy_mj", b"_energy_mj", "_idle_since_ms", b"_idle_since_ms", "account", b"account", "allocated_ms", b"allocated_ms", "as_of_ms", b"as_of_ms", "busy_ms", b"busy_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "gpu_index", b"gpu_index", "idle_since_ms", b"idle_since_ms", "job_id", b"job_id", "phase", b"phase", "start_ms", b"start_ms", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end_ms: _TypeAlias = _typing.Literal["end_ms"]  # noqa: Y015
+    _WhichOneofArgType__end_ms: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms"]  # noqa: Y015
+    _WhichOneofReturnType__energy_mj: _TypeAlias = _typing.Literal["energy_mj"]  # noqa: Y015
+    _WhichOneofArgType__energy_mj: _TypeAlias = _typing.Literal["_energy_mj", b"_energy_mj"]  # noqa: Y015
+    _WhichOneofReturnType__idle_since_ms: _TypeAlias = _typing.Literal["idle_since_ms"]  # noqa: Y015
+    _WhichOneofArgType__idle_since_ms: _TypeAlias = _typing.Literal["_idle_since_ms", b"_idle_since_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end_ms) -> _WhichOneofReturnType__end_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__energy_mj) -> _WhichOneofReturnType__energy_mj | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_since_ms) -> _WhichOneofReturnType__idle_since_ms | None: ...
+
+Global___JobGpuUsage: _TypeAlias = JobGpuUsage  # noqa: Y015
+
+@_typing.final
+class JobUsageReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobGpuUsage]: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        usage: _abc.Iterable[Global___JobGpuUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobUsageReport: _TypeAlias = JobUsageReport  # noqa: Y015
+
+@_typing.final
 class Hello(_message.Message):
     """---------------------------------------------------------------- stream"""
 
@@ -886,6 +1015,7 @@ class AgentMessage(_message.Message):
     SAMPLE_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     agent_instance: _builtins.str
     """random per agent start, makes seq unique across restarts"""
@@ -897,6 +1027,8 @@ class AgentMessage(_message.Message):
     def event(self) -> Global___HealthEvent: ...
     @_builtins.property
     def checkpoint(self) -> Global___CheckpointRegistered: ...
+    @_builtins.property
+    def usage(self) -> Global___JobUsageReport: ...
     def __init__(
         self,
         *,
@@ -906,12 +1038,13 @@ class AgentMessage(_message.Message):
         sample: Global___NodeSample | None = ...,
         event: Global___HealthEvent | None = ...,
         checkpoint: Global___CheckpointRegistered | None = ...,
+        usage: Global___JobUsageReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample", "seq", b"seq", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event", "checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event", "checkpoint", "usage"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

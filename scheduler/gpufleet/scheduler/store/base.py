@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from .acct import AcctStoreMixin, UsageDelta, UsageQuery, UsageRow, UsageTotal
 
 HEALTH_ORDER = {"unknown": 0, "ok": 1, "warn": 2, "degraded": 3, "fatal": 4}
 
@@ -98,6 +101,31 @@ class CheckpointRow:
     received_ms: int
 
 
+@dataclass(frozen=True)
+class RecoveryRow:
+    """One job's recovery from one fatal node: the steps taken and when (None: not reached).
+
+    `id` 0 means not stored yet. fault_ms is the agent's clock, the rest the controller's.
+    """
+
+    id: int
+    job_id: str
+    node: str
+    status: str  # running | requeued | running_again | not_requested | do_not_requeue |
+    #              finished | limit | failed | shadow
+    detail: str
+    restart: int  # gpufleet's Nth restart of this job (0: not restarted by this recovery)
+    fault_ms: int | None
+    drain_ms: int | None
+    signal_ms: int | None
+    requeue_ms: int | None
+    running_ms: int | None
+    checkpoint_step: int | None
+    checkpoint_ms: int | None
+    lost_work_ms: int | None
+    created_ms: int
+
+
 class StateStore(Protocol):
     def upsert_node(
         self, name: str, hostname: str, gpu_count: int, inventory: bytes, agent_instance: str,
@@ -149,6 +177,22 @@ class StateStore(Protocol):
 
     def checkpoint(self, job_id: str) -> CheckpointRow | None: ...
 
+    def save_recovery(self, row: RecoveryRow) -> int: ...
+
+    def recoveries(self, job_id: str | None = None, since_ms: int = 0) -> list[RecoveryRow]: ...
+
+    # accounting ledger (store/acct.py)
+    def record_usage(self, rows: Iterable[UsageRow]) -> list[UsageDelta]: ...
+
+    def add_lost_time(self, job_id: str, node: str, lost_ms: int) -> int: ...
+
+    def usage_rows(self, job_id: str) -> list[UsageRow]: ...
+
+    def usage(self, q: UsageQuery) -> list[UsageTotal]: ...
+
+    def usage_by_minute(self, since_ms: int, until_ms: int, group_by: str = "account"
+                        ) -> list[UsageTotal]: ...
+
     def schema_version(self) -> int: ...
 
     def close(self) -> None: ...
@@ -179,7 +223,7 @@ def check_schema_version(version: int, known: int, target: str) -> None:
         )
 
 
-class SqlStore:
+class SqlStore(AcctStoreMixin):
     """The store's logic over one DB-API connection behind a lock (writes are short).
 
     Subclasses provide `_tx()` (a write transaction yielding something with `execute`),
@@ -449,3 +493,40 @@ class SqlStore:
                 "WHERE job_id = ?", (job_id,)
             ).fetchone()
         return CheckpointRow(*r) if r else None
+
+    # ------------------------------------------------------------ job recoveries
+
+    def save_recovery(self, row: RecoveryRow) -> int:
+        """Insert (row.id == 0) or update a recovery; returns its id."""
+        values = (row.job_id, row.node, row.status, row.detail, row.restart, row.fault_ms,
+                  row.drain_ms, row.signal_ms, row.requeue_ms, row.running_ms,
+                  row.checkpoint_step, row.checkpoint_ms, row.lost_work_ms, row.created_ms)
+        with self._tx() as db:
+            if row.id == 0:
+                r = db.execute(
+                    f"INSERT INTO recoveries ({_RECOVERY_FIELDS}) VALUES "  # noqa: S608 - constant
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id", values,
+                ).fetchone()
+                return int(r[0])
+            sets = ", ".join(f"{c.strip()} = ?" for c in _RECOVERY_FIELDS.split(","))
+            cur = db.execute(f"UPDATE recoveries SET {sets} WHERE id = ?",  # noqa: S608 - constant
+                             (*values, row.id))
+            if cur.rowcount == 0:
+                raise StoreError(f"recovery {row.id} of job {row.job_id}: no such row")
+            return row.id
+
+    def recoveries(self, job_id: str | None = None, since_ms: int = 0) -> list[RecoveryRow]:
+        """Recoveries created at or after since_ms (of one job, or all), oldest first."""
+        q = f"SELECT id, {_RECOVERY_FIELDS} FROM recoveries WHERE created_ms >= ?"  # noqa: S608
+        args: list[object] = [since_ms]
+        if job_id is not None:
+            q += " AND job_id = ?"
+            args.append(job_id)
+        with self._read() as db:
+            rows = db.execute(q + " ORDER BY id", args).fetchall()
+        return [RecoveryRow(*r) for r in rows]
+
+
+_RECOVERY_FIELDS = ("job_id, node, status, detail, restart, fault_ms, drain_ms, signal_ms, "
+                    "requeue_ms, running_ms, checkpoint_step, checkpoint_ms, lost_work_ms, "
+                    "created_ms")

@@ -1,0 +1,421 @@
+"""Per-job GPU accounting on the node: which job holds which GPU, to the second, and what it used.
+
+How a job becomes known (design):
+
+* Slurm's Prolog runs ``gpufleet-agent prolog`` and its Epilog ``gpufleet-agent epilog``. Each
+  writes ONE small JSON file, atomically (write + fsync + rename), into ``STATE_DIR/jobs/``:
+  ``start-<job>.json`` / ``end-<job>.json`` with the job id, its GPUs, user, account and the
+  wall-clock time in ms. That is all they do: no NVML, no socket, no waiting on the agent, and
+  they exit 0 whatever happens, because a failing Prolog drains the node and a failing Epilog
+  fails the job. The time in the file is the job's start/end, so a slow or stopped agent
+  changes nothing about "to the second".
+* The agent polls that spool directory each sample (one ``scandir`` of a near-empty folder),
+  takes a fresh energy-counter read when a job starts or ends (``expire_counters()``), and
+  otherwise keeps NVML's slow energy counter at its ``nvml_counter_interval_s`` (10 s).
+* Per GPU the agent integrates utilisation x time for the job holding it (clipped to the
+  job's start and end) and adds energy-counter differences (a counter that went backwards was
+  reset by a driver reload and counts on from 0; one near 2^64 wrapped). Allocated time is
+  ``end - start`` from the hook times, never a sum of samples.
+* Usage leaves as CUMULATIVE per (job, GPU) totals at the job's start, at every minute
+  boundary, and at its end (gpufleet.v1.JobGpuUsage). The controller keeps the newest per
+  (job, node, GPU), so a replay can never count twice. Before a report is queued, the totals
+  are written to ``STATE_DIR/accounting.json`` (the on-disk spool): after an agent restart
+  the jobs, their totals and the last raw energy readings come back, every job is reported
+  again, and energy used while the agent was down is still counted (the counter kept
+  running). Busy time while the agent was down is not observed and so not counted.
+* A job's GPUs come from SLURM_JOB_GPUS (indices) or CUDA_VISIBLE_DEVICES (indices or
+  GPU-UUIDs, mapped through the inventory). Several jobs on one node each hold their own
+  GPUs, so each GPU has at most one owner and shared nodes are exact. (Sharded/MPS GPUs shared
+  by two jobs at once: the later job wins; not supported.)
+
+Never does: talk to Slurm, block the sample loop on I/O other than the spool folder and its
+own state file, or raise out of `on_sample` for one bad spool file (it is logged and moved
+aside as ``*.bad``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpufleet.agent.telemetry import GpuSample
+from gpufleet.rpc.v1 import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SPOOL_DIR = "jobs"
+STATE_FILE = "accounting.json"
+REPORT_PERIOD_MS = 60_000  # RUNNING reports at each minute boundary: per-minute rollups
+# totals are saved this often even without a report: an agent crash loses at most this much
+# busy time (energy and allocated time are never lost: they come from counters and times)
+SAVE_PERIOD_MS = 10_000
+_JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
+_NAME = re.compile(r"^[A-Za-z0-9._@+-]{0,64}$")
+_UUID = re.compile(r"^(GPU|MIG)-[0-9A-Fa-f-]{8,64}$")
+_U64 = 1 << 64
+# a counter value above this that then reads lower is taken as a uint64 wrap, not a reset
+_WRAP_NEAR = 1 << 63
+
+
+class AccountingError(ValueError):
+    """A job hook's input is unusable; the message names the variable and the problem."""
+
+
+# ------------------------------------------------------------------ hook side (prolog/epilog)
+
+def parse_gpu_list(text: str, name: str = "SLURM_JOB_GPUS") -> tuple[str, ...]:
+    """'0,1', '0-3', '2,4-5' or GPU-UUIDs into a tuple of entries (indices as digit strings)."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.isdigit():
+            out.append(str(int(part)))
+        elif re.fullmatch(r"[0-9]+-[0-9]+", part):
+            lo, hi = (int(x) for x in part.split("-"))
+            if hi < lo or hi - lo > 255:
+                raise AccountingError(f"{name}={text!r}: bad range {part!r}")
+            out.extend(str(i) for i in range(lo, hi + 1))
+        elif _UUID.match(part):
+            out.append(part)
+        else:
+            raise AccountingError(
+                f"{name}={text!r}: {part!r} is neither a GPU index, a range nor a GPU-UUID")
+    return tuple(dict.fromkeys(out))  # de-duplicated, order kept
+
+
+def job_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The job a Prolog/Epilog runs for, from Slurm's environment; AccountingError if unusable."""
+    job_id = env.get("SLURM_JOB_ID", "")
+    if not _JOB_ID.match(job_id):
+        raise AccountingError(f"SLURM_JOB_ID={job_id!r}: not a Slurm job id")
+    gpus_var = "SLURM_JOB_GPUS" if env.get("SLURM_JOB_GPUS") else "CUDA_VISIBLE_DEVICES"
+    gpus = parse_gpu_list(env.get(gpus_var, ""), gpus_var)
+    user = env.get("SLURM_JOB_USER", "")
+    account = env.get("SLURM_JOB_ACCOUNT", "")
+    for var, value in (("SLURM_JOB_USER", user), ("SLURM_JOB_ACCOUNT", account)):
+        if not _NAME.match(value):
+            raise AccountingError(f"{var}={value[:80]!r}: unexpected characters")
+    return {"job_id": job_id, "gpus": list(gpus), "user": user, "account": account}
+
+
+def write_hook_file(state_dir: str | os.PathLike[str], kind: str, job: Mapping[str, Any],
+                    time_ms: int) -> Path:
+    """Record a job's start ('start') or end ('end') in the spool; atomic and durable."""
+    if kind not in ("start", "end"):
+        raise AccountingError(f"kind={kind!r}: must be 'start' or 'end'")
+    spool = Path(state_dir) / SPOOL_DIR
+    spool.mkdir(parents=True, exist_ok=True)
+    path = spool / f"{kind}-{job['job_id']}.json"
+    tmp = spool / f".{kind}-{job['job_id']}.{os.getpid()}.tmp"
+    data = json.dumps({**job, "kind": kind, "time_ms": time_ms}).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------ agent side
+
+def counter_delta(last: int | None, raw: int | None) -> int:
+    """Energy (mJ) between two reads of NVML's total-energy counter.
+
+    None on either side: nothing known, 0. Lower than before: near 2^64 it wrapped, else the
+    driver was reloaded and the counter restarted from 0, so `raw` is what was used since.
+    """
+    if last is None or raw is None:
+        return 0
+    if raw >= last:
+        return raw - last
+    if last >= _WRAP_NEAR:
+        return _U64 - last + raw
+    return raw
+
+
+@dataclass
+class _GpuUse:
+    busy_ms: float = 0.0
+    energy_mj: int = 0
+    idle_since_ms: int | None = None
+
+
+@dataclass
+class _Job:
+    job_id: str
+    user: str
+    account: str
+    gpus: tuple[int, ...]
+    start_ms: int
+    end_ms: int | None = None
+    final_seq: int | None = None  # outbox seq of the ENDED report; forgotten once acked
+    use: dict[int, _GpuUse] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "user": self.user, "account": self.account,
+                "gpus": list(self.gpus), "start_ms": self.start_ms, "end_ms": self.end_ms,
+                "final_seq": self.final_seq,
+                "use": {str(g): [u.busy_ms, u.energy_mj, u.idle_since_ms]
+                        for g, u in self.use.items()}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> _Job:
+        job = cls(str(d["job_id"]), str(d["user"]), str(d["account"]),
+                  tuple(int(g) for g in d["gpus"]), int(d["start_ms"]),
+                  None if d.get("end_ms") is None else int(d["end_ms"]))
+        job.use = {int(g): _GpuUse(float(v[0]), int(v[1]), v[2])
+                   for g, v in d.get("use", {}).items()}
+        return job
+
+
+@dataclass(frozen=True)
+class HookRecord:
+    kind: str  # start | end
+    job_id: str
+    gpus: tuple[str, ...]
+    user: str
+    account: str
+    time_ms: int
+    path: Path
+
+
+class Accountant:
+    """Owns the job -> GPU map and each job's running totals. Called from the sample loop only."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], node: str) -> None:
+        self.node = node
+        self.state_dir = Path(state_dir)
+        self.spool = self.state_dir / SPOOL_DIR
+        self.state_path = self.state_dir / STATE_FILE
+        self.jobs: dict[str, _Job] = {}
+        self._last_raw: dict[int, int] = {}
+        self._last_t_ms: int | None = None
+        self._last_period = -1
+        self._uuid_to_index: dict[str, int] = {}
+        self._pending: list[HookRecord] = []
+        self._done_files: list[Path] = []
+        self._saved_ms = 0
+        self._restored = self._load()
+
+    # ------------------------------------------------------------ inputs
+
+    def set_inventory(self, uuids: Mapping[str, int]) -> None:
+        self._uuid_to_index = dict(uuids)
+
+    def poll_spool(self) -> bool:
+        """Read new hook files; True when a job starts or ends (take a fresh energy read)."""
+        try:
+            names = sorted(e.name for e in os.scandir(self.spool)
+                           if e.name.endswith(".json") and not e.name.startswith("."))
+        except FileNotFoundError:
+            return False
+        seen = {(r.kind, r.job_id) for r in self._pending}
+        for name in names:
+            path = self.spool / name
+            try:
+                rec = self._read_hook(path)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("job spool: %s is unusable (%s); moved aside as .bad", path, e)
+                with contextlib.suppress(OSError):
+                    path.replace(path.with_suffix(".bad"))
+                continue
+            if (rec.kind, rec.job_id) not in seen:
+                self._pending.append(rec)
+                seen.add((rec.kind, rec.job_id))
+        return bool(self._pending)
+
+    def _read_hook(self, path: Path) -> HookRecord:
+        d = json.loads(path.read_text())
+        kind = d["kind"]
+        if kind not in ("start", "end") or not _JOB_ID.match(str(d["job_id"])):
+            raise ValueError(f"kind={kind!r} job_id={d.get('job_id')!r}")
+        return HookRecord(kind, str(d["job_id"]), tuple(str(g) for g in d.get("gpus", [])),
+                          str(d.get("user", "")), str(d.get("account", "")),
+                          int(d["time_ms"]), path)
+
+    def on_sample(self, samples: Sequence[GpuSample], now_ms: int,
+                  acked_seq: int = 0) -> list[pb.JobGpuUsage]:
+        """Integrate one sample; apply pending starts/ends; return the rows to report now.
+
+        Energy and busy time up to `now_ms` go to the job that held each GPU before this
+        sample's starts and ends are applied (an ending job held it up to its end_ms, a
+        starting job only from its start_ms: busy time is clipped to both).
+        """
+        owner = self._owners()
+        last_t = self._last_t_ms if self._last_t_ms is not None else now_ms
+        ends = {r.job_id: r for r in self._pending if r.kind == "end"}
+        for s in samples:
+            raw = s.energy_mj if not s.lost else None
+            delta = counter_delta(self._last_raw.get(s.index), raw)
+            if raw is not None:
+                self._last_raw[s.index] = raw
+            job = owner.get(s.index)
+            if job is None:
+                continue
+            use = job.use.setdefault(s.index, _GpuUse())
+            use.energy_mj += delta
+            end_ms = ends[job.job_id].time_ms if job.job_id in ends else now_ms
+            dt_ms = max(0, min(now_ms, end_ms) - max(last_t, job.start_ms))
+            util = s.utilization_gpu_pct
+            if util is not None and not s.lost:
+                use.busy_ms += util / 100.0 * dt_ms
+                if util > 0:
+                    use.idle_since_ms = None
+                elif use.idle_since_ms is None:
+                    use.idle_since_ms = max(last_t, job.start_ms)
+        self._last_t_ms = now_ms
+        rows = self._apply_pending(now_ms)
+        period = now_ms // REPORT_PERIOD_MS
+        if self._restored or period != self._last_period:
+            # every running job at a minute boundary; after a restart, every job we hold
+            # (an ENDED one too: its ack may have been lost with the old agent)
+            reported = {r.job_id for r in rows}
+            for job in self.jobs.values():
+                if job.job_id not in reported and (job.end_ms is None or self._restored):
+                    rows += self._rows(job, now_ms)
+            self._restored = False
+            self._last_period = period
+        self._forget_acked(acked_seq)
+        if rows or (self.jobs and now_ms - self._saved_ms >= SAVE_PERIOD_MS):
+            self._saved_ms = now_ms
+            self.save()  # before the rows are queued: reported totals are never ahead of disk
+        return rows
+
+    def _apply_pending(self, now_ms: int) -> list[pb.JobGpuUsage]:
+        rows: list[pb.JobGpuUsage] = []
+        done: list[HookRecord] = []
+        for rec in sorted(self._pending, key=lambda r: (r.kind != "end", r.time_ms)):
+            job = self.jobs.get(rec.job_id)
+            if rec.kind == "end":
+                if job is None:
+                    if any(r.kind == "start" and r.job_id == rec.job_id for r in self._pending):
+                        continue  # started and ended within one sample: start first, next time
+                    log.warning("job %s ended but its start was never recorded (prolog "
+                                "not configured?); no usage for it", rec.job_id)
+                elif job.end_ms is None:
+                    job.end_ms = max(rec.time_ms, job.start_ms)
+                    rows += self._rows(job, now_ms)
+                done.append(rec)
+            else:
+                if job is None:
+                    gpus = self._resolve(rec)
+                    job = _Job(rec.job_id, rec.user, rec.account, gpus, rec.time_ms)
+                    for g in gpus:
+                        job.use[g] = _GpuUse()
+                    self.jobs[rec.job_id] = job
+                    rows += self._rows(job, now_ms, pb.JOB_PHASE_STARTED)
+                done.append(rec)
+        self._pending = [r for r in self._pending if r not in done]
+        self._done_files += [r.path for r in done]
+        return rows
+
+    def _resolve(self, rec: HookRecord) -> tuple[int, ...]:
+        out: list[int] = []
+        for g in rec.gpus:
+            if g.isdigit():
+                out.append(int(g))
+            elif g in self._uuid_to_index:
+                out.append(self._uuid_to_index[g])
+            else:
+                log.warning("job %s: GPU %s is not on this node; not accounted", rec.job_id, g)
+        return tuple(out)
+
+    def _owners(self) -> dict[int, _Job]:
+        owner: dict[int, _Job] = {}
+        for job in sorted(self.jobs.values(), key=lambda j: j.start_ms):
+            if job.end_ms is None:
+                for g in job.gpus:
+                    owner[g] = job  # the later job wins a GPU two jobs claim (see docstring)
+        return owner
+
+    def _rows(self, job: _Job, now_ms: int,
+              phase: pb.JobPhase.ValueType = pb.JOB_PHASE_RUNNING) -> list[pb.JobGpuUsage]:
+        if job.end_ms is not None:
+            phase, as_of = pb.JOB_PHASE_ENDED, job.end_ms
+        else:
+            as_of = max(now_ms, job.start_ms)
+        rows = []
+        for g in job.gpus:
+            u = job.use.setdefault(g, _GpuUse())
+            row = pb.JobGpuUsage(
+                job_id=job.job_id, gpu_index=g, user=job.user, account=job.account,
+                start_ms=job.start_ms, as_of_ms=as_of,
+                allocated_ms=max(0, as_of - job.start_ms), busy_ms=int(u.busy_ms),
+                energy_mj=u.energy_mj, phase=phase,
+            )
+            if job.end_ms is not None:
+                row.end_ms = job.end_ms
+            elif u.idle_since_ms is not None:
+                row.idle_since_ms = u.idle_since_ms
+            rows.append(row)
+        return rows
+
+    def report(self, rows: Sequence[pb.JobGpuUsage]) -> pb.JobUsageReport:
+        return pb.JobUsageReport(node=self.node, usage=list(rows))
+
+    def queued(self, rows: Sequence[pb.JobGpuUsage], seq: int) -> None:
+        """The rows went out as `seq`: an ended job is forgotten once that seq is acked."""
+        ended = {r.job_id for r in rows if r.phase == pb.JOB_PHASE_ENDED}
+        for job_id in ended:
+            if job_id in self.jobs:
+                self.jobs[job_id].final_seq = seq
+        self.save()
+
+    def _forget_acked(self, acked_seq: int) -> None:
+        gone = [j for j in self.jobs.values()
+                if j.final_seq is not None and j.final_seq <= acked_seq]
+        for job in gone:
+            del self.jobs[job.job_id]
+        if gone:
+            self.save()
+
+    # ------------------------------------------------------------ state on disk
+
+    def save(self) -> None:
+        doc = {"jobs": [j.to_json() for j in self.jobs.values()],
+               "last_raw": {str(g): v for g, v in self._last_raw.items()},
+               "last_t_ms": self._last_t_ms, "saved_ms": int(time.time() * 1000)}
+        tmp = self.state_path.with_suffix(".tmp")
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(self.state_path)
+        except OSError as e:
+            log.error("accounting state not saved to %s: %s", self.state_path, e)
+            return
+        # the hook files are in the state now: only then may they go
+        for path in self._done_files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._done_files = []
+
+    def _load(self) -> bool:
+        try:
+            doc = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as e:
+            bad = self.state_path.with_suffix(".bad")
+            log.error("accounting state %s unreadable (%s); kept as %s, starting empty",
+                      self.state_path, e, bad)
+            with contextlib.suppress(OSError):
+                self.state_path.replace(bad)
+            return False
+        for d in doc.get("jobs", []):
+            job = _Job.from_json(d)
+            self.jobs[job.job_id] = job
+        self._last_raw = {int(g): int(v) for g, v in doc.get("last_raw", {}).items()}
+        # not last_t_ms: busy time while the agent was down was not observed, so the first
+        # sample after a restart integrates nothing; energy does count on (last_raw)
+        return bool(self.jobs)
