@@ -489,6 +489,7 @@ def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_draine
 
 def _register_command_groups() -> None:
     """Groups that live in their own modules (each module is the group's whole CLI)."""
+    from gpufleet.scheduler.cli_acct import acct
     from gpufleet.scheduler.cli_certs import certs_group
     from gpufleet.scheduler.cli_jobs import jobs
     from gpufleet.scheduler.cli_place import place_cmd, sbatch_cmd
@@ -499,6 +500,7 @@ def _register_command_groups() -> None:
     main.add_command(place_cmd)
     main.add_command(sbatch_cmd)
     main.add_command(jobs)
+    main.add_command(acct)
 
 
 _register_command_groups()
