@@ -257,9 +257,9 @@ def test_checkpoint_travels_job_to_agent_to_controller(
 
 
 def test_pending_registrations_are_bounded() -> None:
-    from gpufleet.agent.runner import _Outbox
+    from gpufleet.agent.outbox import Outbox
 
-    box = _Outbox(agent_instance="i", max_pending=10_000)
+    box = Outbox(agent_instance="i", max_pending=10_000)
     box.max_pending_checkpoints = 3
     box.put_sample(pb.NodeSample(timestamp_ms=1))
     for step in range(5):

@@ -8,9 +8,7 @@ it is skipped with the reason.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,28 +18,13 @@ import psycopg
 import pytest
 from gpufleet.scheduler.store import StateStore, open_store
 
-from tests.conftest import IN_CI
-
-from .pg_server import PgServer, PgServerError
+from .pg_server import PgServer, started_pg_server
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    # not under pytest's tmp_path: that is mode 0700 root, and the server runs as `postgres`
-    base = Path(tempfile.mkdtemp(prefix="gf-pg-"))
-    server = PgServer(base)
-    try:
-        server.start()
-    except PgServerError as e:
-        shutil.rmtree(base, ignore_errors=True)
-        if IN_CI:
-            pytest.fail(f"CI=true and the test PostgreSQL could not start: {e}", pytrace=False)
-        pytest.skip(f"PostgreSQL could not start: {e}")
-    try:
+    with started_pg_server("gf-pg-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclass

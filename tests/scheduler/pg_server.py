@@ -8,13 +8,16 @@ root). Trust authentication on 127.0.0.1 only: the server lives as long as the t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -132,3 +135,28 @@ class PgServer:
                 return
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def started_pg_server(prefix: str) -> Iterator[PgServer]:
+    """A PostgreSQL for a test session: started, yielded, stopped by PID, removed. Under
+    CI=true one that cannot start FAILS the tests; elsewhere they skip with the reason."""
+    import pytest
+
+    from tests.conftest import IN_CI
+
+    # not under pytest's tmp_path: that is mode 0700 root, and the server runs as `postgres`
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    server = PgServer(base)
+    try:
+        server.start()
+    except PgServerError as e:
+        shutil.rmtree(base, ignore_errors=True)
+        if IN_CI:
+            pytest.fail(f"CI=true and the test PostgreSQL could not start: {e}", pytrace=False)
+        pytest.skip(f"PostgreSQL could not start: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

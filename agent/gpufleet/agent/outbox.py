@@ -3,7 +3,9 @@
 Every report gets the next sequence number when it is queued; it stays here until the
 controller acks it (or a later one), so a reconnect resends exactly what was not stored.
 Bounded: when the controller is away for long, the oldest *samples* are dropped first;
-health events are kept because a fault must never be lost.
+health events and job usage are kept because a fault or a GPU-second must never be lost.
+Checkpoint registrations get their own bound (any local user can write to the job socket):
+past it the oldest pending registration goes, since a job's newer one makes older ones moot.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 
 class Outbox:
+    max_pending_checkpoints = 256
+
     def __init__(self, agent_instance: str, max_pending: int = 3600) -> None:
         self.agent_instance = agent_instance
         self.max_pending = max_pending
@@ -29,6 +33,19 @@ class Outbox:
 
     def put_event(self, event: pb.HealthEvent) -> int:
         return self._put(pb.AgentMessage(event=event))
+
+    def put_checkpoint(self, ckpt: pb.CheckpointRegistered) -> int:
+        with self._cond:
+            waiting = [i for i, m in enumerate(self._pending)
+                       if m.WhichOneof("body") == "checkpoint"]
+            if len(waiting) >= self.max_pending_checkpoints:
+                del self._pending[waiting[0]]
+                self.dropped += 1
+        return self._put(pb.AgentMessage(checkpoint=ckpt))
+
+    def put_usage(self, report: pb.JobUsageReport) -> int:
+        # never dropped for space (only samples are): usage is cumulative and few per minute
+        return self._put(pb.AgentMessage(usage=report))
 
     def _put(self, msg: pb.AgentMessage) -> int:
         with self._cond:

@@ -44,27 +44,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class _Outbox(Outbox):
-    # TODO(outbox.py owner): move put_checkpoint into Outbox; kept here so this change
-    # touches only runner.py. Registrations survive the sample-dropping of a full outbox,
-    # but any local user can write to the job socket, so they get their own bound: past it
-    # the oldest pending registration goes (a job's newer one makes its older ones moot).
-    max_pending_checkpoints = 256
-
-    def put_checkpoint(self, ckpt: pb.CheckpointRegistered) -> int:
-        with self._cond:
-            waiting = [i for i, m in enumerate(self._pending)
-                       if m.WhichOneof("body") == "checkpoint"]
-            if len(waiting) >= self.max_pending_checkpoints:
-                del self._pending[waiting[0]]
-                self.dropped += 1
-        return self._put(pb.AgentMessage(checkpoint=ckpt))
-
-    def put_usage(self, report: pb.JobUsageReport) -> int:
-        # never dropped for space (only samples are): usage is cumulative and few per minute
-        return self._put(pb.AgentMessage(usage=report))
-
-
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -84,7 +63,7 @@ class Agent:
         self._kmsg: KmsgReader | None = None
         self._recent_xids: dict[tuple[int | None, int], int] = {}
         self._missing_disks: set[str] = set()
-        self.outbox = _Outbox(agent_instance=uuid.uuid4().hex)
+        self.outbox = Outbox(agent_instance=uuid.uuid4().hex)
         self.stop = threading.Event()
         self.cycles = 0
         self._bus_ids: dict[int, str] = {}
