@@ -835,6 +835,7 @@ class CheckpointRegistered(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     RECEIVED_MS_FIELD_NUMBER: _builtins.int
+    MUNGE_CREDENTIAL_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """SLURM_JOB_ID, as the job stated it"""
     step: _builtins.int
@@ -850,6 +851,11 @@ class CheckpointRegistered(_message.Message):
     """
     received_ms: _builtins.int
     """agent wall clock when the registration arrived"""
+    munge_credential: _builtins.bytes
+    """MUNGE credential the job's process made (`munge`, payload "<job_id>:<step>"): lets the
+    controller check, with its own munged, that the job's owner registered it end to end
+    (not only that the agent says so). Empty when munge is not installed on the node.
+    """
     def __init__(
         self,
         *,
@@ -860,10 +866,11 @@ class CheckpointRegistered(_message.Message):
         node: _builtins.str = ...,
         uid: _builtins.int | None = ...,
         received_ms: _builtins.int = ...,
+        munge_credential: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "uid", b"uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "job_id", b"job_id", "node", b"node", "path", b"path", "received_ms", b"received_ms", "step", b"step", "time_ms", b"time_ms", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "job_id", b"job_id", "munge_credential", b"munge_credential", "node", b"node", "path", b"path", "received_ms", b"received_ms", "step", b"step", "time_ms", b"time_ms", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__uid: _TypeAlias = _typing.Literal["uid"]  # noqa: Y015
     _WhichOneofArgType__uid: _TypeAlias = _typing.Literal["_uid", b"_uid"]  # noqa: Y015
@@ -1051,20 +1058,51 @@ class AgentMessage(_message.Message):
 Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
 
 @_typing.final
-class Ack(_message.Message):
+class Rejected(_message.Message):
+    """A message the controller will never store (it failed validation). It is acked all the
+    same, so the agent does not resend it forever; the agent keeps it in a dead-letter file.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """everything up to and including this is stored"""
+    reason: _builtins.str
+    """what was wrong, naming the field"""
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rejected: _TypeAlias = Rejected  # noqa: Y015
+
+@_typing.final
+class Ack(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """everything up to and including this is stored (or rejected, below)"""
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejected]: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___Rejected] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rejected", b"rejected", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1127,3 +1165,562 @@ class ControllerMessage(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControllerMessage: _TypeAlias = ControllerMessage  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    """Calls from users and admins (`gpufleet sbatch`, `acct`, `jobs`, `drain`, `resume`).
+    Every call carries the caller's MUNGE credential (`munge -n` output, as Slurm does) in the
+    gRPC metadata key "gpufleet-munge-cred"; the controller decodes it with its own munged and
+    acts for that UID. Without a valid credential: UNAUTHENTICATED. A user may read and act on
+    their own jobs and accounting only; members of the controller's admin Unix group on
+    everything; otherwise PERMISSION_DENIED with a message that says what was refused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class WhoAmIReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    ADMIN_FIELD_NUMBER: _builtins.int
+    uid: _builtins.int
+    user: _builtins.str
+    admin: _builtins.bool
+    def __init__(
+        self,
+        *,
+        uid: _builtins.int = ...,
+        user: _builtins.str = ...,
+        admin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "uid", b"uid", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIReply: _TypeAlias = WhoAmIReply  # noqa: Y015
+
+@_typing.final
+class PlaceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    GPUS_PER_NODE_FIELD_NUMBER: _builtins.int
+    TOTAL_GPUS_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_MIN_FIELD_NUMBER: _builtins.int
+    EXCLUDE_FIELD_NUMBER: _builtins.int
+    nodes: _builtins.int
+    gpus_per_node: _builtins.int
+    total_gpus: _builtins.int
+    partition: _builtins.str
+    """"" = the default partition"""
+    time_limit_min: _builtins.int
+    @_builtins.property
+    def constraints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """features every node must have (AND)"""
+
+    @_builtins.property
+    def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes the user excluded"""
+
+    def __init__(
+        self,
+        *,
+        nodes: _builtins.int | None = ...,
+        gpus_per_node: _builtins.int | None = ...,
+        total_gpus: _builtins.int | None = ...,
+        partition: _builtins.str = ...,
+        constraints: _abc.Iterable[_builtins.str] | None = ...,
+        time_limit_min: _builtins.int | None = ...,
+        exclude: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpus_per_node", b"_gpus_per_node", "_nodes", b"_nodes", "_time_limit_min", b"_time_limit_min", "_total_gpus", b"_total_gpus", "gpus_per_node", b"gpus_per_node", "nodes", b"nodes", "time_limit_min", b"time_limit_min", "total_gpus", b"total_gpus"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpus_per_node", b"_gpus_per_node", "_nodes", b"_nodes", "_time_limit_min", b"_time_limit_min", "_total_gpus", b"_total_gpus", "constraints", b"constraints", "exclude", b"exclude", "gpus_per_node", b"gpus_per_node", "nodes", b"nodes", "partition", b"partition", "time_limit_min", b"time_limit_min", "total_gpus", b"total_gpus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gpus_per_node: _TypeAlias = _typing.Literal["gpus_per_node"]  # noqa: Y015
+    _WhichOneofArgType__gpus_per_node: _TypeAlias = _typing.Literal["_gpus_per_node", b"_gpus_per_node"]  # noqa: Y015
+    _WhichOneofReturnType__nodes: _TypeAlias = _typing.Literal["nodes"]  # noqa: Y015
+    _WhichOneofArgType__nodes: _TypeAlias = _typing.Literal["_nodes", b"_nodes"]  # noqa: Y015
+    _WhichOneofReturnType__time_limit_min: _TypeAlias = _typing.Literal["time_limit_min"]  # noqa: Y015
+    _WhichOneofArgType__time_limit_min: _TypeAlias = _typing.Literal["_time_limit_min", b"_time_limit_min"]  # noqa: Y015
+    _WhichOneofReturnType__total_gpus: _TypeAlias = _typing.Literal["total_gpus"]  # noqa: Y015
+    _WhichOneofArgType__total_gpus: _TypeAlias = _typing.Literal["_total_gpus", b"_total_gpus"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpus_per_node) -> _WhichOneofReturnType__gpus_per_node | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nodes) -> _WhichOneofReturnType__nodes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_limit_min) -> _WhichOneofReturnType__time_limit_min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_gpus) -> _WhichOneofReturnType__total_gpus | None: ...
+
+Global___PlaceRequest: _TypeAlias = PlaceRequest  # noqa: Y015
+
+@_typing.final
+class PlacedNode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    LEAF_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    NVLINK_ISLANDS_FIELD_NUMBER: _builtins.int
+    NIC_RANK_FIELD_NUMBER: _builtins.int
+    FREE_GPUS_LEFT_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    leaf: _builtins.str
+    nvlink_islands: _builtins.int
+    """0 = not known"""
+    nic_rank: _builtins.int
+    """sum of PCIe ranks GPU -> nearest NIC (lower is closer)"""
+    free_gpus_left: _builtins.int
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the GPU indices the job will get (Slurm's pick, predicted)"""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        leaf: _builtins.str = ...,
+        gpus: _abc.Iterable[_builtins.int] | None = ...,
+        nvlink_islands: _builtins.int = ...,
+        nic_rank: _builtins.int = ...,
+        free_gpus_left: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_gpus_left", b"free_gpus_left", "gpus", b"gpus", "leaf", b"leaf", "nic_rank", b"nic_rank", "node", b"node", "nvlink_islands", b"nvlink_islands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacedNode: _TypeAlias = PlacedNode  # noqa: Y015
+
+@_typing.final
+class PlaceReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CostEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OK_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    """false: no placement now; `flags` is then the fallback"""
+    score: _builtins.float
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacedNode]: ...
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sbatch flags to add"""
+
+    @_builtins.property
+    def cost(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def explanation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        nodes: _abc.Iterable[Global___PlacedNode] | None = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
+        score: _builtins.float = ...,
+        cost: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        explanation: _abc.Iterable[_builtins.str] | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "env", b"env", "explanation", b"explanation", "flags", b"flags", "nodes", b"nodes", "ok", b"ok", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceReply: _TypeAlias = PlaceReply  # noqa: Y015
+
+@_typing.final
+class AcctRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    since_ms: _builtins.int
+    until_ms: _builtins.int
+    group_by: _builtins.str
+    """user | account | job | node"""
+    clip: _builtins.bool
+    """count only the part of each job inside the window"""
+    @_builtins.property
+    def users(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """a plain user may name only themself (or none: themself)"""
+
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[_builtins.str] | None = ...,
+        accounts: _abc.Iterable[_builtins.str] | None = ...,
+        jobs: _abc.Iterable[_builtins.str] | None = ...,
+        since_ms: _builtins.int | None = ...,
+        until_ms: _builtins.int | None = ...,
+        group_by: _builtins.str = ...,
+        clip: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "accounts", b"accounts", "clip", b"clip", "group_by", b"group_by", "jobs", b"jobs", "since_ms", b"since_ms", "until_ms", b"until_ms", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__since_ms: _TypeAlias = _typing.Literal["since_ms"]  # noqa: Y015
+    _WhichOneofArgType__since_ms: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms"]  # noqa: Y015
+    _WhichOneofReturnType__until_ms: _TypeAlias = _typing.Literal["until_ms"]  # noqa: Y015
+    _WhichOneofArgType__until_ms: _TypeAlias = _typing.Literal["_until_ms", b"_until_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__since_ms) -> _WhichOneofReturnType__since_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__until_ms) -> _WhichOneofReturnType__until_ms | None: ...
+
+Global___AcctRequest: _TypeAlias = AcctRequest  # noqa: Y015
+
+@_typing.final
+class AcctRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    ALLOCATED_MS_FIELD_NUMBER: _builtins.int
+    BUSY_MS_FIELD_NUMBER: _builtins.int
+    ENERGY_MJ_FIELD_NUMBER: _builtins.int
+    LOST_MS_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    jobs: _builtins.int
+    gpus: _builtins.int
+    allocated_ms: _builtins.int
+    busy_ms: _builtins.int
+    energy_mj: _builtins.int
+    lost_ms: _builtins.int
+    start_ms: _builtins.int
+    end_ms: _builtins.int
+    user: _builtins.str
+    account: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        jobs: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+        allocated_ms: _builtins.int = ...,
+        busy_ms: _builtins.int = ...,
+        energy_mj: _builtins.int = ...,
+        lost_ms: _builtins.int = ...,
+        start_ms: _builtins.int | None = ...,
+        end_ms: _builtins.int | None = ...,
+        user: _builtins.str = ...,
+        account: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_start_ms", b"_start_ms", "end_ms", b"end_ms", "start_ms", b"start_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_start_ms", b"_start_ms", "account", b"account", "allocated_ms", b"allocated_ms", "busy_ms", b"busy_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "gpus", b"gpus", "jobs", b"jobs", "key", b"key", "lost_ms", b"lost_ms", "start_ms", b"start_ms", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end_ms: _TypeAlias = _typing.Literal["end_ms"]  # noqa: Y015
+    _WhichOneofArgType__end_ms: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms"]  # noqa: Y015
+    _WhichOneofReturnType__start_ms: _TypeAlias = _typing.Literal["start_ms"]  # noqa: Y015
+    _WhichOneofArgType__start_ms: _TypeAlias = _typing.Literal["_start_ms", b"_start_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end_ms) -> _WhichOneofReturnType__end_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_ms) -> _WhichOneofReturnType__start_ms | None: ...
+
+Global___AcctRow: _TypeAlias = AcctRow  # noqa: Y015
+
+@_typing.final
+class AcctReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcctRow]: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___AcctRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcctReply: _TypeAlias = AcctReply  # noqa: Y015
+
+@_typing.final
+class ShowJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShowJobRequest: _TypeAlias = ShowJobRequest  # noqa: Y015
+
+@_typing.final
+class JobRecovery(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
+    FAULT_MS_FIELD_NUMBER: _builtins.int
+    DRAIN_MS_FIELD_NUMBER: _builtins.int
+    SIGNAL_MS_FIELD_NUMBER: _builtins.int
+    REQUEUE_MS_FIELD_NUMBER: _builtins.int
+    RUNNING_MS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_MS_FIELD_NUMBER: _builtins.int
+    LOST_WORK_MS_FIELD_NUMBER: _builtins.int
+    CREATED_MS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    status: _builtins.str
+    detail: _builtins.str
+    restart: _builtins.int
+    fault_ms: _builtins.int
+    drain_ms: _builtins.int
+    signal_ms: _builtins.int
+    requeue_ms: _builtins.int
+    running_ms: _builtins.int
+    checkpoint_step: _builtins.int
+    checkpoint_ms: _builtins.int
+    lost_work_ms: _builtins.int
+    created_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        status: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        restart: _builtins.int = ...,
+        fault_ms: _builtins.int | None = ...,
+        drain_ms: _builtins.int | None = ...,
+        signal_ms: _builtins.int | None = ...,
+        requeue_ms: _builtins.int | None = ...,
+        running_ms: _builtins.int | None = ...,
+        checkpoint_step: _builtins.int | None = ...,
+        checkpoint_ms: _builtins.int | None = ...,
+        lost_work_ms: _builtins.int | None = ...,
+        created_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms", "_checkpoint_step", b"_checkpoint_step", "_drain_ms", b"_drain_ms", "_fault_ms", b"_fault_ms", "_lost_work_ms", b"_lost_work_ms", "_requeue_ms", b"_requeue_ms", "_running_ms", b"_running_ms", "_signal_ms", b"_signal_ms", "checkpoint_ms", b"checkpoint_ms", "checkpoint_step", b"checkpoint_step", "drain_ms", b"drain_ms", "fault_ms", b"fault_ms", "lost_work_ms", b"lost_work_ms", "requeue_ms", b"requeue_ms", "running_ms", b"running_ms", "signal_ms", b"signal_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms", "_checkpoint_step", b"_checkpoint_step", "_drain_ms", b"_drain_ms", "_fault_ms", b"_fault_ms", "_lost_work_ms", b"_lost_work_ms", "_requeue_ms", b"_requeue_ms", "_running_ms", b"_running_ms", "_signal_ms", b"_signal_ms", "checkpoint_ms", b"checkpoint_ms", "checkpoint_step", b"checkpoint_step", "created_ms", b"created_ms", "detail", b"detail", "drain_ms", b"drain_ms", "fault_ms", b"fault_ms", "lost_work_ms", b"lost_work_ms", "node", b"node", "requeue_ms", b"requeue_ms", "restart", b"restart", "running_ms", b"running_ms", "signal_ms", b"signal_ms", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__checkpoint_ms: _TypeAlias = _typing.Literal["checkpoint_ms"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_ms: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms"]  # noqa: Y015
+    _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015
+    _WhichOneofReturnType__drain_ms: _TypeAlias = _typing.Literal["drain_ms"]  # noqa: Y015
+    _WhichOneofArgType__drain_ms: _TypeAlias = _typing.Literal["_drain_ms", b"_drain_ms"]  # noqa: Y015
+    _WhichOneofReturnType__fault_ms: _TypeAlias = _typing.Literal["fault_ms"]  # noqa: Y015
+    _WhichOneofArgType__fault_ms: _TypeAlias = _typing.Literal["_fault_ms", b"_fault_ms"]  # noqa: Y015
+    _WhichOneofReturnType__lost_work_ms: _TypeAlias = _typing.Literal["lost_work_ms"]  # noqa: Y015
+    _WhichOneofArgType__lost_work_ms: _TypeAlias = _typing.Literal["_lost_work_ms", b"_lost_work_ms"]  # noqa: Y015
+    _WhichOneofReturnType__requeue_ms: _TypeAlias = _typing.Literal["requeue_ms"]  # noqa: Y015
+    _WhichOneofArgType__requeue_ms: _TypeAlias = _typing.Literal["_requeue_ms", b"_requeue_ms"]  # noqa: Y015
+    _WhichOneofReturnType__running_ms: _TypeAlias = _typing.Literal["running_ms"]  # noqa: Y015
+    _WhichOneofArgType__running_ms: _TypeAlias = _typing.Literal["_running_ms", b"_running_ms"]  # noqa: Y015
+    _WhichOneofReturnType__signal_ms: _TypeAlias = _typing.Literal["signal_ms"]  # noqa: Y015
+    _WhichOneofArgType__signal_ms: _TypeAlias = _typing.Literal["_signal_ms", b"_signal_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_ms) -> _WhichOneofReturnType__checkpoint_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_step) -> _WhichOneofReturnType__checkpoint_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__drain_ms) -> _WhichOneofReturnType__drain_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fault_ms) -> _WhichOneofReturnType__fault_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lost_work_ms) -> _WhichOneofReturnType__lost_work_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requeue_ms) -> _WhichOneofReturnType__requeue_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__running_ms) -> _WhichOneofReturnType__running_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__signal_ms) -> _WhichOneofReturnType__signal_ms | None: ...
+
+Global___JobRecovery: _TypeAlias = JobRecovery  # noqa: Y015
+
+@_typing.final
+class ShowJobReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_PATH_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_MS_FIELD_NUMBER: _builtins.int
+    RECOVERIES_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    user: _builtins.str
+    """the job's owner, as the controller knows it"""
+    checkpoint_step: _builtins.int
+    """newest registered complete checkpoint"""
+    checkpoint_path: _builtins.str
+    checkpoint_ms: _builtins.int
+    @_builtins.property
+    def recoveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecovery]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        user: _builtins.str = ...,
+        checkpoint_step: _builtins.int | None = ...,
+        checkpoint_path: _builtins.str = ...,
+        checkpoint_ms: _builtins.int | None = ...,
+        recoveries: _abc.Iterable[Global___JobRecovery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms", "_checkpoint_step", b"_checkpoint_step", "checkpoint_ms", b"checkpoint_ms", "checkpoint_step", b"checkpoint_step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms", "_checkpoint_step", b"_checkpoint_step", "checkpoint_ms", b"checkpoint_ms", "checkpoint_path", b"checkpoint_path", "checkpoint_step", b"checkpoint_step", "job_id", b"job_id", "recoveries", b"recoveries", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__checkpoint_ms: _TypeAlias = _typing.Literal["checkpoint_ms"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_ms: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms"]  # noqa: Y015
+    _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_ms) -> _WhichOneofReturnType__checkpoint_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_step) -> _WhichOneofReturnType__checkpoint_step | None: ...
+
+Global___ShowJobReply: _TypeAlias = ShowJobReply  # noqa: Y015
+
+@_typing.final
+class NodeActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """drain: required, shown in Slurm as "gpufleet: <reason>" """
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Slurm NodeNames (the client expands hostlists)"""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeActionRequest: _TypeAlias = NodeActionRequest  # noqa: Y015
+
+@_typing.final
+class NodeActionReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def unchanged(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """already in that state, or not gpufleet's to resume"""
+
+    def __init__(
+        self,
+        *,
+        changed: _abc.Iterable[_builtins.str] | None = ...,
+        unchanged: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeActionReply: _TypeAlias = NodeActionReply  # noqa: Y015

@@ -96,3 +96,292 @@ class FleetController:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FleetUserStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WhoAmI = channel.unary_unary(
+                '/gpufleet.v1.FleetUser/WhoAmI',
+                request_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.WhoAmIReply.FromString,
+                _registered_method=True)
+        self.Place = channel.unary_unary(
+                '/gpufleet.v1.FleetUser/Place',
+                request_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.PlaceRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.PlaceReply.FromString,
+                _registered_method=True)
+        self.Acct = channel.unary_unary(
+                '/gpufleet.v1.FleetUser/Acct',
+                request_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.AcctRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.AcctReply.FromString,
+                _registered_method=True)
+        self.ShowJob = channel.unary_unary(
+                '/gpufleet.v1.FleetUser/ShowJob',
+                request_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.ShowJobRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.ShowJobReply.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/gpufleet.v1.FleetUser/Drain',
+                request_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionReply.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/gpufleet.v1.FleetUser/Resume',
+                request_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionReply.FromString,
+                _registered_method=True)
+
+
+class FleetUserServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def WhoAmI(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Place(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Acct(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """admins only
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """admins only
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FleetUserServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.WhoAmIRequest.FromString,
+                    response_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.WhoAmIReply.SerializeToString,
+            ),
+            'Place': grpc.unary_unary_rpc_method_handler(
+                    servicer.Place,
+                    request_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.PlaceRequest.FromString,
+                    response_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.PlaceReply.SerializeToString,
+            ),
+            'Acct': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acct,
+                    request_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.AcctRequest.FromString,
+                    response_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.AcctReply.SerializeToString,
+            ),
+            'ShowJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowJob,
+                    request_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.ShowJobRequest.FromString,
+                    response_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.ShowJobReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionRequest.FromString,
+                    response_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionReply.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionRequest.FromString,
+                    response_serializer=gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gpufleet.v1.FleetUser', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gpufleet.v1.FleetUser', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FleetUser:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.FleetUser/WhoAmI',
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.WhoAmIRequest.SerializeToString,
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.WhoAmIReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Place(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.FleetUser/Place',
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.PlaceRequest.SerializeToString,
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.PlaceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.FleetUser/Acct',
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.AcctRequest.SerializeToString,
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.AcctReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.FleetUser/ShowJob',
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.ShowJobRequest.SerializeToString,
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.ShowJobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.FleetUser/Drain',
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionRequest.SerializeToString,
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.FleetUser/Resume',
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionRequest.SerializeToString,
+            gpufleet_dot_rpc_dot_v1_dot_fleet__pb2.NodeActionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

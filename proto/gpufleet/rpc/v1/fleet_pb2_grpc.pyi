@@ -57,3 +57,76 @@ class FleetControllerServicer(metaclass=_abc_1.ABCMeta):
         """One long-lived bidirectional stream per agent."""
 
 def add_FleetControllerServicer_to_server(servicer: FleetControllerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class FleetUserStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> FleetUserAsyncStub: ...
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.WhoAmIRequest, _fleet_pb2.WhoAmIReply]
+    Place: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.PlaceRequest, _fleet_pb2.PlaceReply]
+    Acct: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.AcctRequest, _fleet_pb2.AcctReply]
+    ShowJob: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ShowJobRequest, _fleet_pb2.ShowJobReply]
+    Drain: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.NodeActionRequest, _fleet_pb2.NodeActionReply]
+    """admins only"""
+    Resume: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.NodeActionRequest, _fleet_pb2.NodeActionReply]
+    """admins only"""
+
+@_typing.type_check_only
+class FleetUserAsyncStub(FleetUserStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_fleet_pb2.WhoAmIRequest, _fleet_pb2.WhoAmIReply]  # type: ignore[assignment]
+    Place: _aio.UnaryUnaryMultiCallable[_fleet_pb2.PlaceRequest, _fleet_pb2.PlaceReply]  # type: ignore[assignment]
+    Acct: _aio.UnaryUnaryMultiCallable[_fleet_pb2.AcctRequest, _fleet_pb2.AcctReply]  # type: ignore[assignment]
+    ShowJob: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ShowJobRequest, _fleet_pb2.ShowJobReply]  # type: ignore[assignment]
+    Drain: _aio.UnaryUnaryMultiCallable[_fleet_pb2.NodeActionRequest, _fleet_pb2.NodeActionReply]  # type: ignore[assignment]
+    """admins only"""
+    Resume: _aio.UnaryUnaryMultiCallable[_fleet_pb2.NodeActionRequest, _fleet_pb2.NodeActionReply]  # type: ignore[assignment]
+    """admins only"""
+
+class FleetUserServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _fleet_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.WhoAmIReply, _abc.Awaitable[_fleet_pb2.WhoAmIReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Place(
+        self,
+        request: _fleet_pb2.PlaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.PlaceReply, _abc.Awaitable[_fleet_pb2.PlaceReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Acct(
+        self,
+        request: _fleet_pb2.AcctRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.AcctReply, _abc.Awaitable[_fleet_pb2.AcctReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ShowJob(
+        self,
+        request: _fleet_pb2.ShowJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.ShowJobReply, _abc.Awaitable[_fleet_pb2.ShowJobReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _fleet_pb2.NodeActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.NodeActionReply, _abc.Awaitable[_fleet_pb2.NodeActionReply]]:
+        """admins only"""
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _fleet_pb2.NodeActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.NodeActionReply, _abc.Awaitable[_fleet_pb2.NodeActionReply]]:
+        """admins only"""
+
+def add_FleetUserServicer_to_server(servicer: FleetUserServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
