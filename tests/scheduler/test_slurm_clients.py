@@ -233,3 +233,33 @@ def test_rest_token_file_is_reread(rest_lab: SlurmLab, tmp_path) -> None:
     assert c.ping() is False
     token_file.write_text(f"SLURM_JWT={rest_lab.jwt_token()}\n")  # rotated on disk
     assert c.ping() is True
+
+
+@pytest.mark.slurm
+def test_rest_job_reads_agree_with_squeue(rest_lab: SlurmLab) -> None:
+    """Recovery works with --slurm rest too: its job reads (GET jobs / job/{id}) describe a
+    running job exactly as the CLI client's `squeue --json` does."""
+    rest_lab.reset()
+    cli = CliSlurmClient(env=rest_lab.env())
+    rest = RestSlurmClient(socket_path=rest_lab.rest_socket, token=rest_lab.jwt_token(),
+                           env=rest_lab.env())
+    jobid = rest_lab.sbatch("-w", "n3", "--requeue", "--comment=gpufleet-ckpt:grace_s=3",
+                            "--wrap", "sleep 60")
+    try:
+        rest_lab.wait_job_state(jobid, "RUNNING")
+        by_rest = rest.job(str(jobid))
+        assert by_rest is not None
+        assert by_rest == cli.job(str(jobid))
+        assert (by_rest.state, by_rest.nodes, by_rest.requeue, by_rest.comment) == (
+            "RUNNING", ("n3",), True, "gpufleet-ckpt:grace_s=3")
+        # earlier tests' jobs may still be held (MinJobAge): compare with squeue, not with []
+        on_n3 = rest.jobs_on_node("n3")
+        assert on_n3 == cli.jobs_on_node("n3")
+        assert [j.job_id for j in on_n3 if j.state == "RUNNING"] == [str(jobid)]
+        assert str(jobid) not in {j.job_id for j in rest.jobs_on_node("n4")}
+        assert rest.job("999999") is None
+        # actions go through scancel/scontrol (22.05 REST cannot requeue)
+        rest.requeue(str(jobid))
+        assert rest_lab.wait_job_state(jobid, ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING"))
+    finally:
+        rest_lab.run("scancel", str(jobid), check=False)

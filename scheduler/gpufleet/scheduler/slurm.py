@@ -342,8 +342,9 @@ def job_from_json(j: Mapping[str, Any]) -> SlurmJob:
 
 
 class SlurmJobClient(Protocol):
-    """What recovery needs from Slurm besides nodes; the CLI client has it (22.05's
-    slurmrestd v0.0.38 cannot requeue, so the REST client does not)."""
+    """What recovery needs from Slurm besides nodes. The CLI client has it; the REST client
+    reads jobs from slurmrestd and acts through scancel/scontrol (22.05's v0.0.38 cannot
+    requeue); the pyslurm client does not have it yet."""
 
     def jobs_on_node(self, node: str) -> list[SlurmJob]: ...
 

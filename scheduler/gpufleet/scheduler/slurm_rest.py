@@ -8,6 +8,11 @@ and /nodes; `POST /slurm/v0.0.39/node/{node_name}` arrived with 23.02. So drain,
 weight and features go through `scontrol update` (the CLI client) on 22.05; pass
 `api_version="v0.0.39"` or later to send them to slurmrestd instead.
 
+Jobs (for checkpoint recovery): reads come from slurmrestd (`GET jobs`, `GET job/{id}`: the
+same document as `squeue --json`); signal, requeue and job updates go through `scancel` /
+`scontrol` on every version, because no REST API version has "signal the batch shell only"
+or requeue with the semantics recovery needs (DELETE job/{id}?signal= signals every step).
+
 Every request has a timeout. Connection refused, a missing socket, a timeout and HTTP 5xx
 are transient SlurmErrors; an unknown node, a refused token and bad input are not.
 """
@@ -26,12 +31,15 @@ from gpufleet.scheduler.slurm import (
     CliSlurmClient,
     SlurmClient,
     SlurmError,
+    SlurmJob,
     SlurmNode,
     check_features,
+    check_job_id,
     check_node_name,
     check_weight,
     clean_reason,
     is_permanent_message,
+    job_from_json,
     node_from_json,
 )
 
@@ -98,6 +106,9 @@ class RestSlurmClient:
         self.timeout_s = timeout_s
         # 22.05: updates via scontrol (see the module docstring)
         self.update_client = update_client or CliSlurmClient(env=env, timeout_s=timeout_s)
+        # job actions via scancel/scontrol on every version (module docstring)
+        self.job_action_client = (update_client if isinstance(update_client, CliSlurmClient)
+                                  else CliSlurmClient(env=env, timeout_s=timeout_s))
 
     @property
     def endpoint(self) -> str:
@@ -212,3 +223,39 @@ class RestSlurmClient:
             return
         value = list(check_features(name, features))
         self._update(name, {"features": value, "features_act": value})
+
+    # ------------------------------------------------------------------ jobs (recovery)
+
+    def jobs_on_node(self, node: str) -> list[SlurmJob]:
+        """Jobs slurmctld still holds (any state, MinJobAge) whose allocation has `node`.
+        22.05's GET jobs has no node filter: the list is filtered here."""
+        check_node_name(node)
+        doc = self._request("GET", "jobs", node=node)
+        jobs = [job_from_json(j) for j in doc.get("jobs", []) if isinstance(j, dict)]
+        return [j for j in jobs if node in j.nodes]
+
+    def job(self, job_id: str) -> SlurmJob | None:
+        """The job while slurmctld still holds it; None once it is gone (Slurm answers an
+        unknown id with an error, which is not a failure here)."""
+        try:
+            doc = self._request("GET", f"job/{quote(check_job_id(job_id))}")
+        except SlurmError as e:
+            # 22.05 answers an unknown id with HTTP 500 "Unable to find JobId=N"
+            text = str(e).lower()
+            if any(m in text for m in ("unable to find jobid", "invalid job id", "unknown job")):
+                return None
+            raise
+        found = [job_from_json(j) for j in doc.get("jobs", [])
+                 if isinstance(j, dict) and str(j.get("job_id")) == job_id]
+        return found[0] if found else None
+
+    def signal_job(self, job_id: str, signal: str, scope: str) -> None:
+        self.job_action_client.signal_job(job_id, signal, scope)
+
+    def requeue(self, job_id: str) -> None:
+        self.job_action_client.requeue(job_id)
+
+    def update_job(self, job_id: str, *, start_now_plus_s: int | None = None,
+                   excluded_nodes: tuple[str, ...] | None = None) -> None:
+        self.job_action_client.update_job(job_id, start_now_plus_s=start_now_plus_s,
+                                          excluded_nodes=excluded_nodes)
