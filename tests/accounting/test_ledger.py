@@ -110,7 +110,8 @@ def test_random_kills_and_resends_give_the_same_totals(store_backend: Backend,
     expected = store.usage(UsageQuery(group_by="account"))
     rng = random.Random(7)
     for trial in range(5):
-        for table in ("acct_ledger", "acct_jobs", "acct_minute"):
+        for table in ("acct_ledger", "acct_jobs", "acct_minute", "acct_day",
+                      "acct_jobday_account", "acct_jobday_user"):
             store_backend.raw(f"DELETE FROM {table}")  # noqa: S608 - constant
         store_backend.raw("UPDATE nodes SET last_seq = 0")
         acked = 0  # what the agent knows is stored; it resends everything after it

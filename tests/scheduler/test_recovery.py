@@ -252,3 +252,65 @@ def test_jobs_show_prints_the_timeline(fleet: Fleet) -> None:
     assert '"running_ms"' in js.output and '"step": 77' in js.output
     missing = runner.invoke(jobs, ["show", "999", "--db", str(fleet.db)])
     assert missing.exit_code != 0 and "no recovery and no checkpoint" in missing.output
+
+
+def _ledger(fleet: Fleet, job_id: str, gpus: dict[str, int], start_ms: int) -> None:
+    from gpufleet.scheduler.store.acct import UsageRow
+
+    fleet.store.record_usage([
+        UsageRow(job_id, node, g, "ann", "phys", start_ms, None, start_ms + 30_000, 30_000,
+                 15_000, 9_000_000) for node, n in gpus.items() for g in range(n)])
+
+
+def test_lost_work_is_charged_to_every_gpu_of_the_killed_run_once(fleet: Fleet) -> None:
+    from gpufleet.scheduler.store.acct import UsageQuery
+
+    job = fleet.slurm.add_job("42", ("n1", "n2"), comment="gpufleet-ckpt")
+    _ledger(fleet, "42", {"n1": 2, "n2": 4}, job.start_time_s * 1000)
+    fleet.store.record_checkpoint(CheckpointRow("42", "n2", 1200, "/ck/step-1200",
+                                                now_ms() - 4_000, 1000, now_ms()))
+    fleet.fatal("n1")
+    r = fleet.only("42")
+    assert r.status == "running_again" and r.lost_work_ms is not None
+    # the work since the checkpoint, on each of the 6 GPUs the run held on both its nodes
+    (total,) = fleet.store.usage(UsageQuery(jobs=("42",)))
+    assert total.lost_ms == 6 * r.lost_work_ms
+    per_gpu = {(u.node, u.gpu_index) for u in fleet.store.usage_rows("42")}
+    assert len(per_gpu) == 6
+    # the step retried (same killed run): nothing more
+    fleet.recovery._charge_lost_time(job, r, r.requeue_ms or 0, r.lost_work_ms)
+    assert fleet.store.usage(UsageQuery(jobs=("42",)))[0].lost_ms == 6 * r.lost_work_ms
+    # a new store object (a restarted controller) finds the charge made as well
+    again = SqliteStore(fleet.db)
+    try:
+        assert again.add_lost_time("42", "n1", r.lost_work_ms, run=job.restart_count) == 0
+    finally:
+        again.close()
+    (acct,) = fleet.store.usage(UsageQuery(group_by="account"))
+    assert acct.lost_ms == 6 * r.lost_work_ms
+
+
+def test_lost_work_is_capped_at_the_killed_runs_own_time(fleet: Fleet) -> None:
+    """A checkpoint from an earlier run: only this run's GPU time can have been lost."""
+    from gpufleet.scheduler.store.acct import UsageQuery
+
+    job = fleet.slurm.add_job("43", ("n1",), comment="gpufleet-ckpt",
+                              start_time_s=now_ms() // 1000 - 10)
+    _ledger(fleet, "43", {"n1": 1}, job.start_time_s * 1000)
+    fleet.store.record_checkpoint(CheckpointRow("43", "n1", 5, "/ck/step-5",
+                                                now_ms() - 3_600_000, 1000, now_ms()))
+    fleet.fatal("n1")
+    r = fleet.only("43")
+    assert r.lost_work_ms is not None and r.lost_work_ms >= 3_600_000
+    lost = fleet.store.usage(UsageQuery(jobs=("43",)))[0].lost_ms
+    assert 10_000 <= lost < 10_000 + 5_000
+
+
+def test_a_job_left_to_slurm_is_charged_nothing(fleet: Fleet) -> None:
+    from gpufleet.scheduler.store.acct import UsageQuery
+
+    job = fleet.slurm.add_job("44", ("n1",), comment="")  # did not ask for restart
+    _ledger(fleet, "44", {"n1": 2}, job.start_time_s * 1000)
+    fleet.fatal("n1")
+    assert fleet.only("44").status == "not_requested"
+    assert fleet.store.usage(UsageQuery(jobs=("44",)))[0].lost_ms == 0

@@ -373,3 +373,56 @@ def test_a_job_keeps_its_newest_checkpoint(store_backend: Backend) -> None:
     assert row is not None and (row.node, row.step, row.path) == ("n2", 200, "/ck/step-200")
     assert s.checkpoint("43") is None
     s.close()
+
+
+def test_migration_7_rolls_up_a_version_6_ledger_without_losing_anything(
+    store_backend: Backend,
+) -> None:
+    """A version 6 store (ledger, per-job totals, per-minute rollups: what gpufleet 6 wrote,
+    made here by writing with this version and removing migration 7 again) is upgraded: the
+    new rollups are back-filled to exactly what keeping them all along gave, every old row
+    stays, and the rollup queries equal the plain ones."""
+    import random
+
+    from gpufleet.scheduler.store.acct import DAY_MS, UsageQuery, UsageRow
+
+    t0 = 1_767_225_600_000 - 3_600_000  # an hour before a UTC midnight
+    rng = random.Random(4)
+    s = store_backend.open()
+    for j in range(40):
+        start = t0 + rng.randrange(3 * DAY_MS)
+        dur = rng.randrange(60_000, DAY_MS)
+        end = start + dur if j % 4 else None  # some still running
+        s.record_usage([UsageRow(str(j), f"n{j % 3}", g, f"u{j % 4}", f"a{j % 3}", start, end,
+                                 start + dur, dur, dur // 2, dur * 300) for g in range(j % 3 + 1)])
+    s.add_lost_time("5", "n2", 7_000, run=0)
+    new_tables = ("acct_jobday_account", "acct_jobday_user", "acct_day")
+    kept = {t: sorted(map(tuple, store_backend.raw(f"SELECT * FROM {t}")))  # noqa: S608
+            for t in new_tables}
+    old_tables = ("acct_ledger", "acct_jobs", "acct_minute")
+    before = {t: sorted(map(tuple, store_backend.raw(f"SELECT * FROM {t}")))  # noqa: S608
+              for t in old_tables}
+    assert all(before.values()) and all(kept.values())
+    s.close()
+    for t in (*new_tables, "acct_lost"):
+        store_backend.raw(f"DROP TABLE {t}")
+    store_backend.raw("DROP INDEX acct_jobs_end")
+    store_backend.raw("DELETE FROM schema_version WHERE version = 7")
+
+    s = store_backend.open()
+    assert s.schema_version() == 7
+    for t in old_tables:
+        assert sorted(map(tuple, store_backend.raw(f"SELECT * FROM {t}"))) == before[t], t  # noqa: S608
+    for t in new_tables:
+        assert sorted(map(tuple, store_backend.raw(f"SELECT * FROM {t}"))) == kept[t], t  # noqa: S608
+    for since, until in ((None, None), (t0 + 3_600_000, t0 + 3_600_000 + DAY_MS),
+                         (t0 + 5_000, t0 + 2 * DAY_MS + 17)):
+        for g in ("account", "user"):
+            q = UsageQuery(since_ms=since, until_ms=until, group_by=g)
+            assert s.usage(q) == s._usage_from_tables(q) != []
+    # and it keeps rolling up what comes in after the upgrade
+    s.record_usage([UsageRow("99", "n1", 0, "u9", "a9", t0, t0 + 60_000, t0 + 60_000, 60_000,
+                             0, 1)])
+    (a9,) = s.usage(UsageQuery(accounts=("a9",), since_ms=t0, until_ms=t0 + 1,
+                               group_by="account"))
+    assert (a9.jobs, a9.allocated_ms) == (1, 60_000)

@@ -28,6 +28,15 @@ killed counts too):
    narrowed to the bad nodes once that time is over.
 6. Wait for it to run again; record when.
 
+Lost time goes to the accounting ledger once the requeue went through: the work since the
+last checkpoint (or since the killed run started), capped at that run's length, in wall ms,
+charged to every GPU the killed run held on each of its nodes (`store.add_lost_time`; the
+ledger's lost GPU-seconds are that times the GPUs). The store keys the charge by job, Slurm's
+restart count of the killed run, and node, so it is made once: a retried step, a second
+recovery of the same run (another of its nodes failed) or a controller restarted half-way
+charge nothing more. A requeue that Slurm made but the controller died before charging is not
+charged (under-counted, never double).
+
 Every step is timed and stored (`recoveries` table; `gpufleet jobs show JOBID`) and observed in
 Prometheus. All of it runs on a worker pool: never on the ingest path, never blocking it.
 Shadow mode records what would be done and does nothing.
@@ -379,6 +388,7 @@ class RecoveryManager:
             lost = max(0, requeue_ms - job.start_time_s * 1000)
         else:
             lost = None
+        self._charge_lost_time(job, row, requeue_ms, lost)
         row = self._save(row, status="requeued", requeue_ms=requeue_ms, lost_work_ms=lost,
                          checkpoint_step=ckpt.step if ckpt else None,
                          checkpoint_ms=ckpt.time_ms if ckpt else None)
@@ -421,6 +431,24 @@ class RecoveryManager:
                 [*notes, f"not running again within {cfg.running_timeout_s + delay:g} s"]))
         return self._save(row, status="running_again", running_ms=self._now(),
                           detail="; ".join([*notes, f"on {','.join(running.nodes)}"]))
+
+    def _charge_lost_time(self, job: SlurmJob, row: RecoveryRow, requeue_ms: int,
+                          lost_ms: int | None) -> None:
+        """The killed run's lost work into the ledger, once per (job, run, node)."""
+        if lost_ms is None:
+            return
+        if job.start_time_s > 0:  # a checkpoint from an earlier run: only this run's time
+            lost_ms = min(lost_ms, max(0, requeue_ms - job.start_time_s * 1000))
+        for node in dict.fromkeys((*job.nodes, row.node)):
+            try:
+                gpus = self.store.add_lost_time(job.job_id, node, lost_ms,
+                                                run=job.restart_count, now_ms=requeue_ms)
+            except StoreError as e:  # the recovery goes on; the ledger misses this charge
+                log.error("job %s: cannot charge %d ms lost on %s to the ledger: %s",
+                          job.job_id, lost_ms, node, e)
+                continue
+            log.info("job %s: %d ms of work lost on %s charged to %d GPU(s)", job.job_id,
+                     lost_ms, node, gpus)
 
     def _poll(self, job_id: str) -> SlurmJob | None:
         assert self.slurm is not None  # noqa: S101

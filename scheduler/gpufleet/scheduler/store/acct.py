@@ -1,24 +1,50 @@
-"""The accounting ledger in the state store: per job x node x GPU, per job, per minute.
+"""The accounting ledger in the state store: per job x node x GPU, per job, and rollups.
 
 Agents report CUMULATIVE totals per (job, node, GPU) (gpufleet.v1.JobGpuUsage). A report is
 applied only when it is newer (as_of_ms) than the stored row, or it is the job's final one;
-the job's totals and the per-minute rollups get the difference to the stored row, in the
-same transaction. So a replayed, resent or reordered report never counts twice, whatever the
+the job's totals and the rollups get the difference to the stored row, in the same
+transaction. So a replayed, resent or reordered report never counts twice, whatever the
 controller's sequence bookkeeping says, and a lost one is made good by the next.
+
+Tables (migrations 6 and 7), all kept in the transaction that changes the ledger:
+
+* `acct_ledger`: one row per job x node x GPU, the newest cumulative totals;
+* `acct_jobs`: one row per job, the sums of its ledger rows, its first start and last end;
+* `acct_minute` / `acct_day`: usage per (minute | UTC day, account, user), split over time
+  (time-proportionally between two reports): the "clipped" view, `usage_by_minute`;
+* `acct_jobday_account` / `acct_jobday_user`: each job's WHOLE totals counted on the UTC day
+  it started (edge 'start') and, once it has ended, again on the day it ended (edge 'end').
+  The jobs overlapping [since, until) are those started before `until` minus those that ended
+  before `since`, so a month per account or per user is a few thousand rollup rows plus the
+  jobs starting or ending on the two edge days: exact, and fast at millions of jobs;
+* `acct_lost`: which killed run of a job was already charged lost time on which node, so a
+  retried charge counts once.
+
+Lost time (`lost_ms`): wall-clock milliseconds of work a job lost to a failure (from the
+recovery timeline: the requeue minus its last checkpoint, or minus the start of the killed
+run), charged to EACH GPU the job held on the node; a ledger row's lost_ms is therefore per
+GPU, and the per-job and per-group sums are GPU-milliseconds (`gpufleet acct` shows them as
+lost_gpu_s).
 
 Written once in portable SQL (`?` placeholders); used by SqlStore as a mixin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from .migrations import ACCT_ROLLUP_BACKFILL, statements
+
 MINUTE_MS = 60_000
+DAY_MS = 86_400_000  # rollup days are UTC days: epoch ms // DAY_MS
 MAX_SPLIT_MINUTES = 24 * 60  # a longer gap between two reports goes into its last minute
 GROUP_BY = ("user", "account", "job", "node")
+# ids per `IN (...)` list: far below SQLite's 32,766 host parameters, short statements for PG
+_IN_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -53,7 +79,11 @@ class UsageDelta:
 
 @dataclass(frozen=True)
 class UsageTotal:
-    """Totals of one group (`key` is the user, account, job id or node; "" for all)."""
+    """Totals of one group (`key` is the user, account, job id or node; "" for all).
+
+    allocated_ms, busy_ms: GPU-ms; energy_mj: millijoules; lost_ms: GPU-ms lost to failures
+    (see the module docstring); start_ms/end_ms: the job's or node's span (None for user and
+    account groups); user/account: the job's (group_by job only)."""
 
     key: str
     jobs: int
@@ -70,6 +100,13 @@ class UsageTotal:
 
 @dataclass(frozen=True)
 class UsageQuery:
+    """Which jobs `usage()` totals, like sacct: a job counts WHOLE (all its GPU time, also
+    outside the window) when it ran at any moment inside [since_ms, until_ms), i.e. it started
+    before until_ms and had not ended before since_ms (a running job has not ended). None:
+    unbounded on that side. `usage_by_minute` is the other view ("clip", `gpufleet acct
+    --clip`): only the usage that fell inside the window, per user or account.
+    """
+
     users: tuple[str, ...] = ()
     accounts: tuple[str, ...] = ()
     jobs: tuple[str, ...] = ()
@@ -102,8 +139,167 @@ def _spread(total: int, shares: Sequence[tuple[int, float]]) -> list[int]:
     return parts
 
 
+def day_of(ms: int) -> int:
+    """The UTC day (its first ms) holding `ms`; the same as SQL's (ms / 86400000) * 86400000
+    for the non-negative times the ledger holds."""
+    return (ms // DAY_MS) * DAY_MS
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), _IN_CHUNK):
+        yield items[i:i + _IN_CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+@dataclass
+class _Gpu:
+    """A ledger row's mutable part, as stored or as this batch left it."""
+
+    as_of_ms: int
+    allocated_ms: int
+    busy_ms: int
+    energy_mj: int
+    end_ms: int | None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """An acct_jobs row."""
+
+    user: str
+    account: str
+    start_ms: int
+    end_ms: int | None
+    gpus: int
+    allocated_ms: int
+    busy_ms: int
+    energy_mj: int
+    lost_ms: int
+
+    def sums(self) -> tuple[int, int, int, int, int, int]:
+        return (1, self.gpus, self.allocated_ms, self.busy_ms, self.energy_mj, self.lost_ms)
+
+    def edges(self) -> list[tuple[str, int]]:
+        """The job-day rollup buckets this job counts in: its start day, and its end day."""
+        out = [("start", day_of(self.start_ms))]
+        if self.end_ms is not None:
+            out.append(("end", day_of(self.end_ms)))
+        return out
+
+
+def _jobday_changes(before: _Job | None, after: _Job
+                    ) -> dict[tuple[str, str, int, str], list[int]]:
+    """(dimension, edge, day, key) -> what to add to that job-day rollup row, for one job that
+    went from `before` (None: new) to `after`: its old contribution out, the new one in."""
+    out: dict[tuple[str, str, int, str], list[int]] = {}
+    for job, sign in ((before, -1), (after, 1)):
+        if job is None:
+            continue
+        for edge, day in job.edges():
+            for dim, key in (("account", job.account), ("user", job.user)):
+                acc = out.setdefault((dim, edge, day, key), [0] * 6)
+                for i, v in enumerate(job.sums()):
+                    acc[i] += sign * v
+    return {k: v for k, v in out.items() if any(v)}
+
+
+_JOBDAY_TABLE = {"account": ("acct_jobday_account", "account"),
+                 "user": ("acct_jobday_user", "user_name")}
+_SUMS = ("jobs", "gpus", "allocated_ms", "busy_ms", "energy_mj", "lost_ms")
+
+
+@dataclass(frozen=True)
+class BulkWrite:
+    """One batched write of the ledger: an INSERT, an upsert that ADDS to what is stored
+    (`add`: the summed columns, `keys`: the conflict target) or an UPDATE by `keys` (`update`).
+    `types` are the columns' PostgreSQL types (for the array form)."""
+
+    table: str
+    cols: tuple[str, ...]
+    types: tuple[str, ...]
+    keys: tuple[str, ...] = ()
+    add: tuple[str, ...] = ()
+    update: bool = False
+
+    def _conflict(self) -> str:
+        if not self.add:
+            return ""
+        adds = ", ".join(f"{c} = {self.table}.{c} + excluded.{c}" for c in self.add)
+        return f" ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {adds}"
+
+    def _sets(self, src: str) -> tuple[str, str]:
+        sets = ", ".join(f"{c} = {src}{c}" for c in self.cols if c not in self.keys)
+        match = " AND ".join(f"{self.table}.{k} = {src}{k}" for k in self.keys)
+        return sets, match
+
+    def row_sql(self) -> str:
+        """One row per execution (`?` marks in `cols` order): for executemany."""
+        if self.update:
+            sets = ", ".join(f"{c} = ?" for c in self.cols if c not in self.keys)
+            match = " AND ".join(f"{k} = ?" for k in self.keys)
+            return f"UPDATE {self.table} SET {sets} WHERE {match}"  # noqa: S608 - constant names
+        return (f"INSERT INTO {self.table} ({', '.join(self.cols)}) "  # noqa: S608
+                f"VALUES ({_marks(len(self.cols))}){self._conflict()}")
+
+    def array_sql(self) -> str:
+        """All rows in one statement, one array per column (PostgreSQL's unnest)."""
+        arrays = ", ".join(f"?::{t}[]" for t in self.types)
+        if self.update:
+            sets, match = self._sets("v.")
+            return (f"UPDATE {self.table} SET {sets} FROM unnest({arrays}) "  # noqa: S608
+                    f"AS v({', '.join(self.cols)}) WHERE {match}")
+        return (f"INSERT INTO {self.table} ({', '.join(self.cols)}) "  # noqa: S608
+                f"SELECT * FROM unnest({arrays}){self._conflict()}")
+
+    def row_order(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An UPDATE's row as row_sql wants it: the set columns, then the keys."""
+        if not self.update:
+            return row
+        named = dict(zip(self.cols, row, strict=True))
+        return (*(named[c] for c in self.cols if c not in self.keys),
+                *(named[k] for k in self.keys))
+
+
+_B, _T, _I = "bigint", "text", "integer"
+_LEDGER_INSERT = BulkWrite(
+    "acct_ledger", ("job_id", "node", "gpu_index", "user_name", "account", "start_ms", "end_ms",
+                    "as_of_ms", "allocated_ms", "busy_ms", "energy_mj", "idle_since_ms"),
+    (_T, _T, _I, _T, _T, _B, _B, _B, _B, _B, _B, _B))
+_LEDGER_UPDATE = BulkWrite(
+    "acct_ledger", ("job_id", "node", "gpu_index", "end_ms", "as_of_ms", "allocated_ms",
+                    "busy_ms", "energy_mj", "idle_since_ms"),
+    (_T, _T, _I, _B, _B, _B, _B, _B, _B), keys=("job_id", "node", "gpu_index"), update=True)
+_JOB_INSERT = BulkWrite(
+    "acct_jobs", ("job_id", "user_name", "account", "start_ms", "end_ms", "gpus",
+                  "allocated_ms", "busy_ms", "energy_mj"),
+    (_T, _T, _T, _B, _B, _I, _B, _B, _B))
+_JOB_UPDATE = BulkWrite(
+    "acct_jobs", ("job_id", "start_ms", "end_ms", "gpus", "allocated_ms", "busy_ms",
+                  "energy_mj"),
+    (_T, _B, _B, _I, _B, _B, _B), keys=("job_id",), update=True)
+_USAGE_SUMS = ("allocated_ms", "busy_ms", "energy_mj")
+_MINUTE_UPSERT = BulkWrite("acct_minute", ("minute_ms", "account", "user_name", *_USAGE_SUMS),
+                           (_B, _T, _T, _B, _B, _B), ("minute_ms", "account", "user_name"),
+                           _USAGE_SUMS)
+_DAY_UPSERT = BulkWrite("acct_day", ("day_ms", "account", "user_name", *_USAGE_SUMS),
+                        (_B, _T, _T, _B, _B, _B), ("day_ms", "account", "user_name"),
+                        _USAGE_SUMS)
+_JOBDAY_UPSERT = {
+    dim: BulkWrite(table, ("edge", "day_ms", col, *_SUMS), (_T, _B, _T, *(_B,) * 6),
+                   ("edge", "day_ms", col), _SUMS)
+    for dim, (table, col) in _JOBDAY_TABLE.items()
+}
+
+
 class AcctStoreMixin:
-    """Accounting methods of SqlStore; the backend hooks come from SqlStore."""
+    """Accounting methods of SqlStore; the backend hooks come from SqlStore.
+
+    Batched writes go through `_write_many(db, write, rows)`: executemany here (SQLite: in
+    process, cheap per row); PostgresStore sends each as ONE statement over arrays instead.
+    """
 
     _FOR_UPDATE = ""
 
@@ -113,96 +309,211 @@ class AcctStoreMixin:
     def _read(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
 
+    def _batch_tx(self) -> AbstractContextManager[Any]:
+        """The transaction of record_usage (PostgreSQL: pipelined); by default `_tx()`."""
+        return self._tx()
+
+    def _write_many(self, db: Any, write: BulkWrite, rows: list[tuple[Any, ...]]) -> None:
+        """Write `rows` (tuples in `write.cols` order)."""
+        if rows:
+            db.executemany(write.row_sql(), [write.row_order(r) for r in rows])
+
+    # ------------------------------------------------------------ ingest
+
     def record_usage(self, rows: Iterable[UsageRow]) -> list[UsageDelta]:
-        """Apply agents' cumulative usage rows in one transaction; returns what each applied
-        row added (replays and rows older than the stored one add nothing and are left out)."""
+        """Apply agents' cumulative usage rows, all in one transaction; returns what each
+        applied row added, in order (replays and rows older than the stored one add nothing
+        and are left out). Rows are applied in the order given, exactly as one call per row
+        would apply them, but the store is read once and written with a few batched
+        statements. A row ending before it started is a ValueError (nothing is applied)."""
+        batch = list(rows)
+        for r in batch:
+            if (r.end_ms is not None and r.end_ms < r.start_ms) or r.as_of_ms < r.start_ms:
+                raise ValueError(
+                    f"usage row of job {r.job_id} on {r.node} GPU {r.gpu_index}: end_ms="
+                    f"{r.end_ms} / as_of_ms={r.as_of_ms} before start_ms={r.start_ms}")
+        if not batch:
+            return []
+        with self._batch_tx() as db:
+            return self._apply_batch(db, batch)
+
+    def _load(self, db: Any, batch: list[UsageRow]
+              ) -> tuple[dict[tuple[str, str, int], _Gpu], dict[str, _Job]]:
+        """The stored ledger rows and job rows `batch` touches (locked on PostgreSQL). Every
+        SELECT is sent before any result is read: one round trip in pipeline mode."""
+        by_node: dict[str, set[str]] = defaultdict(set)
+        for r in batch:
+            by_node[r.node].add(r.job_id)
+        gpu_cursors, job_cursors = [], []
+        for node in sorted(by_node):  # one order for every writer: row locks never cross
+            for ids in _chunks(sorted(by_node[node])):
+                gpu_cursors.append(db.execute(
+                    "SELECT job_id, node, gpu_index, as_of_ms, allocated_ms, busy_ms, "  # noqa: S608 - only ? marks
+                    f"energy_mj, end_ms FROM acct_ledger WHERE node = ? AND job_id IN "
+                    f"({_marks(len(ids))}) ORDER BY job_id, gpu_index" + self._FOR_UPDATE,
+                    (node, *ids)))
+        for ids in _chunks(sorted({r.job_id for r in batch})):
+            job_cursors.append(self._select_jobs(db, ids))
+        ledger = {(row[0], row[1], int(row[2])): _Gpu(*row[3:])
+                  for cur in gpu_cursors for row in cur.fetchall()}
+        jobs = {row[0]: _Job(*row[1:]) for cur in job_cursors for row in cur.fetchall()}
+        return ledger, jobs
+
+    def _select_jobs(self, db: Any, ids: Sequence[str]) -> Any:
+        return db.execute(
+            "SELECT job_id, user_name, account, start_ms, end_ms, gpus, allocated_ms, "  # noqa: S608 - only ? marks
+            f"busy_ms, energy_mj, lost_ms FROM acct_jobs WHERE job_id IN "
+            f"({_marks(len(ids))}) ORDER BY job_id" + self._FOR_UPDATE,
+            tuple(ids))
+
+    def _apply_batch(self, db: Any, batch: list[UsageRow]) -> list[UsageDelta]:
+        ledger, stored_jobs = self._load(db, batch)
+        jobs = dict(stored_jobs)
+        inserted: dict[tuple[str, str, int], UsageRow] = {}  # new ledger rows: first report
+        latest: dict[tuple[str, str, int], UsageRow] = {}
+        minutes: dict[tuple[int, str, str], list[int]] = {}
         out = []
-        with self._tx() as db:
-            for r in rows:
-                d = self._apply_usage(db, r)
-                if d is not None:
-                    out.append(d)
+        for r in batch:
+            key = (r.job_id, r.node, r.gpu_index)
+            old = ledger.get(key)
+            if old is not None:
+                newer = r.as_of_ms > old.as_of_ms and old.end_ms is None
+                final_first = r.end_ms is not None and old.end_ms is None
+                if not (newer or final_first):
+                    continue
+                prev_ms, d_alloc, d_busy, d_energy = (
+                    old.as_of_ms, r.allocated_ms - old.allocated_ms, r.busy_ms - old.busy_ms,
+                    r.energy_mj - old.energy_mj)
+            else:
+                prev_ms, d_alloc, d_busy, d_energy = (r.start_ms, r.allocated_ms, r.busy_ms,
+                                                      r.energy_mj)
+                inserted[key] = r
+            ledger[key] = _Gpu(r.as_of_ms, r.allocated_ms, r.busy_ms, r.energy_mj, r.end_ms)
+            latest[key] = r
+            job = jobs.get(r.job_id)
+            if job is None:
+                jobs[r.job_id] = _Job(r.user, r.account, r.start_ms, r.end_ms, 1, d_alloc,
+                                      d_busy, d_energy, 0)
+            else:
+                end = r.end_ms if job.end_ms is None else max(job.end_ms, r.end_ms or job.end_ms)
+                jobs[r.job_id] = replace(
+                    job, start_ms=min(job.start_ms, r.start_ms), end_ms=end,
+                    gpus=job.gpus + (1 if old is None else 0),
+                    allocated_ms=job.allocated_ms + d_alloc, busy_ms=job.busy_ms + d_busy,
+                    energy_mj=job.energy_mj + d_energy)
+            if d_alloc or d_busy or d_energy:
+                shares = minute_split(prev_ms, r.as_of_ms)
+                for (minute, _s), a, b, e in zip(shares, _spread(d_alloc, shares),
+                                                 _spread(d_busy, shares),
+                                                 _spread(d_energy, shares), strict=True):
+                    acc = minutes.setdefault((minute, r.account, r.user), [0, 0, 0])
+                    acc[0] += a
+                    acc[1] += b
+                    acc[2] += e
+            out.append(UsageDelta(r.job_id, r.account, r.user, d_alloc, d_busy, d_energy))
+        self._write_batch(db, inserted, latest, stored_jobs, jobs, minutes)
         return out
 
-    def _apply_usage(self, db: Any, r: UsageRow) -> UsageDelta | None:
-        old = db.execute(
-            "SELECT as_of_ms, allocated_ms, busy_ms, energy_mj, end_ms FROM acct_ledger "  # noqa: S608 - constant
-            "WHERE job_id = ? AND node = ? AND gpu_index = ?" + self._FOR_UPDATE,
-            (r.job_id, r.node, r.gpu_index),
-        ).fetchone()
-        if old is not None:
-            newer = r.as_of_ms > old[0] and old[4] is None
-            final_first = r.end_ms is not None and old[4] is None
-            if not (newer or final_first):
-                return None
-            prev_ms, d_alloc, d_busy, d_energy = (
-                old[0], r.allocated_ms - old[1], r.busy_ms - old[2], r.energy_mj - old[3])
-            db.execute(
-                "UPDATE acct_ledger SET end_ms = ?, as_of_ms = ?, allocated_ms = ?, busy_ms = ?, "
-                "energy_mj = ?, idle_since_ms = ? WHERE job_id = ? AND node = ? AND gpu_index = ?",
-                (r.end_ms, r.as_of_ms, r.allocated_ms, r.busy_ms, r.energy_mj, r.idle_since_ms,
-                 r.job_id, r.node, r.gpu_index),
-            )
-        else:
-            prev_ms, d_alloc, d_busy, d_energy = r.start_ms, r.allocated_ms, r.busy_ms, r.energy_mj
-            db.execute(
-                "INSERT INTO acct_ledger (job_id, node, gpu_index, user_name, account, start_ms, "
-                "end_ms, as_of_ms, allocated_ms, busy_ms, energy_mj, idle_since_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (r.job_id, r.node, r.gpu_index, r.user, r.account, r.start_ms, r.end_ms,
-                 r.as_of_ms, r.allocated_ms, r.busy_ms, r.energy_mj, r.idle_since_ms),
-            )
-        self._add_to_job(db, r, d_alloc, d_busy, d_energy, new_gpu=old is None)
-        if d_alloc or d_busy or d_energy:
-            shares = minute_split(prev_ms, r.as_of_ms)
-            for (minute, _s), a, b, e in zip(shares, _spread(d_alloc, shares),
-                                             _spread(d_busy, shares), _spread(d_energy, shares),
-                                             strict=True):
-                db.execute(
-                    "INSERT INTO acct_minute (minute_ms, account, user_name, allocated_ms, "
-                    "busy_ms, energy_mj) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (minute_ms, "
-                    "account, user_name) DO UPDATE SET "
-                    "allocated_ms = acct_minute.allocated_ms + excluded.allocated_ms, "
-                    "busy_ms = acct_minute.busy_ms + excluded.busy_ms, "
-                    "energy_mj = acct_minute.energy_mj + excluded.energy_mj",
-                    (minute, r.account, r.user, a, b, e),
-                )
-        return UsageDelta(r.job_id, r.account, r.user, d_alloc, d_busy, d_energy)
+    def _write_batch(self, db: Any, inserted: dict[tuple[str, str, int], UsageRow],
+                     latest: dict[tuple[str, str, int], UsageRow], stored_jobs: dict[str, _Job],
+                     jobs: dict[str, _Job], minutes: dict[tuple[int, str, str], list[int]]
+                     ) -> None:
+        new_rows, updates = [], []
+        for key in sorted(latest):
+            r = latest[key]
+            first = inserted.get(key)
+            if first is not None:  # identity and start from the first report, totals newest
+                new_rows.append((r.job_id, r.node, r.gpu_index, first.user, first.account,
+                                 first.start_ms, r.end_ms, r.as_of_ms, r.allocated_ms,
+                                 r.busy_ms, r.energy_mj, r.idle_since_ms))
+            else:
+                updates.append((r.job_id, r.node, r.gpu_index, r.end_ms, r.as_of_ms,
+                                r.allocated_ms, r.busy_ms, r.energy_mj, r.idle_since_ms))
+        self._write_many(db, _LEDGER_INSERT, new_rows)
+        self._write_many(db, _LEDGER_UPDATE, updates)
+        new_jobs, job_updates = [], []
+        jobday: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0] * 6)
+        for job_id in sorted(jobs):
+            job, before = jobs[job_id], stored_jobs.get(job_id)
+            if job == before:
+                continue
+            if before is None:
+                new_jobs.append((job_id, job.user, job.account, job.start_ms, job.end_ms,
+                                 job.gpus, job.allocated_ms, job.busy_ms, job.energy_mj))
+            else:
+                job_updates.append((job_id, job.start_ms, job.end_ms, job.gpus,
+                                    job.allocated_ms, job.busy_ms, job.energy_mj))
+            for k, v in _jobday_changes(before, job).items():
+                acc = jobday[k]
+                for i, x in enumerate(v):
+                    acc[i] += x
+        self._write_many(db, _JOB_INSERT, new_jobs)
+        self._write_many(db, _JOB_UPDATE, job_updates)
+        self._write_jobday(db, jobday)
+        days: dict[tuple[int, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+        for (minute, account, user), v in minutes.items():
+            acc = days[(day_of(minute), account, user)]
+            for i, x in enumerate(v):
+                acc[i] += x
+        self._write_many(db, _MINUTE_UPSERT, [(*k, *v) for k, v in sorted(minutes.items())])
+        self._write_many(db, _DAY_UPSERT, [(*k, *v) for k, v in sorted(days.items())])
 
-    def _add_to_job(self, db: Any, r: UsageRow, d_alloc: int, d_busy: int, d_energy: int,
-                    new_gpu: bool) -> None:
-        job = db.execute(
-            "SELECT start_ms, end_ms FROM acct_jobs WHERE job_id = ?" + self._FOR_UPDATE,  # noqa: S608 - constant
-            (r.job_id,),
-        ).fetchone()
-        if job is None:
-            db.execute(
-                "INSERT INTO acct_jobs (job_id, user_name, account, start_ms, end_ms, gpus, "
-                "allocated_ms, busy_ms, energy_mj) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
-                (r.job_id, r.user, r.account, r.start_ms, r.end_ms, d_alloc, d_busy, d_energy),
-            )
-            return
-        start = min(job[0], r.start_ms)
-        end = r.end_ms if job[1] is None else max(job[1], r.end_ms or job[1])
-        db.execute(
-            "UPDATE acct_jobs SET start_ms = ?, end_ms = ?, gpus = gpus + ?, "
-            "allocated_ms = allocated_ms + ?, busy_ms = busy_ms + ?, energy_mj = energy_mj + ? "
-            "WHERE job_id = ?",
-            (start, end, 1 if new_gpu else 0, d_alloc, d_busy, d_energy, r.job_id),
-        )
+    def _write_jobday(self, db: Any, changes: dict[tuple[str, str, int, str], list[int]]
+                      ) -> None:
+        for dim in _JOBDAY_TABLE:
+            self._write_many(db, _JOBDAY_UPSERT[dim], [
+                (edge, day, key, *v) for (d, edge, day, key), v in sorted(changes.items())
+                if d == dim and any(v)])
 
-    def add_lost_time(self, job_id: str, node: str, lost_ms: int) -> int:
-        """Hook for the recovery timeline: GPU time of `job_id` on `node` lost to a failure,
-        charged to each of its GPUs there. Returns the number of GPUs charged."""
+    # ------------------------------------------------------------ lost time
+
+    def add_lost_time(self, job_id: str, node: str, lost_ms: int, run: int | None = None,
+                      now_ms: int = 0) -> int:
+        """Charge `lost_ms` (wall ms of work lost to a failure) to EACH GPU `job_id` holds in
+        the ledger on `node` (so the job's lost_ms grows by lost_ms x those GPUs: GPU-ms).
+        Returns the number of GPUs charged by this call.
+
+        With `run` (Slurm's restart count of the run that was killed) the charge is made at
+        most once per (job, run, node), whatever the number of calls: a retried recovery
+        step, a second recovery of the same killed run, a controller restarted half-way. A
+        repeat charges nothing and returns 0. A node where the job has no ledger rows yet
+        charges 0 GPUs (and, with `run`, counts as done: recorded in acct_lost with gpus 0)."""
+        if lost_ms < 0:
+            raise ValueError(f"lost time of job {job_id} on {node}: {lost_ms} ms is negative")
         with self._tx() as db:
-            n = db.execute(
+            if run is not None:
+                fresh = db.execute(
+                    "INSERT INTO acct_lost (job_id, run, node, lost_ms, gpus, charged_ms) "
+                    "VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (job_id, run, node) DO NOTHING",
+                    (job_id, run, node, lost_ms, now_ms),
+                ).rowcount
+                if not fresh:
+                    return 0
+            n = int(db.execute(
                 "UPDATE acct_ledger SET lost_ms = lost_ms + ? WHERE job_id = ? AND node = ?",
                 (lost_ms, job_id, node),
-            ).rowcount
-            if n:
-                db.execute("UPDATE acct_jobs SET lost_ms = lost_ms + ? WHERE job_id = ?",
-                           (lost_ms * n, job_id))
-            return int(n)
+            ).rowcount)
+            if n and lost_ms:
+                row = self._select_jobs(db, [job_id]).fetchone()
+                if row is not None:
+                    before = _Job(*row[1:])
+                    db.execute("UPDATE acct_jobs SET lost_ms = lost_ms + ? WHERE job_id = ?",
+                               (lost_ms * n, job_id))
+                    after = replace(before, lost_ms=before.lost_ms + lost_ms * n)
+                    self._write_jobday(db, _jobday_changes(before, after))
+            if run is not None:
+                db.execute("UPDATE acct_lost SET gpus = ? WHERE job_id = ? AND run = ? "
+                           "AND node = ?", (n, job_id, run, node))
+            return n
+
+    def rebuild_acct_rollups(self) -> None:
+        """Recompute acct_day and the job-day rollups from acct_minute and acct_jobs (what
+        migration 7 does once; for a ledger loaded in bulk, or a repair)."""
+        with self._tx() as db:
+            for stmt in statements(ACCT_ROLLUP_BACKFILL):
+                db.execute(stmt)
+
+    # ------------------------------------------------------------ queries
 
     def usage_rows(self, job_id: str) -> list[UsageRow]:
         with self._read() as db:
@@ -214,17 +525,74 @@ class AcctStoreMixin:
         return [UsageRow(*r) for r in rows]
 
     def usage(self, q: UsageQuery) -> list[UsageTotal]:
-        """Totals per group of the jobs matching `q` (sacct semantics: a job counts whole when
-        it ran at any time inside [since_ms, until_ms))."""
+        """Totals per group of the jobs matching `q` (UsageQuery: a job counts whole when it
+        ran at any time inside [since_ms, until_ms)). Groups by user or by account with no
+        filter on anything else come from the job-day rollups; everything else (a job list,
+        a user filter while grouping by account, ...) from acct_jobs / acct_ledger with
+        their indexes. Both give the same numbers (tests/accounting/test_rollup.py).
+        start_ms / end_ms of a total are the job's (group_by job) or the node's first start
+        and last end (group_by node); None for user and account groups."""
         if q.group_by not in GROUP_BY:
             raise ValueError(f"group_by={q.group_by!r}: must be one of {', '.join(GROUP_BY)}")
+        if self._rollups_answer(q):
+            return self._usage_from_rollups(q)
+        return self._usage_from_tables(q)
+
+    @staticmethod
+    def _rollups_answer(q: UsageQuery) -> bool:
+        if q.group_by not in ("user", "account") or q.jobs:
+            return False
+        other_filter = q.users if q.group_by == "account" else q.accounts
+        if other_filter:
+            return False
+        # "started before until minus ended before since" needs since <= until
+        return q.since_ms is None or q.until_ms is None or q.since_ms <= q.until_ms
+
+    def _usage_from_rollups(self, q: UsageQuery) -> list[UsageTotal]:
+        table, col = _JOBDAY_TABLE[q.group_by]
+        keys = q.accounts if q.group_by == "account" else q.users
+        key_filter = f" AND {col} IN ({_marks(len(keys))})" if keys else ""
+        sums = ("jobs", "gpus", "allocated_ms", "busy_ms", "energy_mj", "lost_ms")
+        neg = tuple(f"-{c}" for c in sums)
+        one = ("1", *sums[1:])
+        minus_one = ("-1", *neg[1:])
+        parts: list[str] = []
+        args: list[object] = []
+
+        def part(values: tuple[str, ...], source: str, cond: str, *cond_args: object) -> None:
+            cols = ", ".join(f"{v} AS {a}" for v, a in zip(values, "jgabel", strict=True))
+            parts.append(f"SELECT {col} AS k, {cols} FROM {source} "  # noqa: S608 - constant names
+                         f"WHERE {cond}{key_filter}")
+            args.extend([*cond_args, *keys])
+
+        # + every job started before `until`: whole days from the rollup, the last (partial)
+        # day from acct_jobs
+        if q.until_ms is None:
+            part(sums, table, "edge = 'start'")
+        else:
+            cut = day_of(q.until_ms)
+            part(sums, table, "edge = 'start' AND day_ms < ?", cut)
+            part(one, "acct_jobs", "start_ms >= ? AND start_ms < ?", cut, q.until_ms)
+        # - every job that ended before `since` (it started before `until` too)
+        if q.since_ms is not None:
+            cut = day_of(q.since_ms)
+            part(neg, table, "edge = 'end' AND day_ms < ?", cut)
+            part(minus_one, "acct_jobs", "end_ms >= ? AND end_ms < ?", cut, q.since_ms)
+        sql = ("SELECT k, sum(j), sum(g), sum(a), sum(b), sum(e), sum(l) FROM ("  # noqa: S608 - constant names, ? marks
+               + " UNION ALL ".join(parts) + ") t GROUP BY k HAVING sum(j) > 0 ORDER BY k")
+        with self._read() as db:
+            rows = db.execute(sql, args).fetchall()
+        return [UsageTotal(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]),
+                           int(r[6])) for r in rows]
+
+    def _usage_from_tables(self, q: UsageQuery) -> list[UsageTotal]:
         table = "acct_ledger" if q.group_by == "node" else "acct_jobs"
         where: list[str] = ["1 = 1"]
         args: list[object] = []
         for col, values in (("user_name", q.users), ("account", q.accounts),
                             ("job_id", q.jobs)):
             if values:
-                where.append(f"{col} IN ({', '.join('?' * len(values))})")
+                where.append(f"{col} IN ({_marks(len(values))})")
                 args += list(values)
         if q.since_ms is not None:
             where.append("(end_ms IS NULL OR end_ms >= ?)")
@@ -234,11 +602,15 @@ class AcctStoreMixin:
             args.append(q.until_ms)
         key = {"user": "user_name", "account": "account", "job": "job_id", "node": "node"}
         col = key[q.group_by]
+        # acct_jobs has one row per job: count(*) is its number of jobs
+        jobs = "count(DISTINCT job_id)" if table == "acct_ledger" else "count(*)"
         gpus = "count(*)" if table == "acct_ledger" else "sum(gpus)"
+        span = ("min(start_ms), max(end_ms)" if q.group_by in ("job", "node")
+                else "NULL, NULL")
         extra = ("min(user_name), min(account)" if q.group_by == "job"
                  else "'', ''")
-        sql = (f"SELECT {col}, count(DISTINCT job_id), {gpus}, sum(allocated_ms), "  # noqa: S608
-               f"sum(busy_ms), sum(energy_mj), sum(lost_ms), min(start_ms), max(end_ms), "
+        sql = (f"SELECT {col}, {jobs}, {gpus}, sum(allocated_ms), "  # noqa: S608
+               f"sum(busy_ms), sum(energy_mj), sum(lost_ms), {span}, "
                f"{extra} FROM {table} WHERE {' AND '.join(where)} GROUP BY {col} ORDER BY {col}")
         with self._read() as db:
             rows = db.execute(sql, args).fetchall()
@@ -247,14 +619,29 @@ class AcctStoreMixin:
 
     def usage_by_minute(self, since_ms: int, until_ms: int, group_by: str = "account"
                         ) -> list[UsageTotal]:
-        """Usage inside [since_ms, until_ms) exactly (to the minute), per user or account,
-        from the per-minute rollups (jobs, gpus and lost are 0: rollups do not keep them)."""
+        """Usage inside [since_ms, until_ms) exactly (to the minute: the minutes starting in
+        the window), per user or account (jobs, gpus and lost are 0: rollups do not keep
+        them). Whole UTC days inside the window come from acct_day, the rest from
+        acct_minute; the sums are the same as acct_minute's alone."""
         if group_by not in ("user", "account"):
             raise ValueError(f"group_by={group_by!r}: per-minute rollups know user and account")
         col = "user_name" if group_by == "user" else "account"
-        sql = (f"SELECT {col}, sum(allocated_ms), sum(busy_ms), sum(energy_mj) "  # noqa: S608
-               f"FROM acct_minute WHERE minute_ms >= ? AND minute_ms < ? GROUP BY {col} "
-               f"ORDER BY {col}")
+        first_day = -(-since_ms // DAY_MS) * DAY_MS  # the first day starting in the window
+        end_day = day_of(until_ms)  # ... and the end of the last whole one
+        if first_day < end_day:
+            sql = (f"SELECT k, sum(a), sum(b), sum(e) FROM ("  # noqa: S608 - constant names
+                   f"SELECT {col} AS k, allocated_ms AS a, busy_ms AS b, energy_mj AS e "
+                   f"FROM acct_day WHERE day_ms >= ? AND day_ms < ? UNION ALL "
+                   f"SELECT {col}, allocated_ms, busy_ms, energy_mj FROM acct_minute "
+                   f"WHERE minute_ms >= ? AND minute_ms < ? UNION ALL "
+                   f"SELECT {col}, allocated_ms, busy_ms, energy_mj FROM acct_minute "
+                   f"WHERE minute_ms >= ? AND minute_ms < ?) t GROUP BY k ORDER BY k")
+            args: tuple[int, ...] = (first_day, end_day, since_ms, first_day, end_day, until_ms)
+        else:
+            sql = (f"SELECT {col}, sum(allocated_ms), sum(busy_ms), sum(energy_mj) "  # noqa: S608
+                   f"FROM acct_minute WHERE minute_ms >= ? AND minute_ms < ? GROUP BY {col} "
+                   f"ORDER BY {col}")
+            args = (since_ms, until_ms)
         with self._read() as db:
-            rows = db.execute(sql, (since_ms, until_ms)).fetchall()
+            rows = db.execute(sql, args).fetchall()
         return [UsageTotal(str(r[0]), 0, 0, int(r[1]), int(r[2]), int(r[3]), 0) for r in rows]

@@ -8,6 +8,89 @@ leaves the previous version intact. Never edit a released migration: append a ne
 
 from __future__ import annotations
 
+# Recomputes the accounting rollups of migration 7 from acct_jobs and acct_minute: part of
+# migration 7 (back-fill of a version 6 store) and `rebuild_acct_rollups()`. Portable SQL:
+# integer division of BIGINT/INTEGER truncates in both dialects (times are >= 0).
+ACCT_ROLLUP_BACKFILL = """
+DELETE FROM acct_jobday_account;
+DELETE FROM acct_jobday_user;
+DELETE FROM acct_day;
+INSERT INTO acct_jobday_account (edge, day_ms, account, jobs, gpus, allocated_ms, busy_ms,
+                                 energy_mj, lost_ms)
+    SELECT 'start', (start_ms / 86400000) * 86400000, account, count(*), sum(gpus),
+           sum(allocated_ms), sum(busy_ms), sum(energy_mj), sum(lost_ms)
+    FROM acct_jobs GROUP BY 2, 3;
+INSERT INTO acct_jobday_account (edge, day_ms, account, jobs, gpus, allocated_ms, busy_ms,
+                                 energy_mj, lost_ms)
+    SELECT 'end', (end_ms / 86400000) * 86400000, account, count(*), sum(gpus),
+           sum(allocated_ms), sum(busy_ms), sum(energy_mj), sum(lost_ms)
+    FROM acct_jobs WHERE end_ms IS NOT NULL GROUP BY 2, 3;
+INSERT INTO acct_jobday_user (edge, day_ms, user_name, jobs, gpus, allocated_ms, busy_ms,
+                              energy_mj, lost_ms)
+    SELECT 'start', (start_ms / 86400000) * 86400000, user_name, count(*), sum(gpus),
+           sum(allocated_ms), sum(busy_ms), sum(energy_mj), sum(lost_ms)
+    FROM acct_jobs GROUP BY 2, 3;
+INSERT INTO acct_jobday_user (edge, day_ms, user_name, jobs, gpus, allocated_ms, busy_ms,
+                              energy_mj, lost_ms)
+    SELECT 'end', (end_ms / 86400000) * 86400000, user_name, count(*), sum(gpus),
+           sum(allocated_ms), sum(busy_ms), sum(energy_mj), sum(lost_ms)
+    FROM acct_jobs WHERE end_ms IS NOT NULL GROUP BY 2, 3;
+INSERT INTO acct_day (day_ms, account, user_name, allocated_ms, busy_ms, energy_mj)
+    SELECT (minute_ms / 86400000) * 86400000, account, user_name, sum(allocated_ms),
+           sum(busy_ms), sum(energy_mj)
+    FROM acct_minute GROUP BY 1, 2, 3;
+"""
+
+
+def _acct_rollups(ms: str) -> str:
+    """Migration 7 in one dialect (`ms`: the type of millisecond columns)."""
+    return f"""
+    CREATE TABLE acct_jobday_account (
+        edge          TEXT NOT NULL,           -- 'start': by the job's start day, 'end': end day
+        day_ms        {ms} NOT NULL,           -- UTC day, epoch ms
+        account       TEXT NOT NULL,
+        jobs          {ms} NOT NULL,
+        gpus          {ms} NOT NULL,
+        allocated_ms  {ms} NOT NULL,
+        busy_ms       {ms} NOT NULL,
+        energy_mj     {ms} NOT NULL,
+        lost_ms       {ms} NOT NULL,
+        PRIMARY KEY (edge, day_ms, account)
+    );
+    CREATE TABLE acct_jobday_user (
+        edge          TEXT NOT NULL,
+        day_ms        {ms} NOT NULL,
+        user_name     TEXT NOT NULL,
+        jobs          {ms} NOT NULL,
+        gpus          {ms} NOT NULL,
+        allocated_ms  {ms} NOT NULL,
+        busy_ms       {ms} NOT NULL,
+        energy_mj     {ms} NOT NULL,
+        lost_ms       {ms} NOT NULL,
+        PRIMARY KEY (edge, day_ms, user_name)
+    );
+    CREATE TABLE acct_day (
+        day_ms        {ms} NOT NULL,
+        account       TEXT NOT NULL,
+        user_name     TEXT NOT NULL,
+        allocated_ms  {ms} NOT NULL,
+        busy_ms       {ms} NOT NULL,
+        energy_mj     {ms} NOT NULL,
+        PRIMARY KEY (day_ms, account, user_name)
+    );
+    CREATE TABLE acct_lost (
+        job_id        TEXT NOT NULL,
+        run           INTEGER NOT NULL,        -- Slurm's restart count of the killed run
+        node          TEXT NOT NULL,           -- one charge per killed run and node
+        lost_ms       {ms} NOT NULL,           -- wall ms, charged to each GPU there
+        gpus          INTEGER NOT NULL,        -- how many ledger rows it was charged to
+        charged_ms    {ms} NOT NULL,
+        PRIMARY KEY (job_id, run, node)
+    );
+    CREATE INDEX acct_jobs_end ON acct_jobs(end_ms);
+    """ + ACCT_ROLLUP_BACKFILL
+
+
 MIGRATIONS: list[str] = [
     # 1: the foundation schema
     """
@@ -172,6 +255,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (minute_ms, account, user_name)
     );
     """,
+    # 7: accounting rollups for fast exact queries at millions of jobs (store/acct.py): job
+    # totals by start and by end day per account and per user, usage per day, lost-time
+    # charges by recovery; back-filled from a version 6 store's acct_jobs and acct_minute
+    _acct_rollups("INTEGER"),
 ]
 
 # PostgreSQL: BIGINT for millisecond times (past 2038 and past 2^31 ids), BYTEA, identity ids.
@@ -325,6 +412,8 @@ PG_MIGRATIONS: list[str] = [
         PRIMARY KEY (minute_ms, account, user_name)
     );
     """,
+    # 7: accounting rollups (see MIGRATIONS[6])
+    _acct_rollups("BIGINT"),
 ]
 
 if len(MIGRATIONS) != len(PG_MIGRATIONS):  # pragma: no cover - caught by any test run

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
+from .acct import BulkWrite
 from .base import SqlStore, StoreError, check_schema_version
 from .migrations import PG_MIGRATIONS, statements
 
@@ -49,6 +50,7 @@ class _PgConn:
         return self.conn.execute(sql.replace("?", "%s"), params or None)
 
 
+
 class PostgresStore(SqlStore):
     """PostgreSQL state store: one connection behind a lock, autocommit + explicit transactions."""
 
@@ -66,6 +68,12 @@ class PostgresStore(SqlStore):
         except StoreError:
             self.close()
             raise
+
+    def _write_many(self, db: Any, write: BulkWrite, rows: list[tuple[Any, ...]]) -> None:
+        """One statement over one array per column (unnest), not one per row: a ledger batch
+        (an agent's report, its minute rollups) is one round trip and one plan."""
+        if rows:
+            db.execute(write.array_sql(), [list(c) for c in zip(*rows, strict=True)])
 
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
@@ -86,6 +94,19 @@ class PostgresStore(SqlStore):
             conn = self._connect()
             try:
                 with conn.transaction():
+                    yield _PgConn(conn)
+            except psycopg.Error as e:
+                raise StoreError(f"PostgreSQL store {self.target}: {e}") from e
+
+    @contextmanager
+    def _batch_tx(self) -> Iterator[_PgConn]:
+        """A transaction in pipeline mode: statements go out without waiting for each answer;
+        reading a result (fetch*) waits. record_usage reads once, then queues its writes and
+        the COMMIT: two round trips for an agent's report, whatever its size."""
+        with self._lock:
+            conn = self._connect()
+            try:
+                with conn.pipeline(), conn.transaction():
                     yield _PgConn(conn)
             except psycopg.Error as e:
                 raise StoreError(f"PostgreSQL store {self.target}: {e}") from e
