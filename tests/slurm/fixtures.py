@@ -10,17 +10,24 @@ CI job cannot go green by silently skipping every Slurm test.
 The lab lives in a fixed dir ($GPUFLEET_SLURM_TEST_LAB or /tmp/gpufleet-slurm-lab-pytest) so a
 run killed with SIGKILL is cleaned up by the next one, and on ports 6917/17101.. so it can run
 beside a lab started by hand with `harness.py up` (6817/17001..).
+
+`slurm_acct_lab` (module) is a second, smaller lab with accounting: its own slurmdbd on its
+own MariaDB, and Prolog/Epilog running `gpufleet-agent prolog|epilog` into one agent state
+dir per node (LAB/agents/nX). It lives in $GPUFLEET_SLURM_TEST_LAB-acct on the test port + 5
+(slurmdbd +7, MariaDB +8) and slurmd ports from TEST_NODE_PORT0 + 20, so it can run in the
+same session as `slurm_lab`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .harness import SlurmLab, SlurmLabConfig, SlurmLabError
+from .harness import SlurmLab, SlurmLabConfig, SlurmLabError, write_gpufleet_hooks
 
 # $GPUFLEET_SLURM_TEST_PORT moves the whole lab (slurmd ports follow), so two test runs can
 # share a machine when each also sets its own $GPUFLEET_SLURM_TEST_LAB.
@@ -78,3 +85,39 @@ def clean_slurm_lab(slurm_lab: SlurmLab) -> SlurmLab:
     """slurm_lab after reset(): no jobs, every node idle, both daemons kinds running."""
     slurm_lab.reset()
     return slurm_lab
+
+
+ACCT_CTLD_PORT = TEST_CTLD_PORT + 5
+ACCT_NODE_PORT0 = TEST_NODE_PORT0 + 20
+ACCT_NODES = 2
+ACCT_GPUS = 4  # the simulated agents run the 4-GPU l40s-pcie profile to match
+
+
+def slurm_acct_test_config() -> SlurmLabConfig:
+    """n1, n2 with gpu:4 each; slurmdbd + MariaDB; gpufleet Prolog/Epilog into LAB/agents/nX."""
+    lab_dir = Path(str(slurm_test_config().lab_dir) + "-acct").absolute()
+    prolog, epilog = write_gpufleet_hooks(lab_dir / "hooks", str(lab_dir / "agents" / "{node}"))
+    return SlurmLabConfig(
+        lab_dir=lab_dir, nodes=ACCT_NODES, leaves=1, gpus=ACCT_GPUS, ctld_port=ACCT_CTLD_PORT,
+        node_port0=ACCT_NODE_PORT0, accounting=True, prolog=str(prolog), epilog=str(epilog),
+    )
+
+
+@pytest.fixture(scope="module")
+def slurm_acct_lab() -> Iterator[SlurmLab]:
+    """A running 2-node lab with slurmdbd (see the module docstring); stopped after the module."""
+    if os.geteuid() != 0 and not _in_ci():
+        pytest.skip("real Slurm lab needs root (slurmd/slurmctld/munged); run as root or CI=true")
+    cfg = slurm_acct_test_config()
+    shutil.rmtree(cfg.lab_dir / "agents", ignore_errors=True)  # no hook files of a past run
+    lab = SlurmLab(cfg)
+    try:
+        lab.start(timeout_s=180)
+    except SlurmLabError as exc:
+        if _in_ci():
+            pytest.fail(f"CI=true and the accounting lab could not start: {exc}", pytrace=False)
+        pytest.skip(f"accounting lab could not start: {exc}")
+    try:
+        yield lab
+    finally:
+        lab.stop()

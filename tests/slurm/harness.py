@@ -4,6 +4,10 @@ Why a real Slurm: the controller's Slurm adapter parses `sinfo --json`, `scontro
 drives drain/resume/requeue; fakes drift from what 22.05 actually prints. This module starts
 munged (only if none works), one slurmctld and N `slurmd -N nX` daemons on distinct ports, with
 fake GPU GRES backed by dummy character devices and a topology/tree of leaf switches + a spine.
+With `accounting=True` it also starts its own MariaDB server (own datadir, socket, port and pid
+file under lab_dir; never the system service) and its own slurmdbd, and registers the cluster,
+accounts and users with `sacctmgr`. `prolog`/`epilog` name Prolog=/Epilog= programs
+(`write_gpufleet_hooks()` writes ones that run `gpufleet-agent prolog|epilog` per node).
 
 All runtime state lives under `lab_dir`; configs go to `etc_dir` (never /etc/slurm), so client
 commands need SLURM_CONF: use `lab.env()` or `lab.run(...)`.
@@ -50,6 +54,11 @@ REST_PACKAGES = ("slurmrestd", "slurm-wlm-jwt-plugin")
 # slurmrestd refuses to run as root or as SlurmUser: an unprivileged user it can be
 REST_USER = "nobody"  # run with its own primary group: root's group is refused too
 REST_API = "v0.0.38"  # Slurm 22.05's openapi plugin
+# only for accounting=True: slurmdbd and a private MariaDB server (CI's .ci/setup installs them)
+ACCT_PACKAGES = ("slurmdbd", "mariadb-server")
+MARIADBD = Path("/usr/sbin/mariadbd")
+MYSQL_USER = "mysql"  # mariadbd refuses to run as root; the Debian package made this user
+ACCT_DB = "slurm_acct_db"
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
 CLIENT_TIMEOUT_S = 30.0
@@ -110,6 +119,18 @@ class SlurmLabConfig:
     extra_conf: str = ""  # appended to slurm.conf (a later key overrides an earlier one)
     cluster_name: str = "lab"
     restd: bool = False  # also start slurmrestd (JWT auth, unix socket) in start()
+    # slurmdbd on a private MariaDB: sacct, AllocTRES with gres/gpu (accounting_storage/none
+    # without it)
+    accounting: bool = False
+    dbd_port: int = 0  # 0 -> ctld_port + 2 (as 6817/6819 upstream)
+    db_port: int = 0  # MariaDB's TCP port; 0 -> ctld_port + 3
+    # (user, account) associations registered with sacctmgr; a user's first is its default
+    associations: tuple[tuple[str, str], ...] = (("root", "physics"), ("nobody", "chemistry"))
+    prolog: str = ""  # Prolog= program (absolute path), '' -> none
+    epilog: str = ""  # Epilog= program (absolute path), '' -> none
+    # Alloc: the Prolog runs when the job is allocated (Slurm's Start time), not at its first
+    # step, so hook times and sacct's Start/End describe the same interval
+    prolog_flags: str = "Alloc"
 
     def __post_init__(self) -> None:
         lab_dir = Path(self.lab_dir).absolute()
@@ -122,6 +143,23 @@ class SlurmLabConfig:
             raise ValueError("cpus and mem_mb must be >= 1, gpus >= 0")
         if self.node_port0 <= self.ctld_port <= self.node_port0 + self.nodes:
             raise ValueError("ctld_port collides with the slurmd port range")
+        object.__setattr__(self, "dbd_port", self.dbd_port or self.ctld_port + 2)
+        object.__setattr__(self, "db_port", self.db_port or self.ctld_port + 3)
+        object.__setattr__(
+            self, "associations", tuple((str(u), str(a)) for u, a in self.associations)
+        )
+        for what, path in (("prolog", self.prolog), ("epilog", self.epilog)):
+            if path and not Path(path).is_absolute():
+                raise ValueError(f"{what}={path!r}: slurmd needs an absolute path")
+        if self.accounting:
+            ports = {self.ctld_port, self.dbd_port, self.db_port}
+            if len(ports) != 3 or any(
+                self.node_port0 < p <= self.node_port0 + self.nodes for p in ports
+            ):
+                raise ValueError(
+                    f"ctld_port {self.ctld_port}, dbd_port {self.dbd_port}, db_port "
+                    f"{self.db_port} and the slurmd ports must all differ"
+                )
 
     @property
     def etc(self) -> Path:
@@ -145,6 +183,8 @@ class SlurmLabConfig:
         for key in ("lab_dir", "etc_dir"):
             if kwargs.get(key) is not None:
                 kwargs[key] = Path(kwargs[key])
+        if "associations" in kwargs:  # JSON made the pairs lists
+            kwargs["associations"] = tuple(tuple(pair) for pair in kwargs["associations"])
         return cls(**kwargs)
 
 
@@ -269,6 +309,39 @@ def _stop_pids(pids: dict[int, str], timeout_s: float) -> list[int]:
     return sorted(live)
 
 
+def write_gpufleet_hooks(
+    hook_dir: Path, state_dir: str, agent_argv: Sequence[str] | None = None
+) -> tuple[Path, Path]:
+    """Prolog and Epilog scripts running `gpufleet-agent prolog|epilog --state-dir STATE_DIR`.
+
+    STATE_DIR may hold '{node}': the agent puts SLURMD_NODENAME there, because in a lab every
+    `slurmd -N nX` is a node of its own and each simulated node has its own agent state dir.
+    Each run also keeps the environment Slurm gave it in hook_dir/env/KIND-JOB-NODE (what
+    22.05 passes to a Prolog is checked from there) and appends its output to hook_dir/KIND.log.
+    Returns (prolog, epilog), for SlurmLabConfig(prolog=..., epilog=...).
+    """
+    argv = list(agent_argv or [sys.executable, "-m", "gpufleet.agent"])
+    hook_dir = Path(hook_dir).absolute()
+    (hook_dir / "env").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind in ("prolog", "epilog"):
+        path = hook_dir / f"{kind}.sh"
+        env_file = shlex.quote(str(hook_dir / "env" / kind)) + '-"$SLURM_JOB_ID-$SLURMD_NODENAME"'
+        path.write_text(
+            "#!/bin/sh\n"
+            f"# generated by tests/slurm/harness.py: Slurm {kind} -> gpufleet-agent {kind}\n"
+            f"/usr/bin/env > {env_file}\n"
+            # the moment Slurm ran the hook, before Python starts (0.2-1.3 s on a busy
+            # machine): for an agent that takes its hook time from here
+            "GPUFLEET_HOOK_TIME_MS=$(/bin/date +%s%3N); export GPUFLEET_HOOK_TIME_MS\n"
+            f"exec {shlex.join(argv)} {kind} --state-dir {shlex.quote(state_dir)} "
+            f">> {shlex.quote(str(hook_dir / (kind + '.log')))} 2>&1\n"
+        )
+        path.chmod(0o755)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 # ---------------------------------------------------------------------------------------- lab
 
 
@@ -281,6 +354,7 @@ class SlurmLab:
         # JWT auth in slurm.conf: only when slurmrestd is wanted (needs slurm-wlm-jwt-plugin)
         self._jwt = self.config.restd
         self._restd_proc: subprocess.Popen[bytes] | None = None
+        self._db_proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def from_lab_dir(cls, lab_dir: Path | None = None) -> SlurmLab:
@@ -395,11 +469,15 @@ class SlurmLab:
             SlurmLab.from_lab_dir(self.lab_dir).stop()
         self._check_ports()
         self._ensure_packages()
+        if self.config.accounting:
+            self._ensure_packages(ACCT_PACKAGES)
         self._ensure_hostname()
         self._prepare_dirs()
         try:
             self._ensure_munge()
             self._write_configs()
+            if self.config.accounting:
+                self._start_accounting(deadline)
             self._start_ctld(deadline)
             for node in self.node_names:
                 self._start_slurmd(node)
@@ -431,9 +509,10 @@ class SlurmLab:
         pidfiles = sorted(self.pid_dir.glob("slurmd-*.pid"))
         self._stop_pidfiles(pidfiles, "slurmd", 20)
         self._stop_pidfiles([self.pid_dir / "slurmctld.pid"], "slurmctld", 30)
+        self.stop_accounting()
         munged = self.pid_dir / "munged.pid"
         if munged.exists():
-            others = _procs_named("slurmctld") + _procs_named("slurmd")
+            others = _procs_named("slurmctld") + _procs_named("slurmd") + _procs_named("slurmdbd")
             if others:
                 # Another lab (or a real Slurm) on this machine may authenticate through the
                 # munged we started: leave it running; it is harmless.
@@ -594,6 +673,187 @@ class SlurmLab:
             raise SlurmLabError(f"`scontrol token` printed no token: {out!r}")
         return token
 
+    # ------------------------------------------------------------------- slurmdbd + MariaDB
+
+    @property
+    def db_dir(self) -> Path:
+        """MariaDB's datadir, socket and pid file. Kept across starts: mariadb-install-db
+        takes seconds, so an installed datadir is reused and only the Slurm database is
+        dropped and made again (slurmctld's state is wiped, so job ids start again at 1)."""
+        return self.lab_dir / "mysql"
+
+    @property
+    def db_socket(self) -> Path:
+        return self.db_dir / "mysqld.sock"
+
+    @property
+    def dbd_conf_path(self) -> Path:
+        """slurmdbd.conf: slurmdbd has no -f and reads it next to $SLURM_CONF."""
+        return self.etc_dir / "slurmdbd.conf"
+
+    def mariadbd_alive(self) -> bool:
+        return _proc_alive(_read_pid(self.pid_dir / "mariadbd.pid"), "mariadbd")
+
+    def slurmdbd_alive(self) -> bool:
+        return _proc_alive(_read_pid(self.pid_dir / "slurmdbd.pid"), "slurmdbd")
+
+    def _db_password(self) -> str:
+        """The slurm DB user's password: random per lab, readable by root only."""
+        path = self.lab_dir / "db.secret"
+        if not path.exists():
+            path.write_text(os.urandom(12).hex())
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def slurmdbd_conf_text(self) -> str:
+        cfg, lab = self.config, self.lab_dir
+        return f"""\
+# generated by tests/slurm/harness.py
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort={cfg.dbd_port}
+SlurmUser=slurm
+DebugLevel=info
+LogFile={lab}/log/slurmdbd.log
+PidFile={lab}/pids/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={cfg.db_port}
+StorageUser=slurm
+StoragePass={self._db_password()}
+StorageLoc={ACCT_DB}
+"""
+
+    def _mysql(self, sql: str) -> None:
+        """Run SQL as MariaDB's root over the socket (unix_socket auth: we are root)."""
+        proc = subprocess.run(
+            ["mysql", f"--socket={self.db_socket}", "-u", "root"],
+            input=sql, capture_output=True, text=True, timeout=60, check=False,
+        )
+        if proc.returncode != 0:
+            raise SlurmLabError(f"mysql failed ({proc.returncode}): {proc.stderr.strip()}")
+
+    def _start_mariadb(self, deadline: float) -> None:
+        db, logfile = self.db_dir, self.db_dir / "mariadb.log"
+        db.mkdir(parents=True, exist_ok=True)
+        shutil.chown(db, MYSQL_USER, MYSQL_USER)
+        if not (db / "data" / "mysql").is_dir():
+            shutil.rmtree(db / "data", ignore_errors=True)
+            with (self.log_dir / "mariadb-install.log").open("wb") as fh:
+                install = subprocess.run(
+                    ["mariadb-install-db", f"--user={MYSQL_USER}", f"--datadir={db / 'data'}",
+                     "--auth-root-authentication-method=socket", "--skip-test-db"],
+                    stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                    timeout=max(deadline - time.monotonic(), 30), check=False,
+                )
+            if install.returncode != 0:
+                raise SlurmLabError(
+                    f"mariadb-install-db failed; read {self.log_dir / 'mariadb-install.log'}")
+        (db / "mariadbd.pid").unlink(missing_ok=True)
+        self.db_socket.unlink(missing_ok=True)
+        # --no-defaults: nothing from /etc/mysql (the system service's port, socket, datadir)
+        proc = subprocess.Popen(
+            [str(MARIADBD), "--no-defaults", f"--user={MYSQL_USER}", f"--datadir={db / 'data'}",
+             f"--socket={self.db_socket}", f"--pid-file={db / 'mariadbd.pid'}",
+             "--bind-address=127.0.0.1", f"--port={self.config.db_port}",
+             "--innodb-buffer-pool-size=64M", "--innodb-lock-wait-timeout=900",
+             "--skip-name-resolve", f"--log-error={logfile}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._db_proc = proc  # reaped in stop_accounting()
+        (self.pid_dir / "mariadbd.pid").write_text(f"{proc.pid}\n")
+        while True:
+            ping = subprocess.run(
+                ["mysqladmin", f"--socket={self.db_socket}", "ping"],
+                capture_output=True, timeout=10, check=False,
+            )
+            if ping.returncode == 0:
+                break
+            if proc.poll() is not None:
+                raise SlurmLabError(
+                    f"mariadbd exited {proc.returncode}; read {logfile}:\n{_tail(logfile)}")
+            if time.monotonic() > deadline:
+                raise SlurmLabError(f"mariadbd not up in time; read {logfile}")
+            time.sleep(0.2)
+        # a fresh Slurm database each start: job ids restart at 1 with slurmctld's state
+        self._mysql(f"""\
+DROP DATABASE IF EXISTS {ACCT_DB};
+CREATE DATABASE {ACCT_DB};
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{self._db_password()}';
+GRANT ALL ON {ACCT_DB}.* TO 'slurm'@'127.0.0.1';
+FLUSH PRIVILEGES;
+""")
+        log.info("mariadbd up (pid %d, 127.0.0.1:%d)", proc.pid, self.config.db_port)
+
+    def _start_accounting(self, deadline: float) -> None:
+        """MariaDB, then slurmdbd, then cluster/accounts/users: all before slurmctld starts,
+        so it registers with a slurmdbd that already knows the cluster."""
+        self._start_mariadb(deadline)
+        self.dbd_conf_path.write_text(self.slurmdbd_conf_text())
+        shutil.chown(self.dbd_conf_path, "slurm", "slurm")
+        self.dbd_conf_path.chmod(0o600)  # slurmdbd refuses a conf others can read
+        self._spawn_daemon("slurmdbd", ["/usr/sbin/slurmdbd"])
+        logfile = self.log_dir / "slurmdbd.log"
+        while True:
+            proc = self.run("sacctmgr", "-n", "-P", "list", "cluster", check=False,
+                            timeout_s=10)
+            if proc.returncode == 0:
+                break
+            pid = _read_pid(self.pid_dir / "slurmdbd.pid")
+            if pid is not None and not _proc_alive(pid, "slurmdbd"):
+                raise SlurmLabError(f"slurmdbd exited; read {logfile}:\n{_tail(logfile)}")
+            if time.monotonic() > deadline:
+                raise SlurmLabError(f"slurmdbd not answering; read {logfile}:\n{_tail(logfile)}")
+            time.sleep(0.2)
+        cluster = self.config.cluster_name
+        self.run("sacctmgr", "-i", "add", "cluster", cluster)
+        accounts = sorted({account for _user, account in self.config.associations})
+        if accounts:
+            self.run("sacctmgr", "-i", "add", "account", ",".join(accounts),
+                     f"Cluster={cluster}")
+        defaults: dict[str, str] = {}
+        for user, account in self.config.associations:
+            defaults.setdefault(user, account)
+            self.run("sacctmgr", "-i", "add", "user", user, f"Account={account}",
+                     f"Cluster={cluster}")
+        for user, account in defaults.items():
+            self.run("sacctmgr", "-i", "modify", "user", user, "set",
+                     f"DefaultAccount={account}")
+        log.info("slurmdbd up (pid %s, port %d)", _read_pid(self.pid_dir / "slurmdbd.pid"),
+                 self.config.dbd_port)
+
+    def stop_accounting(self) -> None:
+        """Stop slurmdbd, then MariaDB, by pid file (no-op for what is not running)."""
+        self._stop_pidfiles([self.pid_dir / "slurmdbd.pid"], "slurmdbd", 30)
+        self._stop_pidfiles([self.pid_dir / "mariadbd.pid"], "mariadbd", 60)
+        if self._db_proc is not None:
+            self._db_proc.wait(10)  # already dead: only reaps the zombie
+            self._db_proc = None
+
+    def sacct_jobs(self, *job_ids: int | str) -> list[dict[str, Any]]:
+        """`sacct --json -j IDS` jobs (filtered here too: 22.05's --json may return more)."""
+        out = self.run("sacct", "--json", "-j", ",".join(str(j) for j in job_ids)).stdout
+        wanted = {str(j) for j in job_ids}
+        return [j for j in json.loads(out)["jobs"] if str(j.get("job_id")) in wanted]
+
+    def wait_sacct_ended(self, *job_ids: int, timeout_s: float = 30) -> list[dict[str, Any]]:
+        """Until slurmdbd holds every job with an end time (slurmctld sends it a moment
+        after the job ends); returns their sacct --json records."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            jobs = self.sacct_jobs(*job_ids)
+            ended = {str(j["job_id"]) for j in jobs if j["time"]["end"]}
+            if ended >= {str(j) for j in job_ids}:
+                return jobs
+            if time.monotonic() > deadline:
+                raise SlurmLabError(
+                    f"slurmdbd has no end for jobs {sorted({str(j) for j in job_ids} - ended)} "
+                    f"after {timeout_s}s; read {self.log_dir / 'slurmdbd.log'}")
+            time.sleep(0.5)
+
     # ------------------------------------------------------------------------------ queries
 
     def sinfo_nodes(self) -> dict[str, dict[str, Any]]:
@@ -647,10 +907,13 @@ class SlurmLab:
                 out[fields.pop("SwitchName")] = fields
         return out
 
-    def sbatch(self, *args: str) -> int:
-        """Submit with --parsable and return the job id; runs in jobs_dir so output stays there."""
+    def sbatch(self, *args: str, user: str | None = None) -> int:
+        """Submit with --parsable and return the job id; runs in jobs_dir so output stays there.
+
+        `user`: submit as that user (through runuser; jobs_dir is world-writable)."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        out = self.run("sbatch", "--parsable", *args, cwd=self.jobs_dir).stdout.strip()
+        prefix = ["runuser", "-u", user, "--"] if user else []
+        out = self.run(*prefix, "sbatch", "--parsable", *args, cwd=self.jobs_dir).stdout.strip()
         try:
             return int(out.split(";", 1)[0])
         except ValueError as exc:
@@ -730,6 +993,8 @@ class SlurmLab:
 
     def _check_ports(self) -> None:
         ports = {"slurmctld": self.config.ctld_port}
+        if self.config.accounting:
+            ports.update(slurmdbd=self.config.dbd_port, mariadbd=self.config.db_port)
         for i, node in enumerate(self.node_names, start=1):
             ports[f"slurmd {node}"] = self.config.node_port0 + i
         busy = [f"{who}:{port}" for who, port in ports.items() if not _port_free(port)]
@@ -737,7 +1002,7 @@ class SlurmLab:
             raise SlurmLabError(
                 f"ports in use: {', '.join(busy)}. Another Slurm (another lab dir?) is running; "
                 "stop it (`python tests/slurm/harness.py down --lab DIR`) or pick other ports "
-                "(ctld_port, node_port0)"
+                "(ctld_port, node_port0, dbd_port, db_port)"
             )
 
     def _ensure_packages(self, packages: Sequence[str] = PACKAGES) -> None:
@@ -897,9 +1162,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 GresTypes=gpu
 TopologyPlugin=topology/tree
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
+{self._accounting_conf()}JobCompType=jobcomp/none
 MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout={cfg.slurmd_timeout_s}
@@ -908,8 +1171,31 @@ KillWait=10
 NodeName={nodes} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports} CPUs={cfg.cpus} \
 RealMemory={cfg.mem_mb}{gres} State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-{self._jwt_conf()}{cfg.extra_conf}
+{self._hooks_conf()}{self._jwt_conf()}{cfg.extra_conf}
 """
+
+    def _accounting_conf(self) -> str:
+        cfg = self.config
+        if not cfg.accounting:
+            return ("AccountingStorageType=accounting_storage/none\n"
+                    "JobAcctGatherType=jobacct_gather/none\n")
+        # gres/gpu in AllocTRES is what reconciliation compares with; jobacct_gather/none
+        # because no test needs per-step memory/CPU samples (they cost CPU on small machines)
+        return f"""\
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort={cfg.dbd_port}
+AccountingStorageTRES=gres/gpu
+JobAcctGatherType=jobacct_gather/none
+"""
+
+    def _hooks_conf(self) -> str:
+        cfg = self.config
+        lines = [f"{key}={value}" for key, value in (("Prolog", cfg.prolog), ("Epilog", cfg.epilog))
+                 if value]
+        if cfg.prolog and cfg.prolog_flags:
+            lines.append(f"PrologFlags={cfg.prolog_flags}")
+        return "".join(line + "\n" for line in lines)
 
     def _jwt_conf(self) -> str:
         """JWT as an alternative auth (for slurmrestd) once start_restd() has made the key."""
@@ -1045,6 +1331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--nodes", type=int, default=8)
     up.add_argument("--leaves", type=int, default=2)
     up.add_argument("--timeout", type=float, default=90)
+    up.add_argument("--port", type=int, default=6817, help="slurmctld port (slurmdbd +2, DB +3)")
+    up.add_argument("--accounting", action="store_true", help="slurmdbd on a private MariaDB")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="[slurmlab %(relativeCreated)6.0fms] %(message)s"
@@ -1052,7 +1340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab_dir: Path = args.lab or default_lab_dir()
     try:
         if args.cmd == "up":
-            lab = SlurmLab(SlurmLabConfig(lab_dir=lab_dir, nodes=args.nodes, leaves=args.leaves))
+            lab = SlurmLab(SlurmLabConfig(
+                lab_dir=lab_dir, nodes=args.nodes, leaves=args.leaves, ctld_port=args.port,
+                node_port0=args.port + 10183, accounting=args.accounting))
             lab.start(timeout_s=args.timeout)
             print(f"export SLURM_CONF={lab.conf_path}")
         elif args.cmd == "down":

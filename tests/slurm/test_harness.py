@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import SlurmLab, SlurmLabConfig
+from .harness import SlurmLab, SlurmLabConfig, write_gpufleet_hooks
 
 # ------------------------------------------------------------- config generation (no Slurm)
 
@@ -35,6 +35,36 @@ def test_config_defaults_and_overrides() -> None:
     assert SlurmLabConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="leaves"):
         SlurmLabConfig(nodes=2, leaves=3)
+
+
+def test_accounting_and_hooks_config(tmp_path: Path) -> None:
+    plain = SlurmLab(SlurmLabConfig(lab_dir=tmp_path)).slurm_conf_text()
+    assert "AccountingStorageType=accounting_storage/none" in plain
+    assert "Prolog" not in plain and "slurmdbd" not in plain
+
+    prolog, epilog = write_gpufleet_hooks(tmp_path / "hooks", "/x/agents/{node}",
+                                          ["/venv/bin/python", "-m", "gpufleet.agent"])
+    cfg = SlurmLabConfig(lab_dir=tmp_path, ctld_port=7222, node_port0=17420, accounting=True,
+                         prolog=str(prolog), epilog=str(epilog))
+    assert (cfg.dbd_port, cfg.db_port) == (7224, 7225)  # derived from the lab's port
+    lab = SlurmLab(cfg)
+    conf = lab.slurm_conf_text()
+    for line in ("AccountingStorageType=accounting_storage/slurmdbd",
+                 "AccountingStoragePort=7224", "AccountingStorageTRES=gres/gpu",
+                 f"Prolog={prolog}", f"Epilog={epilog}", "PrologFlags=Alloc"):
+        assert line in conf.splitlines(), line
+    assert "accounting_storage/none" not in conf
+    dbd = lab.slurmdbd_conf_text()
+    assert "StorageType=accounting_storage/mysql" in dbd and "StoragePort=7225" in dbd
+    assert "DbdPort=7224" in dbd and f"PidFile={tmp_path}/pids/slurmdbd.pid" in dbd
+    script = prolog.read_text()
+    assert "exec /venv/bin/python -m gpufleet.agent prolog --state-dir '/x/agents/{node}'" in script
+    assert prolog.stat().st_mode & 0o111 and "epilog --state-dir" in epilog.read_text()
+    assert SlurmLabConfig.from_json(cfg.to_json()) == cfg  # associations survive JSON
+    with pytest.raises(ValueError, match="must all differ"):
+        SlurmLabConfig(lab_dir=tmp_path, accounting=True, dbd_port=6817)
+    with pytest.raises(ValueError, match="absolute path"):
+        SlurmLabConfig(lab_dir=tmp_path, prolog="prolog.sh")
 
 
 # ----------------------------------------------------------------------------- real Slurm

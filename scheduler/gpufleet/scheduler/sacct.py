@@ -1,0 +1,243 @@
+"""Slurm's own accounting (`sacct --json`, Slurm 22.05) and its reconciliation with the ledger.
+
+Slurm records a job's allocated GPUs (AllocTRES `gres/gpu`, with `AccountingStorageTRES=
+gres/gpu`) and its start and end in whole seconds; gpufleet records each GPU's allocation in
+milliseconds from the Prolog/Epilog hooks. `reconcile` puts the two side by side per job.
+
+A job's GPU-seconds in Slurm are `gres/gpu x elapsed` (summed over the records of a requeued
+job). Slurm's times are whole seconds, so even exact hooks differ by up to a second of wall
+time, on each GPU: the tolerance is therefore per allocated GPU (`tolerance_s x GPUs`).
+
+Never does: run Slurm commands or touch the store (the CLI does both); never guesses a
+field it cannot read: a bad document is a SacctParseError naming the job and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gpufleet.scheduler.store.acct import UsageTotal
+
+STATUS_OK = "ok"
+STATUS_MISMATCH = "mismatch"
+STATUS_MISSING_GPUFLEET = "missing-gpufleet"  # Slurm gave the job GPUs; the ledger has none
+STATUS_MISSING_SLURM = "missing-slurm"  # in the ledger; sacct does not know the job
+STATUS_RUNNING = "running"  # not ended on one side yet: compared once it has
+BAD_STATUSES = frozenset({STATUS_MISMATCH, STATUS_MISSING_GPUFLEET, STATUS_MISSING_SLURM})
+
+
+class SacctParseError(ValueError):
+    """`sacct --json` output that cannot be read; the message names the job and the field."""
+
+
+@dataclass(frozen=True)
+class SacctJob:
+    """One sacct job record (one run of a job: a requeued job has several)."""
+
+    job_id: str
+    user: str
+    account: str
+    state: str
+    nodes: str
+    start_s: int | None  # epoch seconds; None: not started
+    end_s: int | None  # None: still running (sacct prints 0)
+    elapsed_s: int
+    gpus: int  # AllocTRES gres/gpu (0 without AccountingStorageTRES=gres/gpu)
+
+    @property
+    def gpu_s(self) -> int:
+        return self.gpus * self.elapsed_s
+
+
+def _field(job: Mapping[str, Any], path: str, label: str) -> Any:
+    value: Any = job
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise SacctParseError(f"{label}: field {path!r} is missing")
+        value = value[part]
+    return value
+
+
+def _int(value: Any, path: str, label: str, *, none_ok: bool = False) -> int:
+    if value is None and none_ok:
+        return 0
+    # bool is an int in Python, never in sacct's JSON
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SacctParseError(f"{label}: field {path!r} is {value!r}, not an integer")
+    return value
+
+
+def _str(value: Any, path: str, label: str) -> str:
+    if value is None:
+        return ""
+    # 23.02+: state.current is a list of flags
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "+".join(value)
+    if not isinstance(value, str):
+        raise SacctParseError(f"{label}: field {path!r} is {value!r}, not a string")
+    return value
+
+
+def _gpus(job: Mapping[str, Any], label: str) -> int:
+    tres = _field(job, "tres.allocated", label)
+    if not isinstance(tres, list):
+        raise SacctParseError(f"{label}: field 'tres.allocated' is {tres!r}, not a list")
+    total = 0
+    for i, entry in enumerate(tres):
+        path = f"tres.allocated[{i}]"
+        if not isinstance(entry, Mapping):
+            raise SacctParseError(f"{label}: field {path!r} is {entry!r}, not an object")
+        # gres/gpu only: a typed TRES (gres/gpu:a100), if tracked too, counts the same GPUs
+        if entry.get("type") == "gres" and entry.get("name") == "gpu":
+            total += _int(entry.get("count"), f"{path}.count", label)
+    return total
+
+
+def parse_job(job: Any, index: int) -> SacctJob:
+    """One element of sacct's `jobs` list."""
+    if not isinstance(job, Mapping):
+        raise SacctParseError(f"sacct job #{index}: {job!r:.80} is not an object")
+    raw_id = job.get("job_id")
+    label = f"sacct job {raw_id}" if raw_id is not None else f"sacct job #{index}"
+    job_id = _int(raw_id, "job_id", label)
+    start = _int(_field(job, "time.start", label), "time.start", label, none_ok=True)
+    end = _int(_field(job, "time.end", label), "time.end", label, none_ok=True)
+    elapsed = _int(_field(job, "time.elapsed", label), "time.elapsed", label)
+    if elapsed < 0 or (start and end and end < start):
+        raise SacctParseError(
+            f"{label}: time.start={start} time.end={end} time.elapsed={elapsed} do not add up")
+    return SacctJob(
+        job_id=str(job_id),
+        user=_str(job.get("user"), "user", label),
+        account=_str(job.get("account"), "account", label),
+        state=_str(_field(job, "state.current", label), "state.current", label),
+        nodes=_str(job.get("nodes"), "nodes", label),
+        start_s=start or None,
+        end_s=end or None,
+        elapsed_s=elapsed,
+        gpus=_gpus(job, label),
+    )
+
+
+def parse_sacct_json(text: str, source: str = "sacct --json") -> list[SacctJob]:
+    """All job records of a `sacct --json` document (Slurm 22.05's data_parser)."""
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise SacctParseError(f"{source}: not JSON: {e}") from None
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("jobs"), list):
+        raise SacctParseError(f"{source}: no 'jobs' list at the top level")
+    errors = doc.get("errors") or []
+    if errors:
+        raise SacctParseError(f"{source}: sacct reported errors: {errors!r:.300}")
+    return [parse_job(job, i) for i, job in enumerate(doc["jobs"])]
+
+
+# ------------------------------------------------------------------------- reconciliation
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """One job on both sides. GPU-seconds are None on a side that does not have the job."""
+
+    job_id: str
+    user: str
+    account: str
+    state: str
+    status: str
+    slurm_gpus: int
+    slurm_elapsed_s: int | None
+    slurm_gpu_s: float | None
+    gpufleet_gpus: int
+    gpufleet_gpu_s: float | None
+    diff_gpu_s: float | None  # gpufleet - Slurm
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "user": self.user, "account": self.account,
+            "state": self.state, "status": self.status, "slurm_gpus": self.slurm_gpus,
+            "slurm_elapsed_s": self.slurm_elapsed_s, "slurm_gpu_s": self.slurm_gpu_s,
+            "gpufleet_gpus": self.gpufleet_gpus, "gpufleet_gpu_s": self.gpufleet_gpu_s,
+            "diff_gpu_s": self.diff_gpu_s, "reason": self.reason,
+        }
+
+
+@dataclass
+class _Slurm:
+    """A job's sacct records taken together (a requeued job ran several times)."""
+
+    first: SacctJob
+    gpus: int
+    elapsed_s: int
+    gpu_s: int
+    ended: bool
+
+
+def _merge(records: Iterable[SacctJob]) -> dict[str, _Slurm]:
+    out: dict[str, _Slurm] = {}
+    for r in records:
+        have = out.get(r.job_id)
+        if have is None:
+            out[r.job_id] = _Slurm(r, r.gpus, r.elapsed_s, r.gpu_s, r.end_s is not None)
+        else:
+            have.gpus = max(have.gpus, r.gpus)
+            have.elapsed_s += r.elapsed_s
+            have.gpu_s += r.gpu_s
+            have.ended = have.ended and r.end_s is not None
+    return out
+
+
+def reconcile_jobs(slurm: Sequence[SacctJob], ledger: Sequence[UsageTotal],
+              tolerance_s: float = 1.0) -> list[Reconciled]:
+    """Slurm's GPU-seconds against the ledger's allocated GPU-seconds, per job (by job id).
+
+    `ledger` holds per-job totals (`store.usage(UsageQuery(group_by="job"))`). Jobs without
+    GPUs in Slurm and not in the ledger are left out. A job still running on either side is
+    `running`, not compared. Ended on both: `mismatch` when the GPU counts differ or
+    |diff| > tolerance_s x GPUs (Slurm's whole seconds: see the module docstring).
+    """
+    by_id = _merge(slurm)
+    ours = {t.key: t for t in ledger}
+    out: list[Reconciled] = []
+    for job_id in sorted(set(by_id) | set(ours), key=_job_order):
+        s, g = by_id.get(job_id), ours.get(job_id)
+        if g is None:
+            if s is None or s.gpus == 0:
+                continue
+            status = STATUS_MISSING_GPUFLEET if s.ended else STATUS_RUNNING
+            out.append(Reconciled(
+                job_id, s.first.user, s.first.account, s.first.state, status, s.gpus,
+                s.elapsed_s, float(s.gpu_s), 0, None, None,
+                "no ledger rows (Prolog not run, or the agent never reported)"
+                if s.ended else ""))
+            continue
+        ours_s = g.allocated_ms / 1000.0
+        if s is None:
+            out.append(Reconciled(
+                job_id, g.user, g.account, "", STATUS_MISSING_SLURM, 0, None, None, g.gpus,
+                ours_s, None, "sacct has no such job (slurmdbd down, or outside the window)"))
+            continue
+        diff = round(ours_s - s.gpu_s, 3)
+        reason = ""
+        if not s.ended or g.end_ms is None:
+            status = STATUS_RUNNING
+        elif g.gpus != s.gpus:
+            status, reason = STATUS_MISMATCH, f"GPUs: gpufleet {g.gpus}, Slurm {s.gpus}"
+        elif abs(diff) > tolerance_s * max(s.gpus, 1):
+            status = STATUS_MISMATCH
+            reason = f"|diff| {abs(diff):.3f} > {tolerance_s:g} s x {max(s.gpus, 1)} GPU(s)"
+        else:
+            status = STATUS_OK
+        out.append(Reconciled(
+            job_id, s.first.user, s.first.account, s.first.state, status, s.gpus,
+            s.elapsed_s, float(s.gpu_s), g.gpus, ours_s, diff, reason))
+    return out
+
+
+def _job_order(job_id: str) -> tuple[int, str]:
+    head = job_id.split("_", 1)[0].split("+", 1)[0]
+    return (int(head) if head.isdigit() else 0, job_id)
