@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from gpufleet.agent.accounting import (
 from gpufleet.agent.cli import main
 from gpufleet.agent.telemetry import GpuSample
 from gpufleet.rpc.v1 import fleet_pb2 as pb
+
+from .conftest import Backend
 
 T0 = 1_700_000_000_000  # ms; a minute boundary
 
@@ -181,3 +185,167 @@ def test_prolog_and_epilog_never_fail_the_job(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "job not accounted" in r.output
     r = CliRunner().invoke(main, ["epilog", "--state-dir", str(tmp_path)], env={})
     assert r.exit_code == 0 and "SLURM_JOB_ID" in r.output
+
+
+# ------------------------------------------------------------------ /proc safety net
+
+PROC_V1 = "11:devices:/slurm/uid_{uid}/job_{job}/step_0/task_0\n0::/system.slice/slurmd.service\n"
+PROC_V2 = "0::/system.slice/slurmstepd.scope/job_{job}/step_0/user/task_0\n"
+
+
+def _fake_proc(root: Path, pid: int, cgroup: str, uid: int = 0) -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "cgroup").write_text(cgroup)
+    (d / "status").write_text(f"Name:\tpython\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+
+
+class Procs:
+    """GPU -> pids as NVML would list them; records which GPUs were asked about."""
+
+    def __init__(self) -> None:
+        self.pids: dict[int, list[int]] = {}
+        self.asked: list[list[int]] = []
+
+    def __call__(self, gpus: Sequence[int]) -> dict[int, list[int]]:
+        self.asked.append(list(gpus))
+        return {g: list(self.pids.get(g, [])) for g in gpus}
+
+
+def _proc_acc(tmp_path: Path, procs: Procs) -> Accountant:
+    return Accountant(tmp_path / "state", "n1", processes=procs,
+                      proc_root=str(tmp_path / "proc"), proc_scan_interval_s=10)
+
+
+def test_unhooked_job_is_attributed_from_proc_first_to_last_seen(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    _fake_proc(proc, 500, PROC_V1.format(uid=0, job=4242))
+    _fake_proc(proc, 501, PROC_V2.format(job=4242), uid=0)
+    _fake_proc(proc, 600, "0::/user.slice/user-0.slice/session-1.scope\n")  # not a job
+    _fake_proc(proc, 700, PROC_V2.format(job=999))  # on the hooked GPU: must not be read
+    node = FakeNode(power_w={0: 300.0, 1: 200.0, 2: 100.0, 3: 100.0},
+                    util={0: 100.0, 1: 50.0, 2: 80.0, 3: 10.0})
+    procs = Procs()
+    procs.pids = {0: [500], 1: [501], 2: [600], 3: [700]}
+    acc = _proc_acc(tmp_path, procs)
+    write_hook_file(acc.state_dir, "start", _job("11", ["3"]), node.t_ms)
+    rows = _step(acc, node, 0)
+    assert procs.asked == [[0, 1, 2]]  # the GPU its hook announced is not asked about
+    started = [r for r in rows if r.job_id == "4242"]
+    assert [(r.gpu_index, r.phase, r.user, r.account) for r in started] == [
+        (0, pb.JOB_PHASE_STARTED, "root", ""), (1, pb.JOB_PHASE_STARTED, "root", "")]
+    for _ in range(99):
+        rows += _step(acc, node)
+    assert len(procs.asked) == 10  # every 10 s, not every sample
+    procs.pids = {2: [600], 3: [700]}  # job 4242's processes exit at T0+99..100 s
+    for _ in range(200):
+        rows += _step(acc, node)
+    final = _final(rows)
+    a0, a1 = final[("4242", 0)], final[("4242", 1)]
+    # first seen at T0, no longer seen at the check at T0+100 s: 100 s, and usage over it
+    assert (a0.start_ms, a0.end_ms, a0.allocated_ms) == (T0, T0 + 100_000, 100_000)
+    assert a0.busy_ms == 100_000 and a0.energy_mj == 300 * 100_000
+    assert a1.busy_ms == 50_000 and a1.energy_mj == 200 * 100_000
+    # ended only after PROC_END_GRACE_MS without a sighting, and reported once as ended
+    ended_at = [i for i, r in enumerate(rows) if r.job_id == "4242" and r.end_ms]
+    assert len(ended_at) == 2
+    assert ("4242", 2) not in final and "999" not in acc.jobs  # other users' processes: no job
+    assert acc.jobs["11"].use[3].energy_mj == 100 * 299_000  # the hooked job is untouched
+
+
+def test_hook_arriving_later_wins_without_double_counting(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    _fake_proc(proc, 800, PROC_V2.format(job=4243), uid=0)
+    node = FakeNode(power_w={0: 300.0}, util={0: 100.0})
+    procs = Procs()
+    procs.pids = {0: [800]}
+    acc = _proc_acc(tmp_path, procs)
+    rows = _step(acc, node, 0)
+    for _ in range(30):
+        rows += _step(acc, node)
+    assert acc.jobs["4243"].source == "proc"
+    # the prolog's file turns up late; the job really started 5 s before it was first seen
+    write_hook_file(acc.state_dir, "start", _job("4243", ["0"], "alice", "phys"), T0 - 5000)
+    for _ in range(30):
+        rows += _step(acc, node)
+    assert acc.jobs["4243"].source == "hook"
+    write_hook_file(acc.state_dir, "end", _job("4243", ["0"]), node.t_ms)
+    rows += _step(acc, node, 0)
+    mine = [r for r in rows if r.job_id == "4243"]
+    final = _final(mine)[("4243", 0)]
+    assert (final.start_ms, final.end_ms, final.allocated_ms) == (T0 - 5000, T0 + 60_000, 65_000)
+    assert (final.user, final.account) == ("alice", "phys")
+    assert final.busy_ms == 60_000 and final.energy_mj == 300 * 60_000  # observed from T0
+    # cumulative rows under the same (job, GPU) key, never going back: the controller keeps
+    # the newest, so the time under /proc attribution is not counted a second time
+    for a, b in itertools.pairwise(mine):
+        assert b.as_of_ms >= a.as_of_ms and b.energy_mj >= a.energy_mj and b.busy_ms >= a.busy_ms
+    # the epilog's end is exact too; after it, the job's stragglers start nothing new
+    acc.on_sample(node.samples(), node.t_ms + 10_000)
+    assert acc.jobs["4243"].end_ms == T0 + 60_000
+
+
+def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_path: Path
+                                                  ) -> None:
+    from gpufleet.agent.outbox import Outbox
+    from gpufleet.scheduler.actions import ActionQueue
+    from gpufleet.scheduler.ingest import Ingestor
+    from gpufleet.scheduler.store.acct import UsageQuery
+
+    _fake_proc(tmp_path / "proc", 900, PROC_V1.format(uid=0, job=77))
+    node = FakeNode(power_w={0: 100.0, 1: 100.0}, util={0: 40.0, 1: 0.0})
+    procs = Procs()
+    procs.pids = {0: [900]}
+    acc = _proc_acc(tmp_path, procs)
+    box = Outbox("inst-1")
+
+    def step(dt_ms: int = 1000) -> None:
+        rows = _step(acc, node, dt_ms)
+        if rows:
+            acc.queued(rows, box._put(pb.AgentMessage(usage=acc.report(rows))))
+
+    step(0)
+    for t in range(1, 181):
+        if t == 40:  # the prolog's record turns up, naming its start at T0 - 2 s
+            write_hook_file(acc.state_dir, "start", _job("77", ["0"], "bob", "chem"), T0 - 2000)
+        if t == 150:
+            write_hook_file(acc.state_dir, "end", _job("77", ["0"]), node.t_ms + 1000)
+        step()
+    store = store_backend.open()
+    store.upsert_node("n1", "h1", 8, b"", "inst-1", T0)
+    ing = Ingestor(store, ActionQueue(store, None))
+    for m in list(box._pending):
+        ing.handle("n1", m)
+    (job,) = store.usage(UsageQuery(group_by="job"))
+    assert job.key == "77"
+    assert job.allocated_ms == 152_000  # the hook's start to its end, counted once
+    assert job.busy_ms == 0.4 * 150_000  # observed from the first /proc sighting to the end
+    assert job.energy_mj == 100 * 150_000
+
+
+def test_proc_jobs_survive_a_restart_and_nvml_sim_lists_processes(tmp_path: Path) -> None:
+    from gpufleet.agent import nvml_sim
+    from gpufleet.agent.nvml import NvmlBackend, load_library
+
+    backend = NvmlBackend(load_library("simulated", "dgx-h100", None, "n1"), "sim")
+    try:
+        assert backend.compute_pids([0, 1]) == {0: (), 1: ()}
+        nvml_sim.inject({"kind": "processes", "gpu": 1,
+                         "processes": [{"pid": 950, "used_memory_bytes": 2 << 30}]})
+        assert backend.compute_pids([0, 1, 99]) == {0: (), 1: (950,)}
+        nvml_sim.inject({"kind": "gpu_lost", "gpu": 0})
+        assert backend.compute_pids([0, 1]) == {1: (950,)}  # lost: unknown, not idle
+        _fake_proc(tmp_path / "proc", 950, PROC_V2.format(job=31))
+        node = FakeNode(power_w={1: 100.0}, util={1: 100.0})
+        acc = Accountant(tmp_path / "state", "n1", processes=backend.compute_pids,
+                         proc_root=str(tmp_path / "proc"))
+        _step(acc, node, 0)
+        for _ in range(20):
+            _step(acc, node)
+        again = Accountant(tmp_path / "state", "n1", processes=backend.compute_pids,
+                           proc_root=str(tmp_path / "proc"))
+        resent = again.on_sample(node.samples(), node.t_ms + 1000)
+        assert [(r.job_id, r.gpu_index, r.start_ms) for r in resent] == [("31", 1, T0)]
+        assert again.jobs["31"].source == "proc"
+    finally:
+        backend.close()

@@ -28,6 +28,26 @@ How a job becomes known (design):
   GPUs, so each GPU has at most one owner and shared nodes are exact. (Sharded/MPS GPUs shared
   by two jobs at once: the later job wins; not supported.)
 
+The /proc safety net (for a Prolog that is not configured or whose spool file was lost):
+
+* At most every ``proc_scan_interval_s`` (10 s), the GPUs that no hook-announced job holds
+  are asked for their compute processes (NVML), and only pids not seen before are mapped to
+  a Slurm job through ``/proc/<pid>/cgroup`` or environ (`gpufleet.agent.procmap`). A node
+  where every busy GPU has its hook owner costs nothing; an idle node one NVML call per GPU
+  per interval.
+* Such a GPU is attributed to that job from the check that first saw its processes to the
+  check that no longer saw them (per GPU; each end is late by up to one interval, so the
+  allocated time is APPROXIMATE), and busy time and energy are integrated over exactly that
+  span, as for a hooked job. The user comes from the
+  job's uid, the account is unknown (""). These rows are marked ``source=proc`` (per GPU in
+  the state file; on the wire once JobGpuUsage has a ``source`` field).
+* A job known only from /proc ends at its last sighting once none of its processes has been
+  seen for ``PROC_END_GRACE_MS``, or exactly at its Epilog's time if one comes.
+* A start hook arriving later wins: the job keeps its totals so far (cumulative, same
+  (job, GPU) keys, so nothing is counted twice), and takes the hook's start, user, account
+  and GPUs; allocated time is then exact. A GPU the job's processes used outside the hook's
+  list stays counted first-seen to last-seen.
+
 Never does: talk to Slurm, block the sample loop on I/O other than the spool folder and its
 own state file, or raise out of `on_sample` for one bad spool file (it is logged and moved
 aside as ``*.bad``).
@@ -41,12 +61,14 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpufleet.agent.telemetry import GpuSample
+from gpufleet.agent import procmap
+from gpufleet.agent.telemetry import GpuBackendError, GpuSample
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -63,6 +85,18 @@ _UUID = re.compile(r"^(GPU|MIG)-[0-9A-Fa-f-]{8,64}$")
 _U64 = 1 << 64
 # a counter value above this that then reads lower is taken as a uint64 wrap, not a reset
 _WRAP_NEAR = 1 << 63
+# /proc safety net: how often GPUs without a hook owner are checked for processes, and how
+# long a job known only from /proc may show no process before it is taken as ended
+PROC_SCAN_INTERVAL_S = 10.0
+PROC_END_GRACE_MS = 120_000
+_PROC_ENDED_KEPT = 4096  # ids of /proc-ended jobs not attributed again (stragglers)
+# GPU index -> pids of its compute processes (NvmlBackend.compute_pids); GPUs it cannot
+# tell about are left out
+ProcessSource = Callable[[Sequence[int]], Mapping[int, Sequence[int]]]
+
+
+# the wire contract gains JobGpuUsage.source in a later revision; set it once it is there
+_WIRE_HAS_SOURCE = "source" in pb.JobGpuUsage.DESCRIPTOR.fields_by_name
 
 
 class AccountingError(ValueError):
@@ -149,6 +183,13 @@ class _GpuUse:
     busy_ms: float = 0.0
     energy_mj: int = 0
     idle_since_ms: int | None = None
+    # set only for a GPU attributed from /proc (source=proc): first and last sighting
+    first_ms: int | None = None
+    last_ms: int | None = None
+
+    @property
+    def from_proc(self) -> bool:
+        return self.first_ms is not None
 
 
 @dataclass
@@ -161,20 +202,23 @@ class _Job:
     end_ms: int | None = None
     final_seq: int | None = None  # outbox seq of the ENDED report; forgotten once acked
     use: dict[int, _GpuUse] = field(default_factory=dict)
+    source: str = "hook"  # "hook": a Prolog announced it; "proc": known only from /proc
 
     def to_json(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "user": self.user, "account": self.account,
                 "gpus": list(self.gpus), "start_ms": self.start_ms, "end_ms": self.end_ms,
-                "final_seq": self.final_seq,
-                "use": {str(g): [u.busy_ms, u.energy_mj, u.idle_since_ms]
+                "final_seq": self.final_seq, "source": self.source,
+                "use": {str(g): [u.busy_ms, u.energy_mj, u.idle_since_ms, u.first_ms, u.last_ms]
                         for g, u in self.use.items()}}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> _Job:
         job = cls(str(d["job_id"]), str(d["user"]), str(d["account"]),
                   tuple(int(g) for g in d["gpus"]), int(d["start_ms"]),
-                  None if d.get("end_ms") is None else int(d["end_ms"]))
-        job.use = {int(g): _GpuUse(float(v[0]), int(v[1]), v[2])
+                  None if d.get("end_ms") is None else int(d["end_ms"]),
+                  source=str(d.get("source", "hook")))
+        # state files written before the /proc safety net hold three values per GPU
+        job.use = {int(g): _GpuUse(float(v[0]), int(v[1]), v[2], *(list(v[3:5]) + [None] * 2)[:2])
                    for g, v in d.get("use", {}).items()}
         return job
 
@@ -193,7 +237,9 @@ class HookRecord:
 class Accountant:
     """Owns the job -> GPU map and each job's running totals. Called from the sample loop only."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], node: str) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], node: str, *,
+                 processes: ProcessSource | None = None, proc_root: str = "/proc",
+                 proc_scan_interval_s: float = PROC_SCAN_INTERVAL_S) -> None:
         self.node = node
         self.state_dir = Path(state_dir)
         self.spool = self.state_dir / SPOOL_DIR
@@ -206,6 +252,17 @@ class Accountant:
         self._pending: list[HookRecord] = []
         self._done_files: list[Path] = []
         self._saved_ms = 0
+        # /proc safety net (None: off)
+        self._processes = processes
+        self.proc_root = proc_root
+        self._proc_interval_ms = int(proc_scan_interval_s * 1000)
+        self._next_proc_ms = 0
+        self._proc_live: dict[int, str] = {}  # GPU -> job seen on it at the last check
+        self._pid_jobs: dict[int, procmap.ProcJob | None] = {}  # pid -> job; None: not Slurm's
+        self._proc_ended: deque[str] = deque(maxlen=_PROC_ENDED_KEPT)
+        self._warned: set[tuple[str, int]] = set()
+        self.proc_checks = 0  # checks that looked at /proc, and the seconds they took
+        self.proc_check_s = 0.0
         self._restored = self._load()
 
     # ------------------------------------------------------------ inputs
@@ -265,6 +322,8 @@ class Accountant:
                 continue
             use = job.use.setdefault(s.index, _GpuUse())
             use.energy_mj += delta
+            if use.first_ms is not None:
+                use.last_ms = now_ms  # a /proc GPU is held as long as its usage is counted
             end_ms = ends[job.job_id].time_ms if job.job_id in ends else now_ms
             dt_ms = max(0, min(now_ms, end_ms) - max(last_t, job.start_ms))
             util = s.utilization_gpu_pct
@@ -276,6 +335,9 @@ class Accountant:
                     use.idle_since_ms = max(last_t, job.start_ms)
         self._last_t_ms = now_ms
         rows = self._apply_pending(now_ms)
+        if self._processes is not None and now_ms >= self._next_proc_ms:
+            self._next_proc_ms = now_ms + self._proc_interval_ms
+            rows += self._attribute_from_proc(self._processes, samples, now_ms)
         period = now_ms // REPORT_PERIOD_MS
         if self._restored or period != self._last_period:
             # every running job at a minute boundary; after a restart, every job we hold
@@ -298,13 +360,18 @@ class Accountant:
         for rec in sorted(self._pending, key=lambda r: (r.kind != "end", r.time_ms)):
             job = self.jobs.get(rec.job_id)
             if rec.kind == "end":
+                if (job is None or job.source == "proc") and any(
+                        r.kind == "start" and r.job_id == rec.job_id for r in self._pending):
+                    continue  # started and ended within one sample: start first, next time
                 if job is None:
-                    if any(r.kind == "start" and r.job_id == rec.job_id for r in self._pending):
-                        continue  # started and ended within one sample: start first, next time
                     log.warning("job %s ended but its start was never recorded (prolog "
                                 "not configured?); no usage for it", rec.job_id)
                 elif job.end_ms is None:
                     job.end_ms = max(rec.time_ms, job.start_ms)
+                    for g, u in job.use.items():
+                        # a /proc GPU still in use at the Epilog was held until then
+                        if u.from_proc and self._proc_live.get(g) == job.job_id:
+                            u.last_ms = max(job.end_ms, u.first_ms or 0)
                     rows += self._rows(job, now_ms)
                 done.append(rec)
             else:
@@ -315,6 +382,9 @@ class Accountant:
                         job.use[g] = _GpuUse()
                     self.jobs[rec.job_id] = job
                     rows += self._rows(job, now_ms, pb.JOB_PHASE_STARTED)
+                elif job.source == "proc" and job.end_ms is None:
+                    self._adopt_hook(job, rec)
+                    rows += self._rows(job, now_ms)
                 done.append(rec)
         self._pending = [r for r in self._pending if r not in done]
         self._done_files += [r.path for r in done]
@@ -331,12 +401,134 @@ class Accountant:
                 log.warning("job %s: GPU %s is not on this node; not accounted", rec.job_id, g)
         return tuple(out)
 
+    def _adopt_hook(self, job: _Job, rec: HookRecord) -> None:
+        """A start hook for a job so far known only from /proc: the hook wins.
+
+        Its totals so far stay (the same cumulative (job, GPU) rows go on growing, so the
+        controller counts nothing twice); start, user, account and GPUs become the hook's.
+        """
+        gpus = self._resolve(rec)
+        log.info("job %s: start hook arrived; attribution from /proc replaced by it", rec.job_id)
+        job.source, job.user, job.account = "hook", rec.user, rec.account
+        job.start_ms = min(rec.time_ms, job.start_ms)
+        for g in gpus:
+            u = job.use.setdefault(g, _GpuUse())
+            u.first_ms = u.last_ms = None  # allocated from the hook's start from now on
+            if self._proc_live.get(g) == job.job_id:
+                del self._proc_live[g]
+        extra = tuple(g for g in job.gpus if g not in gpus)
+        if extra:
+            log.warning("job %s: its processes used GPU(s) %s outside its allocation %s; "
+                        "kept as seen in /proc", job.job_id, extra, gpus)
+        job.gpus = gpus + extra
+
+    def _attribute_from_proc(self, processes: ProcessSource, samples: Sequence[GpuSample],
+                             now_ms: int) -> list[pb.JobGpuUsage]:
+        """The /proc safety net: attribute GPUs busy with a job no hook announced."""
+        hooked = self._hook_gpus()
+        candidates = [s.index for s in samples if not s.lost and s.index not in hooked]
+        live: dict[int, str] = {}
+        if candidates:
+            try:
+                procs = processes(candidates)
+            except GpuBackendError as e:
+                log.warning("GPU processes unreadable (%s); /proc attribution skipped", e)
+                return []  # unknown is not idle: end nothing
+            t0 = time.perf_counter()
+            live = self._map_gpus(procs)
+            self.proc_check_s += time.perf_counter() - t0
+            self.proc_checks += 1
+        self._proc_live = {}
+        new_jobs: list[_Job] = []
+        for g, job_id in sorted(live.items()):
+            job = self._proc_job(g, job_id, now_ms)
+            if job is not None:
+                self._proc_live[g] = job_id
+                if job.start_ms == now_ms and job.source == "proc" and job not in new_jobs:
+                    new_jobs.append(job)
+        rows: list[pb.JobGpuUsage] = []
+        for job in new_jobs:
+            rows += self._rows(job, now_ms, pb.JOB_PHASE_STARTED)
+        return rows + self._end_unseen(now_ms)
+
+    def _proc_job(self, g: int, job_id: str, now_ms: int) -> _Job | None:
+        """Record that GPU g runs job `job_id` now; the job, or None where it is not counted."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            if job_id in self._proc_ended:
+                return None  # a straggler of a job already reported as ended
+            pj = next(p for p in self._pid_jobs.values() if p is not None and p.job_id == job_id)
+            job = _Job(job_id, procmap.user_name(pj.uid), "", (), now_ms, source="proc")
+            self.jobs[job_id] = job
+            log.warning("GPU %d is busy with job %s that no prolog announced: attributed "
+                        "from /proc (%s), first-seen to last-seen", g, job_id, pj.via)
+        elif job.end_ms is not None:
+            return None  # ended (epilog, or gone for long): not a new allocation
+        use = job.use.get(g)
+        if use is None or g not in job.gpus:
+            use = job.use[g] = _GpuUse(first_ms=now_ms)
+            job.gpus += (g,)
+            if job.source == "hook" and (job_id, g) not in self._warned:
+                self._warned.add((job_id, g))
+                log.warning("job %s runs on GPU %d outside its allocation: counted from "
+                            "/proc", job_id, g)
+        elif not use.from_proc:
+            return None  # a GPU its hook announced (so never a candidate)
+        use.last_ms = now_ms
+        return job
+
+    def _end_unseen(self, now_ms: int) -> list[pb.JobGpuUsage]:
+        """End jobs known only from /proc whose processes have been gone PROC_END_GRACE_MS."""
+        rows: list[pb.JobGpuUsage] = []
+        live = set(self._proc_live.values())
+        for job in list(self.jobs.values()):
+            if job.source != "proc" or job.end_ms is not None or job.job_id in live:
+                continue
+            last_ms = max((u.last_ms for u in job.use.values() if u.last_ms is not None),
+                          default=job.start_ms)
+            if now_ms - last_ms >= PROC_END_GRACE_MS:
+                job.end_ms = last_ms
+                self._proc_ended.append(job.job_id)
+                log.info("job %s (known from /proc only) no longer seen: ended at its last "
+                         "sighting", job.job_id)
+                rows += self._rows(job, now_ms)
+        return rows
+
+    def _map_gpus(self, procs: Mapping[int, Sequence[int]]) -> dict[int, str]:
+        """GPU -> job of most of its processes; /proc is read only for pids not seen before."""
+        live: dict[int, str] = {}
+        present: set[int] = set()
+        for g, pids in procs.items():
+            count: dict[str, int] = {}
+            for pid in pids:
+                present.add(pid)
+                if pid not in self._pid_jobs:
+                    self._pid_jobs[pid] = procmap.job_of_pid(pid, self.proc_root)
+                pj = self._pid_jobs[pid]
+                if pj is not None:
+                    count[pj.job_id] = count.get(pj.job_id, 0) + 1
+            if count:
+                live[g] = max(sorted(count), key=lambda j: count[j])
+        # a pid gone from every GPU is forgotten: its number may come back as another process
+        for pid in [p for p in self._pid_jobs if p not in present]:
+            del self._pid_jobs[pid]
+        return live
+
+    def _hook_gpus(self) -> set[int]:
+        return {g for job in self.jobs.values() if job.end_ms is None
+                for g in job.gpus if not job.use.get(g, _GpuUse()).from_proc}
+
     def _owners(self) -> dict[int, _Job]:
         owner: dict[int, _Job] = {}
+        for g, job_id in self._proc_live.items():
+            proc_job = self.jobs.get(job_id)
+            if proc_job is not None and proc_job.end_ms is None:
+                owner[g] = proc_job
         for job in sorted(self.jobs.values(), key=lambda j: j.start_ms):
             if job.end_ms is None:
                 for g in job.gpus:
-                    owner[g] = job  # the later job wins a GPU two jobs claim (see docstring)
+                    if not job.use.get(g, _GpuUse()).from_proc:
+                        owner[g] = job  # the later job wins a GPU two jobs claim (docstring)
         return owner
 
     def _rows(self, job: _Job, now_ms: int,
@@ -348,12 +540,18 @@ class Accountant:
         rows = []
         for g in job.gpus:
             u = job.use.setdefault(g, _GpuUse())
+            start_ms, allocated_ms = job.start_ms, max(0, as_of - job.start_ms)
+            if u.first_ms is not None:  # source=proc: first to last sighting (approximate)
+                start_ms = min(u.first_ms, as_of)
+                allocated_ms = max(0, min(u.last_ms or start_ms, as_of) - start_ms)
             row = pb.JobGpuUsage(
                 job_id=job.job_id, gpu_index=g, user=job.user, account=job.account,
-                start_ms=job.start_ms, as_of_ms=as_of,
-                allocated_ms=max(0, as_of - job.start_ms), busy_ms=int(u.busy_ms),
+                start_ms=start_ms, as_of_ms=as_of,
+                allocated_ms=allocated_ms, busy_ms=int(u.busy_ms),
                 energy_mj=u.energy_mj, phase=phase,
             )
+            if _WIRE_HAS_SOURCE:
+                setattr(row, "source", "proc" if u.from_proc else "hook")  # noqa: B010
             if job.end_ms is not None:
                 row.end_ms = job.end_ms
             elif u.idle_since_ms is not None:
@@ -385,7 +583,8 @@ class Accountant:
     def save(self) -> None:
         doc = {"jobs": [j.to_json() for j in self.jobs.values()],
                "last_raw": {str(g): v for g, v in self._last_raw.items()},
-               "last_t_ms": self._last_t_ms, "saved_ms": int(time.time() * 1000)}
+               "last_t_ms": self._last_t_ms, "saved_ms": int(time.time() * 1000),
+               "proc_ended": list(self._proc_ended)}
         tmp = self.state_path.with_suffix(".tmp")
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -416,6 +615,7 @@ class Accountant:
             job = _Job.from_json(d)
             self.jobs[job.job_id] = job
         self._last_raw = {int(g): int(v) for g, v in doc.get("last_raw", {}).items()}
+        self._proc_ended.extend(str(j) for j in doc.get("proc_ended", []))
         # not last_t_ms: busy time while the agent was down was not observed, so the first
         # sample after a restart integrates nothing; energy does count on (last_raw)
         return bool(self.jobs)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +45,11 @@ FALLBACKS: dict[str, tuple[str, ...]] = {
     ),
     "cuda_driver_version": ("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion"),
     "event_wait": ("nvmlEventSetWait_v2", "nvmlEventSetWait"),
+    "compute_processes": (
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        "nvmlDeviceGetComputeRunningProcesses_v2",
+        "nvmlDeviceGetComputeRunningProcesses",
+    ),
 }
 
 _TOPOLOGY_TO_RELATION = {
@@ -361,6 +366,27 @@ class NvmlBackend:
             )
         except self._lost_error:
             return GpuSample(index=i, lost=True)
+
+    def compute_pids(self, gpus: Iterable[int]) -> dict[int, tuple[int, ...]]:
+        """Pids of the compute processes on each of `gpus` (job attribution's safety net).
+
+        A GPU that is lost, out of range or cannot tell (NotSupported, NoPermission) is left
+        out rather than shown empty, so a caller never takes "unknown" for "idle".
+        """
+        self._ensure_started()
+        out: dict[int, tuple[int, ...]] = {}
+        for i in gpus:
+            if not 0 <= i < len(self._handles):
+                continue
+            try:
+                procs = self._field("processes", i, self._fn("compute_processes"), self._handles[i])
+            except self._lost_error:
+                continue
+            except GpuBackendError:  # bindings without any of the functions
+                return out
+            if procs is not None:
+                out[i] = tuple(sorted({int(p.pid) for p in procs}))
+        return out
 
     def expire_counters(self) -> None:
         """Make the next sample read every counter afresh (e.g. at a job's start or end)."""

@@ -299,6 +299,8 @@ class _Gpu:
     hw_power_brake: bool = False
     energy_mj: float = 0.0
     last_energy_t: float = 0.0
+    # compute processes as (pid, used memory in bytes): set by a "processes" fault
+    processes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _clear(g: _Gpu, _fault: dict[str, Any]) -> None:
@@ -369,6 +371,16 @@ class c_nvmlFieldValue_t:
         self.fieldId = field_id
         self.nvmlReturn = ret
         self.value = self._Value(value)
+
+
+class c_nvmlProcessInfo_t:
+    """One compute process on a GPU, with the attribute names pynvml gives it."""
+
+    def __init__(self, pid: int, used_gpu_memory_bytes: int | None) -> None:
+        self.pid = pid
+        self.usedGpuMemory = used_gpu_memory_bytes  # None: NVML_VALUE_NOT_AVAILABLE
+        self.gpuInstanceId = 0xFFFFFFFF
+        self.computeInstanceId = 0xFFFFFFFF
 
 
 class _Handle:
@@ -446,6 +458,10 @@ class _Simulator:
                 elif xid == 48:  # double-bit ECC error
                     gpu.ecc_dbe += 1
                 self.cond.notify_all()
+                return
+            if kind == "processes":  # not a fault: which pids run on the GPU from now on
+                gpu.processes = [(int(p["pid"]), int(p.get("used_memory_bytes", 0)))
+                                 for p in fault.get("processes", [])]
                 return
             change = _FAULTS.get(kind)
             if change is None:
@@ -695,6 +711,16 @@ def nvmlDeviceGetPcieReplayCounter(handle: _Handle) -> int:
 def nvmlDeviceGetPersistenceMode(handle: _Handle) -> int:
     _s().gpu(handle)
     return NVML_FEATURE_ENABLED
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:
+    """The GPU's compute processes; set them with inject({"kind": "processes", "gpu": N,
+    "processes": [{"pid": P, "used_memory_bytes": B}]}) or the same entry in the fault file."""
+    g = _s().gpu(handle)
+    return [c_nvmlProcessInfo_t(pid, mem) for pid, mem in g.processes]
+
+
+nvmlDeviceGetComputeRunningProcesses_v3 = nvmlDeviceGetComputeRunningProcesses
 
 
 def _check_link(sim: _Simulator, g: _Gpu, link: int) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
@@ -131,6 +131,33 @@ def node_from_json(n: Mapping[str, Any]) -> SlurmNode:
                      split_features(n.get("features")), int(n.get("weight", 1) or 1))
 
 
+T = TypeVar("T")
+
+
+def parse_each(items: Any, parse: Callable[[Mapping[str, Any]], T], what: str) -> list[T]:
+    """`parse` over a list of objects from Slurm's JSON; a list or an object that is not as
+    22.05 prints it is a SlurmError naming `what` (the command and the list), never a
+    KeyError or TypeError out of the caller's loop."""
+    if not isinstance(items, list):
+        raise SlurmError(f"{what}: expected a list, got {json.dumps(items)[:80]}")
+    try:
+        return [parse(item) for item in items]
+    except SlurmError as e:
+        raise SlurmError(f"{what}: {e}", transient=e.transient) from e
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SlurmError(f"{what}: unexpected entry ({type(e).__name__}: {e})") from e
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise SlurmError(f"{what} printed no JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise SlurmError(f"{what} printed JSON that is not an object: {text[:80]!r}")
+    return doc
+
+
 def expand_hostlist(expr: str) -> list[str]:
     """n[1-3],gpu07 -> [n1, n2, n3, gpu07] (Slurm hostlist syntax, via ClusterShell)."""
     try:
@@ -178,11 +205,9 @@ class CliSlurmClient:
         return "is UP" in out
 
     def nodes(self) -> dict[str, SlurmNode]:
-        try:
-            doc = json.loads(self._run("sinfo", "--json"))
-        except ValueError as e:
-            raise SlurmError(f"`sinfo --json` printed no JSON: {e}") from e
-        return {n.name: n for n in map(node_from_json, doc.get("nodes", []))}
+        doc = _json_object(self._run("sinfo", "--json"), "`sinfo --json`")
+        return {n.name: n for n in parse_each(doc.get("nodes", []), node_from_json,
+                                              "`sinfo --json` nodes")}
 
     def node(self, name: str) -> SlurmNode:
         text = self._run("scontrol", "-o", "show", "node", check_node_name(name), node=name)
@@ -219,11 +244,8 @@ class CliSlurmClient:
     # ------------------------------------------------------------ jobs (recovery)
 
     def _jobs(self, *args: str, what: str) -> list[SlurmJob]:
-        try:
-            doc = json.loads(self._run("squeue", "--json", *args))
-        except ValueError as e:
-            raise SlurmError(f"`squeue --json` for {what} printed no JSON: {e}") from e
-        return [job_from_json(j) for j in doc.get("jobs", [])]
+        doc = _json_object(self._run("squeue", "--json", *args), f"`squeue --json` for {what}")
+        return parse_each(doc.get("jobs", []), job_from_json, f"`squeue --json` for {what}")
 
     def jobs_on_node(self, node: str) -> list[SlurmJob]:
         """Jobs in any state slurmctld still holds (MinJobAge) whose allocation has `node`:

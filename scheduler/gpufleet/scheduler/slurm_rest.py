@@ -41,6 +41,7 @@ from gpufleet.scheduler.slurm import (
     is_permanent_message,
     job_from_json,
     node_from_json,
+    parse_each,
 )
 
 DEFAULT_API_VERSION = "v0.0.38"  # Slurm 22.05
@@ -184,15 +185,18 @@ class RestSlurmClient:
 
     def nodes(self) -> dict[str, SlurmNode]:
         doc = self._request("GET", "nodes")
-        return {n.name: n for n in map(node_from_json, doc.get("nodes", []))}
+        return {n.name: n for n in parse_each(doc.get("nodes", []), node_from_json,
+                                              f"slurmrestd at {self.endpoint}: nodes")}
 
     def node(self, name: str) -> SlurmNode:
         doc = self._request("GET", f"node/{quote(check_node_name(name))}", node=name)
-        found = [n for n in doc.get("nodes", []) if n.get("name") == name]
+        found = [n for n in parse_each(doc.get("nodes", []), node_from_json,
+                                       f"slurmrestd at {self.endpoint}: node {name}")
+                 if n.name == name]
         if not found:
             raise SlurmError(f"slurmrestd at {self.endpoint}: node {name} not found",
                              transient=False)
-        return node_from_json(found[0])
+        return found[0]
 
     # ------------------------------------------------------------------ updates
 
@@ -231,7 +235,8 @@ class RestSlurmClient:
         22.05's GET jobs has no node filter: the list is filtered here."""
         check_node_name(node)
         doc = self._request("GET", "jobs", node=node)
-        jobs = [job_from_json(j) for j in doc.get("jobs", []) if isinstance(j, dict)]
+        jobs = parse_each(doc.get("jobs", []), job_from_json,
+                          f"slurmrestd at {self.endpoint}: jobs")
         return [j for j in jobs if node in j.nodes]
 
     def job(self, job_id: str) -> SlurmJob | None:
@@ -245,8 +250,9 @@ class RestSlurmClient:
             if any(m in text for m in ("unable to find jobid", "invalid job id", "unknown job")):
                 return None
             raise
-        found = [job_from_json(j) for j in doc.get("jobs", [])
-                 if isinstance(j, dict) and str(j.get("job_id")) == job_id]
+        found = [j for j in parse_each(doc.get("jobs", []), job_from_json,
+                                       f"slurmrestd at {self.endpoint}: job {job_id}")
+                 if j.job_id == job_id]
         return found[0] if found else None
 
     def signal_job(self, job_id: str, signal: str, scope: str) -> None:
