@@ -264,6 +264,7 @@ def test_pending_registrations_are_bounded() -> None:
     box.put_sample(pb.NodeSample(timestamp_ms=1))
     for step in range(5):
         box.put_checkpoint(pb.CheckpointRegistered(job_id="1", step=step))
-    kept = [m.checkpoint.step for m in box._pending if m.WhichOneof("body") == "checkpoint"]
+    kept = [m.checkpoint.step for m in box.pending_messages()
+            if m.WhichOneof("body") == "checkpoint"]
     assert kept == [2, 3, 4]
     assert len(box) == 4 and box.dropped == 2  # the sample is untouched

@@ -15,6 +15,7 @@ import pytest
 from gpufleet.agent import metrics
 from gpufleet.agent.health import Severity, Verdict
 from gpufleet.agent.metrics import THROTTLE_REASONS, AgentCollector, Snapshot, start_exporter
+from gpufleet.agent.outbox import OutboxStats
 from gpufleet.agent.telemetry import DiskUsage, GpuInfo, GpuSample, HostSample, IbPortSample
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
@@ -269,8 +270,13 @@ def test_before_first_update_only_empty_families() -> None:
     assert generate_latest(_registry(None))  # renders HELP/TYPE lines, no error
 
 
+SPOOL = OutboxStats(pending_messages=7, pending_bytes=7_000, disk_bytes=8_192,
+                    memory_only_messages=2, dropped_samples=30, dropped_checkpoints=1,
+                    write_errors=4, corrupt_records=1, rejected=3)
+
+
 def test_describe_matches_collect_and_every_family_has_help() -> None:
-    collector = AgentCollector()
+    collector = AgentCollector(spool_stats=lambda: SPOOL)
     described = [m.name for m in collector.describe()]
     assert described == [m.name for m in collector.collect()]
     collector.update(SNAP)
@@ -286,6 +292,20 @@ def test_describe_matches_collect_and_every_family_has_help() -> None:
             assert not fam.name.endswith("_total"), fam.name
     # every family the full snapshot can fill gets at least one sample
     assert [f.name for f in collected if not f.samples] == []
+
+
+def test_spool_counters_are_exported() -> None:
+    r = CollectorRegistry()
+    r.register(AgentCollector(spool_stats=lambda: SPOOL))
+    assert r.get_sample_value("gpufleet_agent_spool_messages") == 7
+    assert r.get_sample_value("gpufleet_agent_spool_pending_bytes") == 7_000
+    assert r.get_sample_value("gpufleet_agent_spool_disk_bytes") == 8_192
+    assert r.get_sample_value("gpufleet_agent_spool_memory_messages") == 2
+    assert r.get_sample_value("gpufleet_agent_spool_dropped_total", {"kind": "sample"}) == 30
+    assert r.get_sample_value("gpufleet_agent_spool_dropped_total", {"kind": "checkpoint"}) == 1
+    assert r.get_sample_value("gpufleet_agent_spool_write_errors_total") == 4
+    assert r.get_sample_value("gpufleet_agent_spool_corrupt_records_total") == 1
+    assert r.get_sample_value("gpufleet_agent_reports_rejected_total") == 3
 
 
 def test_no_duplicate_series() -> None:

@@ -9,6 +9,7 @@ tried.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
@@ -19,19 +20,20 @@ import pytest
 from click.testing import CliRunner
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
 from gpufleet.rpc.v1 import fleet_pb2 as pb
+from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
+from gpufleet.scheduler import limits
 from gpufleet.scheduler.cli import main as gpufleet_main
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.security.helpers import stream
-
 BUDGET = int(os.environ.get("GPUFLEET_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=BUDGET, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
-# a clear answer: served, or refused as bad input; never UNKNOWN/INTERNAL (a crash)
+# a clear answer: served (bad reports rejected in their acks), or the stream refused as bad
+# input; never UNKNOWN/INTERNAL (a crash)
 CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
 NOW_MS = int(time.time() * 1000)
@@ -39,7 +41,8 @@ names = st.one_of(st.sampled_from(["n1", "n2", "gpu-07", ""]),
                   st.text(max_size=80), st.just("x" * 5000))
 texts = st.one_of(st.text(max_size=40), st.just("e" * 3000), st.just("a\x00b"))
 times_ms = st.one_of(st.just(NOW_MS), st.integers(-(2**63), 2**63 - 1), st.just(0))
-instances = st.sampled_from(["i1", "i2", ""])
+# mostly the hello's instance, so reports get past the stream checks to validation
+instances = st.sampled_from(["i1", "i1", "i1", "i1", "i1", "i2", ""])
 seqs = st.integers(0, 2**64 - 1) | st.integers(0, 5)
 
 
@@ -103,26 +106,79 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]
     store.close()
 
 
+def _stream_acks(channel: grpc.Channel, messages: list[pb.AgentMessage],
+                 timeout_s: float) -> tuple[grpc.StatusCode, list[pb.Ack], str]:
+    stub = pb_grpc.FleetControllerStub(channel)
+    acks: list[pb.Ack] = []
+    try:
+        for reply in stub.Connect(iter(messages), timeout=timeout_s):
+            acks.append(reply.ack)
+    except grpc.RpcError as e:
+        return e.code(), acks, e.details() or ""
+    return grpc.StatusCode.OK, acks, ""
+
+
+def _ends_the_stream(msg: pb.AgentMessage, hello: pb.AgentMessage) -> bool:
+    """A stream-level violation: the only kind of bad report that may still end a stream."""
+    body = msg.WhichOneof("body")
+    claimed = msg.checkpoint.node if body == "checkpoint" else ""
+    return (body == "hello" or msg.agent_instance != hello.agent_instance
+            or bool(claimed and claimed != hello.hello.inventory.node_name))
+
+
+def _good_hello(msg: pb.AgentMessage) -> bool:
+    name = msg.hello.inventory.node_name
+    return (msg.WhichOneof("body") == "hello" and bool(msg.agent_instance)
+            and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) is not None
+            and len(msg.hello.inventory.gpus) <= 64 and not _fails_limits(msg))
+
+
+def _fails_limits(msg: pb.AgentMessage) -> bool:
+    try:
+        limits.check(msg)
+    except limits.LimitError:
+        return True
+    return False
+
+
 def test_fuzz_servicer_streams(controller: Controller,
                                report_figure: Callable[[str], None]) -> None:
-    tried = {"n": 0, "refused": 0}
+    tried = {"n": 0, "refused": 0, "rejected": 0, "valid_hello": 0}
     channel = grpc.insecure_channel(f"127.0.0.1:{controller.port}")
+    event_kinds = set(pb.EventKind.keys())
 
     @FUZZ
     @given(sessions())
     def one(messages: list[pb.AgentMessage]) -> None:
         tried["n"] += 1
-        code, acks, details = stream(channel, messages, timeout_s=10)
+        hello = messages[0]
+        code, acks, details = _stream_acks(channel, messages, timeout_s=10)
         assert code in CLEAR, f"{code}: {details}"
         if code != grpc.StatusCode.OK:
             tried["refused"] += 1
             assert details, "a refusal must say why"
         # every ack answers the message in its position (hello is not acked)
-        assert acks == [m.seq for m in messages[1:len(acks) + 1]]
+        assert [a.seq for a in acks] == [m.seq for m in messages[1:len(acks) + 1]]
+        if code != grpc.StatusCode.OK and (acks or _good_hello(hello)):
+            tried["valid_hello"] += 1
+            # a bad report is rejected, not the stream: a refusal after a good hello is the
+            # report right after the last ack breaking the stream itself
+            assert len(acks) + 1 < len(messages), details
+            assert _ends_the_stream(messages[len(acks) + 1], hello), (
+                f"stream ended on a per-report error: {details}")
+        for msg, ack in zip(messages[1:], acks, strict=False):
+            # a report that breaks a limit is never stored: it comes back rejected, with why
+            if _fails_limits(msg):
+                assert [r.seq for r in ack.rejected] == [msg.seq], (msg, ack)
+            for r in ack.rejected:
+                tried["rejected"] += 1
+                assert r.seq == msg.seq and r.reason
         # the store still reads back, and holds nothing the limits forbid
         for node in controller.store.nodes():
             assert 0 < len(node.name) <= 64
             assert node.gpu_count <= 64
+        for ev in controller.store.events(limit=100_000):
+            assert ev.kind in event_kinds and ev.severity in ("ok", "warn", "degraded", "fatal")
         assert controller._thread is not None and controller._thread.is_alive()
 
     try:
@@ -130,8 +186,10 @@ def test_fuzz_servicer_streams(controller: Controller,
     finally:
         channel.close()
     report_figure(f"fuzz servicer Connect: {tried['n']} message sequences tried, "
-                  f"{tried['refused']} refused with INVALID_ARGUMENT, 0 crashes")
+                  f"{tried['rejected']} reports rejected (acked with a reason, stream kept), "
+                  f"{tried['refused']} streams refused with INVALID_ARGUMENT, 0 crashes")
     assert tried["n"] >= min(BUDGET, 50)
+    assert tried["rejected"] > 0, "the fuzzer never produced a rejected report"
 
 
 KNOWN_AGENT_KEYS = ["controller", "interval_s", "insecure", "ca_path", "debounce",

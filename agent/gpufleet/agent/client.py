@@ -9,6 +9,11 @@ the files are re-read at every connect, so renewed certificates need no restart.
 
 Quiet by design: a controller that is away is logged once when it goes and once when it
 comes back, not every retry.
+
+Reports an earlier agent process left in the spool go first, on a stream whose hello names
+that process's agent_instance (gpufleet.agent.outbox says why); once all of them are acked
+the stream is closed and the next one speaks as this process. A report the controller
+rejects (`Ack.rejected`) goes to the outbox's dead-letter file and is never resent.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ class StreamClient:
         self.backoff_max_s = backoff_max_s
         self.connected = threading.Event()
         self.connects = 0
+        # set by _requests when it closed a stream because the instance it spoke for has
+        # nothing left: reconnect at once, to the same controller, as the next instance
+        self._instance_done = False
 
     def _channel(self) -> grpc.Channel:
         options = [
@@ -108,9 +116,11 @@ class StreamClient:
                 stop.wait(min(backoff, self.backoff_max_s))
                 backoff = min(backoff * 2, self.backoff_max_s)
                 continue
+            instance = self.outbox.stream_instance()
+            self._instance_done = False
             try:
                 stub = pb_grpc.FleetControllerStub(channel)
-                call = stub.Connect(self._requests(stop))
+                call = stub.Connect(self._requests(stop, instance))
                 for reply in call:
                     if not self.connected.is_set():
                         self.connected.set()
@@ -120,8 +130,7 @@ class StreamClient:
                             was_down = False
                         backoff = self.backoff_initial_s
                         failures_in_row = 0
-                    if reply.HasField("ack"):
-                        self.outbox.ack(reply.ack.seq)
+                    self._on_reply(reply, instance)
                     if stop.is_set():
                         call.cancel()
                         break
@@ -137,6 +146,8 @@ class StreamClient:
             finally:
                 self.connected.clear()
                 channel.close()
+            if self._instance_done and not stop.is_set():
+                continue  # not a failure: the same controller, now as the next instance
             index += 1
             failures_in_row += 1
             if failures_in_row < len(self.targets):
@@ -146,12 +157,27 @@ class StreamClient:
             stop.wait(random.uniform(0, backoff))  # noqa: S311 - not crypto
             backoff = min(backoff * 2, self.backoff_max_s)
 
-    def _requests(self, stop: threading.Event) -> Iterator[pb.AgentMessage]:
+    def _on_reply(self, reply: pb.ControllerMessage, instance: str) -> None:
+        if reply.HasField("ack"):
+            # rejected first: the outbox still holds them, for the dead-letter file
+            for rejected in reply.ack.rejected:
+                self.outbox.reject(rejected.seq, rejected.reason, instance)
+            self.outbox.ack(reply.ack.seq, instance)
+
+    def _requests(self, stop: threading.Event, instance: str) -> Iterator[pb.AgentMessage]:
         # Hello first; then everything not yet acked, in order, then new reports as they come.
-        yield pb.AgentMessage(seq=0, agent_instance=self.outbox.agent_instance, hello=self.hello())
-        cursor = self.outbox.acked_seq
+        hello = self.hello()
+        cursor = self.outbox.acked_seq_for(instance)
+        hello.last_acked_seq = cursor
+        yield pb.AgentMessage(seq=0, agent_instance=instance, hello=hello)
         while not stop.is_set():
-            msg = self.outbox.next_after(cursor, timeout_s=0.5)
+            msg = self.outbox.next_after(cursor, timeout_s=0.5, instance=instance)
             if msg is not None:
                 cursor = msg.seq
                 yield msg
+            elif instance != self.outbox.agent_instance and \
+                    self.outbox.stream_instance() != instance:
+                # an earlier process's reports are all acked (or rejected): end this stream
+                # cleanly; the controller will not see this instance again
+                self._instance_done = True
+                return

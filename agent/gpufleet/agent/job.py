@@ -30,6 +30,12 @@ Environment (``gpufleet sbatch --gpufleet-ckpt DIR`` sets the first two; Slurm s
     SLURM_JOB_ID            the job a checkpoint is registered under (none outside Slurm: no
                             registration)
     SLURM_RESTART_COUNT     how often Slurm requeued the job (restart_count())
+    GPUFLEET_MUNGE_SOCKET   munged socket for the registration's MUNGE credential (default:
+                            munge's own, /run/munge/munge.socket.2)
+
+Registration carries a MUNGE credential (payload "<job_id>:<step>") when `munge` is installed,
+so the controller can check with its own munged which uid registered the checkpoint. Without
+munge (or with munged down) the registration goes without one: a save never fails for it.
 
 Exit code `EXIT_DO_NOT_REQUEUE` (93, as NVIDIA's NVRx uses): a job that exits with it tells
 gpufleet not to requeue it (it finished, or it failed in a way a restart cannot fix).
@@ -54,6 +60,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -77,6 +84,8 @@ MANIFEST_NAME = "gpufleet-manifest.json"
 DEFAULT_FILE_NAME = "checkpoint.bin"
 MANIFEST_VERSION = 1
 REGISTER_TIMEOUT_S = 0.5
+ENV_MUNGE_SOCKET = "GPUFLEET_MUNGE_SOCKET"
+MUNGE_TIMEOUT_S = 1.0  # a save waits at most this long for munged
 # another process's staging directory younger than this may still be in use: leave it alone
 STALE_STAGING_S = 3600.0
 
@@ -515,6 +524,29 @@ def _register(ckpt: Checkpoint, socket_path: str | None) -> bool:
         return False
 
 
+def munge_credential(payload: str, timeout_s: float = MUNGE_TIMEOUT_S) -> str | None:
+    """`munge -s PAYLOAD` for this process's uid, or None when munge is not installed or
+    does not answer (logged at debug: registration goes on without it)."""
+    exe = shutil.which("munge")
+    if exe is None:
+        return None
+    argv = [exe, "--string", payload]
+    sock = os.environ.get(ENV_MUNGE_SOCKET)
+    if sock:
+        argv.append(f"--socket={sock}")
+    try:
+        p = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("no MUNGE credential for the checkpoint registration: %s", e)
+        return None
+    cred = p.stdout.decode("ascii", "replace").strip()
+    if p.returncode != 0 or not cred.startswith("MUNGE:"):
+        log.debug("no MUNGE credential for the checkpoint registration: munge exited %d: %s",
+                  p.returncode, p.stderr.decode(errors="replace").strip()[:200])
+        return None
+    return cred
+
+
 def register(
     ckpt: Checkpoint, socket_path: str | None = None, timeout_s: float = REGISTER_TIMEOUT_S
 ) -> bool:
@@ -528,10 +560,14 @@ def register(
         ENV_AGENT_SOCKET, DEFAULT_AGENT_SOCKET)
     if not jid or not path:  # not in a Slurm job, or registration turned off
         return False
-    line = json.dumps({
+    doc: dict[str, Any] = {
         "kind": "checkpoint", "job_id": jid, "step": ckpt.step,
         "path": str(ckpt.path.resolve()), "time_ms": ckpt.time_ms,
-    }).encode() + b"\n"
+    }
+    cred = munge_credential(f"{jid}:{ckpt.step}")
+    if cred is not None:
+        doc["munge_credential"] = cred
+    line = json.dumps(doc).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout_s)
         s.connect(path)

@@ -4,7 +4,11 @@ Protocol: a client connects, sends one JSON object on one line, and gets one JSO
 ``{"ok": true}`` or ``{"ok": false, "error": "..."}``. The only request today:
 
     {"kind": "checkpoint", "job_id": "1234", "step": 500, "path": "/scratch/ck/step-500",
-     "time_ms": 1700000000000}
+     "time_ms": 1700000000000, "munge_credential": "MUNGE:..."}
+
+`munge_credential` (optional): the job's own `munge -s "<job_id>:<step>"`. The agent cannot
+check it (it may have no munged of its own to spare) and passes it on verbatim; the
+controller verifies it with its munged, so a registration proves end to end which uid made it.
 
 Who may connect: every local user. The socket is made mode 0666 on purpose, because jobs run
 as their researchers' own uids. So nothing a client says is trusted beyond its shape: the
@@ -34,10 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpufleet.rpc.v1 import fleet_pb2 as pb
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096
 MAX_PATH_CHARS = 1024
+MAX_CREDENTIAL_CHARS = 1024  # `munge -s "<job>:<step>"` is ~180 characters
+_CREDENTIAL = re.compile(r"^MUNGE:[A-Za-z0-9+/=]+:$")
 CONNECTION_TIMEOUT_S = 1.0
 SOCKET_MODE = 0o666  # every local user: jobs run under their owners' uids (see above)
 _JOB_ID = re.compile(r"^[0-9]{1,20}$")
@@ -60,6 +68,16 @@ class Registration:
     uid: int | None  # of the connecting process, from the kernel
     pid: int | None
     received_ms: int
+    munge_credential: bytes = b""  # the job's own, verbatim; b"": none (no munge there)
+
+    def message(self, node: str) -> pb.CheckpointRegistered:
+        """The registration as the controller receives it."""
+        msg = pb.CheckpointRegistered(
+            job_id=self.job_id, step=self.step, path=self.path, time_ms=self.time_ms,
+            node=node, received_ms=self.received_ms, munge_credential=self.munge_credential)
+        if self.uid is not None:
+            msg.uid = self.uid
+        return msg
 
 
 def parse_request(line: bytes, uid: int | None = None, pid: int | None = None,
@@ -91,8 +109,14 @@ def parse_request(line: bytes, uid: int | None = None, pid: int | None = None,
     if (isinstance(time_ms, bool) or not isinstance(time_ms, int)
             or not _TIME_MS_MIN <= time_ms <= _TIME_MS_MAX):
         raise JobSocketError(f"time_ms={time_ms!r}: must be Unix epoch milliseconds")
+    cred = doc.get("munge_credential", "")
+    if not isinstance(cred, str) or len(cred) > MAX_CREDENTIAL_CHARS or (
+            cred and not _CREDENTIAL.match(cred)):
+        raise JobSocketError(f"munge_credential={str(cred)[:40]!r}: must be what `munge` "
+                             f"prints (MUNGE:...:, at most {MAX_CREDENTIAL_CHARS} characters)")
     return Registration(job_id, step, path, time_ms, uid, pid,
-                        received_ms if received_ms is not None else int(time.time() * 1000))
+                        received_ms if received_ms is not None else int(time.time() * 1000),
+                        cred.encode("ascii"))
 
 
 def cgroup_job_id(pid: int, proc_root: Path = Path("/proc")) -> str | None:

@@ -19,6 +19,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from gpufleet.agent.health import Severity, Verdict
@@ -29,6 +30,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gpufleet.agent.outbox import OutboxStats
 
 __all__ = [
     "THROTTLE_REASONS",
@@ -236,6 +240,28 @@ _OTHER_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      "When the agent took the sample being exported, in seconds since the Unix epoch.", ()),
     ("gpufleet_agent_cycle_duration_seconds", "gauge",
      "How long the agent's last sample cycle took, in seconds.", ()),
+    ("gpufleet_agent_spool_messages", "gauge",
+     "Reports waiting for the controller's ack (on disk or, while the spool disk fails, in "
+     "memory), a count.", ()),
+    ("gpufleet_agent_spool_pending_bytes", "gauge",
+     "Size of the reports waiting for an ack, in bytes (what spool_max_bytes bounds).", ()),
+    ("gpufleet_agent_spool_disk_bytes", "gauge",
+     "Size of the spool's segment files on disk, in bytes.", ()),
+    ("gpufleet_agent_spool_memory_messages", "gauge",
+     "Reports held in memory only because the spool disk failed, a count (lost if the agent "
+     "stops now).", ()),
+    ("gpufleet_agent_spool_dropped_total", "counter",
+     "Reports dropped unsent to stay within the spool bound, a count: kind sample (oldest "
+     "first) or checkpoint (oldest pending registration). Events and usage are never "
+     "dropped.", ("kind",)),
+    ("gpufleet_agent_spool_write_errors_total", "counter",
+     "Failed spool writes (disk full, quota, I/O error), a count; the reports stay in "
+     "memory and the disk is retried.", ()),
+    ("gpufleet_agent_spool_corrupt_records_total", "counter",
+     "Torn or corrupt spool records skipped (an agent killed mid-write), a count.", ()),
+    ("gpufleet_agent_reports_rejected_total", "counter",
+     "Reports the controller rejected as invalid (kept in rejected.jsonl, never resent), "
+     "a count.", ()),
 )
 
 
@@ -268,8 +294,10 @@ class AgentCollector(Collector):
     cycle.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spool_stats: Callable[[], OutboxStats] | None = None) -> None:
         self._snapshot: Snapshot | None = None
+        # the outbox's counters: in-memory numbers, so reading them at scrape time is cheap
+        self.spool_stats = spool_stats
 
     def update(self, snap: Snapshot) -> None:
         """Make `snap` the snapshot scrapes render (called by the agent loop every cycle)."""
@@ -294,6 +322,8 @@ class AgentCollector(Collector):
             _add(families["gpufleet_agent_last_sample_timestamp_seconds"], (),
                  snap.timestamp_ms / 1000.0)
             _add(families["gpufleet_agent_cycle_duration_seconds"], (), snap.cycle_seconds)
+        if self.spool_stats is not None:
+            _collect_spool(families, self.spool_stats())
         return list(families.values())
 
 
@@ -313,6 +343,19 @@ def _collect_gpus(families: dict[str, _Family], snap: Snapshot) -> None:
             family = families[name]
             for extra_values, get in series:
                 _add(family, (*ids, *extra_values), get(s))
+
+
+def _collect_spool(families: dict[str, _Family], st: OutboxStats) -> None:
+    _add(families["gpufleet_agent_spool_messages"], (), st.pending_messages)
+    _add(families["gpufleet_agent_spool_pending_bytes"], (), st.pending_bytes)
+    _add(families["gpufleet_agent_spool_disk_bytes"], (), st.disk_bytes)
+    _add(families["gpufleet_agent_spool_memory_messages"], (), st.memory_only_messages)
+    _add(families["gpufleet_agent_spool_dropped_total"], ("sample",), st.dropped_samples)
+    _add(families["gpufleet_agent_spool_dropped_total"], ("checkpoint",),
+         st.dropped_checkpoints)
+    _add(families["gpufleet_agent_spool_write_errors_total"], (), st.write_errors)
+    _add(families["gpufleet_agent_spool_corrupt_records_total"], (), st.corrupt_records)
+    _add(families["gpufleet_agent_reports_rejected_total"], (), st.rejected)
 
 
 def _collect_ib(families: dict[str, _Family], ports: Iterable[IbPortSample]) -> None:

@@ -63,7 +63,17 @@ class Agent:
         self._kmsg: KmsgReader | None = None
         self._recent_xids: dict[tuple[int | None, int], int] = {}
         self._missing_disks: set[str] = set()
-        self.outbox = Outbox(agent_instance=uuid.uuid4().hex)
+        # a fresh instance every start; reports an earlier process spooled keep theirs and
+        # are sent first (gpufleet.agent.outbox explains why the instance is not reused)
+        self.outbox = Outbox(
+            agent_instance=uuid.uuid4().hex,
+            spool_dir=cfg.resolved_spool_dir(),
+            max_bytes=cfg.spool_max_bytes,
+            sync_interval_s=cfg.spool_sync_interval_s,
+            disk_retry_s=cfg.spool_disk_retry_s,
+            dead_letter_path=cfg.dead_letter_path(),
+        )
+        self.metrics.spool_stats = self.outbox.stats
         self.stop = threading.Event()
         self.cycles = 0
         self._bus_ids: dict[int, str] = {}
@@ -325,6 +335,7 @@ class Agent:
                 server.shutdown()
             if job_socket is not None:
                 job_socket.stop()
+            self.outbox.close()
             self.backend.close()
 
     def _start_metrics(self) -> Any:

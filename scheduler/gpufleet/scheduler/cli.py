@@ -17,6 +17,7 @@ from typing import Any
 import click
 from gpufleet.scheduler import __version__
 from gpufleet.scheduler.store import StateStore, StoreError, now_ms, open_store
+from gpufleet.scheduler.user_client import controller_options
 
 DEFAULT_CONFIG = Path("/etc/gpufleet/controller.toml")
 DEFAULT_DB = "/var/lib/gpufleet/state.db"
@@ -28,6 +29,7 @@ CONFIG_KEYS = {
     "drain_unreachable", "degraded_weight", "degraded_feature", "metrics_listen",
     "tls_ca", "tls_cert", "tls_key", "insecure",
     "recover", "recovery_grace_s", "recovery_max_restarts", "recovery_signal",
+    "munge_socket", "admin_group", "audit_log",
 }
 _ADMIN_KEYS = {"db", "slurm"}
 
@@ -185,6 +187,17 @@ def main() -> None:
               show_default=True, help="default restarts per job")
 @click.option("--recovery-signal", default="USR1", show_default=True,
               help="signal sent to the job's batch shell (GPUFLEET_CKPT_SIGNAL)")
+@click.option("--munge-socket", default="/run/munge/munge.socket.2", show_default=True,
+              envvar="GPUFLEET_MUNGE_SOCKET",
+              help="munged socket that verifies users' MUNGE credentials (acct, jobs, sbatch "
+              "placement, drain/resume over gRPC)")
+@click.option("--admin-group", default="gpufleet-admins", show_default=True,
+              envvar="GPUFLEET_ADMIN_GROUP",
+              help="Unix group whose members may drain, resume and read everything; root "
+              "always may. A group missing on this host (or '') leaves root the only admin")
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="GPUFLEET_AUDIT_LOG",
+              help="also append audit records (JSON lines) to this file [default: the "
+              "gpufleet.audit logger only]")
 @click.option("-v", "--verbose", count=True)
 def controller(
     listen: str, db: str, slurm: str, slurm_rest_socket: str | None, slurm_rest_url: str | None,
@@ -192,15 +205,23 @@ def controller(
     unreachable_after_s: float, drain_unreachable: bool, degraded_weight: int,
     degraded_feature: str, metrics_listen: str, tls_ca: str | None, tls_cert: str | None,
     tls_key: str | None, insecure: bool, recover: bool, recovery_grace_s: float,
-    recovery_max_restarts: int, recovery_signal: str, verbose: int,
+    recovery_max_restarts: int, recovery_signal: str, munge_socket: str, admin_group: str,
+    audit_log: str | None, verbose: int,
 ) -> None:
-    """Run the controller (the systemd service runs this)."""
-    from gpufleet.scheduler import sdnotify
+    """Run the controller (the systemd service runs this).
+
+    Users' calls (gpufleet acct/jobs/sbatch/drain/resume --controller) are authenticated by
+    MUNGE through --munge-socket, also with --insecure: a user's identity never comes from
+    TLS or from anything the request says.
+    """
+    from gpufleet.scheduler import audit, sdnotify
     from gpufleet.scheduler.policy import PolicyConfig
     from gpufleet.scheduler.server import Controller
     from gpufleet.scheduler.tls import TlsConfigError, from_options
 
     _setup_logging(verbose)
+    if audit_log:
+        audit.configure(audit_log)
     try:
         tls = from_options(tls_ca, tls_cert, tls_key, insecure)
         if tls is not None:
@@ -228,7 +249,8 @@ def controller(
     ctl = Controller(store, _make_slurm(slurm, slurm_rest_socket, slurm_rest_url, slurm_jwt_file),
                      listen, shadow,
                      policy=policy, metrics_listen=metrics_listen or None, tls=tls,
-                     recovery=recovery)
+                     recovery=recovery, munge_socket=munge_socket,
+                     admin_group=admin_group or None)
     try:
         ctl.start()
     except OSError as e:
@@ -397,16 +419,49 @@ slurm_option = click.option(
 )
 
 
+def _node_action_via_controller(action: str, node_expr: str, reason: str,
+                                 options: dict[str, Any]) -> None:
+    """drain/resume through the controller's FleetUser service (MUNGE-authenticated; admins
+    only). NODE may be a hostlist (n[1-4]) there."""
+    from gpufleet.scheduler.slurm import SlurmError, expand_hostlist
+    from gpufleet.scheduler.user_client import UserClientError, click_error, connect
+
+    try:
+        nodes = expand_hostlist(node_expr)
+    except SlurmError as e:
+        raise click.BadParameter(str(e), param_hint="NODE") from e
+    client = connect(**options)
+    try:
+        with client:
+            reply = (client.drain(nodes, reason) if action == "drain"
+                     else client.resume(nodes))
+    except UserClientError as e:
+        raise click_error(e) from e
+    for n in reply.changed:
+        click.echo(f"{action} {n}: done")
+    state = "drained" if action == "drain" else "not drained"
+    for n in reply.unchanged:
+        click.echo(f"{action} {n}: unchanged (already {state})")
+
+
 @main.command()
 @click.argument("node")
 @click.option("--reason", required=True, help="why (kept verbatim as Slurm's reason)")
 @db_option
 @slurm_option
-def drain(node: str, reason: str, db: str, slurm: str) -> None:
-    """Drain NODE by hand. gpufleet never resumes a node drained this way."""
+@controller_options
+def drain(node: str, reason: str, db: str, slurm: str, controller: str | None,
+          **options: Any) -> None:
+    """Drain NODE by hand. gpufleet never resumes a node drained this way.
+
+    With --controller it asks the controller (admins only: root or the admin group)."""
     from gpufleet.scheduler.admin import AdminError, caller_name
     from gpufleet.scheduler.admin import drain as do_drain
 
+    if controller:
+        _node_action_via_controller("drain", node, reason, {"controller": controller,
+                                                           **options})
+        return
     store = _open_existing_store(db)
     try:
         click.echo(do_drain(store, _slurm_for_admin(slurm), node, reason, caller_name()))
@@ -420,11 +475,17 @@ def drain(node: str, reason: str, db: str, slurm: str) -> None:
 @click.argument("node")
 @db_option
 @slurm_option
-def resume(node: str, db: str, slurm: str) -> None:
-    """Resume NODE by hand, whoever drained it (recorded with your name)."""
+@controller_options
+def resume(node: str, db: str, slurm: str, controller: str | None, **options: Any) -> None:
+    """Resume NODE by hand, whoever drained it (recorded with your name).
+
+    With --controller it asks the controller (admins only: root or the admin group)."""
     from gpufleet.scheduler.admin import AdminError, caller_name
     from gpufleet.scheduler.admin import resume as do_resume
 
+    if controller:
+        _node_action_via_controller("resume", node, "", {"controller": controller, **options})
+        return
     store = _open_existing_store(db)
     try:
         click.echo(do_resume(store, _slurm_for_admin(slurm), node, caller_name()))

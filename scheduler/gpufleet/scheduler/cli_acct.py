@@ -3,6 +3,10 @@
 Filters work like sacct's: a job is selected whole when it ran at any moment inside
 [-S, -E); `--clip` instead counts only the usage inside the window (from the per-minute
 rollups; user and account grouping only). Reads the store; never changes it.
+
+Two ways in: `--db` reads the store directly (root on the head node), `--controller HOST:PORT`
+asks the controller over gRPC with the caller's MUNGE credential; there a plain user sees
+only their own usage (naming another user is refused) and admins see everything.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from typing import Any
 import click
 from gpufleet.scheduler.store import StoreError, open_store
 from gpufleet.scheduler.store.acct import GROUP_BY, UsageQuery, UsageTotal
+from gpufleet.scheduler.user_client import (
+    UserClient,
+    UserClientError,
+    click_error,
+    connect,
+    controller_options,
+)
 
 DEFAULT_DB = "/var/lib/gpufleet/state.db"
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
@@ -93,10 +104,14 @@ def _total(rows: list[UsageTotal]) -> UsageTotal:
               help="count only usage inside the window (per-minute rollups; user/account)")
 @click.option("--json", "as_json", is_flag=True, help="JSON: rows and totals")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV, a TOTAL row last")
+@controller_options
 def acct(db: str, users: str | None, accounts: str | None, jobs: str | None,
          start: str | None, end: str | None, group_by: str, clip: bool, as_json: bool,
-         as_csv: bool) -> None:
-    """GPU-seconds allocated and busy, energy and time lost to failures, like sacct."""
+         as_csv: bool, controller: str | None, tls_ca: str | None, tls_cert: str | None,
+         tls_key: str | None, insecure: bool, munge_socket: str | None) -> None:
+    """GPU-seconds allocated and busy, energy and time lost to failures, like sacct.
+
+    With --controller a plain user sees only their own usage (no -u: yourself)."""
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
     job_ids = _split(jobs, "-j/--jobs", _JOB_ID, "Slurm job id")
@@ -112,6 +127,36 @@ def acct(db: str, users: str | None, accounts: str | None, jobs: str | None,
                    jobs=job_ids, since_ms=since, until_ms=until, group_by=group_by)
     if clip and (group_by not in ("user", "account") or q.users or q.accounts or q.jobs):
         raise click.UsageError("--clip works with --group-by user|account and no -u/-A/-j")
+    if controller:
+        rows = _usage_from_controller(
+            connect(controller, tls_ca, tls_cert, tls_key, insecure, munge_socket), q, clip)
+    else:
+        rows = _usage_from_store(db, q, clip)
+    _render(rows, group_by, since, until, as_json, as_csv)
+
+
+def _usage_from_controller(client: UserClient, q: UsageQuery, clip: bool) -> list[UsageTotal]:
+    from gpufleet.rpc.v1 import fleet_pb2 as pb
+
+    req = pb.AcctRequest(users=q.users, accounts=q.accounts, jobs=q.jobs, group_by=q.group_by,
+                         clip=clip)
+    if q.since_ms is not None:
+        req.since_ms = q.since_ms
+    if q.until_ms is not None:
+        req.until_ms = q.until_ms
+    try:
+        with client:
+            reply = client.acct(req)
+    except UserClientError as e:
+        raise click_error(e) from e
+    return [UsageTotal(r.key, r.jobs, r.gpus, r.allocated_ms, r.busy_ms, r.energy_mj,
+                       r.lost_ms, r.start_ms if r.HasField("start_ms") else None,
+                       r.end_ms if r.HasField("end_ms") else None, r.user, r.account)
+            for r in reply.rows]
+
+
+def _usage_from_store(db: str, q: UsageQuery, clip: bool) -> list[UsageTotal]:
+    since, until, group_by = q.since_ms, q.until_ms, q.group_by
     if "://" not in db and not Path(db).exists():
         raise click.ClickException(f"no gpufleet store at {db}: pass --db or GPUFLEET_DB")
     try:
@@ -125,6 +170,11 @@ def acct(db: str, users: str | None, accounts: str | None, jobs: str | None,
             rows = store.usage(q)
     finally:
         store.close()
+    return rows
+
+
+def _render(rows: list[UsageTotal], group_by: str, since: int | None, until: int | None,
+            as_json: bool, as_csv: bool) -> None:
     docs = [_doc(r, group_by) for r in rows]
     total = _doc(_total(rows), group_by)
     if as_json:

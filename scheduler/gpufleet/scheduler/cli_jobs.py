@@ -1,7 +1,8 @@
 """`gpufleet jobs show JOBID`: a job's recoveries (fault -> drain -> signal -> requeue -> running
 again, lost work) and its last registered checkpoint, read from the controller's store.
 
-Read only: it never talks to Slurm and never changes the store.
+Read only: it never talks to Slurm and never changes the store. With `--controller HOST:PORT`
+it asks the controller (MUNGE-authenticated): a user may read their own jobs, admins any.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ import json
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 from gpufleet.scheduler.store import StateStore, StoreError, open_store
 from gpufleet.scheduler.store.base import CheckpointRow, RecoveryRow
+from gpufleet.scheduler.user_client import (
+    UserClientError,
+    click_error,
+    connect,
+    controller_options,
+)
 
 DEFAULT_DB = "/var/lib/gpufleet/state.db"  # = gpufleet.scheduler.cli.DEFAULT_DB
 
@@ -64,10 +72,23 @@ def jobs() -> None:
 @click.option("--db", default=DEFAULT_DB, show_default=True, envvar="GPUFLEET_DB",
               help="state store: a SQLite file, or postgresql://USER@HOST/DB")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def jobs_show(job_id: str, db: str, as_json: bool) -> None:
+@controller_options
+def jobs_show(job_id: str, db: str, as_json: bool, controller: str | None,
+              tls_ca: str | None, tls_cert: str | None, tls_key: str | None, insecure: bool,
+              munge_socket: str | None) -> None:
     """One job's recoveries, step by step, and its last registered checkpoint."""
     if not job_id.isdigit():
         raise click.BadParameter(f"{job_id!r}: a Slurm job id is digits", param_hint="JOBID")
+    if controller:
+        client = connect(controller, tls_ca, tls_cert, tls_key, insecure, munge_socket)
+        try:
+            with client:
+                reply = client.show_job(job_id)
+        except UserClientError as e:
+            raise click_error(e) from e
+        got_recs, got_ckpt, owner = _from_reply(reply)
+        _show(job_id, got_recs, got_ckpt, as_json, owner)
+        return
     store = _open(db)
     try:
         recs = store.recoveries(job_id)
@@ -79,16 +100,42 @@ def jobs_show(job_id: str, db: str, as_json: bool) -> None:
     if not recs and ckpt is None:
         raise click.ClickException(
             f"job {job_id}: no recovery and no checkpoint recorded in the store at {db}")
+    _show(job_id, recs, ckpt, as_json)
+
+
+def _from_reply(reply: Any) -> tuple[list[RecoveryRow], CheckpointRow | None, str]:
+    """The controller's ShowJobReply as the rows the store would have given."""
+    def opt(msg: Any, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    ckpt = None
+    if reply.HasField("checkpoint_step"):
+        ckpt = CheckpointRow(reply.job_id, "", reply.checkpoint_step, reply.checkpoint_path,
+                             opt(reply, "checkpoint_ms") or 0, None, 0)
+    recs = [RecoveryRow(0, reply.job_id, r.node, r.status, r.detail, r.restart,
+                        opt(r, "fault_ms"), opt(r, "drain_ms"), opt(r, "signal_ms"),
+                        opt(r, "requeue_ms"), opt(r, "running_ms"), opt(r, "checkpoint_step"),
+                        opt(r, "checkpoint_ms"), opt(r, "lost_work_ms"), r.created_ms)
+            for r in reply.recoveries]
+    return recs, ckpt, reply.user
+
+
+def _show(job_id: str, recs: list[RecoveryRow], ckpt: CheckpointRow | None, as_json: bool,
+          owner: str | None = None) -> None:
     if as_json:
-        click.echo(json.dumps({
+        doc: dict[str, Any] = {
             "job_id": job_id,
             "checkpoint": asdict(ckpt) if ckpt else None,
             "recoveries": [asdict(r) for r in recs],
-        }, indent=2))
+        }
+        if owner is not None:
+            doc["user"] = owner
+        click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(f"job {job_id}")
+    click.echo(f"job {job_id}" + (f" (user {owner})" if owner else ""))
     if ckpt is not None:
-        click.echo(f"  last checkpoint: step {ckpt.step} at {_ts(ckpt.time_ms)} on {ckpt.node} "
+        where = f" on {ckpt.node}" if ckpt.node else ""  # the controller's reply has no node
+        click.echo(f"  last checkpoint: step {ckpt.step} at {_ts(ckpt.time_ms)}{where} "
                    f"({ckpt.path})")
     else:
         click.echo("  last checkpoint: none registered")

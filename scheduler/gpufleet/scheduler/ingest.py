@@ -108,6 +108,13 @@ class Ingestor:
             if self.metrics is not None:
                 self.metrics.duplicate_report()
             return msg.seq
+        # checked before anything is stored, so a report rejected here leaves nothing
+        # half-applied (one good verdict stored, the next refused)
+        if body == "sample":
+            for v in msg.sample.verdicts:
+                _severity(v.severity)
+        elif body == "event" and msg.event.kind not in pb.EventKind.values():
+            raise IngestError(f"event.kind={msg.event.kind}: unknown event kind")
         now = now_ms()
         if body == "sample":
             verdicts = msg.sample.verdicts
@@ -135,6 +142,28 @@ class Ingestor:
         state.last_seq, state.seen_ms, state.dirty = msg.seq, now, False
         return msg.seq
 
+    def reject(self, node: str, msg: pb.AgentMessage, reason: str) -> int:
+        """A report that failed validation (`reason`): store nothing of it but consume its
+        sequence number, durably like a stored report, so the agent's replay of it is a
+        duplicate; return the sequence number to acknowledge (with the rejection).
+
+        The caller has checked that the report belongs to this stream's agent instance.
+        """
+        state = self._nodes.get(node)
+        if state is None:  # not through hello() (tests driving ingest directly)
+            state = self._nodes[node] = _NodeSeq(*self.store.last_seq(node))
+        if msg.agent_instance != state.instance:
+            raise IngestError("agent_instance changed within a stream")
+        if self.metrics is not None:
+            self.metrics.report_rejected(msg.WhichOneof("body") or "none")
+        if msg.seq <= state.last_seq:
+            return msg.seq  # rejected before (or below what is stored): nothing to move
+        now = now_ms()
+        self.store.touch_node(node, state.instance, msg.seq, now)
+        state.last_seq, state.seen_ms, state.dirty = msg.seq, now, False
+        log.debug("node %s: report %d consumed as rejected: %s", node, msg.seq, reason)
+        return msg.seq
+
     def _event(self, node: str, ev: pb.HealthEvent, now: int) -> None:
         v = ev.verdict
         self.store.add_event(
@@ -153,6 +182,35 @@ class Ingestor:
             raise IngestError(f"checkpoint with invalid job id {c.job_id!r}")
         if not c.path.startswith("/") or len(c.path) > 4096:
             raise IngestError(f"checkpoint of job {c.job_id} with a bad path {c.path[:80]!r}")
+        # The job's own MUNGE credential (payload "<job_id>:<step>"): proves end to end which
+        # uid registered it, not only what the agent says. Absent on nodes without munge:
+        # still accepted (counted and logged), as before MUNGE. Runs unmunge on this thread:
+        # registrations are one per job checkpoint, rare next to samples.
+        import pwd  # local, like munge: edits to this file stay inside _checkpoint
+
+        from gpufleet.scheduler import munge
+
+        claimed_uid = c.uid if c.HasField("uid") else None
+        if c.munge_credential:
+            owner = next((u.user for u in self.store.usage_rows(c.job_id) if u.user), None)
+            try:
+                owner_uid = pwd.getpwnam(owner).pw_uid if owner else None
+            except KeyError:
+                owner_uid = None  # a user this host does not know: the uid check still holds
+            try:
+                cred = munge.verify_checkpoint(c.munge_credential, c.job_id, c.step,
+                                               claimed_uid, owner_uid,
+                                               getattr(self, "munge_socket", None))
+            except munge.MungeError as e:
+                raise IngestError(
+                    f"checkpoint of job {c.job_id} step {c.step} from {node}: {e}") from e
+            if cred.stale:
+                log.info("job %s checkpoint on %s: MUNGE credential %s (spooled), uid %d and "
+                         "payload match", c.job_id, node, cred.stale, cred.uid)
+        else:
+            munge.count_absent_checkpoint_credential()
+            log.info("job %s checkpoint on %s carries no MUNGE credential (munge not on the "
+                     "node?): trusted on the agent's word, uid %s", c.job_id, node, claimed_uid)
         stored = self.store.record_checkpoint(CheckpointRow(
             c.job_id, node, c.step, c.path, c.time_ms, c.uid if c.HasField("uid") else None, now,
         ))

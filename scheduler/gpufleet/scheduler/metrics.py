@@ -160,6 +160,12 @@ class ControllerMetrics:
             "had one, so the node label stays bounded by the cluster's size).",
             ["node"], registry=r,
         )
+        self._rejected = Counter(
+            "gpufleet_controller_reports_rejected",
+            "Agent reports that failed validation, acked with a reason and never stored (the "
+            "stream goes on), a count per report kind: sample, event, checkpoint, usage.",
+            ["kind"], registry=r,
+        )
         self._hellos = Counter(
             "gpufleet_controller_agent_connects",
             "Agent streams that opened with a valid hello, a count.", registry=r,
@@ -249,6 +255,12 @@ class ControllerMetrics:
 
     def duplicate_report(self) -> None:
         self._duplicates.inc()
+
+    def report_rejected(self, kind: str) -> None:
+        """One agent report rejected (acked with a reason, not stored)."""
+        # the label stays bounded whatever a fuzzing agent sends
+        known = kind in ("sample", "event", "checkpoint", "usage")
+        self._rejected.labels(kind if known else "other").inc()
 
     def ingest_error(self, reason: str) -> None:
         """A stream refused (reason: invalid | store)."""

@@ -27,6 +27,12 @@ from gpufleet.scheduler.recovery import RecoveryConfig, RecoveryManager
 from gpufleet.scheduler.slurm import SlurmClient
 from gpufleet.scheduler.store import StateStore, StoreError
 from gpufleet.scheduler.tls import ServerTls, peer_node_names
+from gpufleet.scheduler.user_service import (
+    DEFAULT_ADMIN_GROUP,
+    Authenticator,
+    FleetUserServicer,
+    ViewSource,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FleetController"].full_name
+USER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FleetUser"].full_name
 
 
 class FleetServicer(pb_grpc.FleetControllerServicer):
@@ -68,28 +75,64 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                 f"certificate is for {sorted(cert_names) or 'no DNS name'}, "
                 f"not node {claimed!r}", claimed, cert_names)
 
-    async def Connect(
+    async def Connect(  # noqa: PLR0912, PLR0915 - one stream's life (hello, reports, refusals) reads best in one place
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ControllerMessage]:
+        # A report that fails validation is acked with a reason (Ack.rejected) and its seq
+        # consumed: the stream goes on and the agent does not resend it. What makes the
+        # stream itself untrustworthy still ends it: a bad hello, a second hello, a change
+        # of agent_instance, a report naming another node.
         node = None
-        seq = 0
+        instance = ""
         if not self.active():
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "standby controller: another controller is active")
         # None: plaintext (the controller runs --insecure); else the names the CA vouched for
         cert_names = peer_node_names(context.auth_context())
         self.streams += 1
+
+        def stream_violation(msg: pb.AgentMessage, node: str) -> IngestError | None:
+            body = msg.WhichOneof("body")
+            claimed = (msg.usage.node if body == "usage" else
+                       msg.checkpoint.node if body == "checkpoint" else "")
+            if body == "hello":
+                return IngestError("hello sent twice on one stream")
+            if msg.agent_instance != instance:
+                return IngestError("agent_instance changed within a stream")
+            if claimed and claimed != node:
+                return IngestError(f"report for node {claimed[:64]!r} on the stream of {node!r}")
+            return None
+
+        def reject(msg: pb.AgentMessage, node: str, error: ValueError) -> pb.Ack:
+            reason = str(error)[:512]
+            body = msg.WhichOneof("body") or "none"
+            seq = self.ingest.reject(node, msg, reason)
+            log.warning("rejected report %d (%s) from %s (%s): %s", msg.seq, body, node,
+                        context.peer(), reason)
+            audit.record(actor=node, action="agent_report", target=node, source=context.peer(),
+                         result="rejected", seq=msg.seq, kind=body, reason=reason)
+            return pb.Ack(seq=seq, rejected=[pb.Rejected(seq=msg.seq, reason=reason)])
+
         try:
             async for msg in request_iterator:
                 try:
-                    limits.check(msg)
                     if node is None:
+                        limits.check(msg)
                         await self._check_claim(context, msg, cert_names)
                         node = self.ingest.hello(msg)
+                        instance = msg.agent_instance
                         if self.metrics is not None:
                             self.metrics.agent_connected()
                         continue
-                    seq = self.ingest.handle(node, msg)
+                    violation = stream_violation(msg, node)
+                    if violation is not None:
+                        raise violation
+                    ack: pb.Ack
+                    try:
+                        limits.check(msg)
+                        ack = pb.Ack(seq=self.ingest.handle(node, msg))
+                    except (IngestError, limits.LimitError) as e:
+                        ack = reject(msg, node, e)
                 except (IngestError, limits.LimitError) as e:
                     if self.metrics is not None:
                         self.metrics.ingest_error("invalid")
@@ -100,7 +143,7 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                         self.metrics.ingest_error("store")
                     log.error("store failed on a report from %s: %s", node, e)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "controller store failed")
-                yield pb.ControllerMessage(ack=pb.Ack(seq=seq))
+                yield pb.ControllerMessage(ack=ack)
         finally:
             self.streams -= 1
             if node is not None:
@@ -139,14 +182,24 @@ class Controller:
         tls: ServerTls | None = None,
         elect: bool | None = None,
         recovery: RecoveryConfig | None = None,
+        munge_socket: str | None = None,
+        admin_group: str | None = DEFAULT_ADMIN_GROUP,
+        user_view_source: ViewSource | None = None,
     ) -> None:
         self.store = store
+        self._health: health.aio.HealthServicer | None = None
+        self._health_lock = asyncio.Lock()  # one health update at a time, latest state wins
         self.tls = tls
         dsn = getattr(store, "dsn", None)
         if elect is None:
             elect = isinstance(dsn, str) and dsn.startswith(("postgresql://", "postgres://"))
         self.leader = LeaderLock(dsn) if elect and isinstance(dsn, str) else None
         self._active = threading.Event()
+        # FleetUser (people: acct, jobs, placement, drain/resume): identity from MUNGE only,
+        # also when the agents' port is plaintext (--insecure)
+        self.user_servicer = FleetUserServicer(
+            store, slurm, Authenticator(munge_socket, admin_group),
+            active=self._active.is_set, view_source=user_view_source)
         self.actions = ActionQueue(store, slurm, shadow=shadow)
         self.metrics = metrics if metrics is not None else ControllerMetrics(
             nodes_by_health=self.nodes_by_health, queue_depth=self.actions.depth,
@@ -168,6 +221,8 @@ class Controller:
                                             metrics=self.metrics)
             self.policy.recovery = self.recovery
         self.ingest = Ingestor(store, self.actions, self.metrics, policy=self.policy)
+        # checkpoint registrations' MUNGE credentials are checked with the same munged
+        self.ingest.munge_socket = munge_socket  # type: ignore[attr-defined]
         self.metrics_listen = metrics_listen
         self.metrics_server: MetricsHttpServer | None = None
         self.listen = listen
@@ -188,10 +243,12 @@ class Controller:
         ])
         pb_grpc.add_FleetControllerServicer_to_server(
             FleetServicer(self.ingest, self.metrics, active=self._active.is_set), server)
+        pb_grpc.add_FleetUserServicer_to_server(self.user_servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (SERVICE_NAME, USER_SERVICE_NAME,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
             server,
         )
@@ -204,8 +261,10 @@ class Controller:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await server.start()
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        # NOT_SERVING while standby: load balancers and agents' health checks pick the
+        # active one. _become_active / _step_down update it from the leader thread.
+        self._health = health_servicer
+        await self._publish_health()
         self._server = server
         self._stopping = asyncio.Event()
         self._ready.set()
@@ -241,11 +300,35 @@ class Controller:
         if self.policy is not None:
             self.policy.start()
         self._active.set()
+        self._publish_health_soon()
 
     def _step_down(self) -> None:
         # the lock may already be someone else's: stop acting now, the service manager
         # restarts this process as a standby
+        self._publish_health_soon(serving=False)
         threading.Thread(target=self.stop, name="step-down", daemon=True).start()
+
+    async def _publish_health(self, serving: bool | None = None) -> None:
+        """gRPC health = whether this controller serves: SERVING when active, NOT_SERVING
+        as a standby (or stepping down). None: read the current state under the lock, so of
+        two racing updates the later one wins."""
+        if self._health is None:
+            return
+        async with self._health_lock:
+            on = self._active.is_set() if serving is None else serving
+            status = (health_pb2.HealthCheckResponse.SERVING if on
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", SERVICE_NAME, USER_SERVICE_NAME):
+                await self._health.set(name, status)
+
+    def _publish_health_soon(self, serving: bool | None = None) -> None:
+        """From another thread (the leader lock's): update health on the server's loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._health is None:
+            return  # not serving yet: _serve publishes the state it finds
+        # RuntimeError: the loop closed in between; nothing left to report to
+        with contextlib.suppress(RuntimeError):
+            asyncio.run_coroutine_threadsafe(self._publish_health(serving), loop)
 
     def start(self, timeout_s: float = 10.0, elect_wait_s: float = 2.0) -> int:
         """Start in the background; return the port it listens on. With a leader lock,

@@ -21,6 +21,7 @@ from gpufleet.scheduler.placement.engine import place
 from gpufleet.scheduler.placement.model import (
     ClusterView,
     NicAffinity,
+    NodeChoice,
     NodeView,
     Placement,
     PlacementError,
@@ -370,13 +371,45 @@ class LocalPlacementSource:
 
 @dataclass
 class GrpcPlacementSource:
-    """Asks the controller's `Place` RPC. Not wired yet: the RPC is not in the wire contract
-    (see docs/placement.md, "For maintainers"); until it is, every call is unavailable so
-    callers fall back exactly as when the controller is away."""
+    """Asks the controller's FleetUser.Place (MUNGE-authenticated; any user may ask).
+
+    TLS settings and the munged socket come from `env` (default: this process's
+    environment): GPUFLEET_TLS_CA / _CERT / _KEY or GPUFLEET_INSECURE, GPUFLEET_MUNGE_SOCKET.
+    Anything that stops an answer (controller away, slow, no munge here, refused) is
+    PlacementUnavailable, so `gpufleet sbatch` submits as plain sbatch with one warning; a
+    request the controller calls invalid is a PlacementError.
+    """
 
     address: str
     timeout_s: float = 2.0
+    env: Mapping[str, str] | None = None
 
     def place(self, request: PlacementRequest) -> Placement:
-        raise PlacementUnavailable(
-            f"controller {self.address}: the Place RPC is not in the wire contract yet")
+        import grpc
+        from gpufleet.rpc.v1 import fleet_pb2 as pb
+        from gpufleet.scheduler.user_client import UserClient, UserClientError, tls_from_env
+
+        msg = pb.PlaceRequest(partition=request.partition or "",
+                              constraints=list(request.constraints),
+                              exclude=sorted(request.exclude))
+        for name in ("nodes", "gpus_per_node", "total_gpus", "time_limit_min"):
+            value = getattr(request, name)
+            if value is not None:
+                setattr(msg, name, value)
+        # None: munge.socket_path reads GPUFLEET_MUNGE_SOCKET from this process's environment
+        sock = None if self.env is None else self.env.get("GPUFLEET_MUNGE_SOCKET")
+        try:
+            client = UserClient(self.address, tls_from_env(self.env), sock,
+                                timeout_s=self.timeout_s)
+            with client:
+                reply = client.place(msg)
+        except UserClientError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise PlacementError(str(e)) from e
+            raise PlacementUnavailable(str(e)) from e
+        return Placement(
+            ok=reply.ok, request=request,
+            nodes=[NodeChoice(n.node, n.leaf, tuple(n.gpus), n.nvlink_islands, n.nic_rank,
+                              n.free_gpus_left) for n in reply.nodes],
+            flags=list(reply.flags), score=reply.score, cost=dict(reply.cost),
+            explanation=list(reply.explanation), env=dict(reply.env))
