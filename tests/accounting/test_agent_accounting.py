@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -349,3 +350,21 @@ def test_proc_jobs_survive_a_restart_and_nvml_sim_lists_processes(tmp_path: Path
         assert again.jobs["31"].source == "proc"
     finally:
         backend.close()
+
+
+def test_hook_time_comes_from_the_wrapper_stamp_when_fresh(tmp_path: Path) -> None:
+    """The wrapper script stamps the time before Python starts (start-up makes the hook late
+    by 0.2-1 s); a stale or malformed stamp falls back to the clock."""
+    env = {"SLURM_JOB_ID": "78", "SLURM_JOB_GPUS": "0", "SLURMD_NODENAME": "n3"}
+    now = int(time.time() * 1000)
+    cases = {"fresh": str(now - 1500), "stale": str(now - 600_000), "garbage": "12ab"}
+    for i, (name, stamp) in enumerate(cases.items()):
+        job = str(80 + i)
+        r = CliRunner().invoke(main, ["prolog", "--state-dir", str(tmp_path)],
+                               env={**env, "SLURM_JOB_ID": job, "GPUFLEET_HOOK_TIME_MS": stamp})
+        assert r.exit_code == 0, r.output
+        got = json.loads((tmp_path / "jobs" / f"start-{job}.json").read_text())["time_ms"]
+        if name == "fresh":
+            assert got == now - 1500
+        else:
+            assert now <= got <= int(time.time() * 1000), (name, got)

@@ -193,3 +193,70 @@ def test_after_a_controller_restart_it_waits_a_full_quiet_period(tmp_path: Path)
 def test_bad_policy_config_names_the_key(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PolicyConfig(**{field: value}).validate()  # type: ignore[arg-type]
+
+
+def test_slurm_losing_a_degraded_weight_gets_it_back_once(cluster: Cluster) -> None:
+    """slurmctld forgets scontrol-set weights/features when it restarts: the policy puts them
+    back while it still holds the node degraded, and leaves healthy nodes alone."""
+    cluster.slurm.weight["n1"] = 7
+    cluster.verdict("n1", "degraded", "pcie_downtrained", check="pcie")
+    assert cluster.policy.reassert_degraded() == 0  # all in place: nothing queued
+    # slurmctld restarted: slurm.conf's weight back, the feature gone
+    cluster.slurm.weight["n1"] = 7
+    cluster.slurm.features["n1"] = ("gpu",)
+    assert cluster.policy.reassert_degraded() == 1
+    assert cluster.actions.wait_idle(5.0)
+    assert cluster.slurm.weight["n1"] == 1000
+    assert cluster.slurm.features["n1"] == ("gpu", "gf_degraded")
+    assert cluster.policy.reassert_degraded() == 0
+    kinds = [(a.action, a.status) for a in cluster.store.actions("n1")]
+    assert kinds == [("degrade", "done"), ("reassert", "done")]
+    # the original weight remembered at degrade time is still what a restore puts back
+    cluster.verdict("n1", "ok", check="pcie")
+    cluster.tick_after(QUIET_S + 1)
+    assert (cluster.slurm.weight["n1"], cluster.slurm.features["n1"]) == (7, ("gpu",))
+    assert cluster.policy.reassert_degraded() == 0  # not degraded any more
+    assert [n for n, _ in cluster.slurm.calls if n == "set_weight"] == ["set_weight"] * 3
+
+
+def test_reassert_waits_for_slurm_to_answer(cluster: Cluster) -> None:
+    cluster.verdict("n2", "degraded", "thermal", check="thermal")
+    cluster.slurm.weight["n2"] = 1
+    cluster.slurm.down = True
+    assert cluster.policy.reassert_degraded() == 0  # no error, tried next round
+    cluster.slurm.down = False
+    assert cluster.policy.reassert_degraded() == 1
+
+
+def test_the_same_fault_reported_again_does_not_drain_twice(cluster: Cluster) -> None:
+    """A restarted agent reports the fault again (its hello reset the node's verdicts): the
+    node is gpufleet's drained one already, so Slurm is not asked again."""
+    cluster.verdict("n1", "fatal", "xid48")
+    cluster.verdict("n1", "ok")  # the new agent's hello resets verdicts
+    cluster.verdict("n1", "fatal", "xid48")
+    drains = [(a.action, a.status) for a in cluster.store.actions("n1") if a.action == "drain"]
+    assert drains == [("drain", "done"), ("drain", "skipped")]
+    assert cluster.slurm.calls.count(("drain", "n1")) == 1
+    assert cluster.slurm.state["n1"][1].startswith("gpufleet:xid48")
+
+
+def test_in_shadow_mode_a_repeated_fault_is_recorded_once(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, shadow=True)
+    try:
+        c.verdict("n3", "fatal", "xid79")
+        c.verdict("n3", "ok")
+        c.verdict("n3", "fatal", "xid79")
+        assert [(a.action, a.status) for a in c.store.actions("n3")] == [("drain", "shadow")]
+    finally:
+        c.close()
+
+
+def test_a_node_resumed_behind_gpufleets_back_is_drained_on_a_new_fault(cluster: Cluster) -> None:
+    """An admin's `scontrol update state=resume` is not recorded by gpufleet: a new fault
+    after it must still drain (the drain-stands shortcut trusts only queued/shadow drains)."""
+    cluster.verdict("n2", "fatal", "xid79")
+    cluster.slurm.state["n2"] = ("IDLE", "")  # resumed with scontrol
+    cluster.verdict("n2", "ok")
+    cluster.verdict("n2", "fatal", "xid79")
+    assert "DRAIN" in cluster.slurm.state["n2"][0]
+    assert cluster.slurm.calls.count(("drain", "n2")) == 2

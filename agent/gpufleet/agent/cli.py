@@ -285,6 +285,19 @@ def health(state_dir: str, max_age_s: float) -> None:
         sys.exit(EXIT_UNHEALTHY)
 
 
+# The hook's shell wrapper stamps the time before Python starts: interpreter start-up and
+# imports take 0.2 s on an idle node and over 1 s on a busy one, too much for "to the second".
+HOOK_TIME_ENV = "GPUFLEET_HOOK_TIME_MS"
+HOOK_TIME_MAX_AGE_MS = 60_000  # an older stamp is not this hook's: use the clock
+
+
+def _hook_time_ms(stamp: str | None) -> int:
+    now = int(time.time() * 1000)
+    if stamp and stamp.isdigit() and 0 <= now - int(stamp) <= HOOK_TIME_MAX_AGE_MS:
+        return int(stamp)
+    return now
+
+
 def _job_hook(kind: str, state_dir: str) -> None:
     """Record a job's start/end for the agent. Exits 0 whatever happens: Slurm drains a node
     whose Prolog fails and fails the job whose Epilog does, and accounting is not worth that."""
@@ -296,7 +309,7 @@ def _job_hook(kind: str, state_dir: str) -> None:
     state_dir = state_dir.replace("{node}", node)  # several slurmd on one host (test labs)
     try:
         job = job_from_env(os.environ)
-        write_hook_file(state_dir, kind, job, int(time.time() * 1000))
+        write_hook_file(state_dir, kind, job, _hook_time_ms(os.environ.get(HOOK_TIME_ENV)))
     except (AccountingError, OSError) as e:
         click.echo(f"gpufleet-agent {'prolog' if kind == 'start' else 'epilog'}: job not "
                    f"accounted: {e}", err=True)

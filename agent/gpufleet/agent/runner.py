@@ -6,6 +6,7 @@ GPU library as a whole stops the agent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+XID_STATE_FILE = "xid_verdicts.json"  # STATE_DIR/...: sticky XID verdicts of this boot
 
 
 def _boot_id() -> str:
@@ -81,7 +84,15 @@ class Agent:
         self._health_lock = threading.Lock()
         self._last_cached: tuple[int, str] | None = None
         self._cache_written_ms = 0
-        self.accounting = Accountant(cfg.state_dir, self.node_name)
+        # the /proc safety net asks the backend which processes use each GPU (when it can)
+        self.accounting = Accountant(cfg.state_dir, self.node_name,
+                                     processes=getattr(backend, "compute_pids", None))
+        # XID verdicts are sticky for the life of the boot, not of this process: a restarted
+        # agent (crash, upgrade, rollout) must not report a node healthy that an Xid took
+        # out, or the controller would resume it after its quiet period. Restored verdicts
+        # go out with the first sample (not as new events: those were stored already).
+        self._xid_state_path = Path(cfg.state_dir) / XID_STATE_FILE
+        self._restored_verdicts = self._load_xid_verdicts()
 
     # ------------------------------------------------------------ collection
 
@@ -144,6 +155,9 @@ class Agent:
         host = self.host()
         with self._health_lock:
             changed = self.health.evaluate(gpus, now, ib_ports, host)
+            if self._restored_verdicts:
+                changed = [*self._restored_verdicts, *changed]
+                self._restored_verdicts = []
             current = tuple(self.health.current.values())
         msg = pb.NodeSample(
             timestamp_ms=now,
@@ -196,8 +210,49 @@ class Agent:
         )
         if event.gpu_index is not None:
             ev.gpu_index = event.gpu_index
+        self._save_xid_verdicts()
         self._write_health_cache()
         return ev
+
+    def _save_xid_verdicts(self) -> None:
+        with self._health_lock:
+            xids = [dataclasses.asdict(v) for k, v in self.health.current.items()
+                    if k[0] == "xid"]
+        doc = {"boot_id": _boot_id(), "verdicts": xids}
+        tmp = self._xid_state_path.with_suffix(".tmp")
+        try:
+            self._xid_state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self._xid_state_path)
+        except OSError as e:  # the verdict still goes out now; only a restart would forget it
+            log.error("cannot save XID verdicts to %s: %s", self._xid_state_path, e)
+
+    def _load_xid_verdicts(self) -> list[Verdict]:
+        """The XID verdicts an earlier agent process of this boot saved; [] after a reboot
+        (a rebooted GPU starts clean) or when there are none or the file is unreadable."""
+        try:
+            doc = json.loads(self._xid_state_path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            log.error("ignoring unreadable XID state %s: %s", self._xid_state_path, e)
+            return []
+        if not isinstance(doc, dict) or doc.get("boot_id") != _boot_id():
+            return []  # a reboot clears XIDs, as it clears the GPU
+        restored = []
+        for d in doc.get("verdicts") or []:
+            try:
+                v = Verdict(**{**d, "severity": Severity(d["severity"])})
+            except (TypeError, KeyError, ValueError) as e:
+                log.error("ignoring a bad XID verdict in %s: %s", self._xid_state_path, e)
+                continue
+            self.health.current[("xid", v.gpu_index)] = v
+            restored.append(v)
+        if restored:
+            log.warning("%s: keeping %d XID verdict(s) from before this agent restarted "
+                        "(same boot): %s", self.node_name, len(restored),
+                        "; ".join(v.evidence for v in restored))
+        return restored
 
     def _write_health_cache(self, force: bool = False) -> None:
         """The node's worst verdict, for `gpufleet-agent health` (Slurm's HealthCheckProgram)."""
@@ -226,12 +281,7 @@ class Agent:
 
     def on_checkpoint(self, reg: Registration) -> pb.CheckpointRegistered:
         """A job registered a checkpoint on the job socket: queue it for the controller."""
-        msg = pb.CheckpointRegistered(
-            job_id=reg.job_id, step=reg.step, path=reg.path, time_ms=reg.time_ms,
-            node=self.node_name, received_ms=reg.received_ms,
-        )
-        if reg.uid is not None:
-            msg.uid = reg.uid
+        msg = reg.message(self.node_name)  # with the job's MUNGE credential, if it made one
         self.outbox.put_checkpoint(msg)
         log.info("job %s checkpoint step %d at %s", reg.job_id, reg.step, reg.path)
         return msg

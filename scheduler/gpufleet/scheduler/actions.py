@@ -30,7 +30,7 @@ REASON_PREFIX = "gpufleet:"
 class Action:
     id: int
     node: str
-    kind: str  # "drain" | "resume" | "degrade" | "restore"
+    kind: str  # "drain" | "resume" | "degrade" | "restore" | "reassert"
     reason: str
     fault_ms: int | None
 
@@ -144,7 +144,7 @@ class ActionQueue:
         assert self.slurm is not None  # noqa: S101
         apply = {
             "drain": self._drain, "resume": self._resume,
-            "degrade": self._degrade, "restore": self._restore,
+            "degrade": self._degrade, "restore": self._restore, "reassert": self._reassert,
         }.get(a.kind)
         if apply is None:
             raise SlurmError(f"unknown action {a.kind!r}", transient=False)
@@ -154,6 +154,9 @@ class ActionQueue:
         if node.drained and not node.reason.startswith(REASON_PREFIX):
             # An admin (or NHC) drained it first: keep their reason, it says more to them.
             return "skipped", f"already drained by someone else: {node.reason!r}"
+        if node.drained:
+            # the same fault reported again (a restarted agent): keep the first reason
+            return "skipped", f"already drained by gpufleet: {node.reason!r}"
         slurm.drain(a.node, a.reason)
         return "done", f"was {node.state}"
 
@@ -184,6 +187,33 @@ class ActionQueue:
             slurm.set_features(a.node, (*node.features, feature))
             done.append(f"feature +{feature}")
         return "done", ", ".join(done) or "nothing to change"
+
+    def degraded_but_lost(self, node: SlurmNode) -> bool:
+        """gpufleet holds `node` degraded but Slurm no longer shows its weight or feature
+        (slurmctld drops weights and features set by scontrol when it restarts)."""
+        row = self.store.policy_state(node.name)
+        if row is None:
+            return False
+        weight_lost = row.original_weight is not None and self.degraded_weight is not None \
+            and node.weight != self.degraded_weight
+        feature_lost = bool(row.feature_added) and row.feature_added not in node.features
+        return weight_lost or feature_lost
+
+    def _reassert(self, a: Action, slurm: SlurmClient, node: SlurmNode) -> tuple[str, str]:
+        """Put back a degraded node's weight/feature that Slurm lost; the original weight
+        remembered at degrade time stays the one a restore puts back."""
+        row = self.store.policy_state(a.node)
+        if row is None:
+            return "skipped", "not degraded any more"
+        done = []
+        if row.original_weight is not None and self.degraded_weight is not None \
+                and node.weight != self.degraded_weight:
+            slurm.set_weight(a.node, self.degraded_weight)
+            done.append(f"weight {node.weight} -> {self.degraded_weight}")
+        if row.feature_added and row.feature_added not in node.features:
+            slurm.set_features(a.node, (*node.features, row.feature_added))
+            done.append(f"feature +{row.feature_added}")
+        return ("done", ", ".join(done)) if done else ("skipped", "still in place")
 
     def _restore(self, a: Action, slurm: SlurmClient, node: SlurmNode) -> tuple[str, str]:
         row = self.store.policy_state(a.node)

@@ -25,7 +25,7 @@ DEFAULT_DB = "/var/lib/gpufleet/state.db"
 # and `slurm` from the same file)
 CONFIG_KEYS = {
     "listen", "db", "slurm", "slurm_rest_socket", "slurm_rest_url", "slurm_jwt_file", "shadow",
-    "resume_quiet_s", "unreachable_after_s",
+    "resume_quiet_s", "unreachable_after_s", "reassert_s",
     "drain_unreachable", "degraded_weight", "degraded_feature", "metrics_listen",
     "tls_ca", "tls_cert", "tls_key", "insecure",
     "recover", "recovery_grace_s", "recovery_max_restarts", "recovery_signal",
@@ -149,6 +149,14 @@ def main() -> None:
     show_default=True,
     help="a node silent this long is 'unreachable' (alerted, not drained)",
 )
+@click.option(
+    "--reassert-s",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="how often degraded nodes' weight/feature are checked in Slurm and put back if "
+         "lost (slurmctld forgets them when it restarts)",
+)
 @click.option("--drain-unreachable", is_flag=True, help="also drain unreachable nodes")
 @click.option(
     "--degraded-weight",
@@ -202,7 +210,8 @@ def main() -> None:
 def controller(
     listen: str, db: str, slurm: str, slurm_rest_socket: str | None, slurm_rest_url: str | None,
     slurm_jwt_file: str | None, shadow: bool, resume_quiet_s: float,
-    unreachable_after_s: float, drain_unreachable: bool, degraded_weight: int,
+    unreachable_after_s: float, reassert_s: float, drain_unreachable: bool,
+    degraded_weight: int,
     degraded_feature: str, metrics_listen: str, tls_ca: str | None, tls_cert: str | None,
     tls_key: str | None, insecure: bool, recover: bool, recovery_grace_s: float,
     recovery_max_restarts: int, recovery_signal: str, munge_socket: str, admin_group: str,
@@ -232,7 +241,7 @@ def controller(
         policy = PolicyConfig(
             resume_quiet_s=resume_quiet_s, unreachable_after_s=unreachable_after_s,
             drain_unreachable=drain_unreachable, degraded_weight=degraded_weight,
-            degraded_feature=degraded_feature,
+            degraded_feature=degraded_feature, reassert_s=reassert_s,
         ).validate()
     except ValueError as e:
         raise click.UsageError(str(e)) from e

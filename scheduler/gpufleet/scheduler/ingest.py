@@ -158,9 +158,14 @@ class Ingestor:
             self.metrics.report_rejected(msg.WhichOneof("body") or "none")
         if msg.seq <= state.last_seq:
             return msg.seq  # rejected before (or below what is stored): nothing to move
-        now = now_ms()
-        self.store.touch_node(node, state.instance, msg.seq, now)
-        state.last_seq, state.seen_ms, state.dirty = msg.seq, now, False
+        # the sequence number moves, the last-seen time does not: a node whose every report
+        # is refused (a clock days ahead, a broken agent) must still go unreachable
+        seen = state.seen_ms
+        if not seen:
+            row = self.store.node(node)
+            seen = row.last_seen_ms if row is not None else now_ms()
+        self.store.touch_node(node, state.instance, msg.seq, seen)
+        state.last_seq, state.seen_ms, state.dirty = msg.seq, seen, False
         log.debug("node %s: report %d consumed as rejected: %s", node, msg.seq, reason)
         return msg.seq
 

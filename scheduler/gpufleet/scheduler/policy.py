@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gpufleet.scheduler.actions import REASON_PREFIX, ActionQueue
+from gpufleet.scheduler.slurm import SlurmError
 from gpufleet.scheduler.store import StateStore, now_ms
 
 if TYPE_CHECKING:
@@ -41,10 +42,15 @@ class PolicyConfig:
     unreachable_after_s: float = 30.0  # no report for this long: unreachable
     drain_unreachable: bool = False  # also drain on silence alone
     tick_s: float = 1.0
+    # how often Slurm is read back for the degraded nodes' weight/feature, which slurmctld
+    # forgets when it restarts (one `sinfo --json`, only while some node is degraded)
+    reassert_s: float = 30.0
 
     def validate(self) -> PolicyConfig:
         if self.resume_quiet_s < 0:
             raise ValueError(f"resume_quiet_s={self.resume_quiet_s}: must be >= 0")
+        if self.reassert_s <= 0:
+            raise ValueError(f"reassert_s={self.reassert_s}: must be > 0")
         if self.unreachable_after_s <= 0:
             raise ValueError(f"unreachable_after_s={self.unreachable_after_s}: must be > 0")
         if self.degraded_weight is not None and not 0 <= self.degraded_weight <= 2**31 - 2:
@@ -78,6 +84,7 @@ class HealthPolicy:
                 self._to_undo.add(a.node)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reassert_thread: threading.Thread | None = None
         # set by the controller when job recovery is on: fatal nodes get their jobs requeued
         self.recovery: RecoveryManager | None = None
 
@@ -96,6 +103,12 @@ class HealthPolicy:
             else:
                 self._healthy_since_ms.pop(node, None)
         if after == "fatal":
+            if self._drain_stands(node):
+                # e.g. a restarted agent reports the same fault afresh (its hello reset the
+                # node's verdicts): the node is gpufleet's drained one already
+                log.info("node %s fatal again (%s): gpufleet's drain still stands", node,
+                         evidence)
+                return
             reason = f"{REASON_PREFIX}{reason_code} {evidence}".strip()
             if self.actions.submit(node, "drain", reason, fault_ms) is not None:
                 log.warning("node %s fatal: %s -> drain", node, evidence)
@@ -107,6 +120,14 @@ class HealthPolicy:
             if self.actions.submit(node, "degrade", reason, fault_ms) is not None:
                 log.warning("node %s degraded: %s -> weight/feature", node, evidence)
             self._mark_undo(node)
+
+    def _drain_stands(self, node: str) -> bool:
+        """gpufleet's last drain/resume of `node` is a drain still queued or recorded in shadow
+        mode. One that reached Slurm ("done") is not trusted here: an admin may have resumed
+        the node with scontrol since; ActionQueue reads Slurm and skips a standing drain."""
+        last = next((a for a in reversed(self.store.actions(node))
+                     if a.actor == "policy" and a.action in ("drain", "resume")), None)
+        return last is not None and last.action == "drain" and last.status in ("queued", "shadow")
 
     def _mark_undo(self, node: str) -> None:
         with self._lock:
@@ -155,9 +176,12 @@ class HealthPolicy:
         if self.store.policy_state(node) is not None:
             self.actions.submit(node, "restore", "healthy again", None)
             undone = False  # come back next tick to check the restore went through
+        # a skipped drain changed nothing in Slurm (someone else's drain, or gpufleet's own
+        # standing one): what counts is the last drain or resume that did something
         last = next(
             (a for a in reversed(self.store.actions(node))
-             if a.actor == "policy" and a.action in ("drain", "resume")),
+             if a.actor == "policy" and a.action in ("drain", "resume")
+             and not (a.action == "drain" and a.status == "skipped")),
             None,
         )
         if last is not None and last.action == "drain" and last.status == "done":
@@ -170,14 +194,53 @@ class HealthPolicy:
             with self._lock:
                 self._to_undo.discard(node)
 
+    def reassert_degraded(self) -> int:
+        """Queue a `reassert` for every node gpufleet holds degraded whose weight or feature
+        Slurm lost; returns how many. Runs on its own thread: `sinfo` can take its whole
+        timeout while slurmctld is away, and liveness ticks must not wait for it."""
+        slurm = self.actions.slurm
+        if slurm is None or self.actions.shadow:
+            return 0
+        with self._lock:
+            degraded = [n for n in self._to_undo if self.store.policy_state(n) is not None]
+        if not degraded:
+            return 0
+        try:
+            shown = slurm.nodes()
+        except SlurmError as e:
+            log.debug("degraded nodes not checked in Slurm this round: %s", e)
+            return 0
+        queued = 0
+        for name in degraded:
+            node = shown.get(name)
+            if node is None or not self.actions.degraded_but_lost(node):
+                continue
+            if self.actions.submit(name, "reassert",
+                                   "Slurm lost gpufleet's degraded weight/feature", None):
+                log.warning("node %s: Slurm lost its degraded weight/feature (slurmctld "
+                            "restarted?): putting them back", name)
+                queued += 1
+        return queued
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="health-policy", daemon=True)
         self._thread.start()
+        self._reassert_thread = threading.Thread(target=self._run_reassert,
+                                                 name="policy-reassert", daemon=True)
+        self._reassert_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        for t in (self._thread, self._reassert_thread):
+            if t is not None:
+                t.join(timeout=5.0)
+
+    def _run_reassert(self) -> None:
+        while not self._stop.wait(self.config.reassert_s):
+            try:
+                self.reassert_degraded()
+            except Exception:  # like tick: the loop must outlive one bad round
+                log.exception("checking degraded nodes in Slurm failed")
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.tick_s):
