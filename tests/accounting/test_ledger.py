@@ -44,9 +44,9 @@ def _agent_run(state: Path, jobs: list[tuple[str, list[int], str, int, int]],
             [GpuSample(index=g, energy_mj=e, utilization_gpu_pct=util[g])
              for g, e in energy.items()], now)
         if rows:
-            seq = box._put(pb.AgentMessage(usage=acc.report(rows)))
+            seq = box.put_usage(acc.report(rows))
             acc.queued(rows, seq)
-    return list(box._pending)
+    return box.pending_messages()
 
 
 JOBS = [("101", [0, 1], "phys", 0, 150), ("102", [2, 3, 4], "chem", 10, 200),

@@ -57,7 +57,8 @@ def parse_since(text: str, now: float | None = None) -> int:
     return ms
 
 
-def drain(store: StateStore, slurm: SlurmClient, node: str, reason: str, actor: str) -> str:
+def drain(store: StateStore, slurm: SlurmClient, node: str, reason: str, actor: str,
+          source: str | None = None) -> str:
     """Drain by hand. The reason is the admin's own words: the policy never lifts it."""
     _check(node)
     reason = reason.strip()
@@ -65,10 +66,11 @@ def drain(store: StateStore, slurm: SlurmClient, node: str, reason: str, actor: 
         raise AdminError("--reason is empty: say why the node is drained")
     if len(reason) > 200:
         raise AdminError(f"--reason is {len(reason)} characters: keep it under 200")
-    return _act(store, node, "drain", reason, actor, lambda: slurm.drain(node, reason))
+    return _act(store, node, "drain", reason, actor, lambda: slurm.drain(node, reason), source)
 
 
-def resume(store: StateStore, slurm: SlurmClient, node: str, actor: str) -> str:
+def resume(store: StateStore, slurm: SlurmClient, node: str, actor: str,
+           source: str | None = None) -> str:
     """Resume by hand, whoever drained it: the admin decides."""
     _check(node)
     try:
@@ -78,7 +80,8 @@ def resume(store: StateStore, slurm: SlurmClient, node: str, actor: str) -> str:
     if not before.drained:
         raise AdminError(f"{node} is not drained ({before.state}); nothing to resume")
     detail = f"was {before.state} reason {before.reason!r}"
-    return _act(store, node, "resume", f"by hand ({detail})", actor, lambda: slurm.resume(node))
+    return _act(store, node, "resume", f"by hand ({detail})", actor, lambda: slurm.resume(node),
+                source)
 
 
 def _check(node: str) -> None:
@@ -89,10 +92,12 @@ def _check(node: str) -> None:
 
 
 def _act(
-    store: StateStore, node: str, kind: str, reason: str, actor: str, call: Callable[[], None]
+    store: StateStore, node: str, kind: str, reason: str, actor: str, call: Callable[[], None],
+    source: str | None = None,
 ) -> str:
+    """`source`: where the admin is (a gRPC peer); None: this host's command line."""
     action_id = store.add_action(node, kind, reason, actor, "queued", None, now_ms())
-    source = f"cli@{socket.gethostname()}"
+    source = source or f"cli@{socket.gethostname()}"
     try:
         call()
     except SlurmError as e:

@@ -570,6 +570,9 @@ def _register_command_groups() -> None:
     main.add_command(place_cmd)
     main.add_command(sbatch_cmd)
     main.add_command(jobs)
+    from gpufleet.scheduler.cli_acct_reconcile import reconcile
+
+    acct.add_command(reconcile)  # `gpufleet acct reconcile`: against sacct
     main.add_command(acct)
 
 

@@ -91,7 +91,7 @@ def _total(rows: list[UsageTotal]) -> UsageTotal:
                       sum(r.energy_mj for r in rows), sum(r.lost_ms for r in rows))
 
 
-@click.command("acct")
+@click.group("acct", invoke_without_command=True)
 @click.option("--db", default=DEFAULT_DB, show_default=True, envvar="GPUFLEET_DB",
               help="state store: a SQLite file, or postgresql://USER@HOST/DB")
 @click.option("-u", "--user", "users", help="only these users (comma-separated)")
@@ -105,13 +105,17 @@ def _total(rows: list[UsageTotal]) -> UsageTotal:
 @click.option("--json", "as_json", is_flag=True, help="JSON: rows and totals")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV, a TOTAL row last")
 @controller_options
-def acct(db: str, users: str | None, accounts: str | None, jobs: str | None,
+@click.pass_context
+def acct(ctx: click.Context, db: str, users: str | None, accounts: str | None, jobs: str | None,
          start: str | None, end: str | None, group_by: str, clip: bool, as_json: bool,
          as_csv: bool, controller: str | None, tls_ca: str | None, tls_cert: str | None,
          tls_key: str | None, insecure: bool, munge_socket: str | None) -> None:
     """GPU-seconds allocated and busy, energy and time lost to failures, like sacct.
 
-    With --controller a plain user sees only their own usage (no -u: yourself)."""
+    With --controller a plain user sees only their own usage (no -u: yourself).
+    `gpufleet acct reconcile --help`: compare with Slurm's own accounting (sacct)."""
+    if ctx.invoked_subcommand is not None:
+        return  # the subcommand has its own options
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
     job_ids = _split(jobs, "-j/--jobs", _JOB_ID, "Slurm job id")

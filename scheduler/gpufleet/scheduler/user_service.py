@@ -338,7 +338,8 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         peer = context.peer()
         for node in nodes:
             try:
-                changed = await asyncio.to_thread(self._act_one, method, node, reason, c.user)
+                changed = await asyncio.to_thread(self._act_one, method, node, reason, c.user,
+                                                  peer)
             except (admin.AdminError, StoreError) as e:
                 audit.record(c.user, f"user.{method}", node, peer, "failed", error=str(e),
                              reason=reason or None, done_before=list(reply.changed) or None)
@@ -346,12 +347,13 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
                 done = f"; done before it: {', '.join(reply.changed)}" if reply.changed else ""
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"{method.lower()} {node} failed: {e}{done}")
-            audit.record(c.user, f"user.{method}", node, peer,
-                         "done" if changed else "unchanged", reason=reason or None)
+            if not changed:  # a change is audited by admin.py, with this peer as source
+                audit.record(c.user, f"user.{method}", node, peer, "unchanged",
+                             reason=reason or None)
             (reply.changed if changed else reply.unchanged).append(node)
         return reply
 
-    def _act_one(self, method: str, node: str, reason: str, actor: str) -> bool:
+    def _act_one(self, method: str, node: str, reason: str, actor: str, peer: str) -> bool:
         """True when the node changed; False when it already was in that state."""
         if self.slurm is None:  # checked by the caller; kept for the type checker
             raise admin.AdminError("this controller runs without Slurm")
@@ -362,11 +364,11 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         if method == "Drain":
             if before.drained:
                 return False
-            admin.drain(self.store, self.slurm, node, reason, actor)
+            admin.drain(self.store, self.slurm, node, reason, actor, source=peer)
             return True
         if not before.drained:
             return False
-        admin.resume(self.store, self.slurm, node, actor)
+        admin.resume(self.store, self.slurm, node, actor, source=peer)
         return True
 
 

@@ -1680,7 +1680,7 @@ class NodeActionRequest(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """drain: required, shown in Slurm as "gpufleet: <reason>" """
+    """drain: required, kept verbatim as Slurm's reason (an admin's"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Slurm NodeNames (the client expands hostlists)"""
