@@ -59,6 +59,18 @@ def parse_time(text: str, option: str, now: datetime | None = None) -> int:
     return int(dt.timestamp() * 1000)
 
 
+def parse_window(start: str | None, end: str | None, have_jobs: bool
+                 ) -> tuple[int | None, int | None]:
+    """-S/-E in ms as sacct reads them: the default window is the last day; with -j, all time."""
+    since = parse_time(start, "-S/--starttime") if start else (
+        None if have_jobs else parse_time("now-1day", "-S"))
+    until = parse_time(end, "-E/--endtime") if end else None
+    if since is not None and until is not None and until <= since:
+        raise click.BadParameter(f"{end!r} is not after the start {start!r}",
+                                 param_hint="-E/--endtime")
+    return since, until
+
+
 def _split(value: str | None, option: str, pattern: re.Pattern[str], what: str
            ) -> tuple[str, ...]:
     if not value:
@@ -119,13 +131,7 @@ def acct(ctx: click.Context, db: str, users: str | None, accounts: str | None, j
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
     job_ids = _split(jobs, "-j/--jobs", _JOB_ID, "Slurm job id")
-    # sacct's default window is today; with -j it is every time
-    since = parse_time(start, "-S/--starttime") if start else (
-        None if job_ids else parse_time("now-1day", "-S"))
-    until = parse_time(end, "-E/--endtime") if end else None
-    if since is not None and until is not None and until <= since:
-        raise click.BadParameter(f"{end!r} is not after the start {start!r}",
-                                 param_hint="-E/--endtime")
+    since, until = parse_window(start, end, bool(job_ids))
     q = UsageQuery(users=_split(users, "-u/--user", _NAME, "user name"),
                    accounts=_split(accounts, "-A/--account", _NAME, "account name"),
                    jobs=job_ids, since_ms=since, until_ms=until, group_by=group_by)

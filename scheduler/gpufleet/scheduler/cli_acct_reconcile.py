@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 import click
-from gpufleet.scheduler.cli_acct import DEFAULT_DB, parse_time
+from gpufleet.scheduler.cli_acct import DEFAULT_DB, parse_window
 from gpufleet.scheduler.sacct import (
     BAD_STATUSES,
     Reconciled,
@@ -170,12 +170,7 @@ def _window(jobs: str | None, start: str | None, end: str | None
     for j in job_ids:
         if not _JOB_ID.match(j):
             raise click.BadParameter(f"{j!r} is not a Slurm job id", param_hint="-j/--jobs")
-    since = parse_time(start, "-S/--starttime") if start else (
-        None if job_ids else parse_time("now-1day", "-S"))
-    until = parse_time(end, "-E/--endtime") if end else None
-    if since is not None and until is not None and until <= since:
-        raise click.BadParameter(f"{end!r} is not after the start {start!r}",
-                                 param_hint="-E/--endtime")
+    since, until = parse_window(start, end, bool(job_ids))
     return job_ids, since, until
 
 
