@@ -236,6 +236,28 @@ def test_events_newest_last_filtered_and_limited(store_backend: Backend) -> None
         s.events(limit=-1)
 
 
+def test_an_event_replayed_in_the_same_report_is_stored_once(store_backend: Backend) -> None:
+    """A controller that crashed after storing an event but before recording the node's
+    last sequence number gets the report again: the event must not be stored twice."""
+    s = store_backend.open()
+    first = s.add_event("n1", 100, "xid", "fatal", "xid79", "GPU 3", 3, 79, 101,
+                        report=("inst-a", 7))
+    assert first is not None
+    assert s.add_event("n1", 100, "xid", "fatal", "xid79", "GPU 3", 3, 79, 150,
+                       report=("inst-a", 7)) is None
+    # another report, another agent process or another node: new events
+    assert s.add_event("n1", 100, "xid", "fatal", "xid79", "GPU 3", 3, 79, 151,
+                       report=("inst-a", 8)) is not None
+    assert s.add_event("n1", 100, "xid", "fatal", "xid79", "GPU 3", 3, 79, 152,
+                       report=("inst-b", 7)) is not None
+    assert s.add_event("n2", 100, "xid", "fatal", "xid79", "GPU 3", 3, 79, 153,
+                       report=("inst-a", 7)) is not None
+    # without a report (events from before migration 8, tools): never deduplicated
+    assert s.add_event("n1", 100, "xid", "fatal", "xid79", "GPU 3", 3, 79, 154) is not None
+    assert s.add_event("n1", 100, "xid", "fatal", "xid79", "GPU 3", 3, 79, 155) is not None
+    assert [e.received_ms for e in s.events("n1")] == [101, 151, 152, 154, 155]
+
+
 def test_reachability_changes_once_and_keeps_when_it_went_silent(store_backend: Backend) -> None:
     s = store_backend.open()
     s.upsert_node("n1", "h", 8, b"", "a", 1)
@@ -407,10 +429,14 @@ def test_migration_7_rolls_up_a_version_6_ledger_without_losing_anything(
     for t in (*new_tables, "acct_lost"):
         store_backend.raw(f"DROP TABLE {t}")
     store_backend.raw("DROP INDEX acct_jobs_end")
-    store_backend.raw("DELETE FROM schema_version WHERE version = 7")
+    # later migrations undone too (the store applies what is above its highest version)
+    store_backend.raw("DROP INDEX events_report")  # 8
+    store_backend.raw("ALTER TABLE events DROP COLUMN seq")
+    store_backend.raw("ALTER TABLE events DROP COLUMN agent_instance")
+    store_backend.raw("DELETE FROM schema_version WHERE version >= 7")
 
     s = store_backend.open()
-    assert s.schema_version() == 7
+    assert s.schema_version() == len(MIGRATIONS)  # 7 put back, later ones kept
     for t in old_tables:
         assert sorted(map(tuple, store_backend.raw(f"SELECT * FROM {t}"))) == before[t], t  # noqa: S608
     for t in new_tables:

@@ -129,7 +129,7 @@ class Ingestor:
                 self._verdict(node, v)
             self._counted("sample", msg.sample.timestamp_ms)
         elif body == "event":
-            self._event(node, msg.event, now)
+            self._event(node, msg.event, now, (msg.agent_instance, msg.seq))
         elif body == "checkpoint":
             self._checkpoint(node, msg.checkpoint, now)
         elif body == "usage":
@@ -169,13 +169,19 @@ class Ingestor:
         log.debug("node %s: report %d consumed as rejected: %s", node, msg.seq, reason)
         return msg.seq
 
-    def _event(self, node: str, ev: pb.HealthEvent, now: int) -> None:
+    def _event(self, node: str, ev: pb.HealthEvent, now: int, report: tuple[str, int]) -> None:
         v = ev.verdict
-        self.store.add_event(
+        stored = self.store.add_event(
             node, ev.timestamp_ms, pb.EventKind.Name(ev.kind), _severity(v.severity),
             v.reason_code, v.evidence, ev.gpu_index if ev.HasField("gpu_index") else None,
-            ev.xid if ev.HasField("xid") else None, now,
+            ev.xid if ev.HasField("xid") else None, now, report=report,
         )
+        if stored is None:
+            # stored before a crash that lost the node's last sequence number: the verdict
+            # below is idempotent, the event and its counters are not
+            self.counters.duplicates += 1
+            self._verdict(node, v)
+            return
         self.counters.events += 1
         if self.metrics is not None and ev.kind == pb.EVENT_KIND_XID:
             self.metrics.xid_event(node)

@@ -143,7 +143,8 @@ class StateStore(Protocol):
     def add_event(
         self, node: str, ts_ms: int, kind: str, severity: str, reason_code: str, evidence: str,
         gpu_index: int | None, xid: int | None, now_ms: int,
-    ) -> int: ...
+        report: tuple[str, int] | None = None,
+    ) -> int | None: ...
 
     def events(
         self, node: str | None = None, since_ms: int = 0, limit: int = 1000
@@ -388,14 +389,20 @@ class SqlStore(AcctStoreMixin):
     def add_event(
         self, node: str, ts_ms: int, kind: str, severity: str, reason_code: str, evidence: str,
         gpu_index: int | None, xid: int | None, now_ms: int,
-    ) -> int:
+        report: tuple[str, int] | None = None,
+    ) -> int | None:
+        """Store one event; its id. `report` (agent instance, sequence number): the report it
+        came in; None when that report's event is stored already (a replay)."""
+        instance, seq = report if report is not None else (None, None)
         with self._tx() as db:
             row = db.execute(
                 "INSERT INTO events (node, ts_ms, received_ms, kind, severity, reason_code, "
-                "evidence, gpu_index, xid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (node, ts_ms, now_ms, kind, severity, reason_code, evidence, gpu_index, xid),
+                "evidence, gpu_index, xid, agent_instance, seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                (node, ts_ms, now_ms, kind, severity, reason_code, evidence, gpu_index, xid,
+                 instance, seq),
             ).fetchone()
-            return int(row[0])
+            return int(row[0]) if row is not None else None
 
     def events(
         self, node: str | None = None, since_ms: int = 0, limit: int = 1000

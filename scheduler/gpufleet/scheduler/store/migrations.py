@@ -259,6 +259,15 @@ MIGRATIONS: list[str] = [
     # totals by start and by end day per account and per user, usage per day, lost-time
     # charges by recovery; back-filled from a version 6 store's acct_jobs and acct_minute
     _acct_rollups("INTEGER"),
+    # 8: each health event remembers the report it came in (agent instance + sequence
+    # number), unique per node: a report replayed after a controller crash between storing
+    # the event and recording the node's last sequence number cannot store it twice.
+    # Events from before carry NULLs (NULLs never collide in a unique index).
+    """
+    ALTER TABLE events ADD COLUMN agent_instance TEXT;
+    ALTER TABLE events ADD COLUMN seq INTEGER;
+    CREATE UNIQUE INDEX events_report ON events(node, agent_instance, seq)
+    """,
 ]
 
 # PostgreSQL: BIGINT for millisecond times (past 2038 and past 2^31 ids), BYTEA, identity ids.
@@ -414,6 +423,12 @@ PG_MIGRATIONS: list[str] = [
     """,
     # 7: accounting rollups (see MIGRATIONS[6])
     _acct_rollups("BIGINT"),
+    # 8: events keyed by their report (see MIGRATIONS[7])
+    """
+    ALTER TABLE events ADD COLUMN agent_instance TEXT;
+    ALTER TABLE events ADD COLUMN seq BIGINT;
+    CREATE UNIQUE INDEX events_report ON events(node, agent_instance, seq)
+    """,
 ]
 
 if len(MIGRATIONS) != len(PG_MIGRATIONS):  # pragma: no cover - caught by any test run
