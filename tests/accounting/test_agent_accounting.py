@@ -152,11 +152,11 @@ def test_ended_job_is_kept_until_its_final_report_is_acked(tmp_path: Path) -> No
     write_hook_file(tmp_path, "end", _job("3", ["0"]), node.t_ms + 2000)
     rows = _step(acc, node, 3000)
     acc.queued(rows, seq=2)
-    assert "3" in acc.jobs
+    assert ("3", 0) in acc.jobs
     again = Accountant(tmp_path, "n1").on_sample(node.samples(), node.t_ms)
     assert [r.phase for r in again] == [pb.JOB_PHASE_ENDED]  # resent after a restart
     acc.on_sample(node.samples(), node.t_ms + 1000, acked_seq=2)
-    assert "3" not in acc.jobs
+    assert ("3", 0) not in acc.jobs
     assert json.loads((tmp_path / "accounting.json").read_text())["jobs"] == []
 
 
@@ -175,11 +175,13 @@ def test_gpu_lists_and_environment() -> None:
 
 def test_prolog_and_epilog_never_fail_the_job(tmp_path: Path) -> None:
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_GPUS": "0,1", "SLURM_JOB_USER": "alice",
-           "SLURM_JOB_ACCOUNT": "phys", "SLURMD_NODENAME": "n3"}
+           "SLURM_JOB_ACCOUNT": "phys", "SLURMD_NODENAME": "n3", "SLURM_JOB_RESTART_COUNT": "2"}
     r = CliRunner().invoke(main, ["prolog", "--state-dir", str(tmp_path / "{node}")], env=env)
     assert r.exit_code == 0, r.output
-    doc = json.loads((tmp_path / "n3" / "jobs" / "start-77.json").read_text())
+    # one file per run: named by Slurm's restart count (the run)
+    doc = json.loads((tmp_path / "n3" / "jobs" / "start-77.r2.json").read_text())
     assert doc["gpus"] == ["0", "1"] and doc["user"] == "alice" and doc["kind"] == "start"
+    assert doc["restart_count"] == 2
     blocker = tmp_path / "file"
     blocker.write_text("")  # state dir under a file: cannot be created
     r = CliRunner().invoke(main, ["epilog", "--state-dir", str(blocker / "x")], env=env)
@@ -250,8 +252,9 @@ def test_unhooked_job_is_attributed_from_proc_first_to_last_seen(tmp_path: Path)
     # ended only after PROC_END_GRACE_MS without a sighting, and reported once as ended
     ended_at = [i for i, r in enumerate(rows) if r.job_id == "4242" and r.end_ms]
     assert len(ended_at) == 2
-    assert ("4242", 2) not in final and "999" not in acc.jobs  # other users' processes: no job
-    assert acc.jobs["11"].use[3].energy_mj == 100 * 299_000  # the hooked job is untouched
+    # other users' processes: no job
+    assert ("4242", 2) not in final and all(j != "999" for j, _run in acc.jobs)
+    assert acc.jobs["11", 0].use[3].energy_mj == 100 * 299_000  # the hooked job is untouched
 
 
 def test_hook_arriving_later_wins_without_double_counting(tmp_path: Path) -> None:
@@ -264,12 +267,12 @@ def test_hook_arriving_later_wins_without_double_counting(tmp_path: Path) -> Non
     rows = _step(acc, node, 0)
     for _ in range(30):
         rows += _step(acc, node)
-    assert acc.jobs["4243"].source == "proc"
+    assert acc.jobs["4243", 0].source == "proc"
     # the prolog's file turns up late; the job really started 5 s before it was first seen
     write_hook_file(acc.state_dir, "start", _job("4243", ["0"], "alice", "phys"), T0 - 5000)
     for _ in range(30):
         rows += _step(acc, node)
-    assert acc.jobs["4243"].source == "hook"
+    assert acc.jobs["4243", 0].source == "hook"
     write_hook_file(acc.state_dir, "end", _job("4243", ["0"]), node.t_ms)
     rows += _step(acc, node, 0)
     mine = [r for r in rows if r.job_id == "4243"]
@@ -283,7 +286,7 @@ def test_hook_arriving_later_wins_without_double_counting(tmp_path: Path) -> Non
         assert b.as_of_ms >= a.as_of_ms and b.energy_mj >= a.energy_mj and b.busy_ms >= a.busy_ms
     # the epilog's end is exact too; after it, the job's stragglers start nothing new
     acc.on_sample(node.samples(), node.t_ms + 10_000)
-    assert acc.jobs["4243"].end_ms == T0 + 60_000
+    assert acc.jobs["4243", 0].end_ms == T0 + 60_000
 
 
 def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_path: Path
@@ -347,7 +350,7 @@ def test_proc_jobs_survive_a_restart_and_nvml_sim_lists_processes(tmp_path: Path
                            proc_root=str(tmp_path / "proc"))
         resent = again.on_sample(node.samples(), node.t_ms + 1000)
         assert [(r.job_id, r.gpu_index, r.start_ms) for r in resent] == [("31", 1, T0)]
-        assert again.jobs["31"].source == "proc"
+        assert again.jobs["31", 0].source == "proc"
     finally:
         backend.close()
 
@@ -363,7 +366,8 @@ def test_hook_time_comes_from_the_wrapper_stamp_when_fresh(tmp_path: Path) -> No
         r = CliRunner().invoke(main, ["prolog", "--state-dir", str(tmp_path)],
                                env={**env, "SLURM_JOB_ID": job, "GPUFLEET_HOOK_TIME_MS": stamp})
         assert r.exit_code == 0, r.output
-        got = json.loads((tmp_path / "jobs" / f"start-{job}.json").read_text())["time_ms"]
+        (path,) = (tmp_path / "jobs").glob(f"start-{job}.*.json")
+        got = json.loads(path.read_text())["time_ms"]
         if name == "fresh":
             assert got == now - 1500
         else:

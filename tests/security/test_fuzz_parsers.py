@@ -242,7 +242,10 @@ def test_fuzz_topology_conf(report_figure: Report) -> None:
 json_leaf = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
     st.text(max_size=12), st.sampled_from(["", "n[1-", "n[1-3]", "IDLE", "(null)", "RUNNING"]),
-    st.just([]), st.just({}), st.just([{}]), st.just({"status": "x"}))
+    # fresh containers each draw (st.just would hand out one shared object, which a later
+    # mutation edits in place: hypothesis then sees different draws on replay and fails)
+    st.builds(list), st.builds(dict), st.builds(lambda: [{}]),
+    st.builds(lambda: {"status": "x"}))
 
 
 def _slots(node: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:

@@ -4,8 +4,9 @@ How a job becomes known (design):
 
 * Slurm's Prolog runs ``gpufleet-agent prolog`` and its Epilog ``gpufleet-agent epilog``. Each
   writes ONE small JSON file, atomically (write + fsync + rename), into ``STATE_DIR/jobs/``:
-  ``start-<job>.json`` / ``end-<job>.json`` with the job id, its GPUs, user, account and the
-  wall-clock time in ms. That is all they do: no NVML, no socket, no waiting on the agent, and
+  ``start-<job>.r<restarts>.json`` / ``end-<job>.t<time_ms>.json`` with the job id, its GPUs,
+  user, account, Slurm's restart count and the wall-clock time in ms (one file per run: see
+  Runs). That is all they do: no NVML, no socket, no waiting on the agent, and
   they exit 0 whatever happens, because a failing Prolog drains the node and a failing Epilog
   fails the job. The time in the file is the job's start/end, so a slow or stopped agent
   changes nothing about "to the second".
@@ -16,9 +17,9 @@ How a job becomes known (design):
   job's start and end) and adds energy-counter differences (a counter that went backwards was
   reset by a driver reload and counts on from 0; one near 2^64 wrapped). Allocated time is
   ``end - start`` from the hook times, never a sum of samples.
-* Usage leaves as CUMULATIVE per (job, GPU) totals at the job's start, at every minute
+* Usage leaves as CUMULATIVE per (job, run, GPU) totals at the run's start, at every minute
   boundary, and at its end (gpufleet.v1.JobGpuUsage). The controller keeps the newest per
-  (job, node, GPU), so a replay can never count twice. Before a report is queued, the totals
+  (job, run, node, GPU), so a replay can never count twice. Before a report is queued, the totals
   are written to ``STATE_DIR/accounting.json`` (the on-disk spool): after an agent restart
   the jobs, their totals and the last raw energy readings come back, every job is reported
   again, and energy used while the agent was down is still counted (the counter kept
@@ -27,6 +28,24 @@ How a job becomes known (design):
   GPU-UUIDs, mapped through the inventory). Several jobs on one node each hold their own
   GPUs, so each GPU has at most one owner and shared nodes are exact. (Sharded/MPS GPUs shared
   by two jobs at once: the later job wins; not supported.)
+
+Runs (a requeued job runs again under the SAME job id: gpufleet's recovery, `scontrol
+requeue`, `--requeue` after a node failure):
+
+* A run is Slurm's restart count, which 22.05 puts into the Prolog's and Epilog's
+  environment as SLURM_JOB_RESTART_COUNT (0 for the first run; seen in the lab). It is the
+  same number on every node of the run, it is what sacct's records of the job count and
+  what recovery charges lost time to, and a replayed report carries it, so a report always
+  maps to its run. (The Prolog's start time would be unique too, but differs per node.)
+* The Prolog names its run; the Epilog does NOT: after `scontrol requeue` the killed run's
+  Epilog already sees the next run's count. So an end hook closes the job's open run on
+  this node that started last before the hook's time; hook files are applied in time order,
+  so with the agent down across a whole requeue both runs still come out right.
+* A start hook of a run this agent already holds, or of a run already ended and forgotten
+  (ids of the last `_ENDED_RUNS_KEPT` jobs are kept, in the state file), is a repeat and is
+  ignored. A start without a restart count (another Slurm) is the open run (a repeat) or one
+  past the last run known here. A new run while an older one is still open here means the
+  older run's Epilog was lost: it is ended at the new run's start.
 
 The /proc safety net (for a Prolog that is not configured or whose spool file was lost):
 
@@ -40,13 +59,14 @@ The /proc safety net (for a Prolog that is not configured or whose spool file wa
   allocated time is APPROXIMATE), and busy time and energy are integrated over exactly that
   span, as for a hooked job. The user comes from the
   job's uid, the account is unknown (""). These rows are marked ``source=proc`` (per GPU in
-  the state file; on the wire once JobGpuUsage has a ``source`` field).
+  the state file and on the wire, JobGpuUsage.source). A job already seen ending here is
+  not attributed from /proc again (stragglers); a rerun of it is seen through its Prolog.
 * A job known only from /proc ends at its last sighting once none of its processes has been
   seen for ``PROC_END_GRACE_MS``, or exactly at its Epilog's time if one comes.
 * A start hook arriving later wins: the job keeps its totals so far (cumulative, same
-  (job, GPU) keys, so nothing is counted twice), and takes the hook's start, user, account
-  and GPUs; allocated time is then exact. A GPU the job's processes used outside the hook's
-  list stays counted first-seen to last-seen.
+  (job, run, GPU) keys, so nothing is counted twice; the run keeps the number it had), and
+  takes the hook's start, user, account and GPUs; allocated time is then exact. A GPU the
+  job's processes used outside the hook's list stays counted first-seen to last-seen.
 
 Never does: talk to Slurm, block the sample loop on I/O other than the spool folder and its
 own state file, or raise out of `on_sample` for one bad spool file (it is logged and moved
@@ -80,6 +100,10 @@ REPORT_PERIOD_MS = 60_000  # RUNNING reports at each minute boundary: per-minute
 # busy time (energy and allocated time are never lost: they come from counters and times)
 SAVE_PERIOD_MS = 10_000
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
+# Slurm's restart count in the Prolog/Epilog environment (22.05: SLURM_JOB_RESTART_COUNT,
+# seen in the lab; SLURM_RESTART_COUNT is the batch step's name for it)
+RESTART_COUNT_VARS = ("SLURM_JOB_RESTART_COUNT", "SLURM_RESTART_COUNT")
+_ENDED_RUNS_KEPT = 4096  # job -> last run forgotten after its ENDED ack (repeated hooks)
 _NAME = re.compile(r"^[A-Za-z0-9._@+-]{0,64}$")
 _UUID = re.compile(r"^(GPU|MIG)-[0-9A-Fa-f-]{8,64}$")
 _U64 = 1 << 64
@@ -93,10 +117,7 @@ _PROC_ENDED_KEPT = 4096  # ids of /proc-ended jobs not attributed again (straggl
 # GPU index -> pids of its compute processes (NvmlBackend.compute_pids); GPUs it cannot
 # tell about are left out
 ProcessSource = Callable[[Sequence[int]], Mapping[int, Sequence[int]]]
-
-
-# the wire contract gains JobGpuUsage.source in a later revision; set it once it is there
-_WIRE_HAS_SOURCE = "source" in pb.JobGpuUsage.DESCRIPTOR.fields_by_name
+JobKey = tuple[str, int]  # (Slurm job id, run)
 
 
 class AccountingError(ValueError):
@@ -138,7 +159,16 @@ def job_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     for var, value in (("SLURM_JOB_USER", user), ("SLURM_JOB_ACCOUNT", account)):
         if not _NAME.match(value):
             raise AccountingError(f"{var}={value[:80]!r}: unexpected characters")
-    return {"job_id": job_id, "gpus": list(gpus), "user": user, "account": account}
+    out: dict[str, Any] = {"job_id": job_id, "gpus": list(gpus), "user": user,
+                           "account": account}
+    for var in RESTART_COUNT_VARS:
+        restarts = env.get(var, "")
+        if restarts:
+            if not restarts.isdigit() or len(restarts) > 9:
+                raise AccountingError(f"{var}={restarts[:80]!r}: not a restart count")
+            out["restart_count"] = int(restarts)
+            break
+    return out
 
 
 def write_hook_file(state_dir: str | os.PathLike[str], kind: str, job: Mapping[str, Any],
@@ -148,8 +178,13 @@ def write_hook_file(state_dir: str | os.PathLike[str], kind: str, job: Mapping[s
         raise AccountingError(f"kind={kind!r}: must be 'start' or 'end'")
     spool = Path(state_dir) / SPOOL_DIR
     spool.mkdir(parents=True, exist_ok=True)
-    path = spool / f"{kind}-{job['job_id']}.json"
-    tmp = spool / f".{kind}-{job['job_id']}.{os.getpid()}.tmp"
+    # one file per run and hook: a rerun of the job (same id) never overwrites a file of the
+    # run before it that the agent has not read yet. A Prolog names its run (Slurm's restart
+    # count); an Epilog's count may already be the next run's, so its file is named by time.
+    restarts = job.get("restart_count")
+    run = f"r{restarts}" if kind == "start" and restarts is not None else f"t{time_ms}"
+    path = spool / f"{kind}-{job['job_id']}.{run}.json"
+    tmp = spool / f".{kind}-{job['job_id']}.{run}.{os.getpid()}.tmp"
     data = json.dumps({**job, "kind": kind, "time_ms": time_ms}).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -203,9 +238,15 @@ class _Job:
     final_seq: int | None = None  # outbox seq of the ENDED report; forgotten once acked
     use: dict[int, _GpuUse] = field(default_factory=dict)
     source: str = "hook"  # "hook": a Prolog announced it; "proc": known only from /proc
+    run: int = 0  # Slurm's restart count of this run (module docstring: Runs)
+
+    @property
+    def key(self) -> JobKey:
+        return (self.job_id, self.run)
 
     def to_json(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "user": self.user, "account": self.account,
+        return {"job_id": self.job_id, "run": self.run, "user": self.user,
+                "account": self.account,
                 "gpus": list(self.gpus), "start_ms": self.start_ms, "end_ms": self.end_ms,
                 "final_seq": self.final_seq, "source": self.source,
                 "use": {str(g): [u.busy_ms, u.energy_mj, u.idle_since_ms, u.first_ms, u.last_ms]
@@ -216,7 +257,7 @@ class _Job:
         job = cls(str(d["job_id"]), str(d["user"]), str(d["account"]),
                   tuple(int(g) for g in d["gpus"]), int(d["start_ms"]),
                   None if d.get("end_ms") is None else int(d["end_ms"]),
-                  source=str(d.get("source", "hook")))
+                  source=str(d.get("source", "hook")), run=int(d.get("run", 0)))
         # state files written before the /proc safety net hold three values per GPU
         job.use = {int(g): _GpuUse(float(v[0]), int(v[1]), v[2], *(list(v[3:5]) + [None] * 2)[:2])
                    for g, v in d.get("use", {}).items()}
@@ -232,6 +273,8 @@ class HookRecord:
     account: str
     time_ms: int
     path: Path
+    # Slurm's restart count from the hook's environment; None: not given (another Slurm)
+    restart_count: int | None = None
 
 
 class Accountant:
@@ -244,7 +287,10 @@ class Accountant:
         self.state_dir = Path(state_dir)
         self.spool = self.state_dir / SPOOL_DIR
         self.state_path = self.state_dir / STATE_FILE
-        self.jobs: dict[str, _Job] = {}
+        self.jobs: dict[JobKey, _Job] = {}
+        # job -> its last run forgotten after the ENDED ack: a repeated or late hook of it
+        # is not taken for a new run, and /proc stragglers of it are not attributed
+        self._ended_runs: dict[str, int] = {}
         self._last_raw: dict[int, int] = {}
         self._last_t_ms: int | None = None
         self._last_period = -1
@@ -277,9 +323,13 @@ class Accountant:
                            if e.name.endswith(".json") and not e.name.startswith("."))
         except FileNotFoundError:
             return False
-        seen = {(r.kind, r.job_id) for r in self._pending}
+        # by file, not by job: every run has its own files (write_hook_file); files applied
+        # but not yet deleted (they go once the state is saved) are not read again
+        seen = {r.path for r in self._pending} | set(self._done_files)
         for name in names:
             path = self.spool / name
+            if path in seen:
+                continue
             try:
                 rec = self._read_hook(path)
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -287,9 +337,8 @@ class Accountant:
                 with contextlib.suppress(OSError):
                     path.replace(path.with_suffix(".bad"))
                 continue
-            if (rec.kind, rec.job_id) not in seen:
-                self._pending.append(rec)
-                seen.add((rec.kind, rec.job_id))
+            self._pending.append(rec)
+            seen.add(path)
         return bool(self._pending)
 
     def _read_hook(self, path: Path) -> HookRecord:
@@ -297,9 +346,12 @@ class Accountant:
         kind = d["kind"]
         if kind not in ("start", "end") or not _JOB_ID.match(str(d["job_id"])):
             raise ValueError(f"kind={kind!r} job_id={d.get('job_id')!r}")
+        restarts = d.get("restart_count")
+        if restarts is not None and (not isinstance(restarts, int) or restarts < 0):
+            raise ValueError(f"restart_count={restarts!r}")
         return HookRecord(kind, str(d["job_id"]), tuple(str(g) for g in d.get("gpus", [])),
                           str(d.get("user", "")), str(d.get("account", "")),
-                          int(d["time_ms"]), path)
+                          int(d["time_ms"]), path, restarts)
 
     def on_sample(self, samples: Sequence[GpuSample], now_ms: int,
                   acked_seq: int = 0) -> list[pb.JobGpuUsage]:
@@ -342,9 +394,9 @@ class Accountant:
         if self._restored or period != self._last_period:
             # every running job at a minute boundary; after a restart, every job we hold
             # (an ENDED one too: its ack may have been lost with the old agent)
-            reported = {r.job_id for r in rows}
+            reported = {(r.job_id, r.run) for r in rows}
             for job in self.jobs.values():
-                if job.job_id not in reported and (job.end_ms is None or self._restored):
+                if job.key not in reported and (job.end_ms is None or self._restored):
                     rows += self._rows(job, now_ms)
             self._restored = False
             self._last_period = period
@@ -357,38 +409,125 @@ class Accountant:
     def _apply_pending(self, now_ms: int) -> list[pb.JobGpuUsage]:
         rows: list[pb.JobGpuUsage] = []
         done: list[HookRecord] = []
-        for rec in sorted(self._pending, key=lambda r: (r.kind != "end", r.time_ms)):
-            job = self.jobs.get(rec.job_id)
+        started: set[JobKey] = set()  # runs opened here: their end waits for one sample
+        # in time order (an end before a start at the same ms): several runs of one job may
+        # be waiting when the agent was down across a requeue
+        waiting: set[str] = set()  # jobs with a hook left for the next sample: so are the rest
+        for rec in sorted(self._pending, key=lambda r: (r.time_ms, r.kind == "start")):
+            if rec.job_id in waiting:
+                continue
             if rec.kind == "end":
-                if (job is None or job.source == "proc") and any(
-                        r.kind == "start" and r.job_id == rec.job_id for r in self._pending):
-                    continue  # started and ended within one sample: start first, next time
-                if job is None:
-                    log.warning("job %s ended but its start was never recorded (prolog "
-                                "not configured?); no usage for it", rec.job_id)
-                elif job.end_ms is None:
-                    job.end_ms = max(rec.time_ms, job.start_ms)
-                    for g, u in job.use.items():
-                        # a /proc GPU still in use at the Epilog was held until then
-                        if u.from_proc and self._proc_live.get(g) == job.job_id:
-                            u.last_ms = max(job.end_ms, u.first_ms or 0)
-                    rows += self._rows(job, now_ms)
-                done.append(rec)
+                out = self._apply_end(rec, now_ms, started, done)
+                if out is None:
+                    waiting.add(rec.job_id)  # next sample, and the job's later hooks after it
+                    continue
+                rows += out
             else:
-                if job is None:
-                    gpus = self._resolve(rec)
-                    job = _Job(rec.job_id, rec.user, rec.account, gpus, rec.time_ms)
-                    for g in gpus:
-                        job.use[g] = _GpuUse()
-                    self.jobs[rec.job_id] = job
-                    rows += self._rows(job, now_ms, pb.JOB_PHASE_STARTED)
-                elif job.source == "proc" and job.end_ms is None:
-                    self._adopt_hook(job, rec)
-                    rows += self._rows(job, now_ms)
-                done.append(rec)
+                rows += self._apply_start(rec, now_ms, started)
+            done.append(rec)
         self._pending = [r for r in self._pending if r not in done]
         self._done_files += [r.path for r in done]
         return rows
+
+    def _apply_end(self, rec: HookRecord, now_ms: int, started: set[JobKey],
+                   done: list[HookRecord]) -> list[pb.JobGpuUsage] | None:
+        """Close the run an end hook names; None: leave the hook for the next sample."""
+        job = self._run_ending(rec)
+        if job is not None and job.key in started:
+            return None  # started and ended within one sample: start first, end next time
+        if job is not None:
+            return self._end_run(job, rec.time_ms, now_ms)
+        if any(r.kind == "start" and r.job_id == rec.job_id and r not in done
+               for r in self._pending):
+            return None  # its start is stamped later (a clock step): start first
+        if self._last_run(rec.job_id) is None:
+            log.warning("job %s ended but its start was never recorded (prolog not "
+                        "configured?); no usage for it", rec.job_id)
+        else:
+            log.info("job %s: end hook with no run of it running here (a repeated "
+                     "Epilog); ignored", rec.job_id)
+        return []
+
+    def _apply_start(self, rec: HookRecord, now_ms: int, started: set[JobKey]
+                     ) -> list[pb.JobGpuUsage]:
+        """Open the run a start hook names (or adopt it from /proc, or ignore a repeat)."""
+        run = rec.restart_count if rec.restart_count is not None else self._next_run(rec.job_id)
+        job = self.jobs.get((rec.job_id, run))
+        proc_job = next((j for j in self._open_runs(rec.job_id) if j.source == "proc"), None)
+        if job is not None and not (job.source == "proc" and job.end_ms is None):
+            log.info("job %s run %d: start hook seen before; ignored", rec.job_id, run)
+            return []
+        if job is None and run <= self._ended_runs.get(rec.job_id, -1):
+            log.info("job %s run %d: start hook of a run already ended and reported; "
+                     "ignored", rec.job_id, run)
+            return []
+        if job is not None or proc_job is not None:
+            # known from /proc so far: the hook wins; its rows keep their run (renumbering
+            # would count the totals so far again under a new key)
+            adopted = job or proc_job
+            assert adopted is not None  # noqa: S101 - one of the two, just checked
+            self._adopt_hook(adopted, rec)
+            return self._rows(adopted, now_ms)
+        rows: list[pb.JobGpuUsage] = []
+        for old in self._open_runs(rec.job_id):
+            if old.run > run:
+                log.info("job %s run %d: start hook older than run %d running here; "
+                         "ignored", rec.job_id, run, old.run)
+                return rows
+            # an earlier run still open here: its Epilog never came (a run starts only after
+            # the one before it ended); it ended at the latest when this one began
+            log.warning("job %s run %d: run %d had no end hook; ended at the new run's "
+                        "start", rec.job_id, run, old.run)
+            rows += self._end_run(old, rec.time_ms, now_ms)
+        gpus = self._resolve(rec)
+        job = _Job(rec.job_id, rec.user, rec.account, gpus, rec.time_ms, run=run)
+        for g in gpus:
+            job.use[g] = _GpuUse()
+        self.jobs[job.key] = job
+        started.add(job.key)
+        return rows + self._rows(job, now_ms, pb.JOB_PHASE_STARTED)
+
+    def _end_run(self, job: _Job, end_ms: int, now_ms: int) -> list[pb.JobGpuUsage]:
+        job.end_ms = max(end_ms, job.start_ms)
+        for g, u in job.use.items():
+            # a /proc GPU still in use at the Epilog was held until then
+            if u.from_proc and self._proc_live.get(g) == job.job_id:
+                u.last_ms = max(job.end_ms, u.first_ms or 0)
+        return self._rows(job, now_ms)
+
+    def _open_runs(self, job_id: str) -> list[_Job]:
+        """The runs of `job_id` not ended here, oldest first (normally at most one)."""
+        return sorted((j for j in self.jobs.values() if j.job_id == job_id and j.end_ms is None),
+                      key=lambda j: (j.start_ms, j.run))
+
+    def _open_run(self, job_id: str) -> _Job | None:
+        runs = self._open_runs(job_id)
+        return runs[-1] if runs else None
+
+    def _run_ending(self, rec: HookRecord) -> _Job | None:
+        """The run an end hook closes: the job's open run that started last before the hook
+        (not by the Epilog's restart count: after a requeue it is already the next run's)."""
+        runs = self._open_runs(rec.job_id)
+        before = [j for j in runs if j.start_ms <= rec.time_ms]
+        if before:
+            return before[-1]
+        return runs[0] if runs else None
+
+    def _last_run(self, job_id: str) -> int | None:
+        """The highest run of `job_id` this agent knows (held, or ended and forgotten)."""
+        runs = [j.run for j in self.jobs.values() if j.job_id == job_id]
+        if job_id in self._ended_runs:
+            runs.append(self._ended_runs[job_id])
+        return max(runs, default=None)
+
+    def _next_run(self, job_id: str) -> int:
+        """The run a start without a restart count belongs to: the open one (a repeated
+        hook), else one past the last run known here, else 0."""
+        open_run = self._open_run(job_id)
+        if open_run is not None:
+            return open_run.run
+        last = self._last_run(job_id)
+        return 0 if last is None else last + 1
 
     def _resolve(self, rec: HookRecord) -> tuple[int, ...]:
         out: list[int] = []
@@ -453,17 +592,17 @@ class Accountant:
 
     def _proc_job(self, g: int, job_id: str, now_ms: int) -> _Job | None:
         """Record that GPU g runs job `job_id` now; the job, or None where it is not counted."""
-        job = self.jobs.get(job_id)
+        job = self._open_run(job_id)
         if job is None:
-            if job_id in self._proc_ended:
-                return None  # a straggler of a job already reported as ended
+            if job_id in self._proc_ended or self._last_run(job_id) is not None:
+                # a straggler of a job already ended here (epilog, or gone for long): not a
+                # new allocation; a rerun of it announces itself with its Prolog
+                return None
             pj = next(p for p in self._pid_jobs.values() if p is not None and p.job_id == job_id)
             job = _Job(job_id, procmap.user_name(pj.uid), "", (), now_ms, source="proc")
-            self.jobs[job_id] = job
+            self.jobs[job.key] = job
             log.warning("GPU %d is busy with job %s that no prolog announced: attributed "
                         "from /proc (%s), first-seen to last-seen", g, job_id, pj.via)
-        elif job.end_ms is not None:
-            return None  # ended (epilog, or gone for long): not a new allocation
         use = job.use.get(g)
         if use is None or g not in job.gpus:
             use = job.use[g] = _GpuUse(first_ms=now_ms)
@@ -521,7 +660,7 @@ class Accountant:
     def _owners(self) -> dict[int, _Job]:
         owner: dict[int, _Job] = {}
         for g, job_id in self._proc_live.items():
-            proc_job = self.jobs.get(job_id)
+            proc_job = self._open_run(job_id)
             if proc_job is not None and proc_job.end_ms is None:
                 owner[g] = proc_job
         for job in sorted(self.jobs.values(), key=lambda j: j.start_ms):
@@ -548,10 +687,9 @@ class Accountant:
                 job_id=job.job_id, gpu_index=g, user=job.user, account=job.account,
                 start_ms=start_ms, as_of_ms=as_of,
                 allocated_ms=allocated_ms, busy_ms=int(u.busy_ms),
-                energy_mj=u.energy_mj, phase=phase,
+                energy_mj=u.energy_mj, phase=phase, run=job.run,
+                source="proc" if u.from_proc else "hook",
             )
-            if _WIRE_HAS_SOURCE:
-                setattr(row, "source", "proc" if u.from_proc else "hook")  # noqa: B010
             if job.end_ms is not None:
                 row.end_ms = job.end_ms
             elif u.idle_since_ms is not None:
@@ -564,17 +702,22 @@ class Accountant:
 
     def queued(self, rows: Sequence[pb.JobGpuUsage], seq: int) -> None:
         """The rows went out as `seq`: an ended job is forgotten once that seq is acked."""
-        ended = {r.job_id for r in rows if r.phase == pb.JOB_PHASE_ENDED}
-        for job_id in ended:
-            if job_id in self.jobs:
-                self.jobs[job_id].final_seq = seq
+        ended = {(r.job_id, r.run) for r in rows if r.phase == pb.JOB_PHASE_ENDED}
+        for key in ended:
+            if key in self.jobs:
+                self.jobs[key].final_seq = seq
         self.save()
 
     def _forget_acked(self, acked_seq: int) -> None:
         gone = [j for j in self.jobs.values()
                 if j.final_seq is not None and j.final_seq <= acked_seq]
         for job in gone:
-            del self.jobs[job.job_id]
+            del self.jobs[job.key]
+            # re-inserted: the job forgotten last is kept longest
+            last = self._ended_runs.pop(job.job_id, -1)
+            self._ended_runs[job.job_id] = max(job.run, last)
+            while len(self._ended_runs) > _ENDED_RUNS_KEPT:
+                del self._ended_runs[next(iter(self._ended_runs))]
         if gone:
             self.save()
 
@@ -584,7 +727,8 @@ class Accountant:
         doc = {"jobs": [j.to_json() for j in self.jobs.values()],
                "last_raw": {str(g): v for g, v in self._last_raw.items()},
                "last_t_ms": self._last_t_ms, "saved_ms": int(time.time() * 1000),
-               "proc_ended": list(self._proc_ended)}
+               "proc_ended": list(self._proc_ended),
+               "ended_runs": self._ended_runs}
         tmp = self.state_path.with_suffix(".tmp")
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -613,7 +757,8 @@ class Accountant:
             return False
         for d in doc.get("jobs", []):
             job = _Job.from_json(d)
-            self.jobs[job.job_id] = job
+            self.jobs[job.key] = job
+        self._ended_runs = {str(j): int(r) for j, r in doc.get("ended_runs", {}).items()}
         self._last_raw = {int(g): int(v) for g, v in doc.get("last_raw", {}).items()}
         self._proc_ended.extend(str(j) for j in doc.get("proc_ended", []))
         # not last_t_ms: busy time while the agent was down was not observed, so the first

@@ -33,8 +33,9 @@ from gpufleet.scheduler.store.acct import UsageQuery, UsageTotal
 EXIT_MISMATCH = 1
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")  # as the ledger and sacct write them
 SACCT_TIMEOUT_S = 120.0
-_COLUMNS = ("job_id", "user", "account", "state", "slurm_gpus", "slurm_elapsed_s",
-            "slurm_gpu_s", "gpufleet_gpus", "gpufleet_gpu_s", "diff_gpu_s", "status")
+_COLUMNS = ("job_id", "user", "account", "state", "slurm_runs", "slurm_gpus", "slurm_elapsed_s",
+            "slurm_gpu_s", "gpufleet_runs", "gpufleet_gpus", "gpufleet_gpu_s", "diff_gpu_s",
+            "status")
 
 
 class ReconcileError(click.ClickException):
@@ -49,11 +50,13 @@ def _sacct_time(ms: int) -> str:
 
 
 def run_sacct(sacct: str, args: list[str]) -> str:
-    """`sacct --json --allusers ARGS` (every user's jobs: needs an operator or SlurmUser)."""
+    """`sacct --json --allusers --duplicates ARGS` (every user's jobs: needs an operator or
+    SlurmUser; every run of a requeued job)."""
     exe = shutil.which(sacct)
     if exe is None:
         raise ReconcileError(f"{sacct!r} not found: install the Slurm client or pass --sacct")
-    argv = [exe, "--json", "--allusers", *args]
+    # --duplicates: every record of a requeued job (one per run), not only its newest
+    argv = [exe, "--json", "--allusers", "--duplicates", *args]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S,
                               check=False)

@@ -245,6 +245,8 @@ class Ingestor:
                 u.job_id, node, u.gpu_index, u.user, u.account, u.start_ms,
                 u.end_ms if u.HasField("end_ms") else None, u.as_of_ms, u.allocated_ms,
                 u.busy_ms, u.energy_mj, u.idle_since_ms if u.HasField("idle_since_ms") else None,
+                u.run,  # unset (agents before runs): 0, the first run
+                u.source if u.source in ("hook", "proc") else "",
             ))
         deltas = self.store.record_usage(rows)
         if self.metrics is not None:

@@ -4,9 +4,16 @@ Slurm records a job's allocated GPUs (AllocTRES `gres/gpu`, with `AccountingStor
 gres/gpu`) and its start and end in whole seconds; gpufleet records each GPU's allocation in
 milliseconds from the Prolog/Epilog hooks. `reconcile` puts the two side by side per job.
 
-A job's GPU-seconds in Slurm are `gres/gpu x elapsed` (summed over the records of a requeued
-job). Slurm's times are whole seconds, so even exact hooks differ by up to a second of wall
-time, on each GPU: the tolerance is therefore per allocated GPU (`tolerance_s x GPUs`).
+A requeued job (gpufleet's recovery, `scontrol requeue`, `--requeue` after a node failure)
+runs again under the same job id: sacct lists one record per run (state REQUEUED for all but
+the last; the CLI asks with `--duplicates` so that none is left out), and the ledger keeps
+each run apart (Slurm's restart count). They are compared per job, over all runs: Slurm's
+GPU-seconds are the sum of `gres/gpu x elapsed` over its records, gpufleet's the sum over
+its runs, the GPUs those of the largest run on each side; both sides' run counts are
+printed (records that never started are not runs).
+
+Slurm's times are whole seconds, so even exact hooks differ by up to a second of wall time,
+on each GPU (and on each run): the tolerance is therefore per allocated GPU (`tolerance_s x GPUs`).
 
 Never does: run Slurm commands or touch the store (the CLI does both); never guesses a
 field it cannot read: a bad document is a SacctParseError naming the job and the field.
@@ -155,6 +162,8 @@ class Reconciled:
     gpufleet_gpu_s: float | None
     diff_gpu_s: float | None  # gpufleet - Slurm
     reason: str = ""
+    slurm_runs: int = 0  # sacct records that started
+    gpufleet_runs: int = 0  # runs in the ledger
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +172,7 @@ class Reconciled:
             "slurm_elapsed_s": self.slurm_elapsed_s, "slurm_gpu_s": self.slurm_gpu_s,
             "gpufleet_gpus": self.gpufleet_gpus, "gpufleet_gpu_s": self.gpufleet_gpu_s,
             "diff_gpu_s": self.diff_gpu_s, "reason": self.reason,
+            "slurm_runs": self.slurm_runs, "gpufleet_runs": self.gpufleet_runs,
         }
 
 
@@ -175,6 +185,8 @@ class _Slurm:
     elapsed_s: int
     gpu_s: int
     ended: bool
+    runs: int
+    last: SacctJob  # the record that started last: its state is the job's state
 
 
 def _merge(records: Iterable[SacctJob]) -> dict[str, _Slurm]:
@@ -182,12 +194,16 @@ def _merge(records: Iterable[SacctJob]) -> dict[str, _Slurm]:
     for r in records:
         have = out.get(r.job_id)
         if have is None:
-            out[r.job_id] = _Slurm(r, r.gpus, r.elapsed_s, r.gpu_s, r.end_s is not None)
+            out[r.job_id] = _Slurm(r, r.gpus, r.elapsed_s, r.gpu_s, r.end_s is not None,
+                                   int(r.start_s is not None), r)
         else:
             have.gpus = max(have.gpus, r.gpus)
             have.elapsed_s += r.elapsed_s
             have.gpu_s += r.gpu_s
             have.ended = have.ended and r.end_s is not None
+            have.runs += int(r.start_s is not None)
+            if (r.start_s or 0) >= (have.last.start_s or 0):
+                have.last = r
     return out
 
 
@@ -195,7 +211,8 @@ def reconcile_jobs(slurm: Sequence[SacctJob], ledger: Sequence[UsageTotal],
               tolerance_s: float = 1.0) -> list[Reconciled]:
     """Slurm's GPU-seconds against the ledger's allocated GPU-seconds, per job (by job id).
 
-    `ledger` holds per-job totals (`store.usage(UsageQuery(group_by="job"))`). Jobs without
+    `ledger` holds per-job totals over all runs (`store.usage(UsageQuery(group_by="job"))`);
+    `slurm` may hold several records (runs) per job: they are summed. Jobs without
     GPUs in Slurm and not in the ledger are left out. A job still running on either side is
     `running`, not compared. Ended on both: `mismatch` when the GPU counts differ or
     |diff| > tolerance_s x GPUs (Slurm's whole seconds: see the module docstring).
@@ -210,16 +227,17 @@ def reconcile_jobs(slurm: Sequence[SacctJob], ledger: Sequence[UsageTotal],
                 continue
             status = STATUS_MISSING_GPUFLEET if s.ended else STATUS_RUNNING
             out.append(Reconciled(
-                job_id, s.first.user, s.first.account, s.first.state, status, s.gpus,
+                job_id, s.first.user, s.first.account, s.last.state, status, s.gpus,
                 s.elapsed_s, float(s.gpu_s), 0, None, None,
                 "no ledger rows (Prolog not run, or the agent never reported)"
-                if s.ended else ""))
+                if s.ended else "", s.runs, 0))
             continue
         ours_s = g.allocated_ms / 1000.0
         if s is None:
             out.append(Reconciled(
                 job_id, g.user, g.account, "", STATUS_MISSING_SLURM, 0, None, None, g.gpus,
-                ours_s, None, "sacct has no such job (slurmdbd down, or outside the window)"))
+                ours_s, None, "sacct has no such job (slurmdbd down, or outside the window)",
+                0, g.runs))
             continue
         diff = round(ours_s - s.gpu_s, 3)
         reason = ""
@@ -232,9 +250,13 @@ def reconcile_jobs(slurm: Sequence[SacctJob], ledger: Sequence[UsageTotal],
             reason = f"|diff| {abs(diff):.3f} > {tolerance_s:g} s x {max(s.gpus, 1)} GPU(s)"
         else:
             status = STATUS_OK
+        if status != STATUS_RUNNING and g.runs and g.runs != s.runs:
+            # informational: a run on nodes without hooks, or one cut off by the window
+            reason = "; ".join(filter(None, (reason, f"runs: gpufleet {g.runs}, Slurm "
+                                                     f"{s.runs}")))
         out.append(Reconciled(
-            job_id, s.first.user, s.first.account, s.first.state, status, s.gpus,
-            s.elapsed_s, float(s.gpu_s), g.gpus, ours_s, diff, reason))
+            job_id, s.first.user, s.first.account, s.last.state, status, s.gpus,
+            s.elapsed_s, float(s.gpu_s), g.gpus, ours_s, diff, reason, s.runs, g.runs))
     return out
 
 

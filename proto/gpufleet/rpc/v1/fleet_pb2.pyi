@@ -900,6 +900,8 @@ class JobGpuUsage(_message.Message):
     ENERGY_MJ_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     IDLE_SINCE_MS_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """SLURM_JOB_ID"""
     gpu_index: _builtins.int
@@ -923,6 +925,13 @@ class JobGpuUsage(_message.Message):
     phase: Global___JobPhase.ValueType
     idle_since_ms: _builtins.int
     """since when this GPU has been at 0 % utilisation while held; unset when it is busy"""
+    run: _builtins.int
+    """Which run of the job this is: Slurm's restart count (SLURM_JOB_RESTART_COUNT in the
+    Prolog), 0 for the first run. A requeued job runs again under the same job id; each run
+    is its own ledger row. Unset (agents before this field): run 0.
+    """
+    source: _builtins.str
+    """"hook" (prolog/epilog, exact) or "proc" (/proc safety net, approximate); unset: unknown"""
     def __init__(
         self,
         *,
@@ -938,10 +947,12 @@ class JobGpuUsage(_message.Message):
         energy_mj: _builtins.int | None = ...,
         phase: Global___JobPhase.ValueType = ...,
         idle_since_ms: _builtins.int | None = ...,
+        run: _builtins.int | None = ...,
+        source: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_energy_mj", b"_energy_mj", "_idle_since_ms", b"_idle_since_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "idle_since_ms", b"idle_since_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_energy_mj", b"_energy_mj", "_idle_since_ms", b"_idle_since_ms", "_run", b"_run", "_source", b"_source", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "idle_since_ms", b"idle_since_ms", "run", b"run", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_energy_mj", b"_energy_mj", "_idle_since_ms", b"_idle_since_ms", "account", b"account", "allocated_ms", b"allocated_ms", "as_of_ms", b"as_of_ms", "busy_ms", b"busy_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "gpu_index", b"gpu_index", "idle_since_ms", b"idle_since_ms", "job_id", b"job_id", "phase", b"phase", "start_ms", b"start_ms", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_energy_mj", b"_energy_mj", "_idle_since_ms", b"_idle_since_ms", "_run", b"_run", "_source", b"_source", "account", b"account", "allocated_ms", b"allocated_ms", "as_of_ms", b"as_of_ms", "busy_ms", b"busy_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "gpu_index", b"gpu_index", "idle_since_ms", b"idle_since_ms", "job_id", b"job_id", "phase", b"phase", "run", b"run", "source", b"source", "start_ms", b"start_ms", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__end_ms: _TypeAlias = _typing.Literal["end_ms"]  # noqa: Y015
     _WhichOneofArgType__end_ms: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms"]  # noqa: Y015
@@ -949,12 +960,20 @@ class JobGpuUsage(_message.Message):
     _WhichOneofArgType__energy_mj: _TypeAlias = _typing.Literal["_energy_mj", b"_energy_mj"]  # noqa: Y015
     _WhichOneofReturnType__idle_since_ms: _TypeAlias = _typing.Literal["idle_since_ms"]  # noqa: Y015
     _WhichOneofArgType__idle_since_ms: _TypeAlias = _typing.Literal["_idle_since_ms", b"_idle_since_ms"]  # noqa: Y015
+    _WhichOneofReturnType__run: _TypeAlias = _typing.Literal["run"]  # noqa: Y015
+    _WhichOneofArgType__run: _TypeAlias = _typing.Literal["_run", b"_run"]  # noqa: Y015
+    _WhichOneofReturnType__source: _TypeAlias = _typing.Literal["source"]  # noqa: Y015
+    _WhichOneofArgType__source: _TypeAlias = _typing.Literal["_source", b"_source"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__end_ms) -> _WhichOneofReturnType__end_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__energy_mj) -> _WhichOneofReturnType__energy_mj | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_since_ms) -> _WhichOneofReturnType__idle_since_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__run) -> _WhichOneofReturnType__run | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__source) -> _WhichOneofReturnType__source | None: ...
 
 Global___JobGpuUsage: _TypeAlias = JobGpuUsage  # noqa: Y015
 

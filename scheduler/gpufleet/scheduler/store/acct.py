@@ -1,15 +1,28 @@
-"""The accounting ledger in the state store: per job x node x GPU, per job, and rollups.
+"""The accounting ledger in the state store: per job x run x node x GPU, per job, and rollups.
 
-Agents report CUMULATIVE totals per (job, node, GPU) (gpufleet.v1.JobGpuUsage). A report is
+Agents report CUMULATIVE totals per (job, run, node, GPU) (gpufleet.v1.JobGpuUsage). A report is
 applied only when it is newer (as_of_ms) than the stored row, or it is the job's final one;
 the job's totals and the rollups get the difference to the stored row, in the same
 transaction. So a replayed, resent or reordered report never counts twice, whatever the
 controller's sequence bookkeeping says, and a lost one is made good by the next.
 
-Tables (migrations 6 and 7), all kept in the transaction that changes the ledger:
+Runs (migration 9): a requeued job runs again under the SAME job id (gpufleet's recovery,
+`scontrol requeue`, `--requeue` on node failure). Each run is its own ledger row, keyed by
+Slurm's restart count (`run`, from the Prolog: gpufleet.agent.accounting says why that and
+not the start time); rows from before migration 9 and from agents that send no run are run 0.
+A job's totals are the sums over all its runs.
 
-* `acct_ledger`: one row per job x node x GPU, the newest cumulative totals;
-* `acct_jobs`: one row per job, the sums of its ledger rows, its first start and last end;
+Identity: a ledger row keeps the user, account and start of its first report, except that a
+row first reported from the /proc safety net (`source` 'proc', approximate) takes them from
+the hook's report ('hook', exact) once that comes. The per-minute rollups keep the usage
+counted before that under the identity it was counted with (they hold no per-job rows).
+
+Tables (migrations 6, 7 and 9), all kept in the transaction that changes the ledger:
+
+* `acct_ledger`: one row per job x run x node x GPU, the newest cumulative totals;
+* `acct_jobs`: one row per job: the sums of its ledger rows (all runs), its first start, the
+  end of its latest run (NULL while that run is running), its GPUs (those of its largest
+  run) and its number of runs; user and account from a hook row when it has one;
 * `acct_minute` / `acct_day`: usage per (minute | UTC day, account, user), split over time
   (time-proportionally between two reports): the "clipped" view, `usage_by_minute`;
 * `acct_jobday_account` / `acct_jobday_user`: each job's WHOLE totals counted on the UTC day
@@ -63,6 +76,8 @@ class UsageRow:
     busy_ms: int
     energy_mj: int
     idle_since_ms: int | None = None
+    run: int = 0  # Slurm's restart count of the run (module docstring: Runs)
+    source: str = ""  # 'hook' (exact), 'proc' (/proc safety net), '' unknown
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,7 @@ class UsageTotal:
     end_ms: int | None = None
     user: str = ""
     account: str = ""
+    runs: int = 0  # group_by job: the job's runs (a requeued job ran more than once)
 
 
 @dataclass(frozen=True)
@@ -156,13 +172,17 @@ def _marks(n: int) -> str:
 
 @dataclass
 class _Gpu:
-    """A ledger row's mutable part, as stored or as this batch left it."""
+    """A ledger row, as stored or as this batch left it."""
 
     as_of_ms: int
     allocated_ms: int
     busy_ms: int
     energy_mj: int
     end_ms: int | None
+    start_ms: int
+    user: str
+    account: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,7 @@ class _Job:
     busy_ms: int
     energy_mj: int
     lost_ms: int
+    runs: int = 1
 
     def sums(self) -> tuple[int, int, int, int, int, int]:
         return (1, self.gpus, self.allocated_ms, self.busy_ms, self.energy_mj, self.lost_ms)
@@ -204,6 +225,30 @@ def _jobday_changes(before: _Job | None, after: _Job
                 for i, v in enumerate(job.sums()):
                     acc[i] += sign * v
     return {k: v for k, v in out.items() if any(v)}
+
+
+_RowKey = tuple[int, str, int]  # (run, node, GPU) of one job's ledger row
+
+
+def _job_of(rows: dict[_RowKey, _Gpu], stored: _Job | None) -> _Job:
+    """A job's acct_jobs row from ALL its ledger rows (every run and node): sums over the
+    runs; GPUs of its largest run; end of its latest run (None while it runs: a requeued job
+    is running again); user and account from a hook row (the latest run's first) when there
+    is one, else as stored (the first report's). Lost time is only ever added (stored)."""
+    per_run: dict[int, list[_Gpu]] = defaultdict(list)
+    for (run, _node, _gpu), g in sorted(rows.items()):
+        per_run[run].append(g)
+    latest = per_run[max(per_run)]
+    ends = [g.end_ms for g in latest if g.end_ms is not None]
+    hooked = [g for run in sorted(per_run, reverse=True) for g in per_run[run]
+              if g.source == "hook"]
+    who: _Gpu | _Job = hooked[0] if hooked else stored or next(iter(rows.values()))
+    return _Job(who.user, who.account, min(g.start_ms for g in rows.values()),
+                max(ends) if ends else None, max(len(v) for v in per_run.values()),
+                sum(g.allocated_ms for g in rows.values()),
+                sum(g.busy_ms for g in rows.values()),
+                sum(g.energy_mj for g in rows.values()),
+                stored.lost_ms if stored is not None else 0, len(per_run))
 
 
 _JOBDAY_TABLE = {"account": ("acct_jobday_account", "account"),
@@ -264,22 +309,19 @@ class BulkWrite:
 
 
 _B, _T, _I = "bigint", "text", "integer"
-_LEDGER_INSERT = BulkWrite(
-    "acct_ledger", ("job_id", "node", "gpu_index", "user_name", "account", "start_ms", "end_ms",
-                    "as_of_ms", "allocated_ms", "busy_ms", "energy_mj", "idle_since_ms"),
-    (_T, _T, _I, _T, _T, _B, _B, _B, _B, _B, _B, _B))
-_LEDGER_UPDATE = BulkWrite(
-    "acct_ledger", ("job_id", "node", "gpu_index", "end_ms", "as_of_ms", "allocated_ms",
-                    "busy_ms", "energy_mj", "idle_since_ms"),
-    (_T, _T, _I, _B, _B, _B, _B, _B, _B), keys=("job_id", "node", "gpu_index"), update=True)
-_JOB_INSERT = BulkWrite(
-    "acct_jobs", ("job_id", "user_name", "account", "start_ms", "end_ms", "gpus",
-                  "allocated_ms", "busy_ms", "energy_mj"),
-    (_T, _T, _T, _B, _B, _I, _B, _B, _B))
-_JOB_UPDATE = BulkWrite(
-    "acct_jobs", ("job_id", "start_ms", "end_ms", "gpus", "allocated_ms", "busy_ms",
-                  "energy_mj"),
-    (_T, _B, _B, _I, _B, _B, _B), keys=("job_id",), update=True)
+_LEDGER_COLS = ("job_id", "run", "node", "gpu_index", "user_name", "account", "start_ms",
+                "end_ms", "as_of_ms", "allocated_ms", "busy_ms", "energy_mj", "idle_since_ms",
+                "source")
+_LEDGER_TYPES = (_T, _I, _T, _I, _T, _T, _B, _B, _B, _B, _B, _B, _B, _T)
+_LEDGER_INSERT = BulkWrite("acct_ledger", _LEDGER_COLS, _LEDGER_TYPES)
+# identity too: a /proc row becomes its hook's (module docstring)
+_LEDGER_UPDATE = BulkWrite("acct_ledger", _LEDGER_COLS, _LEDGER_TYPES,
+                           keys=("job_id", "run", "node", "gpu_index"), update=True)
+_JOB_COLS = ("job_id", "user_name", "account", "start_ms", "end_ms", "gpus", "allocated_ms",
+             "busy_ms", "energy_mj", "runs")
+_JOB_TYPES = (_T, _T, _T, _B, _B, _I, _B, _B, _B, _I)
+_JOB_INSERT = BulkWrite("acct_jobs", _JOB_COLS, _JOB_TYPES)
+_JOB_UPDATE = BulkWrite("acct_jobs", _JOB_COLS, _JOB_TYPES, keys=("job_id",), update=True)
 _USAGE_SUMS = ("allocated_ms", "busy_ms", "energy_mj")
 _MINUTE_UPSERT = BulkWrite("acct_minute", ("minute_ms", "account", "user_name", *_USAGE_SUMS),
                            (_B, _T, _T, _B, _B, _B), ("minute_ms", "account", "user_name"),
@@ -338,44 +380,45 @@ class AcctStoreMixin:
             return self._apply_batch(db, batch)
 
     def _load(self, db: Any, batch: list[UsageRow]
-              ) -> tuple[dict[tuple[str, str, int], _Gpu], dict[str, _Job]]:
-        """The stored ledger rows and job rows `batch` touches (locked on PostgreSQL). Every
-        SELECT is sent before any result is read: one round trip in pipeline mode."""
-        by_node: dict[str, set[str]] = defaultdict(set)
-        for r in batch:
-            by_node[r.node].add(r.job_id)
+              ) -> tuple[dict[str, dict[_RowKey, _Gpu]], dict[str, _Job]]:
+        """All stored ledger rows (every run and node) and the job rows of the jobs `batch`
+        touches (locked on PostgreSQL): a job's totals, GPUs and end are taken over all of
+        them. Every SELECT is sent before any result is read: one round trip in pipeline mode.
+        """
         gpu_cursors, job_cursors = [], []
-        for node in sorted(by_node):  # one order for every writer: row locks never cross
-            for ids in _chunks(sorted(by_node[node])):
-                gpu_cursors.append(db.execute(
-                    "SELECT job_id, node, gpu_index, as_of_ms, allocated_ms, busy_ms, "  # noqa: S608 - only ? marks
-                    f"energy_mj, end_ms FROM acct_ledger WHERE node = ? AND job_id IN "
-                    f"({_marks(len(ids))}) ORDER BY job_id, gpu_index" + self._FOR_UPDATE,
-                    (node, *ids)))
+        # one order for every writer (job id, then the key): row locks never cross
         for ids in _chunks(sorted({r.job_id for r in batch})):
+            gpu_cursors.append(db.execute(
+                "SELECT job_id, run, node, gpu_index, as_of_ms, allocated_ms, busy_ms, "  # noqa: S608 - only ? marks
+                "energy_mj, end_ms, start_ms, user_name, account, source FROM acct_ledger "
+                f"WHERE job_id IN ({_marks(len(ids))}) ORDER BY job_id, run, node, gpu_index"
+                + self._FOR_UPDATE, tuple(ids)))
             job_cursors.append(self._select_jobs(db, ids))
-        ledger = {(row[0], row[1], int(row[2])): _Gpu(*row[3:])
-                  for cur in gpu_cursors for row in cur.fetchall()}
+        ledger: dict[str, dict[_RowKey, _Gpu]] = defaultdict(dict)
+        for cur in gpu_cursors:
+            for row in cur.fetchall():
+                ledger[row[0]][(int(row[1]), row[2], int(row[3]))] = _Gpu(*row[4:])
         jobs = {row[0]: _Job(*row[1:]) for cur in job_cursors for row in cur.fetchall()}
         return ledger, jobs
 
     def _select_jobs(self, db: Any, ids: Sequence[str]) -> Any:
         return db.execute(
             "SELECT job_id, user_name, account, start_ms, end_ms, gpus, allocated_ms, "  # noqa: S608 - only ? marks
-            f"busy_ms, energy_mj, lost_ms FROM acct_jobs WHERE job_id IN "
+            f"busy_ms, energy_mj, lost_ms, runs FROM acct_jobs WHERE job_id IN "
             f"({_marks(len(ids))}) ORDER BY job_id" + self._FOR_UPDATE,
             tuple(ids))
 
     def _apply_batch(self, db: Any, batch: list[UsageRow]) -> list[UsageDelta]:
         ledger, stored_jobs = self._load(db, batch)
-        jobs = dict(stored_jobs)
-        inserted: dict[tuple[str, str, int], UsageRow] = {}  # new ledger rows: first report
-        latest: dict[tuple[str, str, int], UsageRow] = {}
+        inserted: set[tuple[str, _RowKey]] = set()  # new ledger rows
+        latest: dict[tuple[str, _RowKey], UsageRow] = {}  # as they are to be stored
         minutes: dict[tuple[int, str, str], list[int]] = {}
         out = []
-        for r in batch:
-            key = (r.job_id, r.node, r.gpu_index)
-            old = ledger.get(key)
+        for reported in batch:
+            r = reported  # replaced below by the row as it is to be stored
+            rows = ledger[r.job_id]
+            key = (r.run, r.node, r.gpu_index)
+            old = rows.get(key)
             if old is not None:
                 newer = r.as_of_ms > old.as_of_ms and old.end_ms is None
                 final_first = r.end_ms is not None and old.end_ms is None
@@ -384,23 +427,17 @@ class AcctStoreMixin:
                 prev_ms, d_alloc, d_busy, d_energy = (
                     old.as_of_ms, r.allocated_ms - old.allocated_ms, r.busy_ms - old.busy_ms,
                     r.energy_mj - old.energy_mj)
+                if not (old.source == "proc" and r.source == "hook"):
+                    # identity and start from the first report (module docstring)
+                    r = replace(r, user=old.user, account=old.account, start_ms=old.start_ms,
+                                source=old.source or r.source)
             else:
                 prev_ms, d_alloc, d_busy, d_energy = (r.start_ms, r.allocated_ms, r.busy_ms,
                                                       r.energy_mj)
-                inserted[key] = r
-            ledger[key] = _Gpu(r.as_of_ms, r.allocated_ms, r.busy_ms, r.energy_mj, r.end_ms)
-            latest[key] = r
-            job = jobs.get(r.job_id)
-            if job is None:
-                jobs[r.job_id] = _Job(r.user, r.account, r.start_ms, r.end_ms, 1, d_alloc,
-                                      d_busy, d_energy, 0)
-            else:
-                end = r.end_ms if job.end_ms is None else max(job.end_ms, r.end_ms or job.end_ms)
-                jobs[r.job_id] = replace(
-                    job, start_ms=min(job.start_ms, r.start_ms), end_ms=end,
-                    gpus=job.gpus + (1 if old is None else 0),
-                    allocated_ms=job.allocated_ms + d_alloc, busy_ms=job.busy_ms + d_busy,
-                    energy_mj=job.energy_mj + d_energy)
+                inserted.add((r.job_id, key))
+            rows[key] = _Gpu(r.as_of_ms, r.allocated_ms, r.busy_ms, r.energy_mj, r.end_ms,
+                             r.start_ms, r.user, r.account, r.source)
+            latest[(r.job_id, key)] = r
             if d_alloc or d_busy or d_energy:
                 shares = minute_split(prev_ms, r.as_of_ms)
                 for (minute, _s), a, b, e in zip(shares, _spread(d_alloc, shares),
@@ -411,40 +448,36 @@ class AcctStoreMixin:
                     acc[1] += b
                     acc[2] += e
             out.append(UsageDelta(r.job_id, r.account, r.user, d_alloc, d_busy, d_energy))
+        jobs = {job_id: _job_of(ledger[job_id], stored_jobs.get(job_id))
+                for job_id in {job_id for job_id, _key in latest}}
         self._write_batch(db, inserted, latest, stored_jobs, jobs, minutes)
         return out
 
-    def _write_batch(self, db: Any, inserted: dict[tuple[str, str, int], UsageRow],
-                     latest: dict[tuple[str, str, int], UsageRow], stored_jobs: dict[str, _Job],
-                     jobs: dict[str, _Job], minutes: dict[tuple[int, str, str], list[int]]
-                     ) -> None:
-        new_rows, updates = [], []
-        for key in sorted(latest):
-            r = latest[key]
-            first = inserted.get(key)
-            if first is not None:  # identity and start from the first report, totals newest
-                new_rows.append((r.job_id, r.node, r.gpu_index, first.user, first.account,
-                                 first.start_ms, r.end_ms, r.as_of_ms, r.allocated_ms,
-                                 r.busy_ms, r.energy_mj, r.idle_since_ms))
-            else:
-                updates.append((r.job_id, r.node, r.gpu_index, r.end_ms, r.as_of_ms,
-                                r.allocated_ms, r.busy_ms, r.energy_mj, r.idle_since_ms))
+    def _write_batch(self, db: Any, inserted: set[tuple[str, _RowKey]],
+                     latest: dict[tuple[str, _RowKey], UsageRow],
+                     stored_jobs: dict[str, _Job], jobs: dict[str, _Job],
+                     minutes: dict[tuple[int, str, str], list[int]]) -> None:
+        new_rows: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        for k in sorted(latest):
+            r = latest[k]
+            (new_rows if k in inserted else updates).append(
+                (r.job_id, r.run, r.node, r.gpu_index, r.user, r.account, r.start_ms, r.end_ms,
+                 r.as_of_ms, r.allocated_ms, r.busy_ms, r.energy_mj, r.idle_since_ms, r.source))
         self._write_many(db, _LEDGER_INSERT, new_rows)
         self._write_many(db, _LEDGER_UPDATE, updates)
-        new_jobs, job_updates = [], []
+        new_jobs: list[tuple[Any, ...]] = []
+        job_updates: list[tuple[Any, ...]] = []
         jobday: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0] * 6)
         for job_id in sorted(jobs):
             job, before = jobs[job_id], stored_jobs.get(job_id)
             if job == before:
                 continue
-            if before is None:
-                new_jobs.append((job_id, job.user, job.account, job.start_ms, job.end_ms,
-                                 job.gpus, job.allocated_ms, job.busy_ms, job.energy_mj))
-            else:
-                job_updates.append((job_id, job.start_ms, job.end_ms, job.gpus,
-                                    job.allocated_ms, job.busy_ms, job.energy_mj))
-            for k, v in _jobday_changes(before, job).items():
-                acc = jobday[k]
+            (new_jobs if before is None else job_updates).append(
+                (job_id, job.user, job.account, job.start_ms, job.end_ms, job.gpus,
+                 job.allocated_ms, job.busy_ms, job.energy_mj, job.runs))
+            for day_key, v in _jobday_changes(before, job).items():
+                acc = jobday[day_key]
                 for i, x in enumerate(v):
                     acc[i] += x
         self._write_many(db, _JOB_INSERT, new_jobs)
@@ -469,8 +502,10 @@ class AcctStoreMixin:
 
     def add_lost_time(self, job_id: str, node: str, lost_ms: int, run: int | None = None,
                       now_ms: int = 0) -> int:
-        """Charge `lost_ms` (wall ms of work lost to a failure) to EACH GPU `job_id` holds in
-        the ledger on `node` (so the job's lost_ms grows by lost_ms x those GPUs: GPU-ms).
+        """Charge `lost_ms` (wall ms of work lost to a failure) to EACH GPU the killed run of
+        `job_id` holds in the ledger on `node` (so the job's lost_ms grows by lost_ms x those
+        GPUs: GPU-ms). The killed run is the newest ledger run on `node` at or below `run`
+        (rows of agents that send no run are all run 0); without `run`, the newest there.
         Returns the number of GPUs charged by this call.
 
         With `run` (Slurm's restart count of the run that was killed) the charge is made at
@@ -489,9 +524,12 @@ class AcctStoreMixin:
                 ).rowcount
                 if not fresh:
                     return 0
+            upto = run if run is not None else 2**31 - 1
             n = int(db.execute(
-                "UPDATE acct_ledger SET lost_ms = lost_ms + ? WHERE job_id = ? AND node = ?",
-                (lost_ms, job_id, node),
+                "UPDATE acct_ledger SET lost_ms = lost_ms + ? WHERE job_id = ? AND node = ? "
+                "AND run = (SELECT max(run) FROM acct_ledger WHERE job_id = ? AND node = ? "
+                "AND run <= ?)",
+                (lost_ms, job_id, node, job_id, node, upto),
             ).rowcount)
             if n and lost_ms:
                 row = self._select_jobs(db, [job_id]).fetchone()
@@ -519,8 +557,8 @@ class AcctStoreMixin:
         with self._read() as db:
             rows = db.execute(
                 "SELECT job_id, node, gpu_index, user_name, account, start_ms, end_ms, as_of_ms, "
-                "allocated_ms, busy_ms, energy_mj, idle_since_ms FROM acct_ledger "
-                "WHERE job_id = ? ORDER BY node, gpu_index", (job_id,),
+                "allocated_ms, busy_ms, energy_mj, idle_since_ms, run, source FROM acct_ledger "
+                "WHERE job_id = ? ORDER BY run, node, gpu_index", (job_id,),
             ).fetchall()
         return [UsageRow(*r) for r in rows]
 
@@ -607,15 +645,16 @@ class AcctStoreMixin:
         gpus = "count(*)" if table == "acct_ledger" else "sum(gpus)"
         span = ("min(start_ms), max(end_ms)" if q.group_by in ("job", "node")
                 else "NULL, NULL")
-        extra = ("min(user_name), min(account)" if q.group_by == "job"
-                 else "'', ''")
+        extra = ("min(user_name), min(account), sum(runs)" if q.group_by == "job"
+                 else "'', '', 0")
         sql = (f"SELECT {col}, {jobs}, {gpus}, sum(allocated_ms), "  # noqa: S608
                f"sum(busy_ms), sum(energy_mj), sum(lost_ms), {span}, "
                f"{extra} FROM {table} WHERE {' AND '.join(where)} GROUP BY {col} ORDER BY {col}")
         with self._read() as db:
             rows = db.execute(sql, args).fetchall()
         return [UsageTotal(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]),
-                           int(r[6]), r[7], r[8], str(r[9]), str(r[10])) for r in rows]
+                           int(r[6]), r[7], r[8], str(r[9]), str(r[10]), int(r[11]))
+                for r in rows]
 
     def usage_by_minute(self, since_ms: int, until_ms: int, group_by: str = "account"
                         ) -> list[UsageTotal]:

@@ -268,6 +268,41 @@ MIGRATIONS: list[str] = [
     ALTER TABLE events ADD COLUMN seq INTEGER;
     CREATE UNIQUE INDEX events_report ON events(node, agent_instance, seq)
     """,
+    # 9: runs of a job (store/acct.py): a requeued job runs again under the same job id, so
+    # the ledger is kept per job x run (Slurm's restart count) x node x GPU; rows stored
+    # before are run 0. `source`: 'hook' (Prolog/Epilog, exact) or 'proc' (/proc safety
+    # net), '' unknown (rows before, agents before). acct_jobs counts each job's runs.
+    # SQLite cannot change a primary key in place: the table is copied.
+    """
+    CREATE TABLE acct_ledger_v9 (
+        job_id        TEXT NOT NULL,
+        run           INTEGER NOT NULL DEFAULT 0,
+        node          TEXT NOT NULL,
+        gpu_index     INTEGER NOT NULL,
+        user_name     TEXT NOT NULL,
+        account       TEXT NOT NULL,
+        start_ms      INTEGER NOT NULL,
+        end_ms        INTEGER,
+        as_of_ms      INTEGER NOT NULL,
+        allocated_ms  INTEGER NOT NULL,
+        busy_ms       INTEGER NOT NULL,
+        energy_mj     INTEGER NOT NULL,
+        lost_ms       INTEGER NOT NULL DEFAULT 0,
+        idle_since_ms INTEGER,
+        source        TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (job_id, run, node, gpu_index)
+    );
+    INSERT INTO acct_ledger_v9 (job_id, run, node, gpu_index, user_name, account, start_ms,
+                                end_ms, as_of_ms, allocated_ms, busy_ms, energy_mj, lost_ms,
+                                idle_since_ms, source)
+        SELECT job_id, 0, node, gpu_index, user_name, account, start_ms, end_ms, as_of_ms,
+               allocated_ms, busy_ms, energy_mj, lost_ms, idle_since_ms, ''
+        FROM acct_ledger;
+    DROP TABLE acct_ledger;
+    ALTER TABLE acct_ledger_v9 RENAME TO acct_ledger;
+    CREATE INDEX acct_ledger_node ON acct_ledger(node, start_ms);
+    ALTER TABLE acct_jobs ADD COLUMN runs INTEGER NOT NULL DEFAULT 1
+    """,
 ]
 
 # PostgreSQL: BIGINT for millisecond times (past 2038 and past 2^31 ids), BYTEA, identity ids.
@@ -428,6 +463,14 @@ PG_MIGRATIONS: list[str] = [
     ALTER TABLE events ADD COLUMN agent_instance TEXT;
     ALTER TABLE events ADD COLUMN seq BIGINT;
     CREATE UNIQUE INDEX events_report ON events(node, agent_instance, seq)
+    """,
+    # 9: runs of a job (see MIGRATIONS[8]); PostgreSQL changes the key in place
+    """
+    ALTER TABLE acct_ledger ADD COLUMN run INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE acct_ledger ADD COLUMN source TEXT NOT NULL DEFAULT '';
+    ALTER TABLE acct_ledger DROP CONSTRAINT acct_ledger_pkey;
+    ALTER TABLE acct_ledger ADD PRIMARY KEY (job_id, run, node, gpu_index);
+    ALTER TABLE acct_jobs ADD COLUMN runs INTEGER NOT NULL DEFAULT 1
     """,
 ]
 
