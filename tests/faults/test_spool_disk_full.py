@@ -147,7 +147,10 @@ def test_agent_with_a_full_spool_disk_keeps_sampling_and_reporting(
         store.close()
     log = agent.log_text()
     assert code == 0 and "Traceback" not in log, log[-3000:]
-    assert log.count("cannot write the spool") == 1, log[-3000:]  # once, not per report
+    # once per outage, not per report: the disk retry every 0.5 s may find room for a
+    # moment (acks free space) and the disk fill again, a second outage on a loaded
+    # machine; hundreds of reports went by meanwhile
+    assert 1 <= log.count("cannot write the spool") <= 3, log[-3000:]
     stored = applied.stored()
     seqs = [s for _, s, _ in stored]
     assert seqs == list(range(1, len(seqs) + 1))  # every report once, in order: none lost
