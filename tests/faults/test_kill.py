@@ -356,21 +356,27 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, RunResult
     return plain, killed, plan
 
 
+def assert_totals_exact(name: str, ledger: dict[Any, Any], acct_jobs: dict[str, Any],
+                        want: dict[Any, Any]) -> None:
+    """The ledger per job x GPU is exactly `want`, and `gpufleet acct --json` per job shows
+    the ledger's sums, as users see them."""
+    assert ledger == want, (name, {k: (ledger.get(k), v) for k, v in want.items()
+                                   if ledger.get(k) != v})
+    for job in PHASE_A + PHASE_B:
+        rows = [want[(job.job_id, job.node, g)] for g in job.gpus]
+        d = acct_jobs[job.job_id]
+        assert d["alloc_gpu_s"] == sum(u.allocated_ms for u in rows) / 1000, (name, d)
+        assert d["busy_gpu_s"] == sum(u.busy_ms for u in rows) / 1000, (name, d)
+        assert d["energy_j"] == sum(u.energy_mj for u in rows) / 1000, (name, d)
+        assert d["gpus"] == len(job.gpus) and d["account"] == job.account
+
+
 def test_kill9_controller_and_agents_keep_totals_exact(
         runs: tuple[RunResult, RunResult, Plan]) -> None:
     plain, killed, plan = runs
     want = expected()
     for name, r in (("without kills", plain), ("with kills", killed)):
-        assert r.ledger == want, (name, {k: (r.ledger.get(k), v) for k, v in want.items()
-                                         if r.ledger.get(k) != v})
-        # `gpufleet acct --json` per job: the ledger's sums, as users see them
-        for job in PHASE_A + PHASE_B:
-            rows = [want[(job.job_id, job.node, g)] for g in job.gpus]
-            d = r.acct_jobs[job.job_id]
-            assert d["alloc_gpu_s"] == sum(u.allocated_ms for u in rows) / 1000, (name, d)
-            assert d["busy_gpu_s"] == sum(u.busy_ms for u in rows) / 1000, (name, d)
-            assert d["energy_j"] == sum(u.energy_mj for u in rows) / 1000, (name, d)
-            assert d["gpus"] == len(job.gpus) and d["account"] == job.account
+        assert_totals_exact(name, r.ledger, r.acct_jobs, want)
         # every injected fault stored exactly once; nothing else
         assert sorted(r.events) == sorted((n, g, x) for n, g, x in XIDS), (name, r.events)
         # only the faulted node is drained (recorded: --slurm none), nothing is resumed
