@@ -1,5 +1,7 @@
-"""Parser for `ibnetdiscover` output: the topology report, the `-p` ports report, and ibsim's
-`net` files (the same grammar with `Hca` for `Ca` and no GUIDs).
+"""Parser for `ibnetdiscover` output in every form infiniband-diags prints, old and current:
+the topology report (plain, `-f` full, `-s` with its "DR path" progress lines, `-g` chassis
+grouping with `[ext N]` ports, `-m`), the `-p` ports report, the `-l`/`-H`/`-S`/`-R` node
+lists, and ibsim's `net` files (the topology grammar with `Hca` for `Ca` and no GUIDs).
 
 It only reads text; it never runs `ibnetdiscover`. Every line is either understood or rejected
 with an `IbParseError` naming the source and the 1-based line number, so a truncated or
@@ -107,7 +109,7 @@ class DumpLink:
 @dataclass
 class IbDump:
     source: str
-    fmt: str  # "topology", "ports", "ibsim"
+    fmt: str  # "topology", "ports", "list" (-l/-H/-S/-R: nodes, no links), "ibsim"
     nodes: dict[str, DumpNode] = field(default_factory=dict)
     links: list[DumpLink] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # tool diagnostics mixed into the dump
@@ -126,40 +128,62 @@ _HEX16 = re.compile(r"[0-9a-f]{1,16}")
 
 _KIND = {"switch": "switch", "ca": "ca", "hca": "ca", "rt": "router"}
 _ID_GUID = re.compile(r"^[SHR]-([0-9a-fA-F]{16})$")
+# the description runs to the last quote: node descriptions may hold '"' or '#'
 _HEADER = re.compile(
-    r'^(Switch|Ca|Hca|Rt)\s+(\d+)\s+"([^"]+)"\s*(?:#\s*"(.*?)"\s*(.*))?$', re.IGNORECASE
+    r'^(Switch|Ca|Hca|Rt)\s+(\d+)\s+"([^"]+)"\s*(?:#\s*"(.*)"\s*(.*))?$', re.IGNORECASE
 )
-# [local](guid)? "remote"[port](guid)? # comment
+# [local][ext N](guid)? "remote"[port][ext N] (guid)? # comment
+# `-g` adds "[ext N]" (external port numbers of chassis); some old releases printed "{N}"
+_EXT = r"(?:\[ext\s+\d+\]|\{\d+\})?"
 _PORT = re.compile(
-    r'^\[(\d+)\](?:\(([0-9a-fA-F]+)\))?\s*"([^"]+)"\[(\d+)\](?:\(([0-9a-fA-F]+)\))?\s*(.*)$'
+    rf'^\[(\d+)\]{_EXT}(?:\(([0-9a-fA-F]+)\))?\s*"([^"]+)"\[(\d+)\]{_EXT}'
+    r'\s*(?:\(([0-9a-fA-F]+)\))?\s*(.*)$'
 )
 _IBSIM_W = re.compile(r"^w=(\d+)$")  # ibsim: [1] "Hca1"[1]  w=12
 _CA_LID = re.compile(r"^lid\s+(\d+)\s+lmc\s+\d+\s+(.*)$")
-_TAIL = re.compile(r'^"(.*)"\s+lid\s+(\d+)\s+(\S+)((?:\s+[a-z]+=\d+)*)\s*$')
-_LINKRATE = re.compile(r"^(\d+)x([A-Za-z0-9?]+)$")
+# `-f` adds s= w= v= (e=); Xsigo peers get " slot N" or " (scp)"
+_TAIL = re.compile(
+    r'^"(.*)"\s+lid\s+(\d+)\s+(\S+)((?:\s+[a-z]+=\d+)*)(?:\s+slot\s+\d+|\s+\(scp\))?\s*$')
+# width is "1x".."12x" or "??" when unknown; speed "SDR".."XDR" or "???"
+_LINKRATE = re.compile(r"^(\d+x|\?\?)([A-Za-z0-9]+|\?\?\?)$")
+# `-g` appends "# <chassis type> <slot>" to switchguid and "# Chassis N (name)" to sysimgguid
 _GUIDLINE = re.compile(
-    r"^(switchguid|caguid|rtguid|sysimgguid)=(0x[0-9a-fA-F]+)(?:\([0-9a-fA-F]+\))?$")
+    r"^(switchguid|caguid|rtguid|sysimgguid)=(0x[0-9a-fA-F]+)(?:\([0-9a-fA-F]+\))?"
+    r"\s*(?:#.*)?$")
 _ATTR = re.compile(r"^(vendid|devid)=(0x[0-9a-fA-F]+)$")
 # stderr of libibmad/ibnetdiscover captured with the dump ("src/query_smp.c:195; umad ...")
-_DIAG = re.compile(r"^(\S+\.c:\d+;|ibwarn:|ibnetdiscover:|ibdebug|ibpanic:)")
-_CHASSIS = re.compile(r"^(Non-Chassis Nodes|Chassis \S.*|\S+ Chassis \S.*)$")
+_DIAG = re.compile(r"^(\S+\.c:\d+;|ibwarn:|ibnetdiscover:|ibdebug|ibpanic:|iberror:)")
+# `-s`: libibnetdisc's progress, one line per node reached ("DR path slid 0; dlid 0; 0,1 -> new
+# Switch {0008f105...} portnum 0 lid 2-2 "..."), printed on stdout before the dump
+_PROGRESS = re.compile(r"^DR path\b")
+# `-g`: chassis headers; Xsigo chassis also name their host
+_CHASSIS = re.compile(r"^(Non-Chassis Nodes|Chassis \S.*|\S+ Chassis \S.*|Hostname: .*)$")
 _PORTS_LINE = re.compile(
-    r"^(CA|SW|RT)\s+(\d+)\s+(\d+)\s+(0x[0-9a-fA-F]+)\s+(\d+)x\s+(\S+)\s*(.*)$"
+    r"^(CA|SW|RT)\s+(\d+)\s+(\d+)\s+(0x[0-9a-fA-F]+)\s+(\d+x|\?\?)\s+(\S+)\s*(.*)$"
 )
+# `-l`, `-H`, `-S`, `-R`: `Switch\t : 0x0008f105... ports 36 devid 0xc738 vendid 0x2c9 "desc"`
+_LIST_LINE = re.compile(
+    r'^(Ca|Switch|Router)\s*:\s*(0x[0-9a-fA-F]+)\s+ports\s+(\d+)\s+devid\s+(0x[0-9a-fA-F]+)'
+    r'\s+vendid\s+(0x[0-9a-fA-F]+)\s+"(.*)"\s*$'
+)
+# `--diff` prints "< " / "> " before each record of the two fabrics
+_DIFF = re.compile(r"^[<>] (Switch|Ca|Rt|\[|numports)")
 _PORTS_PEER = re.compile(
     r"^-\s+(CA|SW|RT)\s+(\d+)\s+(\d+)\s+(0x[0-9a-fA-F]+)\s+\(\s*'(.*)'\s+-\s+'(.*)'\s*\)\s*$"
 )
 
 
 def parse_ibnetdiscover(text: str, source: str = "<ibnetdiscover>") -> IbDump:
-    """Parse any of the three formats; raises IbParseError with the line number."""
+    """Parse any of the formats; raises IbParseError with the line number."""
     lines = text.splitlines()
     for raw in lines:
         s = raw.strip()
-        if not s or s.startswith("#"):
+        if not s or s.startswith("#") or _PROGRESS.match(s) or _DIAG.match(s):
             continue
         if _PORTS_LINE.match(s):
             return _parse_ports(lines, source)
+        if _LIST_LINE.match(s):
+            return _parse_list(lines, source)
         break
     return _Topology(source).parse(lines)
 
@@ -196,16 +220,24 @@ class _Topology:
                     raise self.err(i, str(e), raw) from e
             elif m := _ATTR.match(line):
                 self.pending[m.group(1)] = m.group(2).lower()
-            elif _CHASSIS.match(line):
-                continue
-            elif _DIAG.match(line):
-                self.dump.warnings.append(f"line {i}: {line}")
-            elif line.split()[0] in ("include", "do"):
-                raise self.err(i, "ibsim 'include'/'do' directives are not followed", raw)
             else:
-                raise self.err(i, "not an ibnetdiscover line", raw)
+                self._other(i, line, raw)
         self._finish()
         return self.dump
+
+    def _other(self, i: int, line: str, raw: str) -> None:
+        """A line outside the records: chassis headings, progress, tool diagnostics."""
+        if _CHASSIS.match(line) or _PROGRESS.match(line):
+            return
+        if _DIAG.match(line):
+            self.dump.warnings.append(f"line {i}: {line}")
+        elif _DIFF.match(line):
+            raise self.err(i, "this is `ibnetdiscover --diff` output (two fabrics "
+                              "compared), not a fabric", raw)
+        elif line.split(maxsplit=1)[0] in ("include", "do"):
+            raise self.err(i, "ibsim 'include'/'do' directives are not followed", raw)
+        else:
+            raise self.err(i, "not an ibnetdiscover line", raw)
 
     def _header(self, i: int, m: re.Match[str]) -> None:
         kind_word, nports, node_id, desc, rest = m.groups()
@@ -291,8 +323,11 @@ class _Topology:
         rm = _LINKRATE.match(tail.group(3))
         if rm is None:
             raise self.err(i, f"bad link width/speed {tail.group(3)!r}", line)
-        port.width, port.speed = int(rm.group(1)), rm.group(2).upper()
-        if port.speed not in LANE_RATE_GBPS:
+        width, speed = rm.group(1), rm.group(2).upper()
+        # "??" / "???": the tool could not read the port (no PortInfo): known to be cabled only
+        port.width = None if width == "??" else int(width[:-1])
+        port.speed = None if speed == "???" else speed
+        if port.speed is not None and port.speed not in LANE_RATE_GBPS:
             raise self.err(i, f"unknown link speed {rm.group(2)!r}", line)
         for kv in tail.group(4).split():
             k, v = kv.split("=")
@@ -374,8 +409,11 @@ def _parse_ports(  # noqa: PLR0915 - a line grammar, read top to bottom
             if _DIAG.match(line):
                 dump.warnings.append(f"line {i}: {line}")
                 continue
+            if _PROGRESS.match(line):
+                continue
             raise IbParseError(source, i, "not an 'ibnetdiscover -p' line", raw)
-        kind, lid, port_s, guid, width, speed, rest = m.groups()
+        kind, lid, port_s, guid, width_s, speed, rest = m.groups()
+        width = None if width_s == "??" else int(width_s[:-1])
         speed = speed.upper()
         if speed != "???" and speed not in LANE_RATE_GBPS:
             raise IbParseError(source, i, f"unknown link speed {speed!r}", raw)
@@ -389,18 +427,47 @@ def _parse_ports(  # noqa: PLR0915 - a line grammar, read top to bottom
         if peer is None or speed == "???":
             # unconnected or not yet trained: the port exists but carries no link
             port.connected = False
-            port.width = int(width)
+            port.width = width
             port.speed = None if speed == "???" else speed
             node.ports.setdefault(port.port, port)
             continue
-        port.width, port.speed = int(width), speed
+        port.width, port.speed = width, speed
         node.ports.setdefault(port.port, port)
         pkind, plid, pport, pguid, _ldesc, rdesc = peer.groups()
         other = node_for(i, pkind, plid, pguid, rdesc)
         other.ports.setdefault(int(pport), DumpPort(int(pport), port_guid=other.guid,
-                                                    lid=int(plid), width=int(width), speed=speed))
+                                                    lid=int(plid), width=width, speed=speed))
         a, b = sorted([(node.node_id, port.port), (other.node_id, int(pport))])
         if (a, b) not in seen_links:
             seen_links.add((a, b))
-            dump.links.append(DumpLink(a[0], a[1], b[0], b[1], int(width), speed, i))
+            dump.links.append(DumpLink(a[0], a[1], b[0], b[1], width, speed, i))
+    return dump
+
+
+def _parse_list(lines: list[str], source: str) -> IbDump:
+    """`ibnetdiscover -l` (and `-H`, `-S`, `-R`): the nodes, with no cabling."""
+    dump = IbDump(source, "list")
+    prefix = {"Ca": ("H-", "ca"), "Switch": ("S-", "switch"), "Router": ("R-", "router")}
+    for i, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#") or _PROGRESS.match(line):
+            continue
+        m = _LIST_LINE.match(line)
+        if m is None:
+            if _DIAG.match(line):
+                dump.warnings.append(f"line {i}: {line}")
+                continue
+            raise IbParseError(source, i, "not an 'ibnetdiscover -l' node line", raw)
+        kind_word, guid_text, nports, devid, vendid, desc = m.groups()
+        try:
+            guid = norm_guid(guid_text)
+        except ValueError as e:
+            raise IbParseError(source, i, str(e), raw) from e
+        id_prefix, kind = prefix[kind_word]
+        node_id = id_prefix + guid[2:]
+        if node_id in dump.nodes:
+            raise IbParseError(source, i, f"node {node_id!r} listed twice (first on line "
+                                          f"{dump.nodes[node_id].line_no})", raw)
+        dump.nodes[node_id] = DumpNode(node_id, kind, guid, int(nports), desc, line_no=i,
+                                       vendid=vendid.lower(), devid=devid.lower())
     return dump
