@@ -139,7 +139,11 @@ _PORT = re.compile(
     rf'^\[(\d+)\]{_EXT}(?:\(([0-9a-fA-F]+)\))?\s*"([^"]+)"\[(\d+)\]{_EXT}'
     r'\s*(?:\(([0-9a-fA-F]+)\))?\s*(.*)$'
 )
-_IBSIM_W = re.compile(r"^w=(\d+)$")  # ibsim: [1] "Hca1"[1]  w=12
+# ibsim port options: [1] "Hca1"[1]  w=12 s=2  (enabled widths / speeds)
+_IBSIM_OPTS = re.compile(r"^((?:[ws]=\d+\s*)+)(#.*)?$")
+# ibsim settings lines that apply to the nodes after them
+_IBSIM_SET = re.compile(r"^(speed|width|hcaguids|module|pdebug)\s*=")
+_LID_ONLY = re.compile(r"^lid\s+(\d+)\s+lmc\s+\d+$")  # ibsim CA port: "# lid 11 lmc 0"
 _CA_LID = re.compile(r"^lid\s+(\d+)\s+lmc\s+\d+\s+(.*)$")
 # `-f` adds s= w= v= (e=); Xsigo peers get " slot N" or " (scp)"
 _TAIL = re.compile(
@@ -229,7 +233,9 @@ class _Topology:
         """A line outside the records: chassis headings, progress, tool diagnostics."""
         if _CHASSIS.match(line) or _PROGRESS.match(line):
             return
-        if _DIAG.match(line):
+        if _IBSIM_SET.match(line):
+            self.dump.fmt = "ibsim"
+        elif _DIAG.match(line):
             self.dump.warnings.append(f"line {i}: {line}")
         elif _DIFF.match(line):
             raise self.err(i, "this is `ibnetdiscover --diff` output (two fabrics "
@@ -303,15 +309,22 @@ class _Topology:
 
     def _comment(self, i: int, rest: str, port: DumpPort, line: str) -> None:
         rest = rest.strip()
-        attrs_w = _IBSIM_W.match(rest)  # ibsim: [1] "Hca1"[1]  w=12
-        if attrs_w:
-            port.width = int(attrs_w.group(1))
-            return
+        if opts := _IBSIM_OPTS.match(rest):
+            for kv in opts.group(1).split():
+                k, v = kv.split("=")
+                port.attrs[k] = int(v)
+            if "w" in port.attrs:
+                port.width = port.attrs["w"]
+            rest = (opts.group(2) or "").strip()
+            self.dump.fmt = "ibsim"
         if not rest:
             return
         if not rest.startswith("#"):
             raise self.err(i, "text after the port is not a '#' comment", line)
         body = rest[1:].strip()
+        if lm := _LID_ONLY.match(body):
+            port.lid = int(lm.group(1))
+            return
         # CA side: "lid 16 lmc 1 "desc" lid 3 4xSDR"; switch side: ""desc" lid 4 4xSDR"
         if lm := _CA_LID.match(body):
             port.lid = int(lm.group(1))
