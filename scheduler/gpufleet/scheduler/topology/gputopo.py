@@ -122,46 +122,107 @@ def render_topo_m(m: TopoMatrix) -> str:
     return "\n".join(rows) + "\n"
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# the columns after the device cells, as drivers print them: 450+ CPU and NUMA affinity,
+# 535+ also the GPU NUMA ID (after an empty column in tab-separated output)
+_TAIL_COLUMNS = ("CPU Affinity", "NUMA Affinity", "GPU NUMA ID")
+_NIC_LEGEND = re.compile(r"^\s*(NIC\d+)\s*:\s*(\S+)\s*$")
+
+
+def _header_devices(header: str) -> tuple[list[str], list[str]]:
+    """Device columns and the tail columns present, from the header line (tabs or spaces)."""
+    at = header.find("CPU Affinity")
+    devices = header[:at].split()
+    tail = [c for c in _TAIL_COLUMNS if c in header[at:]]
+    return devices, tail
+
+
+def _row_fields(raw: str, ndev: int) -> tuple[list[str], list[str]]:
+    """(name + cells, tail fields) of a matrix row.
+
+    Tab-separated rows keep empty fields, so the tail is positional. Rows aligned with
+    spaces (a terminal's output pasted into a ticket) lose empty fields: `_place_tail`
+    places what is left.
+    """
+    if "\t" in raw:
+        fields = [f.strip() for f in raw.split("\t")]
+        if fields and fields[0] == "":  # a row never starts with a tab; tolerate one
+            fields = fields[1:]
+        return fields[:1 + ndev], fields[1 + ndev:]
+    tokens = raw.split()
+    return tokens[:1 + ndev], tokens[1 + ndev:]
+
+
+def _place_tail(tail_cols: list[str], values: list[str], tabbed: bool) -> dict[str, str]:
+    """Tail values onto the tail columns of the header."""
+    out = dict.fromkeys(tail_cols, "")
+    if tabbed:
+        # "cpu, numa" (450..530) or "cpu, numa, <empty>, gpu numa id" (535+)
+        for col, val in zip(tail_cols[:2], values, strict=False):
+            out[col] = val
+        if "GPU NUMA ID" in out and len(values) >= 3:
+            out["GPU NUMA ID"] = values[-1]
+        return out
+    vals = list(values)
+    if "GPU NUMA ID" in out and vals:
+        out["GPU NUMA ID"] = vals.pop()  # always printed (a number or N/A), and last
+    for col, val in zip([c for c in tail_cols if c != "GPU NUMA ID"], vals, strict=False):
+        out[col] = val  # an empty CPU affinity (Windows) leaves no token to place
+    return out
+
+
+def _read_row(m: TopoMatrix, tail_cols: list[str], line_no: int, raw: str,
+              source: str) -> None:
+    devices = m.devices
+    head, tail = _row_fields(raw, len(devices))
+    name = head[0]
+    if name not in devices:
+        raise IbParseError(source, line_no, f"row {name!r} is not a device of the header", raw)
+    cells = head[1:]
+    if len(cells) < len(devices):
+        raise IbParseError(source, line_no, f"{len(cells)} cells for {len(devices)} devices",
+                           raw)
+    for col, cell in zip(devices, cells, strict=True):
+        if not CELL.match(cell):
+            raise IbParseError(source, line_no, f"unknown relation {cell!r} for {col}", raw)
+        if cell != "N/A":  # unknown stays absent, as in from_inventory
+            m.cells[(name, col)] = cell
+    if name.startswith("GPU") and tail_cols:
+        placed = _place_tail(tail_cols, tail, "\t" in raw)
+        m.cpu_affinity[name] = placed.get("CPU Affinity") or "N/A"
+        m.numa_affinity[name] = placed.get("NUMA Affinity") or "N/A"
+        m.gpu_numa_id[name] = placed.get("GPU NUMA ID") or "N/A"
 
 
 def parse_topo_m(text: str, source: str = "<topo -m>") -> TopoMatrix:
-    """Read `nvidia-smi topo -m` output (ANSI underline around the header is dropped).
+    """Read `nvidia-smi topo -m` output of drivers 450 to 580, as printed (tabs) or as pasted
+    from a terminal (spaces), with or without ANSI escapes around the header.
 
-    The header row names the device columns; each row has one cell per device, then CPU
-    affinity, NUMA affinity and (drivers >= 535) an empty column and the GPU NUMA ID.
+    The header row names the device columns: GPUs, then NICs as `NIC<n>` (with a "NIC
+    Legend" naming each, drivers >= 510) or by their device names (`mlx5_0`, older drivers);
+    then CPU affinity, NUMA affinity and (drivers >= 535) GPU NUMA ID. NICs named in the
+    header stand for themselves in `nics`.
     """
-    lines = [_ANSI.sub("", raw) for raw in text.splitlines()]
+    lines = [_ANSI.sub("", raw).rstrip("\r") for raw in text.splitlines()]
     start = next((i for i, ln in enumerate(lines)
                   if "CPU Affinity" in ln and re.search(r"\bGPU\d+\b", ln)), None)
     if start is None:
         raise IbParseError(source, 1, "no `nvidia-smi topo -m` header (GPU0 ... CPU Affinity)")
-    header = [h.strip() for h in lines[start].split("\t") if h.strip()]
-    devices = [h for h in header if re.fullmatch(r"(GPU|NIC|mlx\S*)\d*", h)]
+    devices, tail_cols = _header_devices(lines[start])
+    if not devices or not re.fullmatch(r"GPU\d+", devices[0]) or len(set(devices)) != len(
+            devices):
+        raise IbParseError(source, start + 1, "header does not start with the GPU columns",
+                           lines[start])
     m = TopoMatrix(devices)
     for i in range(start + 1, len(lines)):
         raw = lines[i]
-        if not raw.strip():
+        if not raw.strip() or raw.strip().startswith("Legend:"):
             break
-        fields = [f.strip() for f in raw.split("\t")]
-        name = fields[0]
-        if name not in devices:
-            raise IbParseError(source, i + 1, f"row {name!r} is not a device of the header", raw)
-        cells = fields[1:1 + len(devices)]
-        if len(cells) < len(devices):
-            raise IbParseError(source, i + 1, f"{len(cells)} cells for {len(devices)} devices",
-                               raw)
-        for col, cell in zip(devices, cells, strict=True):
-            if not CELL.match(cell):
-                raise IbParseError(source, i + 1, f"unknown relation {cell!r} for {col}", raw)
-            if cell != "N/A":  # unknown stays absent, as in from_inventory
-                m.cells[(name, col)] = cell
-        rest = fields[1 + len(devices):]
-        if name.startswith("GPU") and rest:
-            m.cpu_affinity[name] = rest[0] or "N/A"
-            m.numa_affinity[name] = (rest[1] if len(rest) > 1 else "") or "N/A"
-            m.gpu_numa_id[name] = rest[-1] if len(rest) > 2 else "N/A"
+        _read_row(m, tail_cols, i + 1, raw, source)
     for raw in lines[start:]:
-        if nm := re.match(r"^\s+(NIC\d+):\s+(\S+)\s*$", raw):
+        if nm := _NIC_LEGEND.match(raw):
             m.nics[nm.group(1)] = nm.group(2)
+    for d in devices:
+        if not d.startswith(("GPU", "NIC")):
+            m.nics.setdefault(d, d)  # old drivers: the column is the device name itself
     return m
