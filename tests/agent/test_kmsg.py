@@ -221,13 +221,15 @@ def test_to_xid_events_matches_nvml_bus_ids(nvml_bus_id: str) -> None:
              KmsgXid("0000:3b:00.0", 48, "DBE")]
     bus_to_index = {"00000000:1A:00.0": 0, nvml_bus_id: 4}
     assert to_xid_events(items, bus_to_index, now_ms=1_700_000_000_000) == [
-        XidEvent(gpu_index=4, xid=79, timestamp_ms=1_700_000_000_000, source="kmsg"),
-        XidEvent(gpu_index=None, xid=48, timestamp_ms=1_700_000_000_000, source="kmsg"),
+        XidEvent(gpu_index=4, xid=79, timestamp_ms=1_700_000_000_000, source="kmsg",
+                 message="fallen off the bus"),
+        XidEvent(gpu_index=None, xid=48, timestamp_ms=1_700_000_000_000, source="kmsg",
+                 message="DBE"),
     ]
 
 
 def test_to_xid_events_ignores_function_and_bad_keys() -> None:
     items = [KmsgXid("0000:9b:00.1", 13, "x")]
     assert to_xid_events(items, {"garbage": 1, "0000:9b:00.0": 2}, 5) == [
-        XidEvent(gpu_index=2, xid=13, timestamp_ms=5, source="kmsg")]
+        XidEvent(gpu_index=2, xid=13, timestamp_ms=5, source="kmsg", message="x")]
     assert to_xid_events([], {"0000:9b:00.0": 2}, 5) == []

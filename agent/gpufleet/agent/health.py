@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from gpufleet.agent.telemetry import GpuSample, HostSample, IbPortSample, XidEvent
-from gpufleet.agent.xid_catalog import XID_CATALOG
+from gpufleet.agent.xid_catalog import classify
 
 
 class Severity(IntEnum):
@@ -69,19 +69,22 @@ class HealthConfig:
         return dict(self.debounce).get(check, self.debounce_default)
 
 
-def classify_xid(xid: int) -> tuple[Severity, str]:
-    """Severity and description of an XID from NVIDIA's catalog.
+def classify_xid(xid: int, message: str = "") -> tuple[Severity, str]:
+    """Severity and description of an XID from NVIDIA's catalog (gpufleet.agent.xid_catalog).
 
-    FATAL in the catalog means the GPU needs a reset or the node a reboot: the node must
-    leave service. NONFATAL ones (application errors, informational) are warnings. An XID
-    the catalog does not know is a warning that keeps its number, so nobody is drained on
-    a code nobody has classified.
+    Fatal in the catalog means the GPU needs a reset or the node a reboot: the node must
+    leave service. Non-fatal ones (application errors, informational) are warnings. For the
+    Xids whose variant decides (NVLink5 144-150), `message` is the driver's kernel line; a
+    variant not known (NVML's event carries no text) is a warning until the kernel line
+    tells. An XID the catalog does not know is a warning that keeps its number, so nobody is
+    drained on a code nobody has classified.
     """
-    entry = XID_CATALOG.get(xid)
-    if entry is None:
+    c = classify(xid, message)
+    if c.about == "not in the catalog":
         return Severity.WARN, f"Xid {xid} (not in the catalog)"
-    mnemonic, action, fatal = entry
-    return (Severity.FATAL if fatal else Severity.WARN), f"Xid {xid} {mnemonic} ({action})"
+    variant = f"; {c.variant}" if c.variant else ""
+    return ((Severity.FATAL if c.fatal else Severity.WARN),
+            f"Xid {xid} {c.about} ({c.resolution}{variant})")
 
 
 Key = tuple[str, int | str | None]  # (check, GPU index or IB port "mlx5_0/1" or path)
@@ -121,11 +124,16 @@ class HealthState:
         """An XID acts at once; its verdict only ever gets worse until the agent restarts
         (a reset GPU comes back with a new agent boot), so a later milder XID cannot hide a
         fatal one."""
-        severity, text = classify_xid(event.xid)
         where = (f"GPU {event.gpu_index} ({bus_ids.get(event.gpu_index, '?')})"
                  if event.gpu_index is not None else "GPU ?")
-        verdict = Verdict("xid", severity, f"xid{event.xid}", f"{where} {text}",
-                          event.timestamp_ms, event.gpu_index)
+        if event.lost:  # the driver's words, no Xid: as fatal as Xid 79, and named for it
+            verdict = Verdict("xid", Severity.FATAL, "gpu_lost",
+                              f"{where} fell off the bus (kernel log, no Xid): "
+                              f"{event.message[:200]}", event.timestamp_ms, event.gpu_index)
+        else:
+            severity, text = classify_xid(event.xid, event.message)
+            verdict = Verdict("xid", severity, f"xid{event.xid}", f"{where} {text}",
+                              event.timestamp_ms, event.gpu_index)
         key: Key = ("xid", event.gpu_index)
         old = self.current.get(key)
         if old is None or verdict.severity >= old.severity:

@@ -36,6 +36,7 @@ from gpufleet.agent.telemetry import (
     HostSample,
     XidEvent,
 )
+from gpufleet.agent.xid_catalog import variant_dependent
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Agent:
         self.metrics = AgentCollector()
         self._gpu_infos: tuple[GpuInfo, ...] = ()
         self._kmsg: KmsgReader | None = None
-        self._recent_xids: dict[tuple[int | None, int], int] = {}
+        self._recent_xids: dict[tuple[int | None, int, bool, bool], int] = {}
         self._missing_disks: set[str] = set()
         # a fresh instance every start; reports an earlier process spooled keep theirs and
         # are sent first (gpufleet.agent.outbox explains why the instance is not reused)
@@ -204,10 +205,11 @@ class Agent:
         log.warning("%s: %s", self.node_name, verdict.evidence)
         ev = pb.HealthEvent(
             timestamp_ms=event.timestamp_ms,
-            kind=pb.EVENT_KIND_XID,
-            xid=event.xid,
+            kind=pb.EVENT_KIND_GPU_LOST if event.lost else pb.EVENT_KIND_XID,
             verdict=wire.verdict(verdict),
         )
+        if not event.lost:  # a GPU lost without an Xid has no number to send
+            ev.xid = event.xid
         if event.gpu_index is not None:
             ev.gpu_index = event.gpu_index
         self._save_xid_verdicts()
@@ -303,8 +305,10 @@ class Agent:
     # ------------------------------------------------------------ loops
 
     def _xid_is_new(self, event: XidEvent) -> bool:
-        """NVML and the kernel log report the same XID: keep the first within 10 s."""
-        key = (event.gpu_index, event.xid)
+        """NVML and the kernel log report the same XID: keep the first within 10 s. Where the
+        kernel line's text decides the variant (NVLink5), NVML's bare event does not hide it."""
+        detail = variant_dependent(event.xid) and bool(event.message)
+        key = (event.gpu_index, event.xid, event.lost, detail)
         last = self._recent_xids.get(key)
         self._recent_xids[key] = event.timestamp_ms
         return last is None or event.timestamp_ms - last > 10_000

@@ -78,9 +78,11 @@ class GpuSample:
 @dataclass(frozen=True, slots=True)
 class XidEvent:
     gpu_index: int | None  # None when NVML could not tell which device
-    xid: int
+    xid: int  # 0 when `lost` (no Xid was logged)
     timestamp_ms: int
     source: str  # "nvml" or "kmsg"
+    message: str = ""  # the driver's words after the Xid number (kernel log only)
+    lost: bool = False  # the kernel log says the GPU fell off the bus, without an Xid line
 
 
 class GpuBackendError(Exception):
