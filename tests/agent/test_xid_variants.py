@@ -23,6 +23,8 @@ from gpufleet.agent.runner import Agent
 from gpufleet.agent.telemetry import XidEvent
 from gpufleet.agent.xid_catalog import XID_CATALOG, Resolution, classify
 from gpufleet.rpc.v1 import fleet_pb2 as pb
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _nvl5(xid: int, unit: str, said: str, intrinfo: int, status: int) -> str:
@@ -176,3 +178,19 @@ def test_lost_gpu_is_fatal_and_sent_as_gpu_lost(tmp_path: Path) -> None:
     assert not agent._xid_is_new(XidEvent(2, 149, now + 9, "nvml"))  # NVML twice: once
     assert agent.on_xid(bare).verdict.severity == pb.SEVERITY_WARN
     assert agent.on_xid(worded).verdict.severity == pb.SEVERITY_FATAL
+
+
+@settings(max_examples=300, deadline=None)
+@given(xid=st.integers(0, 300),
+       text=st.one_of(st.text(max_size=120),
+                      st.builds(lambda u, s, i, e: f"{u} {s} XC0 i0 Link 3 ({i:#x} {e:#x})",
+                                st.sampled_from(["NETIR_LINK_EVT", "SAW_MVB", "X"]),
+                                st.sampled_from(["Fatal", "Nonfatal", "fatal"]),
+                                st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))))
+def test_any_text_classifies_without_raising(xid: int, text: str) -> None:
+    got = classify(xid, text)
+    assert got.xid == xid and isinstance(got.resolution, Resolution)
+    if xid not in XID_CATALOG:
+        assert not got.known and not got.fatal  # nobody is drained on an unknown code
+    item = parse_kmsg_line("NVRM: " + text)
+    assert item is None or isinstance(item, (KmsgXid, KmsgGpuLost))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from gpufleet.agent.telemetry import GpuSample, HostSample, IbPortSample, XidEvent
-from gpufleet.agent.xid_catalog import classify
+from gpufleet.agent.xid_catalog import XID_CATALOG, classify
 
 
 class Severity(IntEnum):
@@ -79,9 +79,9 @@ def classify_xid(xid: int, message: str = "") -> tuple[Severity, str]:
     tells. An XID the catalog does not know is a warning that keeps its number, so nobody is
     drained on a code nobody has classified.
     """
-    c = classify(xid, message)
-    if c.about == "not in the catalog":
+    if xid not in XID_CATALOG:
         return Severity.WARN, f"Xid {xid} (not in the catalog)"
+    c = classify(xid, message)
     variant = f"; {c.variant}" if c.variant else ""
     return ((Severity.FATAL if c.fatal else Severity.WARN),
             f"Xid {xid} {c.about} ({c.resolution}{variant})")
