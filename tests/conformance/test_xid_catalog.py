@@ -128,3 +128,16 @@ def test_nvlink5_nonfatal_variants_exist_and_do_not_drain(real_data_dir: Path) -
     rules = _RULE.findall(_go_catalog(real_data_dir))
     nonfatal = {int(r[0]) for r in rules if r[6].lower().startswith("non")}
     assert nonfatal >= {144, 145, 146, 147, 148, 149}
+
+
+def test_real_kernel_log(real_data_dir: Path) -> None:
+    """A real node's dmesg (GSP RPC timeouts): each Xid line gets the catalog's class."""
+    from gpufleet.agent.kmsg import KmsgXid, parse_kmsg_line
+
+    lines = (real_data_dir / "xid/leptonai_gpud/dmesg-with-xid-119.log").read_text()
+    items = [i for i in map(parse_kmsg_line, lines.splitlines()) if i is not None]
+    assert items and len(items) == lines.count("NVRM: Xid")
+    for item in items:
+        assert isinstance(item, KmsgXid) and item.xid == 119
+        got = classify(item.xid, item.message)
+        assert (got.fatal, got.resolution) == (True, Resolution.RESET_GPU)

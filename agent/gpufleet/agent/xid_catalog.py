@@ -256,7 +256,10 @@ def _nvlink5(xid: int, message: str, base: XidEntry) -> XidClass:
     intrinfo = int(m.group("intr"), 16)
     status = int(m.group("status"), 16) if m.group("status") else 0
     where = f"{unit_word} link {m.group('link')} intrinfo {intrinfo:#010x} status {status:#x}"
-    for unit in _units_for(xid, intrinfo):
+    units = _units_for(xid, intrinfo)
+    # units sharing an encoding (TLW_RX pipes 0 and 1 in the older one): the named one first
+    units.sort(key=lambda u: unit_word not in u.unit)
+    for unit in units:
         hits = ([unit.statuses[status]] if status in unit.statuses else
                 [v for bit, v in unit.statuses.items() if bit and status & bit == bit])
         if hits:
