@@ -170,6 +170,10 @@ def test_lost_gpu_is_fatal_and_sent_as_gpu_lost(tmp_path: Path) -> None:
     assert (ev.verdict.severity, ev.verdict.reason_code) == (pb.SEVERITY_FATAL, "gpu_lost")
     worst = agent.health.worst()
     assert worst is not None and worst.reason_code == "gpu_lost"
+    # the same words right after an Xid 79 of that GPU are not a second event
+    x79 = XidEvent(0, 79, now, "kmsg", "GPU has fallen off the bus.")
+    assert agent._xid_is_new(x79)
+    assert not agent._xid_is_new(XidEvent(0, 0, now + 3, "kmsg", "fallen", lost=True))
     # NVML's bare NVLink5 event does not hide the kernel line that names the variant
     bare = XidEvent(2, 149, now, "nvml")
     line = _nvl5(149, "NETIR_LINK_EVT", "Fatal", (0x25 << 20) | 0x1C6, 0)
@@ -194,3 +198,17 @@ def test_any_text_classifies_without_raising(xid: int, text: str) -> None:
         assert not got.known and not got.fatal  # nobody is drained on an unknown code
     item = parse_kmsg_line("NVRM: " + text)
     assert item is None or isinstance(item, (KmsgXid, KmsgGpuLost))
+
+
+def test_lost_words_beside_xid_79_make_one_event_and_keep_the_xid() -> None:
+    h = HealthState()
+    x79 = XidEvent(4, 79, 1000, "kmsg", "GPU has fallen off the bus.")
+    lost = XidEvent(4, 0, 1001, "kmsg", "NVRM: GPU 0000:9b:00.0: GPU has fallen off the bus.",
+                    lost=True)
+    h.on_xid(x79, {})
+    h.on_xid(lost, {})
+    worst = h.worst()
+    assert worst is not None and worst.reason_code == "xid79"
+    alone = HealthState()
+    alone.on_xid(lost, {})
+    assert alone.worst() is not None and alone.worst().reason_code == "gpu_lost"

@@ -136,7 +136,8 @@ class HealthState:
                               event.timestamp_ms, event.gpu_index)
         key: Key = ("xid", event.gpu_index)
         old = self.current.get(key)
-        if old is None or verdict.severity >= old.severity:
+        if old is None or verdict.severity > old.severity or (
+                verdict.severity == old.severity and not event.lost):  # an Xid names it better
             self.current[key] = verdict
         return verdict
 

@@ -309,6 +309,10 @@ class Agent:
         kernel line's text decides the variant (NVLink5), NVML's bare event does not hide it."""
         detail = variant_dependent(event.xid) and bool(event.message)
         key = (event.gpu_index, event.xid, event.lost, detail)
+        if event.lost:  # the driver's "fallen off the bus" words beside its Xid 79: one event
+            x79 = self._recent_xids.get((event.gpu_index, 79, False, False))
+            if x79 is not None and event.timestamp_ms - x79 <= 10_000:
+                return False
         last = self._recent_xids.get(key)
         self._recent_xids[key] = event.timestamp_ms
         return last is None or event.timestamp_ms - last > 10_000
