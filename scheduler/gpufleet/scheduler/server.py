@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler import audit, limits
@@ -133,6 +134,12 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                         ack = pb.Ack(seq=self.ingest.handle(node, msg))
                     except (IngestError, limits.LimitError) as e:
                         ack = reject(msg, node, e)
+                    except (ArithmeticError, TypeError, ValueError) as e:
+                        # a check missed it and the store refused a value (OverflowError): a
+                        # bug, logged as one, but the report is refused, not the node's queue
+                        log.exception("report %d from %s failed a check it should have "
+                                      "passed or failed earlier", msg.seq, node)
+                        ack = reject(msg, node, ValueError(f"unstorable report: {e}"))
                 except (IngestError, limits.LimitError) as e:
                     if self.metrics is not None:
                         self.metrics.ingest_error("invalid")
@@ -144,6 +151,15 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                     log.error("store failed on a report from %s: %s", node, e)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "controller store failed")
                 yield pb.ControllerMessage(ack=ack)
+        except DecodeError as e:
+            # bytes that are no AgentMessage (a port scanner, another protocol, corruption):
+            # nothing of the stream can be trusted; one line, not a traceback
+            if self.metrics is not None:
+                self.metrics.ingest_error("invalid")
+            log.warning("undecodable message from %s (%s): %s", node or "a new stream",
+                        context.peer(), e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not a gpufleet.v1.AgentMessage: {e}")
         finally:
             self.streams -= 1
             if node is not None:
