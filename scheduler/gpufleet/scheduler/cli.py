@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gpufleet.rpc.settings import FiniteRange, HostPort
 from gpufleet.scheduler import __version__
 from gpufleet.scheduler.store import StateStore, StoreError, now_ms, open_store
 from gpufleet.scheduler.user_client import controller_options
@@ -108,6 +109,7 @@ def main() -> None:
 @main.command()
 @click.option(
     "--listen",
+    type=HostPort(),
     default="0.0.0.0:50051",
     show_default=True,
     envvar="GPUFLEET_LISTEN",
@@ -137,21 +139,21 @@ def main() -> None:
 )
 @click.option(
     "--resume-quiet-s",
-    type=click.FloatRange(0),
+    type=FiniteRange(0, 30 * 86400),
     default=300.0,
     show_default=True,
     help="healthy this long before gpufleet resumes a node it drained / undoes 'degraded'",
 )
 @click.option(
     "--unreachable-after-s",
-    type=click.FloatRange(1),
+    type=FiniteRange(1, 86400),
     default=30.0,
     show_default=True,
     help="a node silent this long is 'unreachable' (alerted, not drained)",
 )
 @click.option(
     "--reassert-s",
-    type=click.FloatRange(0.1),
+    type=FiniteRange(0.1, 86400),
     default=30.0,
     show_default=True,
     help="how often degraded nodes' weight/feature are checked in Slurm and put back if "
@@ -173,6 +175,7 @@ def main() -> None:
 )
 @click.option(
     "--metrics-listen",
+    type=HostPort(allow_empty=True),
     default="0.0.0.0:9836",
     show_default=True,
     envvar="GPUFLEET_METRICS_LISTEN",
@@ -189,7 +192,7 @@ def main() -> None:
 @click.option("--recover/--no-recover", default=True, show_default=True,
               help="signal and requeue checkpointing jobs on a node that turns fatal (cli Slurm "
               "client only)")
-@click.option("--recovery-grace-s", type=click.FloatRange(0, 3600), default=5.0,
+@click.option("--recovery-grace-s", type=FiniteRange(0, 3600), default=5.0,
               show_default=True, help="default time a job gets to checkpoint after the signal")
 @click.option("--recovery-max-restarts", type=click.IntRange(0, 1000), default=3,
               show_default=True, help="default restarts per job")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 import click
+from gpufleet.rpc.settings import FiniteRange
 from gpufleet.scheduler.cli_acct import DEFAULT_DB, parse_window
 from gpufleet.scheduler.sacct import (
     BAD_STATUSES,
@@ -116,7 +117,7 @@ def _print_table(rows: list[Reconciled]) -> None:
 @click.option("-j", "--jobs", "jobs", help="only these job ids (comma-separated)")
 @click.option("-S", "--starttime", "start", help="window start [default: now-1day; all with -j]")
 @click.option("-E", "--endtime", "end", help="window end [default: now]")
-@click.option("--tolerance-s", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--tolerance-s", type=FiniteRange(0, 86400), default=1.0, show_default=True,
               help="allowed difference per allocated GPU, in seconds (Slurm keeps whole "
               "seconds)")
 @click.option("--sacct", "sacct", default="sacct", show_default=True,
