@@ -249,6 +249,10 @@ def load_file(path: Path | None) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     known = {f.name for f in fields(AgentConfig)}

@@ -33,6 +33,9 @@ CONFIG_KEYS = {
     "munge_socket", "admin_group", "audit_log",
 }
 _ADMIN_KEYS = {"db", "slurm"}
+# the agent simulator's profiles (gpufleet.agent.nvml_sim.PROFILES; the controller does not
+# import the agent: tests/test_cli_bad_input.py checks the two agree)
+DEMO_PROFILES = ("dgx-h100", "hgx-a100", "l40s-pcie", "a100-pcie-bridged")
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -43,6 +46,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise click.BadParameter(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise click.BadParameter(f"{path}: cannot read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{path}: not valid TOML: {e}") from e
     unknown = sorted(set(data) - CONFIG_KEYS)
@@ -543,7 +550,8 @@ def events(db: str, since: str, node: str | None, limit: int, as_json: bool) -> 
     show_default=True,
     help="simulated GPU nodes to start (named n1..nN)",
 )
-@click.option("--profile", default="dgx-h100", show_default=True, help="simulated hardware")
+@click.option("--profile", type=click.Choice(DEMO_PROFILES), default="dgx-h100",
+              show_default=True, help="simulated hardware")
 @click.option("--fault-node", default="n3", show_default=True, help="node that gets Xid 79")
 @click.option(
     "--slurm",

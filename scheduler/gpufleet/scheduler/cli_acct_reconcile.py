@@ -138,7 +138,13 @@ def reconcile_cmd(db: str, jobs: str | None, start: str | None, end: str | None,
     if until is not None:
         sacct_args += ["-E", _sacct_time(until)]
     if sacct_json is not None:
-        slurm = _parse(sacct_json.read(), getattr(sacct_json, "name", "--sacct-json"), job_ids)
+        source = getattr(sacct_json, "name", "--sacct-json")
+        try:
+            text = sacct_json.read()
+        except (UnicodeDecodeError, OSError) as e:
+            raise click.BadParameter(f"{source}: cannot read as text: {e}",
+                                     param_hint="--sacct-json") from e
+        slurm = _parse(text, source, job_ids)
     else:
         slurm = _parse(run_sacct(sacct, sacct_args), "sacct --json", job_ids)
     ledger = _ledger(db, UsageQuery(jobs=job_ids, since_ms=since, until_ms=until,
