@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,7 +211,12 @@ def _as_nobody() -> list[str]:
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run a command as nobody")
-    return [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+    prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import gpufleet.scheduler.cli"],
+                           capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    if probe.returncode != 0:  # a checkout under a 0700 home: nobody cannot run it at all
+        pytest.skip(f"nobody cannot run {sys.executable}: {probe.stderr.strip()[-200:]}")
+    return prefix
 
 
 @pytest.mark.parametrize("argv", [
@@ -221,20 +227,21 @@ def _as_nobody() -> list[str]:
     ["gpufleet-agent", "sim", "inject", "--faults-path", "{f}", "--gpu", "0", "xid",
      "--xid", "79"],
 ], ids=["gpufleet-config", "sacct-json", "ibnetdiscover", "agent-config", "faults-path"])
-def test_unreadable_files_as_nobody(argv: list[str], tmp_path: Path) -> None:
+def test_unreadable_files_as_nobody(argv: list[str]) -> None:
     prefix = _as_nobody()
-    tmp_path.chmod(0o755)
-    for p in tmp_path.parents:
-        if p == Path("/tmp") or p == Path("/"):
-            break
-        p.chmod(p.stat().st_mode | 0o005)
-    secret = tmp_path / "secret.toml"
-    secret.write_text("x = 1\n")
-    secret.chmod(0o600)  # root's: nobody cannot read it
-    exe = Path(sys.executable).parent / argv[0]
-    cmd = [*prefix, str(exe), *(a.format(f=secret) for a in argv[1:])]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
-                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    # outside pytest's 0700 tmp dirs: nobody must reach the directory, not read the file
+    work = Path(tempfile.mkdtemp(prefix="gf-cli-nobody-"))
+    try:
+        work.chmod(0o755)
+        secret = work / "secret.toml"
+        secret.write_text("x = 1\n")
+        secret.chmod(0o600)  # root's: nobody cannot read it
+        exe = Path(sys.executable).parent / argv[0]
+        cmd = [*prefix, str(exe), *(a.format(f=secret) for a in argv[1:])]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
+                              cwd=work, env={"PATH": "/usr/bin:/bin", "HOME": str(work)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     out = done.stdout + done.stderr
     assert "Traceback" not in out, out
     assert done.returncode in (1, 2), out
