@@ -41,9 +41,8 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "interval_s": (0.01, 3600), "nvml_counter_interval_s": (0, 3600),
     "expected_ib_rate_gbps": (0, 1e6), "gpu_temperature_degraded_c": (0, 200),
     "nvlink_crc_errors_per_min_degraded": (0, 1e12), "ib_errors_per_min_degraded": (0, 1e12),
-    "disk_used_pct_warn": (0, 100), "spool_sync_interval_s": (0, 3600),
-    "spool_disk_retry_s": (0, 3600),
-}
+    "disk_used_pct_warn": (0, 100),
+}  # (the spool's are checked with the spool's settings, _validate_spool)
 
 
 class ConfigError(Exception):
