@@ -350,16 +350,29 @@ def sim() -> None:
     type=click.Path(dir_okay=False),
     help="the fault file the simulated agent watches",
 )
-@click.option("--gpu", type=click.IntRange(min=0), required=True, help="GPU index")
+@click.option("--gpu", type=click.IntRange(0, 63), required=True,
+              help="GPU index (one the profile has)")
+@click.option("--sim-profile", envvar="GPUFLEET_AGENT_SIM_PROFILE", default="dgx-h100",
+              show_default=True, help="the simulated agent's profile: its GPUs are the ones "
+              "that exist")
 @click.argument("kind", type=click.Choice(FAULT_KINDS))
 @click.option("--xid", type=click.IntRange(min=1), help="XID number (kind xid)")
 @click.option("--link", type=click.IntRange(min=0, max=17), default=0, help="NVLink (nvlink_down)")
 @click.option("--temperature-c", type=float, default=95.0, help="for kind overheat")
 def inject(
-    faults_path: str, gpu: int, kind: str, xid: int | None, link: int, temperature_c: float
+    faults_path: str, gpu: int, sim_profile: str, kind: str, xid: int | None, link: int,
+    temperature_c: float,
 ) -> None:
     """Inject a fault into a running simulated agent."""
-    from gpufleet.agent.nvml_sim import append_fault
+    from gpufleet.agent.nvml_sim import PROFILES, append_fault
+
+    profile = PROFILES.get(sim_profile)
+    if profile is None:
+        raise click.BadParameter(f"{sim_profile!r}: unknown; known: {', '.join(PROFILES)}",
+                                 param_hint="--sim-profile")
+    if gpu >= len(profile.gpus):
+        raise click.BadParameter(f"{gpu}: {sim_profile} has GPUs 0-{len(profile.gpus) - 1}",
+                                 param_hint="--gpu")
 
     fault: dict[str, Any] = {"kind": kind, "gpu": gpu}
     if kind == "xid":

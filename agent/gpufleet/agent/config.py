@@ -23,12 +23,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.agent.health import CHECKS, HealthConfig
+from gpufleet.rpc import settings
+from gpufleet.rpc.settings import SettingError
 
 if TYPE_CHECKING:
     from gpufleet.agent.client import ClientTls
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpufleet/agent.toml")
 DEFAULT_JOB_SOCKET = "/run/gpufleet-agent/job.sock"
+
+
+MAX_GPUS = 64  # what the controller takes from one node
+# float settings: (lowest, highest); checked finite and in range
+# (interval_s: 10 ms is far faster than a node needs; fault tests use it to pack minutes of
+# 1 Hz reports into seconds)
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "interval_s": (0.01, 3600), "nvml_counter_interval_s": (0, 3600),
+    "expected_ib_rate_gbps": (0, 1e6), "gpu_temperature_degraded_c": (0, 200),
+    "nvlink_crc_errors_per_min_degraded": (0, 1e12), "ib_errors_per_min_degraded": (0, 1e12),
+    "disk_used_pct_warn": (0, 100),
+}  # (the spool's are checked with the spool's settings, _validate_spool)
 
 
 class ConfigError(Exception):
@@ -129,18 +143,14 @@ class AgentConfig:
         )
 
     def validate(self) -> AgentConfig:
+        try:
+            self._validate_settings()
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
         for f in fields(self):
             # a number where a string belongs (`controller = 0`) is the file's fault: name it
             if f.type == "str" and not isinstance(getattr(self, f.name), str):
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: must be a string")
-        # 10 ms is far faster than a node needs; fault tests use it to pack minutes of 1 Hz
-        # reports into seconds
-        if not 0.01 <= self.interval_s <= 3600:
-            raise ConfigError(f"interval_s={self.interval_s}: must be between 0.01 and 3600")
-        if not 0 <= self.nvml_counter_interval_s <= 3600:
-            raise ConfigError(
-                f"nvml_counter_interval_s={self.nvml_counter_interval_s}: must be 0..3600"
-            )
         if self.gpu_backend not in ("nvml", "simulated"):
             raise ConfigError(f"gpu_backend={self.gpu_backend!r}: use 'nvml' or 'simulated'")
         targets = self.controller_targets()
@@ -149,10 +159,6 @@ class AgentConfig:
                 f"controller={self.controller!r}: expected HOST:PORT, or several separated "
                 "by commas")
         self._validate_tls()
-        if self.expected_gpu_count is not None and self.expected_gpu_count < 0:
-            raise ConfigError(f"expected_gpu_count={self.expected_gpu_count}: must be >= 0")
-        if self.debounce_cycles < 1:
-            raise ConfigError(f"debounce_cycles={self.debounce_cycles}: must be >= 1")
         for check, cycles in self.debounce:
             if check not in CHECKS:
                 raise ConfigError(f"debounce.{check}: unknown check; known: {', '.join(CHECKS)}")
@@ -163,6 +169,26 @@ class AgentConfig:
         self._validate_job_socket()
         self._validate_spool()
         return self
+
+    def _validate_settings(self) -> None:
+        """Every number finite and in range, addresses HOST:PORT, the simulator's profile
+        one it has (the shared checks of gpufleet.rpc.settings)."""
+        for name, (lo, hi) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None:
+                settings.finite(name, value, lo, hi)
+        if self.expected_gpu_count is not None:
+            settings.whole("expected_gpu_count", self.expected_gpu_count, 0, MAX_GPUS)
+        settings.whole("debounce_cycles", self.debounce_cycles, 1, 100_000)
+        if isinstance(self.controller, str):
+            for target in self.controller_targets():
+                settings.host_port("controller", target)
+        if self.metrics_listen and isinstance(self.metrics_listen, str):
+            settings.host_port("metrics_listen", self.metrics_listen)
+        if self.gpu_backend == "simulated":
+            from gpufleet.agent.nvml_sim import PROFILES
+
+            settings.one_of("sim_profile", self.sim_profile, PROFILES)
 
     def _validate_spool(self) -> None:
         # bool is an int to Python; `spool_max_bytes = true` is still the file's mistake
@@ -222,6 +248,10 @@ def load_file(path: Path | None) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     known = {f.name for f in fields(AgentConfig)}

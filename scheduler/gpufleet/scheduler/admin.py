@@ -41,17 +41,22 @@ def parse_since(text: str, now: float | None = None) -> int:
     now = time.time() if now is None else now
     m = _DURATION.match(text)
     if m:
-        return int((now - float(m.group(1)) * _UNIT_S[m.group(2)]) * 1000)
+        ms = (now - float(m.group(1)) * _UNIT_S[m.group(2)]) * 1000
+        if not ms >= 0:  # also nan: 1e400d
+            raise AdminError(f"--since {text!r}: goes back past 1970, the earliest time kept")
+        return int(ms)
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.astimezone()  # a naive time is the admin's local time
+        ms = int(when.timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
         raise AdminError(
             f"--since {text!r}: expected a duration like 30m, 2h, 1d, 1w or an ISO time like "
-            "2026-11-23T08:00"
+            "2026-11-23T08:00 (after 1970)"
         ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # a naive time is the admin's local time
-    ms = int(when.timestamp() * 1000)
+    if ms < 0:
+        raise AdminError(f"--since {text!r}: before 1970, the earliest time kept")
     if ms > now * 1000:
         raise AdminError(f"--since {text!r} is in the future")
     return ms

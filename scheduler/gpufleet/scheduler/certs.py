@@ -25,6 +25,7 @@ CA_KEY = "ca.key"
 ROLES = ("agent", "controller")
 CA_VALIDITY_DAYS = 3650
 LEAF_VALIDITY_DAYS = 825  # the longest lifetime common TLS clients still accept
+MAX_VALIDITY_DAYS = 36500  # 100 years: far past any real use, well inside X.509's year 9999
 KEY_MODE = 0o600
 CERT_MODE = 0o644
 
@@ -114,8 +115,8 @@ def init_ca(
 ) -> Issued:
     """Make the cluster CA in ca_dir: ca.crt (0644) and ca.key (0600)."""
     check_name(cluster_name, "cluster name")
-    if days < 1:
-        raise CertError(f"days={days}: must be >= 1")
+    if not 1 <= days <= MAX_VALIDITY_DAYS:
+        raise CertError(f"days={days}: must be between 1 and {MAX_VALIDITY_DAYS}")
     cert_path, key_path = ca_dir / CA_CERT, ca_dir / CA_KEY
     _refuse_existing([cert_path, key_path], force)
     _mkdir(ca_dir)
@@ -203,8 +204,8 @@ def issue(
     check_name(node)
     if role not in ROLES:
         raise CertError(f"role {role!r}: use one of {', '.join(ROLES)}")
-    if days < 1:
-        raise CertError(f"days={days}: must be >= 1")
+    if not 1 <= days <= MAX_VALIDITY_DAYS:
+        raise CertError(f"days={days}: must be between 1 and {MAX_VALIDITY_DAYS}")
     out_dir = out_dir or ca_dir / "issued"
     cert_path, key_path = out_dir / f"{node}-{role}.crt", out_dir / f"{node}-{role}.key"
     san = _san(node, extra_sans)  # bad --san is reported before anything is written

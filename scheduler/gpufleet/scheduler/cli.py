@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gpufleet.rpc.settings import FiniteRange, HostPort
 from gpufleet.scheduler import __version__
 from gpufleet.scheduler.store import StateStore, StoreError, now_ms, open_store
 from gpufleet.scheduler.user_client import controller_options
@@ -32,6 +33,9 @@ CONFIG_KEYS = {
     "munge_socket", "admin_group", "audit_log",
 }
 _ADMIN_KEYS = {"db", "slurm"}
+# the agent simulator's profiles (gpufleet.agent.nvml_sim.PROFILES; the controller does not
+# import the agent: tests/test_cli_bad_input.py checks the two agree)
+DEMO_PROFILES = ("dgx-h100", "hgx-a100", "l40s-pcie", "a100-pcie-bridged")
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -42,6 +46,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise click.BadParameter(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise click.BadParameter(f"{path}: cannot read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{path}: not valid TOML: {e}") from e
     unknown = sorted(set(data) - CONFIG_KEYS)
@@ -108,6 +116,7 @@ def main() -> None:
 @main.command()
 @click.option(
     "--listen",
+    type=HostPort(),
     default="0.0.0.0:50051",
     show_default=True,
     envvar="GPUFLEET_LISTEN",
@@ -137,21 +146,21 @@ def main() -> None:
 )
 @click.option(
     "--resume-quiet-s",
-    type=click.FloatRange(0),
+    type=FiniteRange(0, 30 * 86400),
     default=300.0,
     show_default=True,
     help="healthy this long before gpufleet resumes a node it drained / undoes 'degraded'",
 )
 @click.option(
     "--unreachable-after-s",
-    type=click.FloatRange(1),
+    type=FiniteRange(1, 86400),
     default=30.0,
     show_default=True,
     help="a node silent this long is 'unreachable' (alerted, not drained)",
 )
 @click.option(
     "--reassert-s",
-    type=click.FloatRange(0.1),
+    type=FiniteRange(0.1, 86400),
     default=30.0,
     show_default=True,
     help="how often degraded nodes' weight/feature are checked in Slurm and put back if "
@@ -173,6 +182,7 @@ def main() -> None:
 )
 @click.option(
     "--metrics-listen",
+    type=HostPort(allow_empty=True),
     default="0.0.0.0:9836",
     show_default=True,
     envvar="GPUFLEET_METRICS_LISTEN",
@@ -189,7 +199,7 @@ def main() -> None:
 @click.option("--recover/--no-recover", default=True, show_default=True,
               help="signal and requeue checkpointing jobs on a node that turns fatal (cli Slurm "
               "client only)")
-@click.option("--recovery-grace-s", type=click.FloatRange(0, 3600), default=5.0,
+@click.option("--recovery-grace-s", type=FiniteRange(0, 3600), default=5.0,
               show_default=True, help="default time a job gets to checkpoint after the signal")
 @click.option("--recovery-max-restarts", type=click.IntRange(0, 1000), default=3,
               show_default=True, help="default restarts per job")
@@ -540,7 +550,8 @@ def events(db: str, since: str, node: str | None, limit: int, as_json: bool) -> 
     show_default=True,
     help="simulated GPU nodes to start (named n1..nN)",
 )
-@click.option("--profile", default="dgx-h100", show_default=True, help="simulated hardware")
+@click.option("--profile", type=click.Choice(DEMO_PROFILES), default="dgx-h100",
+              show_default=True, help="simulated hardware")
 @click.option("--fault-node", default="n3", show_default=True, help="node that gets Xid 79")
 @click.option(
     "--slurm",

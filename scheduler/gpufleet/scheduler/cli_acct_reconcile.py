@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 import click
+from gpufleet.rpc.settings import FiniteRange
 from gpufleet.scheduler.cli_acct import DEFAULT_DB, parse_window
 from gpufleet.scheduler.sacct import (
     BAD_STATUSES,
@@ -116,7 +117,7 @@ def _print_table(rows: list[Reconciled]) -> None:
 @click.option("-j", "--jobs", "jobs", help="only these job ids (comma-separated)")
 @click.option("-S", "--starttime", "start", help="window start [default: now-1day; all with -j]")
 @click.option("-E", "--endtime", "end", help="window end [default: now]")
-@click.option("--tolerance-s", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--tolerance-s", type=FiniteRange(0, 86400), default=1.0, show_default=True,
               help="allowed difference per allocated GPU, in seconds (Slurm keeps whole "
               "seconds)")
 @click.option("--sacct", "sacct", default="sacct", show_default=True,
@@ -137,7 +138,13 @@ def reconcile_cmd(db: str, jobs: str | None, start: str | None, end: str | None,
     if until is not None:
         sacct_args += ["-E", _sacct_time(until)]
     if sacct_json is not None:
-        slurm = _parse(sacct_json.read(), getattr(sacct_json, "name", "--sacct-json"), job_ids)
+        source = getattr(sacct_json, "name", "--sacct-json")
+        try:
+            text = sacct_json.read()
+        except (UnicodeDecodeError, OSError) as e:
+            raise click.BadParameter(f"{source}: cannot read as text: {e}",
+                                     param_hint="--sacct-json") from e
+        slurm = _parse(text, source, job_ids)
     else:
         slurm = _parse(run_sacct(sacct, sacct_args), "sacct --json", job_ids)
     ledger = _ledger(db, UsageQuery(jobs=job_ids, since_ms=since, until_ms=until,

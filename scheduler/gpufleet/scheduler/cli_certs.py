@@ -34,7 +34,8 @@ def certs_group() -> None:
 @ca_dir_option
 @click.option("--cluster-name", default="gpufleet", show_default=True, help="goes into the CA name")
 @click.option(
-    "--days", type=click.IntRange(min=1), default=certs.CA_VALIDITY_DAYS, show_default=True
+    "--days", type=click.IntRange(1, certs.MAX_VALIDITY_DAYS), default=certs.CA_VALIDITY_DAYS,
+    show_default=True,
 )
 @force_option
 def init(ca_dir: str, cluster_name: str, days: int, force: bool) -> None:
@@ -70,7 +71,8 @@ def init(ca_dir: str, cluster_name: str, days: int, force: bool) -> None:
     help="another DNS name or IP address for the subjectAltName (repeatable)",
 )
 @click.option(
-    "--days", type=click.IntRange(min=1), default=certs.LEAF_VALIDITY_DAYS, show_default=True
+    "--days", type=click.IntRange(1, certs.MAX_VALIDITY_DAYS), default=certs.LEAF_VALIDITY_DAYS,
+    show_default=True,
 )
 @force_option
 def issue(

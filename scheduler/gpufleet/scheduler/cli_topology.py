@@ -42,9 +42,12 @@ def _inventories(db: str | None) -> dict[str, fleet_pb2.NodeInventory]:
         return {}
     if not Path(db).exists():
         raise click.ClickException(f"no gpufleet store at {db}")
-    from gpufleet.scheduler.store import open_store
+    from gpufleet.scheduler.store import StoreError, open_store
 
-    store = open_store(db)
+    try:
+        store = open_store(db)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from e
     try:
         out = {}
         for row in store.nodes():

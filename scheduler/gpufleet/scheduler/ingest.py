@@ -39,6 +39,7 @@ SEVERITY_NAMES = {
     pb.SEVERITY_FATAL: "fatal",
 }
 MAX_GPUS_PER_NODE = 64
+STORE_SEQ_MAX = 2**63 - 1  # nodes.last_seq: SQLite INTEGER, PostgreSQL BIGINT
 
 
 class IngestError(ValueError):
@@ -158,6 +159,10 @@ class Ingestor:
             self.metrics.report_rejected(msg.WhichOneof("body") or "none")
         if msg.seq <= state.last_seq:
             return msg.seq  # rejected before (or below what is stored): nothing to move
+        if msg.seq > STORE_SEQ_MAX:
+            # a sequence number the store cannot hold (a corrupt report): nothing to consume,
+            # and acking up to it would drop every report queued behind it on the agent
+            return state.last_seq
         # the sequence number moves, the last-seen time does not: a node whose every report
         # is refused (a clock days ahead, a broken agent) must still go unreachable
         seen = state.seen_ms

@@ -218,6 +218,13 @@ class ControllerMetrics:
             "finished, limit, failed, shadow.",
             ["status"], registry=r,
         )
+        self._store_up = Gauge(
+            "gpufleet_controller_store_up",
+            "1 while the state store takes writes, 0 from a failed write (a full disk, a "
+            "lost database) to the next one that succeeds (no unit).",
+            registry=r,
+        )
+        self._store_up.set(1)
         for step in RECOVERY_STEPS:
             self._recovery_step.labels(step)
         info = Gauge("gpufleet_controller_info",
@@ -268,6 +275,9 @@ class ControllerMetrics:
         if child is None:
             child = self._errors.labels(reason)
         child.inc()
+
+    def store_up(self, up: bool) -> None:
+        self._store_up.set(1 if up else 0)
 
     def agent_connected(self) -> None:
         self._hellos.inc()

@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler import audit, limits
@@ -48,10 +49,13 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
     agents move on to the active one)."""
 
     def __init__(self, ingest: Ingestor, metrics: ControllerMetrics | None = None,
-                 active: Callable[[], bool] = lambda: True) -> None:
+                 active: Callable[[], bool] = lambda: True,
+                 store_state: Callable[[bool], None] = lambda ok: None) -> None:
         self.ingest = ingest
         self.metrics = metrics
         self.active = active
+        # told after each write ingest tried: False on a StoreError, True when one succeeded
+        self.store_state = store_state
         self.streams = 0
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
@@ -120,6 +124,7 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                         limits.check(msg)
                         await self._check_claim(context, msg, cert_names)
                         node = self.ingest.hello(msg)
+                        self.store_state(True)
                         instance = msg.agent_instance
                         if self.metrics is not None:
                             self.metrics.agent_connected()
@@ -131,8 +136,16 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                     try:
                         limits.check(msg)
                         ack = pb.Ack(seq=self.ingest.handle(node, msg))
+                        if msg.WhichOneof("body") != "sample" or msg.sample.verdicts:
+                            self.store_state(True)  # a plain sample may not have written
                     except (IngestError, limits.LimitError) as e:
                         ack = reject(msg, node, e)
+                    except (ArithmeticError, TypeError, ValueError) as e:
+                        # a check missed it and the store refused a value (OverflowError): a
+                        # bug, logged as one, but the report is refused, not the node's queue
+                        log.exception("report %d from %s failed a check it should have "
+                                      "passed or failed earlier", msg.seq, node)
+                        ack = reject(msg, node, ValueError(f"unstorable report: {e}"))
                 except (IngestError, limits.LimitError) as e:
                     if self.metrics is not None:
                         self.metrics.ingest_error("invalid")
@@ -142,8 +155,18 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                     if self.metrics is not None:
                         self.metrics.ingest_error("store")
                     log.error("store failed on a report from %s: %s", node, e)
+                    self.store_state(False)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "controller store failed")
                 yield pb.ControllerMessage(ack=ack)
+        except DecodeError as e:
+            # bytes that are no AgentMessage (a port scanner, another protocol, corruption):
+            # nothing of the stream can be trusted; one line, not a traceback
+            if self.metrics is not None:
+                self.metrics.ingest_error("invalid")
+            log.warning("undecodable message from %s (%s): %s", node or "a new stream",
+                        context.peer(), e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not a gpufleet.v1.AgentMessage: {e}")
         finally:
             self.streams -= 1
             if node is not None:
@@ -189,6 +212,8 @@ class Controller:
         self.store = store
         self._health: health.aio.HealthServicer | None = None
         self._health_lock = asyncio.Lock()  # one health update at a time, latest state wins
+        self._store_ok = True  # the last write ingest tried succeeded (see _store_state)
+        self._health_task: asyncio.Future[None] | None = None
         self.tls = tls
         dsn = getattr(store, "dsn", None)
         if elect is None:
@@ -242,7 +267,8 @@ class Controller:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])
         pb_grpc.add_FleetControllerServicer_to_server(
-            FleetServicer(self.ingest, self.metrics, active=self._active.is_set), server)
+            FleetServicer(self.ingest, self.metrics, active=self._active.is_set,
+                          store_state=self._store_state), server)
         pb_grpc.add_FleetUserServicer_to_server(self.user_servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -315,11 +341,27 @@ class Controller:
         if self._health is None:
             return
         async with self._health_lock:
-            on = self._active.is_set() if serving is None else serving
+            on = (self._active.is_set() if serving is None else serving) and self._store_ok
             status = (health_pb2.HealthCheckResponse.SERVING if on
                       else health_pb2.HealthCheckResponse.NOT_SERVING)
             for name in ("", SERVICE_NAME, USER_SERVICE_NAME):
                 await self._health.set(name, status)
+
+    def _store_state(self, ok: bool) -> None:
+        """On the server's loop, after each write ingest tried: NOT_SERVING (and the
+        store_up metric 0) from a failed one to the next that succeeds. Agents keep
+        retrying (their reports wait in their outboxes), so the first write that succeeds
+        after a full disk is freed turns it back."""
+        if ok == self._store_ok:
+            return
+        self._store_ok = ok
+        if ok:
+            log.warning("state store takes writes again: serving")
+        else:
+            log.error("state store refuses writes: NOT_SERVING until one succeeds")
+        if self.metrics is not None:
+            self.metrics.store_up(ok)
+        self._health_task = asyncio.ensure_future(self._publish_health())
 
     def _publish_health_soon(self, serving: bool | None = None) -> None:
         """From another thread (the leader lock's): update health on the server's loop."""

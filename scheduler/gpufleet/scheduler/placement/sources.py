@@ -337,7 +337,7 @@ class LocalPlacementSource:
         if self.topology_conf is not None:
             try:
                 topo = self.topology_conf.read_text()
-            except OSError as e:
+            except (OSError, UnicodeDecodeError) as e:
                 raise PlacementError(f"topology file {self.topology_conf}: {e}") from e
         view = view_from_slurm(self.runner or cli_runner(self.env), self.timeout_s, topo)
         if self.store_path is not None:

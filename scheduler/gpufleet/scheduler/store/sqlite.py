@@ -6,6 +6,7 @@ read from another process while the controller writes.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,9 @@ from pathlib import Path
 
 from .base import SqlStore, StoreError, check_schema_version
 from .migrations import MIGRATIONS, statements
+
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+SMALL_WAL_PAGES = 64  # 256 KiB of 4 KiB pages
 
 
 class SqliteStore(SqlStore):
@@ -22,6 +26,7 @@ class SqliteStore(SqlStore):
         super().__init__()
         self.path = Path(path)
         self.target = str(path)
+        self._wal_stuck = False  # a write failed on a full disk: checkpoint before the next
         try:
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +35,8 @@ class SqliteStore(SqlStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: no corruption on crash
             self._db.execute("PRAGMA foreign_keys=ON")
+            # a checkpoint cuts the WAL back to this, so one burst does not keep it large
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open SQLite store {path}: {e}") from e
         try:
@@ -41,6 +48,8 @@ class SqliteStore(SqlStore):
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._wal_stuck:
+                self._checkpoint_after_full()
             try:
                 # IMMEDIATE: take the write lock now, so a second process waits here instead
                 # of failing half-way through with SQLITE_BUSY
@@ -50,15 +59,49 @@ class SqliteStore(SqlStore):
             try:
                 yield self._db
             except sqlite3.Error as e:
-                self._db.execute("ROLLBACK")
+                self._failed(e)
                 raise StoreError(f"SQLite store {self.path}: {e}") from e
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
+                self._failed(e)
                 raise StoreError(f"SQLite store {self.path}: commit failed: {e}") from e
+
+    def _rollback(self) -> None:
+        # a failed COMMIT can leave the transaction open: the next BEGIN would fail for ever
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
+    def _failed(self, error: sqlite3.Error) -> None:
+        self._rollback()
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            self._wal_stuck = True
+            # a disk that filled once is short of room: from now on keep the WAL small
+            # (checkpoint every SMALL_WAL_PAGES, not SQLite's 1000), so that it cannot grow
+            # into the room just made and fill the disk again before its next checkpoint
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute(f"PRAGMA wal_autocheckpoint={SMALL_WAL_PAGES}")
+
+    def _checkpoint_after_full(self) -> None:
+        """Before the first write after a full disk: empty the WAL, if the disk has room.
+
+        The WAL restarts from its beginning only after a complete checkpoint, and a
+        checkpoint needs room to grow the database file. On a disk the WAL filled, none
+        completes; once space is freed the WAL, still short of the auto-checkpoint size,
+        grows into the freed space and fills the disk again a few writes later, for good.
+        A truncating checkpoint as soon as there is room breaks that circle.
+        """
+        try:
+            busy, _log, _done = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return  # still no room: the write that follows fails and says so
+        if not busy:
+            self._wal_stuck = False
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

@@ -142,6 +142,41 @@ def export_block(fabric: Fabric, hosts: HostMap, policy: str = "report",
 _KV = re.compile(r"(\w+)\s*=\s*(\S+)")
 
 
+MAX_HOSTLIST_NODES = 1_000_000  # far past any cluster; NodeSet expands a hostlist in memory
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def hostlist_size(text: str) -> int:
+    """How many names a hostlist expands to, counted from its ranges without expanding it
+    (n[1-99999999999] would fill the memory before NodeSet could say it is too large)."""
+    total, depth, start = 0, 0, 0
+    for i, c in enumerate(text + ","):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            size = 1
+            for group in _BRACKET.findall(text[start:i]):
+                n = 0
+                for part in group.split(","):
+                    lo, _, hi = part.partition("-")
+                    lo_s, hi_s = lo.split("/")[0].strip(), (hi or lo).split("/")[0].strip()
+                    if lo_s.isdigit() and hi_s.isdigit():
+                        n += max(int(hi_s) - int(lo_s) + 1, 1)
+                    else:
+                        n += 1  # not a range: NodeSet says what is wrong with it
+                size *= n
+            total += size
+            start = i + 1
+    return total
+
+
+def _nodeset(text: str) -> NodeSet:
+    size = hostlist_size(text)
+    if size > MAX_HOSTLIST_NODES:
+        raise ValueError(f"hostlist {text[:80]!r} names {size} nodes, more than "
+                         f"{MAX_HOSTLIST_NODES}")
+    return NodeSet(text)
+
+
 def parse_topology_conf(text: str, source: str = "<topology.conf>") -> SlurmTopology:
     """Read a tree or block topology.conf (keys case-insensitive, spaced '=' allowed)."""
     topo = SlurmTopology()
@@ -156,13 +191,13 @@ def parse_topology_conf(text: str, source: str = "<topology.conf>") -> SlurmTopo
             if "switchname" in pairs:
                 name = pairs["switchname"]
                 if "nodes" in pairs:
-                    topo.switch_nodes.setdefault(name, set()).update(NodeSet(pairs["nodes"]))
+                    topo.switch_nodes.setdefault(name, set()).update(_nodeset(pairs["nodes"]))
                 if "switches" in pairs:
                     topo.switch_children.setdefault(name, set()).update(
-                        NodeSet(pairs["switches"]))
+                        _nodeset(pairs["switches"]))
             elif "blockname" in pairs:
                 topo.blocks.setdefault(pairs["blockname"], set()).update(
-                    NodeSet(pairs.get("nodes", "")))
+                    _nodeset(pairs.get("nodes", "")))
             elif "blocksizes" in pairs:
                 topo.block_sizes = [int(x) for x in pairs["blocksizes"].split(",")]
             else:
