@@ -10,7 +10,7 @@ from gpufleet.agent.health import HealthConfig, HealthState, Severity, classify_
 from gpufleet.agent.telemetry import GpuSample, XidEvent
 from gpufleet.agent.xid_catalog import XID_CATALOG
 
-from tests.conftest import REPO, real_data
+from tests.conftest import REPO
 
 
 def _generator():
@@ -22,10 +22,9 @@ def _generator():
     return mod
 
 
-def test_committed_table_matches_nvidia_catalog() -> None:
-    csv = real_data("xid/nvidia_nvsentinel/xiderrorsmapping.csv")
+def test_committed_table_is_what_the_generator_renders() -> None:
+    """The catalog itself (NVIDIA's CSV) is checked in tests/conformance/test_xid_real.py."""
     gen = _generator()
-    assert gen.read(csv) == XID_CATALOG
     assert (REPO / "agent/gpufleet/agent/xid_catalog.py").read_text() == gen.render(XID_CATALOG)
 
 
