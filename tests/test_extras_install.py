@@ -89,7 +89,7 @@ def test_extra_in_a_bare_venv(extra: str, wheelhouse: Path, tmp_path: Path) -> N
     bin_ = venv / "bin"
     helps = _commands(venv, "gpufleet") + _commands(venv, "gpufleet-agent")
     assert len(helps) > 20, helps  # every command's --help ran (checked in _commands)
-    env = {**os.environ, "HOME": str(tmp_path)}
+    env = {**os.environ, "HOME": str(tmp_path), "GPUFLEET_CA_DIR": str(tmp_path / "ca")}
 
     # a command of another machine's extra: one line naming the extra, no traceback
     if extra in ("", "agent", "client"):
@@ -111,13 +111,13 @@ def test_extra_in_a_bare_venv(extra: str, wheelhouse: Path, tmp_path: Path) -> N
         assert r.returncode == 0 and "8 GPU(s)" in out, out
         assert not state.exists() or list(state.iterdir()) == [], list(state.rglob("*"))
     elif extra == "client":  # a login node: sbatch/place/acct run (here: no controller)
-        r = _run([str(bin_ / "gpufleet"), "acct", "--controller", "127.0.0.1:9",
+        r = _run([str(bin_ / "gpufleet"), "acct", "--controller", "127.0.0.1:9", "--insecure",
                   "-S", "2026-11-01"], env=env)
         out = _no_traceback(r)
         assert r.returncode != 0 and "127.0.0.1:9" in out and "pip install" not in out, out
         r = _run([str(bin_ / "python"), "-c", "import psycopg"])
         assert r.returncode != 0  # no database driver on a login node
-    elif extra == "controller":  # the README's certificate lines, as written
+    elif extra == "controller":  # the README's certificate lines (CA dir: GPUFLEET_CA_DIR)
         r = _run(["sh", "-c", "gpufleet certs init && "
                   "gpufleet certs issue head1 --role controller && ls"],
                  env={**env, "PATH": f"{bin_}:{os.environ['PATH']}"}, cwd=tmp_path)
