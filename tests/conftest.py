@@ -9,6 +9,7 @@ only by the conformance suite, tests/conformance/ (marker `conformance`).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,19 @@ _FIGURES: list[str] = []
 def report_figure() -> Callable[[str], None]:
     """Record a measured figure; all of them are printed at the end of the run."""
     return _FIGURES.append
+
+
+@pytest.fixture(scope="session")
+def progress(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Say what a long test is waiting for, on the terminal at once (output capture or not)."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(msg: str) -> None:
+        with capman.global_and_fixture_disabled():
+            sys.stderr.write(f"\n  .. {msg}")
+            sys.stderr.flush()
+
+    return say
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
