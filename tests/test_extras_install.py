@@ -118,6 +118,9 @@ def test_extra_in_a_bare_venv(extra: str, wheelhouse: Path, tmp_path: Path) -> N
         r = _run([str(bin_ / "python"), "-c", "import psycopg"])
         assert r.returncode != 0  # no database driver on a login node
     elif extra == "controller":  # the README's certificate lines (CA dir: GPUFLEET_CA_DIR)
+        r = _run([str(bin_ / "gpufleet"), "demo", "--slurm", "none"], env=env, timeout=60)
+        out = _no_traceback(r)  # its agents need the agent extra: said at once, not after 30 s
+        assert r.returncode == 1 and "'gpufleet[agent,controller]'" in out, out
         r = _run(["sh", "-c", "gpufleet certs init && "
                   "gpufleet certs issue head1 --role controller && ls"],
                  env={**env, "PATH": f"{bin_}:{os.environ['PATH']}"}, cwd=tmp_path)
