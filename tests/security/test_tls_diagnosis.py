@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -147,3 +152,36 @@ def test_agent_log_names_the_mismatch(pki: Pki, serve: Serve, tmp_path: Path,
         outbox.close()
     (line,) = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert "name mismatch: dialled 'localhost'" in line and "DNS:head1" in line, line
+
+
+def test_controller_log_names_the_cause_of_a_refused_agent(pki: Pki, tmp_path: Path) -> None:
+    """The other side: the controller's own log (gRPC's handshake line on its stderr) says why
+    it refused an agent: a certificate of another CA, or an expired one."""
+    other = make_pki(tmp_path / "other", ["n1"])
+    old_cert, old_key = _expired_controller_cert(pki, tmp_path / "old")  # expired, our CA
+    cert, key = pki.leaf("localhost", "controller")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err_path = tmp_path / "controller.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpufleet.scheduler", "controller", "--listen",
+             f"127.0.0.1:{port}", "--db", str(tmp_path / "c.db"), "--slurm", "none",
+             "--tls-ca", str(pki.ca), "--tls-cert", str(cert), "--tls-key", str(key)],
+            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "GRPC_VERBOSITY": "INFO"})
+    try:
+        target = f"localhost:{port}"
+        for _ in range(100):
+            if "listening" in err_path.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert diagnose(target, pki.ca, *other.leaf("n1")).cause == "refused-by-peer"
+        assert diagnose(target, pki.ca, old_cert, old_key).cause == "refused-by-peer"
+        time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    log = err_path.read_text()
+    assert "Handshake failed" in log and "unable to get local issuer certificate" in log, log
+    assert "certificate has expired" in log, log
