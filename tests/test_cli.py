@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from gpufleet.scheduler.store import SqliteStore
@@ -95,10 +96,23 @@ def test_agent_collect_and_health_shim(tmp_path) -> None:
     doc = json.loads(r.stdout)
     assert doc["inventory"]["node_name"] == "gpu01"
     assert len(doc["sample"]["gpus"]) == 8
+    # read once and print: no health cache, spool or job records left in the state dir
+    assert list(tmp_path.iterdir()) == []
     h = run("gpufleet-agent", "health", "--state-dir", str(tmp_path))
-    assert h.returncode == 0 and h.stdout.startswith("ok")
+    assert h.returncode == 2 and "health.json missing" in h.stderr  # unknown: no agent ran
     none = run("gpufleet-agent", "health", "--state-dir", str(tmp_path / "missing"))
     assert none.returncode == 2 and "is gpufleet-agent running" in none.stderr
+
+
+@pytest.mark.parametrize(("severity", "age_s", "code"), [
+    ("ok", 0, 0), ("warn", 0, 0), ("degraded", 0, 0), ("fatal", 0, 1), ("ok", 3600, 2)])
+def test_agent_health_exit_codes(tmp_path, severity: str, age_s: int, code: int) -> None:
+    """README: exit 0 ok/warn/degraded, 1 fatal, 2 unknown (missing or stale cache)."""
+    (tmp_path / "health.json").write_text(json.dumps({
+        "severity": severity, "reason_code": "xid79" if severity == "fatal" else "",
+        "evidence": "", "updated_ms": int((time.time() - age_s) * 1000)}))
+    h = run("gpufleet-agent", "health", "--state-dir", str(tmp_path))
+    assert h.returncode == code, h.stdout + h.stderr
 
 
 def test_demo_without_slurm_shows_the_loop() -> None:

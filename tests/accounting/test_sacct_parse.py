@@ -1,9 +1,9 @@
 """`sacct --json` (Slurm 22.05) parsing and `gpufleet acct reconcile` over a real SQLite store.
 
-The base document is a real one: `sacct --json` from Slurm 22.05.8 with slurmdbd (the shared
-Slurm lab reference, /work/shared/reference/slurm-lab/sacct.json). Jobs with GPUs are that
-same record with the `gres/gpu` TRES entry 22.05 adds under AccountingStorageTRES=gres/gpu
-(the shape seen in tests/accounting/test_slurmdbd_reconcile.py on a live slurmdbd).
+The base document (tests/fixtures/slurm-22.05/sacct.json) has the shape `sacct --json` of
+Slurm 22.05.8 with slurmdbd prints. Jobs with GPUs are that same record with the `gres/gpu` TRES
+entry 22.05 adds under AccountingStorageTRES=gres/gpu (the shape seen in
+tests/accounting/test_slurmdbd_reconcile.py on a live slurmdbd).
 """
 
 from __future__ import annotations
@@ -32,15 +32,13 @@ from gpufleet.scheduler.store.acct import UsageRow, UsageTotal
 
 from tests.conftest import REPO
 
-SAMPLE = REPO.parent / "shared" / "reference" / "slurm-lab" / "sacct.json"
+SAMPLE = REPO / "tests" / "fixtures" / "slurm-22.05" / "sacct.json"
 START_S = 1_795_393_138  # the sample's job: start, end and elapsed as Slurm recorded them
 END_S = 1_795_393_145
 
 
 @pytest.fixture
 def real_doc() -> dict[str, Any]:
-    if not SAMPLE.exists():
-        pytest.skip(f"{SAMPLE} (real sacct --json of Slurm 22.05) is missing")
     doc: dict[str, Any] = json.loads(SAMPLE.read_text())
     return doc
 

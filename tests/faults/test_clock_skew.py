@@ -42,6 +42,8 @@ from tests.faults.fleet_helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # agents under faketime in real time: ~20 s on a loaded box
+
 UNREACHABLE_AFTER_S = 3.0
 SKEWS = {"ahead10m": ("+600", 600), "behind10m": ("-600", -600), "ahead8d": ("+8d", 8 * 86_400)}
 

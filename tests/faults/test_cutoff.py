@@ -92,6 +92,7 @@ def _events(store: SqliteStore, node: str) -> list[tuple[int | None, int | None]
     return sorted((e.gpu_index, e.xid) for e in store.events(node, limit=100_000))
 
 
+@pytest.mark.slow  # real-time cut-off, ~13 s
 def test_cut_off_agent_replays_every_report_once_in_order(
         rig: Rig, report_figure: Callable[[str], None]) -> None:
     agent = rig.agent()
@@ -132,6 +133,7 @@ def test_cut_off_agent_replays_every_report_once_in_order(
                   "backoff")
 
 
+@pytest.mark.slow  # real-time cut-off, ~10 s
 def test_agent_restarted_while_cut_off_replays_its_spool(rig: Rig) -> None:
     first = rig.agent()
     first.start()

@@ -55,6 +55,8 @@ from tests.faults.fleet_helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # kill -9 under load in real time: ~1 min (fast set: -m 'not slow')
+
 SEED = 20_240_611
 NODES = ("n1", "n2", "n3")
 GPUS = 4

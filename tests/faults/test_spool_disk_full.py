@@ -22,6 +22,8 @@ from gpufleet.scheduler.store import SqliteStore
 from tests.conftest import IN_CI
 from tests.faults.spool_helpers import AgentProc, TcpProxy, record_ingest, wait_for
 
+pytestmark = pytest.mark.slow  # a real full disk, filled in real time
+
 TMPFS_BYTES = 256 * 1024
 
 

@@ -238,6 +238,7 @@ def _brute_force_leaves(view: ClusterView, req: PlacementRequest) -> int | None:
     return best
 
 
+@pytest.mark.slow  # 300 brute-force placements, ~26 s
 @settings(max_examples=300, deadline=None)
 @given(_cluster())
 def test_never_unhealthy_and_never_more_leaves_than_brute_force(

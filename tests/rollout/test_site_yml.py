@@ -23,8 +23,9 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,11 @@ import pytest
 from tests.conftest import REPO
 
 ANSIBLE_DIR = REPO / "ansible"
-pytestmark = pytest.mark.skipif(
-    shutil.which("ansible-playbook") is None, reason="ansible is not installed (.ci/setup)"
-)
+pytestmark = [
+    pytest.mark.skipif(shutil.which("ansible-playbook") is None,
+                       reason="ansible is not installed (.ci/setup)"),
+    pytest.mark.slow,  # two playbook runs: minutes
+]
 
 
 def _free_port() -> int:
@@ -62,8 +65,10 @@ def _stage_venv(venv: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def rollout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def rollout(tmp_path_factory: pytest.TempPathFactory,
+            progress: Callable[[str], None]) -> dict[str, object]:
     tmp = tmp_path_factory.mktemp("rollout")
+    progress("site.yml: building the wheel and staging two venvs (head1, gpu01) ...")
     wheel_dir = tmp / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -130,19 +135,39 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"tmp": tmp, "prefix": prefix, "inventory": inv_path, "grpc_port": grpc_port}
 
 
-def _run_playbook(r: dict[str, object], *extra: str) -> subprocess.CompletedProcess[str]:
+def _run_playbook(r: dict[str, object], *extra: str,
+                  say: Callable[[str], None] | None = None,
+                  what: str = "site.yml") -> subprocess.CompletedProcess[str]:
+    """ansible-playbook; each PLAY/TASK line goes to `say` as it starts (runs take minutes)."""
     tmp = r["tmp"]
     assert isinstance(tmp, Path)
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOME": str(tmp / "ansible-home"),
            "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"), "ANSIBLE_RETRY_FILES_ENABLED": "0"}
-    return subprocess.run(
-        ["ansible-playbook", "-i", str(r["inventory"]), "site.yml", *extra],
-        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=240, check=False,
-    )
+    argv = ["ansible-playbook", "-i", str(r["inventory"]), "site.yml", *extra]
+    t0 = time.monotonic()
+    lines: list[str] = []
+    with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
+            argv, cwd=ANSIBLE_DIR, env=env, stdout=subprocess.PIPE, stderr=err,
+            text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if say is not None and line.startswith(("PLAY [", "TASK [", "PLAY RECAP")):
+                title = line.strip(" *\n")
+                say(f"{what} at {time.monotonic() - t0:5.1f} s: {title}")
+            if time.monotonic() - t0 > 240:
+                proc.kill()
+                raise AssertionError(f"{what}: ansible-playbook ran over 240 s:\n"
+                                     + "".join(lines[-40:]))
+        code = proc.wait()
+        err.seek(0)
+        stderr = err.read()
+    return subprocess.CompletedProcess(argv, code, "".join(lines), stderr)
 
 
-def _playbook(r: dict[str, object]) -> str:
-    proc = _run_playbook(r)
+def _playbook(r: dict[str, object], say: Callable[[str], None] | None = None,
+              what: str = "site.yml") -> str:
+    proc = _run_playbook(r, say=say, what=what)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -160,11 +185,11 @@ def _exec_start(unit: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def applied(rollout: dict[str, object]) -> dict[str, object]:
+def applied(rollout: dict[str, object], progress: Callable[[str], None]) -> dict[str, object]:
     t0 = time.monotonic()
-    first = _recap(_playbook(rollout))
+    first = _recap(_playbook(rollout, progress, "site.yml, first run"))
     t1 = time.monotonic()
-    second_out = _playbook(rollout)
+    second_out = _playbook(rollout, progress, "site.yml, second run")
     second = _recap(second_out)
     return {**rollout, "first": first, "second": second, "second_out": second_out,
             "first_s": t1 - t0, "second_s": time.monotonic() - t1}
@@ -250,12 +275,14 @@ def daemons(applied) -> Iterator[dict[str, object]]:
             assert "Traceback" not in err, err
 
 
-def test_rolled_out_agent_registers_with_rolled_out_controller(daemons, report_figure) -> None:
+def test_rolled_out_agent_registers_with_rolled_out_controller(daemons, report_figure,
+                                                               progress) -> None:
     prefix = daemons["prefix"]
     gpufleet = prefix / "head1/opt/gpufleet/venv/bin/gpufleet"
     db = prefix / "head1/var/lib/gpufleet/state.db"
     t0 = time.monotonic()
     nodes: list[dict[str, object]] = []
+    progress("site.yml: waiting (up to 60 s) for the rolled-out agent to register ...")
     while time.monotonic() - t0 < 60:
         for p in daemons["procs"]:
             assert p.poll() is None, p.communicate()[1][-3000:]

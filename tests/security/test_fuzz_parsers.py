@@ -1,7 +1,9 @@
 """Hypothesis fuzzing of every parser of outside text: each returns a value or raises its own
 documented error (naming the input, and the line where there are lines), never another
-exception. Inputs are mutations of real dumps and documents (tests/conftest.py real_data(),
-../shared/reference/slurm-lab) plus plain random text.
+exception. Inputs are mutations of documents the project writes or generates (fabrics from
+tests/topology/fabricgen.py, `topo -m` rendered from the simulated NVML profiles, Slurm 22.05
+JSON in tests/fixtures/slurm-22.05, kernel-log lines) plus plain random text. The same fuzz
+over the real-world corpus runs in tests/conformance/test_fuzz_real.py.
 
 Fixed budget per target (GPUFLEET_FUZZ_EXAMPLES overrides; derandomized, so CI runs the same
 inputs every time). Each target records one line "fuzz <target>: N inputs tried, P parsed,
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpufleet.agent import procmap
+from gpufleet.agent import nvml_sim, procmap
 from gpufleet.agent.accounting import (
     Accountant,
     AccountingError,
@@ -34,19 +36,23 @@ from gpufleet.agent.telemetry import GpuSample
 from gpufleet.scheduler import slurm_rest
 from gpufleet.scheduler.sacct import SacctParseError, parse_sacct_json
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError
-from gpufleet.scheduler.topology.export import parse_topology_conf
-from gpufleet.scheduler.topology.gputopo import parse_topo_m
+from gpufleet.scheduler.topology.export import export_block, export_tree, parse_topology_conf
+from gpufleet.scheduler.topology.fabric import build_fabric
+from gpufleet.scheduler.topology.gputopo import from_inventory, parse_topo_m, render_topo_m
+from gpufleet.scheduler.topology.hostmap import map_hosts
 from gpufleet.scheduler.topology.ibnetdiscover import IbParseError, parse_ibnetdiscover
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import REPO, real_data
+from tests.conftest import REPO
+from tests.topology.fabricgen import fat_tree
+from tests.topology.test_gputopo import _sim_inventory
 
 BUDGET = int(os.environ.get("GPUFLEET_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=BUDGET, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
-SLURM_LAB = REPO.parent / "shared" / "reference" / "slurm-lab"
+SLURM_JSON = REPO / "tests" / "fixtures" / "slurm-22.05"
 Report = Callable[[str], None]
 
 
@@ -63,11 +69,7 @@ class Tally:
 
 
 def _lab(name: str) -> str:
-    path = SLURM_LAB / name
-    if not path.exists():
-        pytest.fail(f"{path} is missing: the Slurm lab reference documents are part of the "
-                    "shared workspace")
-    return path.read_text()
+    return (SLURM_JSON / name).read_text()
 
 
 # ------------------------------------------------------------------ text mutation
@@ -122,7 +124,16 @@ def _check_line_error(e: IbParseError, source: str, text: str) -> None:
 
 
 def _ib_seeds() -> list[tuple[str, str]]:
-    root = real_data("ibnetdiscover")
+    """Generated fat trees: named hosts, vendor-default names, a down-trained uplink."""
+    hosts = [f"gpu{i:02d}" for i in range(12)]
+    return [("fat-tree", fat_tree(hosts, per_leaf=4, spines=2).text),
+            ("defaults", fat_tree(hosts[:6], per_leaf=3, spines=1, speed="HDR",
+                                  default_descriptions=True).text),
+            ("slow", fat_tree(hosts[:8], per_leaf=4, spines=2, slow_uplink=(1, 0)).text)]
+
+
+def real_ib_seeds(root: Path) -> list[tuple[str, str]]:
+    """The real dumps of `root` (the conformance corpus's ibnetdiscover/ folder)."""
     seeds = []
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.stat().st_size > 64_000:
@@ -138,7 +149,10 @@ def _ib_seeds() -> list[tuple[str, str]]:
 
 
 def test_fuzz_ibnetdiscover(report_figure: Report) -> None:
-    seeds = _ib_seeds()
+    fuzz_ibnetdiscover(_ib_seeds(), report_figure, "generated fat trees")
+
+
+def fuzz_ibnetdiscover(seeds: list[tuple[str, str]], report_figure: Report, what: str) -> None:
     tally = Tally()
 
     @FUZZ
@@ -159,14 +173,20 @@ def test_fuzz_ibnetdiscover(report_figure: Report) -> None:
         tally.parsed += 1
 
     one()
-    report_figure(tally.line("ibnetdiscover (mutated real dumps)"))
+    report_figure(tally.line(f"ibnetdiscover (mutated {what})"))
 
 
 # ------------------------------------------------------------------ nvidia-smi topo -m
 
 
 def _topo_seeds() -> list[tuple[str, str]]:
-    root = real_data("nvidia_smi_topo/utkuozdemir_nvidia_gpu_exporter_captures")
+    """`topo -m` as gpufleet renders it for every simulated NVML profile."""
+    return [(profile, render_topo_m(from_inventory(_sim_inventory(profile))))
+            for profile in sorted(nvml_sim.PROFILES)]
+
+
+def real_topo_seeds(root: Path) -> list[tuple[str, str]]:
+    """The `topo -m` sections of real nvidia-smi captures under `root`."""
     seeds = []
     for path in sorted(root.glob("*.txt")):
         m = re.search(r"^# \$ nvidia-smi topo -m\n#+\n(.*?)(?=^#{20,}|\Z)", path.read_text(),
@@ -179,7 +199,10 @@ def _topo_seeds() -> list[tuple[str, str]]:
 
 
 def test_fuzz_nvidia_smi_topo_m(report_figure: Report) -> None:
-    seeds = _topo_seeds()
+    fuzz_topo_m(_topo_seeds(), report_figure, "rendered simulated profiles")
+
+
+def fuzz_topo_m(seeds: list[tuple[str, str]], report_figure: Report, what: str) -> None:
     tally = Tally()
 
     @FUZZ
@@ -198,14 +221,31 @@ def test_fuzz_nvidia_smi_topo_m(report_figure: Report) -> None:
         tally.parsed += 1
 
     one()
-    report_figure(tally.line("nvidia-smi topo -m (mutated real captures)"))
+    report_figure(tally.line(f"nvidia-smi topo -m (mutated {what})"))
 
 
 # ------------------------------------------------------------------ topology.conf
 
 
 def _topology_conf_seeds() -> list[tuple[str, str]]:
-    root = real_data("slurm_conf")
+    """topology.conf as gpufleet exports it (tree and block) from generated fabrics."""
+    hosts = [f"gpu{i:02d}" for i in range(12)]
+    seeds = []
+    for name, gen in [("tree", fat_tree(hosts, per_leaf=4, spines=2)),
+                      ("small", fat_tree(hosts[:5], per_leaf=2, spines=1))]:
+        fab = build_fabric(parse_ibnetdiscover(gen.text, name))
+        placed = map_hosts(fab)
+        seeds.append((f"{name}.tree.conf", export_tree(fab, placed)))
+        seeds.append((f"{name}.block.conf", export_block(fab, placed)))
+    seeds.append(("hand.conf", "# written by hand\nSwitchName=s1 Nodes=n[1-4] LinkSpeed=100\n"
+                               "SwitchName=s2 Nodes=n[5-8]\nSwitchName=top Switches=s[1-2]\n"))
+    for name, text in seeds:
+        parse_topology_conf(text, name)
+    return seeds
+
+
+def real_topology_conf_seeds(root: Path) -> list[tuple[str, str]]:
+    """The topology.conf files of the real corpus's slurm_conf/ folder."""
     seeds = []
     for path in sorted(root.rglob("*")):
         if path.is_file() and ("topology" in path.name or path.name.startswith("expected.")):
@@ -217,7 +257,10 @@ def _topology_conf_seeds() -> list[tuple[str, str]]:
 
 
 def test_fuzz_topology_conf(report_figure: Report) -> None:
-    seeds = _topology_conf_seeds()
+    fuzz_topology_conf(_topology_conf_seeds(), report_figure, "exported and written files")
+
+
+def fuzz_topology_conf(seeds: list[tuple[str, str]], report_figure: Report, what: str) -> None:
     tally = Tally()
 
     @FUZZ
@@ -234,7 +277,7 @@ def test_fuzz_topology_conf(report_figure: Report) -> None:
         tally.parsed += 1
 
     one()
-    report_figure(tally.line("topology.conf (mutated real files)"))
+    report_figure(tally.line(f"topology.conf (mutated {what})"))
 
 
 # ------------------------------------------------------------------ Slurm JSON
@@ -377,7 +420,7 @@ def test_fuzz_slurm_json(kind: str, report_figure: Report) -> None:
         tally.parsed += 1
 
     one()
-    report_figure(tally.line(f"Slurm JSON, {kind} (mutated real 22.05 output)"))
+    report_figure(tally.line(f"Slurm JSON, {kind} (mutated 22.05-shaped documents)"))
 
 
 def test_fuzz_sacct_json(report_figure: Report) -> None:
@@ -400,16 +443,28 @@ def test_fuzz_sacct_json(report_figure: Report) -> None:
         tally.parsed += 1
 
     one()
-    report_figure(tally.line("sacct --json (mutated real 22.05 output)"))
+    report_figure(tally.line("sacct --json (mutated 22.05-shaped documents)"))
 
 
 # ------------------------------------------------------------------ kernel log XIDs
 
 
+KMSG_FORMS = [  # the forms drivers print (dmesg -T, /dev/kmsg records, syslog)
+    "[Sun Feb 23 16:24:18 2025] NVRM: Xid (PCI:0000:9b:00): 119, pid=2024380, name=nvidia-smi, "
+    "Timeout after 6s of waiting for RPC response from GPU4 GSP!",
+    "[ 1234.567890] NVRM: Xid (PCI:0000:3b:00): 79, pid='<unknown>', name=<unknown>, "
+    "GPU has fallen off the bus.",
+    "Feb 23 16:24:18 gpu01 kernel: NVRM: Xid (PCI:0000:18:00): 31, pid=1234, name=python, "
+    "Ch 00000008, intr 00000000. MMU Fault",
+]
+
+
 def test_fuzz_kmsg_xid_lines(report_figure: Report) -> None:
-    real = [ln for ln in real_data("xid/leptonai_gpud/dmesg-with-xid-119.log")
-            .read_text(errors="replace").splitlines() if ln.strip()]
-    forms = [ln for ln in real if "Xid" in ln] + [
+    fuzz_kmsg_xid_lines(KMSG_FORMS, report_figure, "driver line forms")
+
+
+def fuzz_kmsg_xid_lines(lines: list[str], report_figure: Report, what: str) -> None:
+    forms = [ln for ln in lines if "Xid" in ln] + [
         "6,1234,5678901,-;NVRM: Xid (PCI:0000:3b:00): 48, An uncorrectable",
         "<4>NVRM: Xid (0000:3b:00.1): 13, Graphics Exception",
         "14,9,9,-;NVRM: Xid (PCI:0000:9b:00): 79, from userspace"]
@@ -430,7 +485,7 @@ def test_fuzz_kmsg_xid_lines(report_figure: Report) -> None:
         tally.parsed += 1
 
     one()
-    report_figure(tally.line("kernel-log XID lines (mutated real dmesg; 'error' = not an "
+    report_figure(tally.line(f"kernel-log XID lines (mutated {what}; 'error' = not an "
                              "XID line, None)"))
 
 

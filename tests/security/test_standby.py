@@ -81,6 +81,7 @@ def _status(port: int) -> grpc.StatusCode:
     return code
 
 
+@pytest.mark.slow  # PostgreSQL + two controllers, ~19 s
 def test_standby_takes_over_when_active_is_killed(
         two_controllers: tuple[str, list[tuple[subprocess.Popen[bytes], int]]],
         report_figure: Callable[[str], None]) -> None:

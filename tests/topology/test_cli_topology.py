@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from gpufleet.scheduler.cli_topology import topology
 from gpufleet.scheduler.store import SqliteStore
 
-from tests.conftest import real_data
 from tests.topology.fabricgen import fat_tree, inventory
 from tests.topology.test_gputopo import _sim_inventory
 
@@ -69,8 +68,9 @@ def test_export_hosts_node_and_diff(tmp_path: Path) -> None:
 
 def test_fabric_view_and_bad_dump(tmp_path: Path) -> None:
     r = CliRunner()
-    x5 = real_data("ibnetdiscover/jabl_ibtopotool/1.topo")
-    out = r.invoke(topology, ["fabric", "--ibnetdiscover", str(x5)])
+    dump = tmp_path / "slow.topo"
+    dump.write_text(fat_tree(HOSTS, per_leaf=4, spines=2, slow_uplink=(0, 1)).text)
+    out = r.invoke(topology, ["fabric", "--ibnetdiscover", str(dump)])
     assert out.exit_code == 0
     assert "down-trained:" in out.output and "1x" in out.output
     bad = tmp_path / "bad.out"

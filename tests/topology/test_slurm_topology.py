@@ -14,6 +14,7 @@ from gpufleet.scheduler.topology.hostmap import map_hosts
 from gpufleet.scheduler.topology.ibnetdiscover import parse_ibnetdiscover
 
 from tests.conftest import IN_CI
+from tests.slurm.fixtures import remove_lab_dir
 from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError
 from tests.topology.fabricgen import fat_tree, inventory
 
@@ -50,6 +51,7 @@ def topo_lab() -> Iterator[tuple[SlurmLab, str]]:
         yield lab, conf
     finally:
         lab.stop()
+        remove_lab_dir(lab)
 
 
 def test_slurmctld_shows_the_generated_tree(topo_lab: tuple[SlurmLab, str]) -> None:

@@ -18,6 +18,7 @@ import click
 from google.protobuf import json_format
 from gpufleet.agent import __version__, sdnotify
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
+from gpufleet.agent.extras import ExtrasGroup
 from gpufleet.agent.nvml_sim import FAULT_KINDS
 from gpufleet.agent.telemetry import GpuBackendError
 
@@ -121,7 +122,9 @@ def _make_backend(cfg: AgentConfig) -> Any:
 
 
 @click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GPUFLEET_AGENT"}
+    cls=ExtrasGroup,
+    context_settings={"help_option_names": ["-h", "--help"],
+                      "auto_envvar_prefix": "GPUFLEET_AGENT"},
 )
 @click.version_option(__version__, prog_name="gpufleet-agent")
 def main() -> None:
@@ -202,24 +205,65 @@ def run(once: bool, verbose: int, **kw: Any) -> None:
         sys.exit(EXIT_ERROR)
 
 
+@main.command("check-connection")
+@click.option("--controller", envvar="GPUFLEET_AGENT_CONTROLLER", default="localhost:50051",
+              show_default=True, help="HOST:PORT as `run` dials it; several: each is checked")
+@click.option("--ca-path", envvar="GPUFLEET_AGENT_CA_PATH", required=True,
+              type=click.Path(dir_okay=False), help="cluster CA certificate")
+@click.option("--cert-path", envvar="GPUFLEET_AGENT_CERT_PATH", required=True,
+              type=click.Path(dir_okay=False), help="this node's certificate")
+@click.option("--key-path", envvar="GPUFLEET_AGENT_KEY_PATH", required=True,
+              type=click.Path(dir_okay=False), help="this node's key")
+@click.option("--timeout-s", type=float, default=5.0, show_default=True)
+def check_connection(controller: str, ca_path: str, cert_path: str, key_path: str,
+                     timeout_s: float) -> None:
+    """One TLS handshake with the controller, as `run` makes it; says why it fails.
+
+    Names the cause: unknown CA, a name mismatch (the name dialled and the names in the
+    controller's certificate), an expired or not yet valid certificate, or the controller
+    refusing this node's certificate. Exit 0 when every address accepts, 1 otherwise.
+    """
+    from gpufleet.agent.client import split_targets
+    from gpufleet.agent.tlscheck import diagnose
+
+    failed = False
+    for target in split_targets(controller) or [controller]:
+        d = diagnose(target, Path(ca_path), Path(cert_path), Path(key_path), timeout_s)
+        click.echo(f"{target}: {'ok' if d.ok else d.cause}: {d.message}", err=not d.ok)
+        failed |= not d.ok
+    sys.exit(1 if failed else 0)
+
+
 @main.command()
 @_common
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the wire messages)")
 def collect(as_json: bool, verbose: int, **kw: Any) -> None:
-    """Read the inventory and one sample locally and print them; no controller needed."""
+    """Read the inventory and one sample locally and print them; no controller needed.
+
+    Writes nothing under the state directory (no health cache, no spool, no job records): the
+    agent's files go to a temporary folder removed on exit, so a running agent is undisturbed.
+    """
+    import dataclasses
+    import tempfile
+
     from gpufleet.agent.runner import Agent
 
     _setup_logging(verbose)
     cfg = _make_config(**kw)
-    try:
-        agent = Agent(cfg, _make_backend(cfg))
-        t0 = time.perf_counter()
-        inv = agent.inventory()
-        t1 = time.perf_counter()
-        sample = agent.sample()
-        t2 = time.perf_counter()
-    except GpuBackendError as e:
-        raise click.ClickException(str(e)) from e
+    with tempfile.TemporaryDirectory(prefix="gpufleet-agent-collect-") as scratch:
+        backend = _make_backend(cfg)  # a simulated node's faults: the running agent's file
+        scratch_cfg = dataclasses.replace(cfg, state_dir=scratch, spool_dir="",
+                                          sim_faults_path=str(cfg.resolved_faults_path()))
+        try:
+            agent = Agent(scratch_cfg, backend)
+            t0 = time.perf_counter()
+            inv = agent.inventory()
+            t1 = time.perf_counter()
+            sample = agent.sample()
+            t2 = time.perf_counter()
+        except GpuBackendError as e:
+            raise click.ClickException(str(e)) from e
+        agent.outbox.close()
     doc = {
         "inventory": json_format.MessageToDict(inv, preserving_proto_field_name=True),
         "sample": json_format.MessageToDict(sample, preserving_proto_field_name=True),
@@ -265,7 +309,11 @@ def collect(as_json: bool, verbose: int, **kw: Any) -> None:
     help="older cached state counts as unknown (agent not running)",
 )
 def health(state_dir: str, max_age_s: float) -> None:
-    """Print the node's cached verdict; exit 0 healthy, 1 not (for Slurm HealthCheckProgram)."""
+    """Print the node's cached verdict; exit 0 ok, 1 fatal, 2 unknown (for HealthCheckProgram).
+
+    0: ok, warn or degraded; 1: fatal; 2: no cache, or one older than --max-age-s (is the
+    agent running?), or an unreadable one.
+    """
     path = Path(state_dir) / "health.json"
     try:
         doc = json.loads(path.read_text())

@@ -102,6 +102,19 @@ class StreamClient:
             return grpc.insecure_channel(self.target, options=options)
         return grpc.secure_channel(self.target, self.tls.credentials(), options=options)
 
+    def _tls_cause(self) -> str:
+        """gRPC says UNAVAILABLE for every failed handshake: name the TLS cause, if it is one."""
+        if self.tls is None:
+            return ""
+        from gpufleet.agent.tlscheck import diagnose
+
+        try:
+            d = diagnose(self.target, self.tls.ca_path, self.tls.cert_path, self.tls.key_path,
+                         timeout_s=3.0)
+        except Exception as e:  # noqa: BLE001 - a diagnosis must never stop the reconnects
+            return f" (TLS check failed: {e})"
+        return "" if d.ok or d.cause == "unreachable" else f": {d.message}"
+
     def run(self, stop: threading.Event) -> None:
         backoff = self.backoff_initial_s
         was_down = False
@@ -141,7 +154,8 @@ class StreamClient:
                     log.error("controller %s refused this agent: %s", self.target,
                               e.details() if hasattr(e, "details") else e)
                 elif not stop.is_set() and not was_down:
-                    log.warning("controller %s unreachable (%s); retrying", self.target, code)
+                    log.warning("controller %s unreachable (%s)%s; retrying", self.target, code,
+                                self._tls_cause())
                     was_down = True
             finally:
                 self.connected.clear()

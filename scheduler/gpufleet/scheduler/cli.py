@@ -17,6 +17,7 @@ from typing import Any
 import click
 from gpufleet.rpc.settings import FiniteRange, HostPort
 from gpufleet.scheduler import __version__
+from gpufleet.scheduler.extras import ExtrasGroup, unavailable
 from gpufleet.scheduler.store import StateStore, StoreError, now_ms, open_store
 from gpufleet.scheduler.user_client import controller_options
 
@@ -98,7 +99,8 @@ db_option = click.option(
 
 
 @click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GPUFLEET"}
+    cls=ExtrasGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GPUFLEET"},
 )
 @click.version_option(__version__, prog_name="gpufleet")
 @click.option(
@@ -563,28 +565,46 @@ def events(db: str, since: str, node: str | None, limit: int, as_json: bool) -> 
 @click.option("--keep-drained", is_flag=True, help="leave the faulty node drained at the end")
 def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_drained: bool) -> None:
     """A controller plus simulated agents on this machine: nodes, a fault, the drain."""
+    import importlib.util
+
     from gpufleet.scheduler.demo import run_demo
+
+    lacking = [m for m in ("psutil", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if lacking:  # the agents it starts would each die on the import
+        raise click.ClickException(
+            f"`gpufleet demo` runs simulated agents here too, and they need {', '.join(lacking)}: "
+            "pip install 'gpufleet[agent,controller]'")
 
     sys.exit(run_demo(node_count, profile, fault_node, slurm, keep_drained))
 
 
+def _add(module: str, attr: str, name: str, what: str) -> click.Command | None:
+    """Add the command `attr` of `module`; a stand-in naming the extra when it cannot load."""
+    import importlib
+
+    try:
+        cmd: click.Command = getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as e:
+        main.add_command(unavailable(name, e, what))
+        return None
+    main.add_command(cmd)
+    return cmd
+
+
 def _register_command_groups() -> None:
     """Groups that live in their own modules (each module is the group's whole CLI)."""
-    from gpufleet.scheduler.cli_acct import acct
-    from gpufleet.scheduler.cli_certs import certs_group
-    from gpufleet.scheduler.cli_jobs import jobs
-    from gpufleet.scheduler.cli_place import place_cmd, sbatch_cmd
-    from gpufleet.scheduler.cli_topology import topology
+    _add("gpufleet.scheduler.cli_topology", "topology", "topology",
+         "Slurm topology.conf from the InfiniBand fabric")
+    _add("gpufleet.scheduler.cli_certs", "certs_group", "certs",
+         "The cluster CA and node certificates")
+    _add("gpufleet.scheduler.cli_place", "place_cmd", "place", "Where a job would be placed")
+    _add("gpufleet.scheduler.cli_place", "sbatch_cmd", "sbatch", "sbatch with gpufleet placement")
+    _add("gpufleet.scheduler.cli_jobs", "jobs", "jobs", "Job checkpoints and recoveries")
+    acct = _add("gpufleet.scheduler.cli_acct", "acct", "acct", "GPU accounting")
+    if isinstance(acct, click.Group):
+        from gpufleet.scheduler.cli_acct_reconcile import reconcile
 
-    main.add_command(topology)
-    main.add_command(certs_group)
-    main.add_command(place_cmd)
-    main.add_command(sbatch_cmd)
-    main.add_command(jobs)
-    from gpufleet.scheduler.cli_acct_reconcile import reconcile
-
-    acct.add_command(reconcile)  # `gpufleet acct reconcile`: against sacct
-    main.add_command(acct)
+        acct.add_command(reconcile)  # `gpufleet acct reconcile`: against sacct
 
 
 _register_command_groups()

@@ -10,6 +10,7 @@ newer gpufleet is refused rather than guessed at. Nothing here talks to Slurm or
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .base import (
     HEALTH_ORDER,
@@ -24,8 +25,18 @@ from .base import (
     now_ms,
 )
 from .migrations import MIGRATIONS, PG_MIGRATIONS
-from .postgres import PostgresStore, describe_target
 from .sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore, describe_target  # noqa: F401 - lazy re-exports
+
+
+def __getattr__(name: str) -> Any:
+    """PostgreSQL on first use: psycopg is in `gpufleet[controller]`, not on every install."""
+    if name in ("PostgresStore", "describe_target"):
+        from . import postgres
+        return getattr(postgres, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "HEALTH_ORDER",
@@ -55,11 +66,13 @@ def open_store(target: str | Path) -> StateStore:
     if not text:
         raise StoreError("empty store target: give a file path or a postgresql:// URL")
     if text.startswith(_URL_SCHEMES):
+        from .postgres import PostgresStore
         return PostgresStore(text)
     if text.startswith("sqlite:///"):
         return SqliteStore(text.removeprefix("sqlite://"))
     if "://" in text:
         scheme = text.split("://", 1)[0]
+        from .postgres import describe_target
         shown = describe_target(text) if scheme.startswith("postgres") else f"{scheme}://..."
         raise StoreError(
             f"unsupported store target {shown!r}: use a file path (SQLite) or a "
