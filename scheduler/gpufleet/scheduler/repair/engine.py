@@ -24,6 +24,7 @@ Slurm, the agents, Alertmanager and the clock come in through the constructor.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 REASON_PREFIX = "gpufleet:"
 ACTOR = "repair"
 POLICIES = ("auto", "ask", "never")
+_GPU_RE = re.compile(r"^GPU (\d+)\b")
 RESET_RETRY_MS = 30_000  # a GPU a process still holds: ask again this much later
 _BUSY_STATES = {"ALLOCATED", "MIXED", "COMPLETING"}
 
@@ -272,6 +274,8 @@ class RepairManager:
                    fault_ms: int | None = None, gpu_index: int | None = None) -> None:
         """The health policy drained (or is draining) `node` for this fault."""
         now = self.clock()
+        if gpu_index is None and (m := _GPU_RE.match(evidence)):
+            gpu_index = int(m.group(1))  # the policy passes evidence, not the GPU
         with self._lock:
             old = self.cases.get(node)
             if old is not None and old.step in OPEN:
