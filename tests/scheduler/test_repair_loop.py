@@ -22,6 +22,7 @@ from gpufleet.scheduler.store import SqliteStore
 from prometheus_client import generate_latest
 
 from tests.scheduler.fakes import FakeSlurm
+from tests.scheduler.test_alerting import alertmanager, recorder  # noqa: F401 - fixtures
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> bool:
@@ -116,3 +117,50 @@ def test_failed_diag_stays_drained_with_the_check_in_the_reason(lab, tmp_path: P
     finally:
         agent.stop.set()
         t.join(5)
+
+
+# ----------------------------------------------------------------------------- real Alertmanager
+
+
+def test_rma_fault_stays_drained_and_reaches_real_alertmanager(
+        alertmanager, tmp_path: Path) -> None:  # noqa: F811 - the imported fixture
+    import json
+    import urllib.request
+
+    from gpufleet.scheduler.alerting import AlertSender
+
+    url, _chat = alertmanager
+    slurm = FakeSlurm(["n1"])
+    store = SqliteStore(tmp_path / "state.db")
+    journal = Journal(tmp_path / "repair.jsonl")
+    rebooter = Rebooter()
+    ctl = Controller(store, slurm, listen="127.0.0.1:0",
+                     policy=PolicyConfig(tick_s=0.1, resume_quiet_s=0.5),
+                     repair=RepairConfig(tick_s=0.1), repair_journal=str(journal.path),
+                     rebooter=rebooter, partition_of=lambda _n: "gpu", metrics_listen=None,
+                     alerts=AlertSender(url, backoff_s=0.05))
+    ctl.start()
+    agent, t = start_agent(tmp_path, ctl.port, "n1")
+
+    def listed() -> list[dict]:
+        with urllib.request.urlopen(url + "/api/v2/alerts", timeout=5) as r:  # noqa: S310
+            return [a for a in json.loads(r.read())
+                    if a["labels"]["alertname"] == "GpufleetRepairEscalated"]
+
+    try:
+        assert wait_for(lambda: bool(ctl.store.nodes()))
+        nvml_sim.inject({"kind": "row_remap_failure", "gpu": 6})
+        assert wait_for(lambda: slurm.state["n1"][0] == "IDLE+DRAIN")
+        assert wait_for(lambda: bool(listed()), 20), "the escalation never reached Alertmanager"
+        [alert] = listed()
+        assert alert["labels"]["node"] == "n1" and alert["labels"]["severity"] == "page"
+        assert "contact_support" in alert["annotations"]["summary"]
+        assert "GPU 6 row remapping failed" in alert["annotations"]["description"]
+        time.sleep(1.0)  # never retried, never resumed
+        assert slurm.calls == [("drain", "n1")] and not rebooter.calls
+        assert ctl.repair is not None and ctl.repair.cases["n1"].step == Step.ESCALATED
+    finally:
+        agent.stop.set()
+        t.join(5)
+        ctl.stop()
+        store.close()

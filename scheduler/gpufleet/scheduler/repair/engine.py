@@ -402,12 +402,13 @@ class RepairManager:
             return False
         if c.resolution == Resolution.CONTACT_SUPPORT:
             self._escalate_close(c, Step.ESCALATED, "contact_support",
-                                 f"RMA class ({c.reason_code}): never retried")
+                                 f"RMA class, never retried: {c.evidence}")
             return False
         policy = self.config.policy.get(c.resolution, "auto")
         if policy == "never" and not c.approved:
             self._escalate_close(c, Step.ESCALATED, "policy-never",
-                                 f"policy for {c.resolution} is 'never': needs a person")
+                                 f"policy for {c.resolution} is 'never', needs a person: "
+                                 f"{c.evidence}")
             return False
         if policy == "ask" and not c.approved:
             if c.step != Step.APPROVAL:
