@@ -326,3 +326,18 @@ def test_policy_never_escalates_without_acting(tmp_path: Path) -> None:
 def test_bad_config_is_one_clear_error(cfg: dict[str, object], msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         RepairConfig(**cfg).validate()  # type: ignore[arg-type]
+
+
+def test_controller_restart_mid_reboot_picks_up_where_it_was(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.fault("n2", "xid79", "GPU 3 fell off the bus")
+    lab.tick()
+    assert lab.rebooter.calls and lab.step("n2") == Step.REMEDIATING
+    lab.rm = lab.manager()  # a new controller process, same journal
+    assert lab.step("n2") == Step.REMEDIATING and lab.rm.holds("n2")
+    lab.tick()
+    assert len(lab.rebooter.calls) == 1 and not lab.agents.sent  # not rebooted twice
+    lab.agents.boot["n2"] = "boot-1"
+    lab.tick()
+    lab.answer("n2")
+    assert lab.step("n2") == Step.RESUMED
