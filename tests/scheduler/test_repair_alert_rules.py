@@ -55,7 +55,7 @@ class _NoAgents:
 
 
 def _collector(tmp_path: Path) -> tuple[RepairManager, RepairCollector]:
-    rm = RepairManager(FakeSlurm(["n1"]), Journal(tmp_path / "j.jsonl"), RepairConfig(),
+    rm = RepairManager(FakeSlurm(["n1", "n2"]), Journal(tmp_path / "j.jsonl"), RepairConfig(),
                        _NoAgents(), _NoAgents(), lambda *a: None)  # type: ignore[arg-type]
     return rm, RepairCollector(rm)
 
@@ -76,10 +76,14 @@ def test_collector_reports_outcomes_drained_time_and_open_cases(tmp_path: Path) 
     rm, col = _collector(tmp_path)
     reg = CollectorRegistry()
     reg.register(col)
-    rm.slurm.drain("n1", "gpufleet:row_remap_failure GPU 1")  # type: ignore[attr-defined]
-    rm.node_fatal("n1", "row_remap_failure", "GPU 1 row remapping failed", rm.clock() - 60_000)
-    assert reg.get_sample_value("gpufleet_controller_repair_open", {"step": "waiting"}) == 1
+    slurm: FakeSlurm = rm.slurm  # type: ignore[assignment]
+    slurm.drain("n1", "gpufleet:xid95 GPU 1")
+    slurm.state["n1"] = ("MIXED+DRAIN", slurm.state["n1"][1])  # a job still runs there
+    rm.node_fatal("n1", "xid95", "GPU 1 Xid 95")
+    slurm.drain("n2", "gpufleet:row_remap_failure GPU 1")
+    rm.node_fatal("n2", "row_remap_failure", "GPU 1 row remapping failed", rm.clock() - 60_000)
     rm.tick()
+    assert reg.get_sample_value("gpufleet_controller_repair_open", {"step": "waiting"}) == 1
     assert reg.get_sample_value("gpufleet_controller_repairs_total",
                                 {"outcome": "escalated"}) == 1
     assert reg.get_sample_value("gpufleet_controller_repairs_total",

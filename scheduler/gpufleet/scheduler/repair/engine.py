@@ -198,6 +198,10 @@ class RepairManager:
         self._failures: dict[str, list[int]] = {}
         self._escalated_quarantine: set[str] = set()
         self._handled_requests: set[str] = set()
+        # what arrives from the ingest path waits here, under its own short lock: the tick
+        # holds self._lock across Slurm calls that can take their whole timeout
+        self._inbox_lock = threading.Lock()
+        self._faults: list[tuple[str, str, str, int, int | None]] = []
         self._results: list[CommandResult] = []
         self._pending_requests: list[dict[str, Any]] = []
         # figures for the metrics (gpufleet.scheduler.repair.metrics)
@@ -272,35 +276,43 @@ class RepairManager:
 
     def node_fatal(self, node: str, reason_code: str, evidence: str,
                    fault_ms: int | None = None, gpu_index: int | None = None) -> None:
-        """The health policy drained (or is draining) `node` for this fault."""
+        """The health policy drained (or is draining) `node` for this fault. Called on the
+        ingest path: it only queues; the repair thread opens the case on its next tick."""
+        with self._inbox_lock:
+            self._faults.append((node, reason_code, evidence, fault_ms or self.clock(),
+                                 gpu_index))
+
+    def _open_case(self, node: str, reason_code: str, evidence: str, fault_ms: int,
+                   gpu_index: int | None) -> None:
         now = self.clock()
         if gpu_index is None and (m := _GPU_RE.match(evidence)):
             gpu_index = int(m.group(1))  # the policy passes evidence, not the GPU
-        with self._lock:
-            old = self.cases.get(node)
-            if old is not None and old.step in OPEN:
-                self._record(old, "fault_again", f"{reason_code} {evidence}".strip())
-                return
-            case = Case(uuid.uuid4().hex[:12], node, reason_code, evidence,
-                        resolve(reason_code), fault_ms or now, gpu_index, step_ms=now)
-            quarantined = self._quarantined(node, now)
-            self.cases[node] = case
-            self._record(case, "fault", evidence, reason_code=reason_code,
-                         fault_ms=case.fault_ms, gpu_index=gpu_index)
-            if quarantined:
-                self._close(case, Step.QUARANTINED, "quarantined: a new fault stays drained")
+        old = self.cases.get(node)
+        if old is not None and old.step in OPEN:
+            self._record(old, "fault_again", f"{reason_code} {evidence}".strip())
+            return
+        case = Case(uuid.uuid4().hex[:12], node, reason_code, evidence, resolve(reason_code),
+                    fault_ms, gpu_index, step_ms=now)
+        quarantined = self._quarantined(node, now)
+        self.cases[node] = case
+        self._record(case, "fault", evidence, reason_code=reason_code, fault_ms=fault_ms,
+                     gpu_index=gpu_index)
+        if quarantined:
+            self._close(case, Step.QUARANTINED, "quarantined: a new fault stays drained")
 
     def on_result(self, result: CommandResult) -> None:
         """An agent answered a command (from the stream; handled on the next tick)."""
-        with self._lock:
+        with self._inbox_lock:
             self._results.append(result)
 
     def holds(self, node: str) -> bool:
         """Whether gpufleet's repair keeps `node` drained (the health policy must not
-        resume it when it looks healthy again)."""
-        with self._lock:
-            c = self.cases.get(node)
-            return c is not None and c.step in HOLDING
+        resume it when it looks healthy again). Never waits for a tick in progress."""
+        with self._inbox_lock:
+            if any(f[0] == node for f in self._faults):
+                return True
+        c = self.cases.get(node)
+        return c is not None and c.step in HOLDING
 
     # ------------------------------------------------------------ admin
 
@@ -352,7 +364,11 @@ class RepairManager:
             for r in reqs:
                 if str(r.get("id")) not in self._handled_requests:
                     self._admin(r)
-            results, self._results = self._results, []
+            with self._inbox_lock:
+                faults, self._faults = self._faults, []
+                results, self._results = self._results, []
+            for f in faults:
+                self._open_case(*f)
             for res in results:
                 self._take_result(res)
             now = self.clock()
