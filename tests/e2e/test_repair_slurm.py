@@ -35,8 +35,11 @@ def repair_lab() -> Iterator[SlurmLab]:
 
     if os.geteuid() != 0 and os.environ.get("CI") != "true":
         pytest.skip("real Slurm lab needs root")
+    # RebootProgram: slurmd runs it on `scontrol reboot`; /bin/true reboots nothing (the lab
+    # cannot), it lets slurmctld accept the request as on a site that defines one
     lab = SlurmLab(SlurmLabConfig(lab_dir=Path("/tmp/gf-lab-repair-test"), nodes=3, leaves=1,
-                                  ctld_port=9937, node_port0=20301))
+                                  ctld_port=9937, node_port0=20301,
+                                  extra_conf="RebootProgram=/bin/true\nResumeTimeout=600\n"))
     try:
         lab.start()
     except SlurmLabError as e:
@@ -120,3 +123,15 @@ def test_xid95_reset_diag_resume_on_real_slurm(repair_lab: SlurmLab, fleet,
     assert whats.index("repair remediating") < whats.index("repair resumed")
     report_figure(f"Xid 95 on real Slurm 22.05: fault -> drain {drained_s:.2f} s, fault -> "
                   f"reset -> diag -> resumed {back_s:.2f} s")
+
+
+def test_scontrol_reboot_request_as_gpufleet_sends_it(repair_lab: SlurmLab) -> None:
+    """The reboot command line is one Slurm 22.05 accepts: the node is marked for reboot
+    with gpufleet's reason (the lab cannot reboot a host, so the reboot itself is not run)."""
+    lab = repair_lab
+    lab.reset()
+    lab.run("scontrol", "update", "nodename=n2", "state=drain", "reason=gpufleet:xid79 GPU 3")
+    CliRebooter(env=lab.env()).reboot("n2", "gpufleet:reboot xid79")
+    assert _wait(lambda: "REBOOT" in lab.node_state("n2"), 10), lab.node_state("n2")
+    assert lab.node_reason("n2") == "gpufleet:reboot xid79"
+    assert "REBOOT" not in lab.node_state("n3")
