@@ -294,6 +294,46 @@ def collect(as_json: bool, verbose: int, **kw: Any) -> None:
 
 
 @main.command()
+@_common
+@click.option("--level", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="1 quick checks; 2 and 3 add a watch of clocks, power and throttling "
+              "(2 s, 10 s); with DCGM: dcgmi diag -r LEVEL")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--dcgm/--no-dcgm", default=None,
+              help="use dcgmi (--dcgm) or gpufleet's own checks (--no-dcgm) "
+              "[default: dcgmi when installed and the backend is real NVML]")
+def diag(level: int, as_json: bool, dcgm: bool | None, verbose: int, **kw: Any) -> None:
+    """Diagnose this node before it returns to service; exit 0 pass, 1 fail, 2 could not run."""
+    from gpufleet.agent import diag as d
+    from gpufleet.agent.infiniband import IbSysfs
+
+    _setup_logging(verbose)
+    cfg = _make_config(**kw)
+    dcgmi = d.find_dcgmi()
+    if dcgm is None:
+        dcgm = dcgmi is not None and cfg.gpu_backend == "nvml"
+    if dcgm:
+        report = (d.run_dcgmi(level, dcgmi) if dcgmi is not None else
+                  d.DiagReport(level, "dcgmi", error="dcgmi not found on PATH (install DCGM "
+                               "or run with --no-dcgm)"))
+    else:
+        expect = d.Expectations(
+            gpu_count=cfg.expected_gpu_count, ib_rate_gbps=cfg.expected_ib_rate_gbps,
+            ib_hcas=cfg.ib_hcas)
+        try:
+            backend = _make_backend(cfg)
+        except GpuBackendError as e:
+            report = d.DiagReport(level, "gpufleet", error=str(e))
+        else:
+            ib = IbSysfs(Path(cfg.sysfs_root))
+            report = d.run_own(backend, level, expect, ib_sample=ib.sample,
+                               retired_pending=backend.retired_pages_pending)
+            backend.close()
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else d.format_text(report))
+    sys.exit(report.exit_code)
+
+
+@main.command()
 @click.option(
     "--state-dir",
     envvar="GPUFLEET_AGENT_STATE_DIR",

@@ -76,7 +76,9 @@ class StreamClient:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 30.0,
         tls: ClientTls | None = None,
+        on_command: Callable[[pb.Command], None] | None = None,
     ) -> None:
+        self.on_command = on_command  # the controller's commands (repair); None: ignored
         self.targets = split_targets(target)
         if not self.targets:
             raise ValueError(f"controller {target!r}: no address")
@@ -177,6 +179,8 @@ class StreamClient:
             for rejected in reply.ack.rejected:
                 self.outbox.reject(rejected.seq, rejected.reason, instance)
             self.outbox.ack(reply.ack.seq, instance)
+        elif reply.HasField("command") and self.on_command is not None:
+            self.on_command(reply.command)
 
     def _requests(self, stop: threading.Event, instance: str) -> Iterator[pb.AgentMessage]:
         # Hello first; then everything not yet acked, in order, then new reports as they come.

@@ -388,6 +388,20 @@ class NvmlBackend:
                 out[i] = tuple(sorted({int(p.pid) for p in procs}))
         return out
 
+    def retired_pages_pending(self) -> dict[int, bool | None]:
+        """Per GPU: whether retired pages wait for a reset (pre-Ampere page retirement;
+        None where NVML does not support it, as on GPUs that remap rows instead)."""
+        self._ensure_started()
+        out: dict[int, bool | None] = {}
+        fn = getattr(self.lib, "nvmlDeviceGetRetiredPagesPendingStatus", None)
+        for i, h in enumerate(self._handles):
+            try:
+                v = self._field("retired_pending", i, fn, h) if fn is not None else None
+            except self._lost_error:
+                v = None
+            out[i] = bool(v) if v is not None else None
+        return out
+
     def expire_counters(self) -> None:
         """Make the next sample read every counter afresh (e.g. at a job's start or end)."""
         self._counter_cache.clear()

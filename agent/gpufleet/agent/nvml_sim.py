@@ -311,6 +311,16 @@ def _clear(g: _Gpu, _fault: dict[str, Any]) -> None:
     g.rows_failure = g.rows_pending = g.hw_power_brake = False
 
 
+def _reset(g: _Gpu, _fault: dict[str, Any]) -> None:
+    """What a GPU reset fixes: volatile ECC counts, a pending row remap (applied at reset),
+    NVLink and PCIe training. Not a GPU off the bus (that needs a reboot), nor a failed
+    row remap (that needs service)."""
+    g.ecc_dbe = 0
+    g.rows_pending = False
+    g.nvlink_down.clear()
+    g.pcie_width = None
+
+
 # fault kind -> how it changes the simulated GPU (xid is handled apart: it is an event)
 _FAULTS: dict[str, Any] = {
     "gpu_lost": lambda g, f: setattr(g, "lost", True),
@@ -324,6 +334,7 @@ _FAULTS: dict[str, Any] = {
         g, "nvlink_crc_errors", g.nvlink_crc_errors + int(f.get("count", 100))),
     "power_brake": lambda g, f: setattr(g, "hw_power_brake", True),
     "clear": _clear,
+    "reset": _reset,
 }
 FAULT_KINDS = ("xid", *_FAULTS)
 
@@ -721,6 +732,13 @@ def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessI
 
 
 nvmlDeviceGetComputeRunningProcesses_v3 = nvmlDeviceGetComputeRunningProcesses
+
+
+def nvmlDeviceGetRetiredPagesPendingStatus(handle: _Handle) -> int:
+    g = _s().gpu(handle)
+    if _s().profile.has_remapped_rows:  # Ampere and later remap rows instead
+        raise NVMLError_NotSupported()
+    return int(g.rows_pending)
 
 
 def _check_link(sim: _Simulator, g: _Gpu, link: int) -> None:

@@ -232,6 +232,9 @@ class Outbox:
         # never dropped for space (only samples are): usage is cumulative and few per minute
         return self._put(pb.AgentMessage(usage=report))
 
+    def put_command_result(self, result: pb.CommandResult) -> int:
+        return self._put(pb.AgentMessage(command_result=result))
+
     def _put(self, msg: pb.AgentMessage) -> int:
         with self._cond:
             msg.seq = self._next_seq

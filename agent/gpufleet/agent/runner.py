@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -372,8 +373,10 @@ class Agent:
         server = self._start_metrics() if not once else None
         job_socket = self._start_job_socket() if not once else None
         psutil.cpu_percent(interval=None)  # prime: the first call always returns 0
+        commands = self._command_runner()
+        commands.start()
         client = StreamClient(self.cfg.controller, self.outbox, self.hello,
-                              tls=self.cfg.client_tls())
+                              tls=self.cfg.client_tls(), on_command=commands.submit)
         threads = [threading.Thread(target=client.run, args=(self.stop,), name="stream",
                                     daemon=True)]
         if not once:
@@ -387,6 +390,7 @@ class Agent:
             return True
         finally:
             self.stop.set()
+            commands.stop()
             for t in threads:
                 t.join(timeout=2.0)
             if server is not None:
@@ -395,6 +399,47 @@ class Agent:
                 job_socket.stop()
             self.outbox.close()
             self.backend.close()
+
+    # ------------------------------------------------------------ repair commands
+
+    def _command_runner(self) -> Any:
+        from gpufleet.agent.remedy import CommandRunner
+
+        sim = (Path(self.cfg.resolved_faults_path())
+               if self.cfg.gpu_backend == "simulated" else None)
+        return CommandRunner(self.backend, self.outbox.put_command_result, self.run_diag,
+                             self.clear_xids, sim_faults_path=sim)
+
+    def run_diag(self, level: int) -> Any:
+        """The diagnostic the controller asks for before it resumes this node."""
+        from gpufleet.agent import diag
+
+        dcgmi = diag.find_dcgmi()
+        if dcgmi is not None and self.cfg.gpu_backend == "nvml":
+            return diag.run_dcgmi(level, dcgmi)
+        expect = diag.Expectations(gpu_count=self.cfg.expected_gpu_count,
+                                   ib_rate_gbps=self.cfg.expected_ib_rate_gbps,
+                                   ib_hcas=self.cfg.ib_hcas)
+        retired = getattr(self.backend, "retired_pages_pending", None)
+        # its own sysfs reader: the sampling thread's keeps per-port state
+        return diag.run_own(self.backend, level, expect,
+                            ib_sample=IbSysfs(Path(self.cfg.sysfs_root)).sample,
+                            retired_pending=retired)
+
+    def clear_xids(self, gpus: Sequence[int]) -> None:
+        """A GPU reset cleared these GPUs: drop their sticky XID verdicts and tell the
+        controller (an OK verdict for each), as a reboot would by starting clean."""
+        now = _now_ms()
+        with self._health_lock:
+            cleared = [i for i in gpus if self.health.current.pop(("xid", i), None)]
+        for i in cleared:
+            ok = Verdict("xid", Severity.OK, "ok", f"GPU {i} reset: XID verdict cleared", now, i)
+            self.outbox.put_event(pb.HealthEvent(timestamp_ms=now,
+                                                 kind=pb.EVENT_KIND_VERDICT_CHANGED,
+                                                 gpu_index=i, verdict=wire.verdict(ok)))
+        if cleared:
+            self._save_xid_verdicts()
+            self._write_health_cache(force=True)
 
     def _start_metrics(self) -> Any:
         if not self.cfg.metrics_listen:

@@ -17,6 +17,13 @@ from typing import Any
 import click
 from gpufleet.rpc.settings import FiniteRange, HostPort
 from gpufleet.scheduler import __version__
+from gpufleet.scheduler.cli_repair import (
+    alert_sender,
+    nodes_history_command,
+    repair_config,
+    repair_group,
+    repair_options,
+)
 from gpufleet.scheduler.extras import ExtrasGroup, unavailable
 from gpufleet.scheduler.store import StateStore, StoreError, now_ms, open_store
 from gpufleet.scheduler.user_client import controller_options
@@ -32,6 +39,10 @@ CONFIG_KEYS = {
     "tls_ca", "tls_cert", "tls_key", "insecure",
     "recover", "recovery_grace_s", "recovery_max_restarts", "recovery_signal",
     "munge_socket", "admin_group", "audit_log",
+    # the repair loop (gpufleet.scheduler.cli_repair)
+    "repair", "repair_journal", "repair_policy", "repair_max_per_partition",
+    "repair_fail_limit", "repair_fail_window_s", "repair_diag_level", "repair_shadow",
+    "alertmanager_url", "alert_webhook_url",
 }
 _ADMIN_KEYS = {"db", "slurm"}
 # the agent simulator's profiles (gpufleet.agent.nvml_sim.PROFILES; the controller does not
@@ -58,10 +69,15 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(
             f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(CONFIG_KEYS))}"
         )
+    if isinstance(data.get("repair_policy"), dict):  # {reboot = "ask"} -> ["reboot=ask"]
+        data["repair_policy"] = [f"{k}={v}" for k, v in data["repair_policy"].items()]
     admin = {k: v for k, v in data.items() if k in _ADMIN_KEYS}
+    journal = {k: v for k, v in data.items() if k == "repair_journal"}
     ctx.default_map = {
         "controller": data,
-        "nodes": {"db": admin.get("db", DEFAULT_DB), "show": {"db": admin.get("db", DEFAULT_DB)}},
+        "nodes": {"db": admin.get("db", DEFAULT_DB), "show": {"db": admin.get("db", DEFAULT_DB)},
+                  "history": {"db": admin.get("db", DEFAULT_DB), **journal}},
+        "repair": dict.fromkeys(("approve", "skip", "cancel", "list"), journal),
         "drain": admin,
         "resume": admin,
         "events": {k: v for k, v in admin.items() if k == "db"},
@@ -218,6 +234,7 @@ def main() -> None:
 @click.option("--audit-log", type=click.Path(dir_okay=False), envvar="GPUFLEET_AUDIT_LOG",
               help="also append audit records (JSON lines) to this file [default: the "
               "gpufleet.audit logger only]")
+@repair_options
 @click.option("-v", "--verbose", count=True)
 def controller(
     listen: str, db: str, slurm: str, slurm_rest_socket: str | None, slurm_rest_url: str | None,
@@ -227,7 +244,7 @@ def controller(
     degraded_feature: str, metrics_listen: str, tls_ca: str | None, tls_cert: str | None,
     tls_key: str | None, insecure: bool, recover: bool, recovery_grace_s: float,
     recovery_max_restarts: int, recovery_signal: str, munge_socket: str, admin_group: str,
-    audit_log: str | None, verbose: int,
+    audit_log: str | None, verbose: int, **repair_opts: Any,
 ) -> None:
     """Run the controller (the systemd service runs this).
 
@@ -267,11 +284,18 @@ def controller(
 
         recovery = RecoveryConfig(signal=recovery_signal, grace_s=recovery_grace_s,
                                   max_restarts=recovery_max_restarts)
-    ctl = Controller(store, _make_slurm(slurm, slurm_rest_socket, slurm_rest_url, slurm_jwt_file),
-                     listen, shadow,
-                     policy=policy, metrics_listen=metrics_listen or None, tls=tls,
-                     recovery=recovery, munge_socket=munge_socket,
-                     admin_group=admin_group or None)
+    journal = repair_opts.pop("repair_journal")
+    repair = repair_config(repair_opts)
+    if repair is not None and slurm != "cli":
+        raise click.UsageError("--repair needs --slurm cli (it runs `scontrol reboot`)")
+    try:
+        ctl = Controller(
+            store, _make_slurm(slurm, slurm_rest_socket, slurm_rest_url, slurm_jwt_file),
+            listen, shadow, policy=policy, metrics_listen=metrics_listen or None, tls=tls,
+            recovery=recovery, munge_socket=munge_socket, admin_group=admin_group or None,
+            repair=repair, repair_journal=journal, alerts=alert_sender(repair_opts))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     try:
         ctl.start()
     except OSError as e:
@@ -605,6 +629,8 @@ def _register_command_groups() -> None:
         from gpufleet.scheduler.cli_acct_reconcile import reconcile
 
         acct.add_command(reconcile)  # `gpufleet acct reconcile`: against sacct
+    main.add_command(repair_group)
+    nodes.add_command(nodes_history_command(_open_existing_store, db_option))
 
 
 _register_command_groups()

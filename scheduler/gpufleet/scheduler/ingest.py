@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
@@ -76,6 +77,7 @@ class Ingestor:
         self.counters = Counters()
         self.touch_interval_s = touch_interval_s
         self._nodes: dict[str, _NodeSeq] = {}
+        self.on_command_result: Callable[[str, pb.CommandResult], None] | None = None
         self._next_flush = time.monotonic() + touch_interval_s
 
     def hello(self, msg: pb.AgentMessage) -> str:
@@ -135,6 +137,9 @@ class Ingestor:
             self._checkpoint(node, msg.checkpoint, now)
         elif body == "usage":
             self._usage(node, msg.usage)
+        elif body == "command_result":
+            if self.on_command_result is not None:  # the repair loop's commands
+                self.on_command_result(node, msg.command_result)
         elif body == "hello":
             raise IngestError("hello sent twice on one stream")
         else:

@@ -28,6 +28,7 @@ from gpufleet.scheduler.store import StateStore, now_ms
 
 if TYPE_CHECKING:
     from gpufleet.scheduler.recovery import RecoveryManager
+    from gpufleet.scheduler.repair import RepairManager
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class HealthPolicy:
         self._reassert_thread: threading.Thread | None = None
         # set by the controller when job recovery is on: fatal nodes get their jobs requeued
         self.recovery: RecoveryManager | None = None
+        # set by the controller when the repair loop is on: drained nodes are remediated,
+        # diagnosed and resumed by it, and the quiet-period resume leaves its nodes alone
+        self.repair: RepairManager | None = None
 
     # ------------------------------------------------------------ transitions (ingest path)
 
@@ -112,6 +116,8 @@ class HealthPolicy:
             reason = f"{REASON_PREFIX}{reason_code} {evidence}".strip()
             if self.actions.submit(node, "drain", reason, fault_ms) is not None:
                 log.warning("node %s fatal: %s -> drain", node, evidence)
+                if self.repair is not None:
+                    self.repair.node_fatal(node, reason_code, evidence, fault_ms)
             self._mark_undo(node)
             if self.recovery is not None:  # returns at once: the work runs on its own pool
                 self.recovery.node_fatal(node, fault_ms)
@@ -172,6 +178,8 @@ class HealthPolicy:
 
     def _undo(self, node: str) -> None:
         """Quiet period over: restore what policy changed, then resume a policy drain."""
+        if self.repair is not None and self.repair.holds(node):
+            return  # the repair loop resumes it after a diagnostic, or keeps it drained
         undone = True
         if self.store.policy_state(node) is not None:
             self.actions.submit(node, "restore", "healthy again", None)

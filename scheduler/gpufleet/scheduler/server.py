@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -20,11 +21,15 @@ from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler import audit, limits
 from gpufleet.scheduler.actions import ActionQueue
+from gpufleet.scheduler.alerting import AlertSender
 from gpufleet.scheduler.ingest import IngestError, Ingestor
 from gpufleet.scheduler.leader import LeaderLock
 from gpufleet.scheduler.metrics import ControllerMetrics, MetricsHttpServer, start_metrics_http
 from gpufleet.scheduler.policy import HealthPolicy, PolicyConfig
 from gpufleet.scheduler.recovery import RecoveryConfig, RecoveryManager
+from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
+from gpufleet.scheduler.repair.engine import Rebooter
+from gpufleet.scheduler.repair_link import AgentCommands, Escalator, result_from_wire
 from gpufleet.scheduler.slurm import SlurmClient
 from gpufleet.scheduler.store import StateStore, StoreError
 from gpufleet.scheduler.tls import ServerTls, peer_node_names
@@ -50,8 +55,10 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
 
     def __init__(self, ingest: Ingestor, metrics: ControllerMetrics | None = None,
                  active: Callable[[], bool] = lambda: True,
-                 store_state: Callable[[bool], None] = lambda ok: None) -> None:
+                 store_state: Callable[[bool], None] = lambda ok: None,
+                 commands: AgentCommands | None = None) -> None:
         self.ingest = ingest
+        self.commands = commands  # repair commands waiting for each node's stream
         self.metrics = metrics
         self.active = active
         # told after each write ingest tried: False on a StoreError, True when one succeeded
@@ -126,6 +133,8 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                         node = self.ingest.hello(msg)
                         self.store_state(True)
                         instance = msg.agent_instance
+                        if self.commands is not None:
+                            self.commands.connected(node, True)
                         if self.metrics is not None:
                             self.metrics.agent_connected()
                         continue
@@ -158,6 +167,9 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                     self.store_state(False)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "controller store failed")
                 yield pb.ControllerMessage(ack=ack)
+                if self.commands is not None and node is not None:
+                    for cmd in self.commands.take(node):
+                        yield pb.ControllerMessage(command=cmd)
         except DecodeError as e:
             # bytes that are no AgentMessage (a port scanner, another protocol, corruption):
             # nothing of the stream can be trusted; one line, not a traceback
@@ -169,6 +181,8 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                                 f"not a gpufleet.v1.AgentMessage: {e}")
         finally:
             self.streams -= 1
+            if node is not None and self.commands is not None:
+                self.commands.connected(node, False)
             if node is not None:
                 if self.metrics is not None:
                     self.metrics.agent_disconnected()
@@ -208,6 +222,11 @@ class Controller:
         munge_socket: str | None = None,
         admin_group: str | None = DEFAULT_ADMIN_GROUP,
         user_view_source: ViewSource | None = None,
+        repair: RepairConfig | None = None,
+        repair_journal: str | None = None,
+        rebooter: Rebooter | None = None,
+        partition_of: Callable[[str], str] | None = None,
+        alerts: AlertSender | None = None,
     ) -> None:
         self.store = store
         self._health: health.aio.HealthServicer | None = None
@@ -246,6 +265,13 @@ class Controller:
                                             metrics=self.metrics)
             self.policy.recovery = self.recovery
         self.ingest = Ingestor(store, self.actions, self.metrics, policy=self.policy)
+        self.alerts = alerts
+        # the repair loop (remediate, diagnose, resume or escalate) hangs off the policy's
+        # drains and needs Slurm; None: off
+        self.commands: AgentCommands | None = None
+        self.repair: RepairManager | None = None
+        if repair is not None:
+            self._make_repair(slurm, repair, repair_journal, rebooter, partition_of)
         # checkpoint registrations' MUNGE credentials are checked with the same munged
         self.ingest.munge_socket = munge_socket  # type: ignore[attr-defined]
         self.metrics_listen = metrics_listen
@@ -260,6 +286,27 @@ class Controller:
         self._stopping: asyncio.Event | None = None
         self._grace_s = 1.0
 
+    def _make_repair(self, slurm: SlurmClient | None, cfg: RepairConfig,
+                     journal: str | None, rebooter: Rebooter | None,
+                     partition_of: Callable[[str], str] | None) -> None:
+        from gpufleet.scheduler.repair.slurm_calls import CliPartitions, CliRebooter
+        from gpufleet.scheduler.repair_metrics import RepairCollector
+
+        if self.policy is None or slurm is None:
+            raise ValueError("the repair loop needs the health policy and a Slurm client")
+        if not journal:
+            raise ValueError("the repair loop needs a journal path (repair_journal=)")
+        self.commands = AgentCommands(self.store)
+        repair = RepairManager(
+            slurm, Journal(journal), replace(cfg, shadow=cfg.shadow or self.actions.shadow),
+            self.commands, rebooter if rebooter is not None else CliRebooter(),
+            Escalator(self.alerts),
+            partition_of if partition_of is not None else CliPartitions())
+        self.repair = self.policy.repair = repair
+        self.ingest.on_command_result = (
+            lambda node, r: repair.on_result(result_from_wire(node, r)))
+        self.metrics.registry.register(RepairCollector(repair))
+
     async def _serve(self) -> None:
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -268,7 +315,8 @@ class Controller:
         ])
         pb_grpc.add_FleetControllerServicer_to_server(
             FleetServicer(self.ingest, self.metrics, active=self._active.is_set,
-                          store_state=self._store_state), server)
+                          store_state=self._store_state,
+                          commands=self.commands), server)
         pb_grpc.add_FleetUserServicer_to_server(self.user_servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -325,6 +373,10 @@ class Controller:
         self.actions.start()
         if self.policy is not None:
             self.policy.start()
+        if self.alerts is not None:
+            self.alerts.start()
+        if self.repair is not None:
+            self.repair.start()
         self._active.set()
         self._publish_health_soon()
 
@@ -414,6 +466,10 @@ class Controller:
                 self.policy.stop()
             if self.recovery is not None:
                 self.recovery.stop()
+            if self.repair is not None:
+                self.repair.stop()
+            if self.alerts is not None:
+                self.alerts.stop()
             self.actions.stop()
         if self.leader is not None:
             self.leader.stop()  # last: the standby must not act before this one stopped

@@ -1042,6 +1042,7 @@ class AgentMessage(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    COMMAND_RESULT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     agent_instance: _builtins.str
     """random per agent start, makes seq unique across restarts"""
@@ -1055,6 +1056,12 @@ class AgentMessage(_message.Message):
     def checkpoint(self) -> Global___CheckpointRegistered: ...
     @_builtins.property
     def usage(self) -> Global___JobUsageReport: ...
+    @_builtins.property
+    def command_result(self) -> Global___CommandResult:
+        """the answer to a Command that asked for one (repair: GPU reset, diagnostic); numbered
+        from 20 to leave 15-19 to other report kinds
+        """
+
     def __init__(
         self,
         *,
@@ -1065,12 +1072,13 @@ class AgentMessage(_message.Message):
         event: Global___HealthEvent | None = ...,
         checkpoint: Global___CheckpointRegistered | None = ...,
         usage: Global___JobUsageReport | None = ...,
+        command_result: Global___CommandResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "command_result", b"command_result", "event", b"event", "hello", b"hello", "sample", b"sample", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "checkpoint", b"checkpoint", "event", b"event", "hello", b"hello", "sample", b"sample", "seq", b"seq", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "checkpoint", b"checkpoint", "command_result", b"command_result", "event", b"event", "hello", b"hello", "sample", b"sample", "seq", b"seq", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event", "checkpoint", "usage"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event", "checkpoint", "usage", "command_result"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1139,25 +1147,133 @@ class Command(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: Command._Kind.ValueType  # 0
         KIND_RESEND_INVENTORY: Command._Kind.ValueType  # 1
+        KIND_RESET_GPU: Command._Kind.ValueType  # 20
+        """repair (numbered from 20, leaving room to other kinds): the agent answers each with a
+        CommandResult carrying the same request_id
+        reset gpu_indices (all when empty), only if no process holds them
+        """
+        KIND_RUN_DIAG: Command._Kind.ValueType  # 21
+        """`gpufleet-agent diag --level diag_level`"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Command.Kind.ValueType  # 0
     KIND_RESEND_INVENTORY: Command.Kind.ValueType  # 1
+    KIND_RESET_GPU: Command.Kind.ValueType  # 20
+    """repair (numbered from 20, leaving room to other kinds): the agent answers each with a
+    CommandResult carrying the same request_id
+    reset gpu_indices (all when empty), only if no process holds them
+    """
+    KIND_RUN_DIAG: Command.Kind.ValueType  # 21
+    """`gpufleet-agent diag --level diag_level`"""
 
     KIND_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    DIAG_LEVEL_FIELD_NUMBER: _builtins.int
     kind: Global___Command.Kind.ValueType
+    request_id: _builtins.str
+    diag_level: _builtins.int
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         kind: Global___Command.Kind.ValueType = ...,
+        request_id: _builtins.str = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+        diag_level: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diag_level", b"diag_level", "gpu_indices", b"gpu_indices", "kind", b"kind", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class DiagCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """gpu_enumerate, ecc, row_remap, pcie, nvlink, ib_port, clocks_power,"""
+    passed: _builtins.bool
+    """dcgm:<test>"""
+    evidence: _builtins.str
+    gpu_index: _builtins.int
+    subject: _builtins.str
+    """an IB port "mlx5_0/1" """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        evidence: _builtins.str = ...,
+        gpu_index: _builtins.int | None = ...,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "gpu_index", b"gpu_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "evidence", b"evidence", "gpu_index", b"gpu_index", "name", b"name", "passed", b"passed", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gpu_index: _TypeAlias = _typing.Literal["gpu_index"]  # noqa: Y015
+    _WhichOneofArgType__gpu_index: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_index) -> _WhichOneofReturnType__gpu_index | None: ...
+
+Global___DiagCheck: _TypeAlias = DiagCheck  # noqa: Y015
+
+@_typing.final
+class CommandResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    COULD_NOT_RUN_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    FINISHED_MS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    kind: Global___Command.Kind.ValueType
+    ok: _builtins.bool
+    could_not_run: _builtins.bool
+    """reset refused (a process holds the GPU), diagnostic exit 2"""
+    detail: _builtins.str
+    tool: _builtins.str
+    """"gpufleet" | "dcgmi" """
+    started_ms: _builtins.int
+    finished_ms: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiagCheck]:
+        """KIND_RUN_DIAG: every check with its evidence"""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        kind: Global___Command.Kind.ValueType = ...,
+        ok: _builtins.bool = ...,
+        could_not_run: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+        checks: _abc.Iterable[Global___DiagCheck] | None = ...,
+        tool: _builtins.str = ...,
+        started_ms: _builtins.int = ...,
+        finished_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "could_not_run", b"could_not_run", "detail", b"detail", "finished_ms", b"finished_ms", "kind", b"kind", "ok", b"ok", "request_id", b"request_id", "started_ms", b"started_ms", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
 @_typing.final
 class ControllerMessage(_message.Message):

@@ -1,0 +1,137 @@
+"""The repair loop on a real Slurm 22.05: simulated agent processes -> gRPC -> controller ->
+scontrol. Xid 95 on n3 -> drain -> GPU reset by the agent -> diag -> resumed in Slurm, with the
+timeline printed; an admin's drain on n1 is never touched. (The reboot path is not run here:
+the lab's slurmd restarts cannot change the host's boot time, which slurmctld checks.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gpufleet.agent.nvml_sim import append_fault
+from gpufleet.scheduler.cli_repair import history_rows
+from gpufleet.scheduler.policy import PolicyConfig
+from gpufleet.scheduler.repair import Journal, RepairConfig
+from gpufleet.scheduler.repair.engine import Step
+from gpufleet.scheduler.repair.slurm_calls import CliPartitions, CliRebooter
+from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.slurm import CliSlurmClient
+from gpufleet.scheduler.store import SqliteStore
+
+from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def repair_lab() -> Iterator[SlurmLab]:
+    """Its own 3-node lab (own directory and ports): the shared lab's directory is also used
+    by other suites' version labs."""
+    import os
+
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("real Slurm lab needs root")
+    # RebootProgram: slurmd runs it on `scontrol reboot`; /bin/true reboots nothing (the lab
+    # cannot), it lets slurmctld accept the request as on a site that defines one
+    lab = SlurmLab(SlurmLabConfig(lab_dir=Path("/tmp/gf-lab-repair-test"), nodes=3, leaves=1,
+                                  ctld_port=9937, node_port0=20301,
+                                  extra_conf="RebootProgram=/bin/true\nResumeTimeout=600\n"))
+    try:
+        lab.start()
+    except SlurmLabError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the repair Slurm lab could not start: {e}", pytrace=False)
+        pytest.skip(f"the repair Slurm lab could not start: {e}")
+    yield lab
+    lab.stop()
+
+
+def _wait(cond, timeout_s: float, step_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step_s)
+    return False
+
+
+@pytest.fixture
+def fleet(repair_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controller, Path]]:
+    repair_lab.reset()
+    env = repair_lab.env()
+    store = SqliteStore(tmp_path / "state.db")
+    ctl = Controller(store, CliSlurmClient(env=env), listen="127.0.0.1:0",
+                     policy=PolicyConfig(tick_s=0.2, resume_quiet_s=2.0),
+                     repair=RepairConfig(tick_s=0.2), repair_journal=str(tmp_path / "r.jsonl"),
+                     rebooter=CliRebooter(env=env), partition_of=CliPartitions(env=env))
+    ctl.start()
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
+             "--node-name", node, "--controller", f"127.0.0.1:{ctl.port}",
+             "--state-dir", str(tmp_path / node), "--metrics-listen", "",
+             "--interval-s", "0.2"],
+            stdin=subprocess.DEVNULL,
+        )
+        for node in ("n1", "n3")
+    ]
+    try:
+        yield ctl, tmp_path
+    finally:
+        for p in agents:
+            p.terminate()
+        for p in agents:
+            p.wait(timeout=10)
+        ctl.stop()
+        store.close()
+
+
+def test_xid95_reset_diag_resume_on_real_slurm(repair_lab: SlurmLab, fleet,
+                                               report_figure) -> None:
+    ctl, work = fleet
+    lab = repair_lab
+    assert _wait(lambda: {n.name for n in ctl.store.nodes()} == {"n1", "n3"}, 30)
+    lab.run("scontrol", "update", "nodename=n1", "state=drain", "reason=admin: fan swap")
+
+    t0 = time.monotonic()
+    append_fault(work / "n3" / "sim-faults.json", {"kind": "xid", "gpu": 2, "xid": 95})
+    assert _wait(lambda: "DRAIN" in lab.node_state("n3"), 15), lab.node_state("n3")
+    drained_s = time.monotonic() - t0
+    assert lab.node_reason("n3").startswith("gpufleet:xid95 GPU 2")
+    # n1 also goes fatal now: its admin drain must stay as it is
+    append_fault(work / "n1" / "sim-faults.json", {"kind": "xid", "gpu": 0, "xid": 95})
+    assert _wait(lambda: "DRAIN" not in lab.node_state("n3"), 30), (
+        lab.node_state("n3"), lab.node_reason("n3"))
+    back_s = time.monotonic() - t0
+    assert ctl.repair is not None and ctl.repair.cases["n3"].step == Step.RESUMED
+    assert _wait(lambda: ctl.repair is not None and "n1" in ctl.repair.cases
+                 and ctl.repair.cases["n1"].step == Step.LEFT, 15)
+    assert "DRAIN" in lab.node_state("n1")
+    assert lab.node_reason("n1") == "admin: fan swap"
+    rows = history_rows("n3", Journal(work / "r.jsonl"), ctl.store)
+    timeline = "\n".join(f"  +{(r['ts_ms'] - rows[0]['ts_ms']) / 1000:6.2f}s {r['what']:<22} "
+                         f"{r['detail'][:90]}" for r in rows)
+    print(f"\nn3 timeline:\n{timeline}")
+    whats = [r["what"] for r in rows]
+    for step in ("drain (done)", "repair remediating", "repair reset_done",
+                 "repair diagnosing", "repair diag_passed", "repair resumed"):
+        assert step in whats, whats
+    assert whats.index("repair remediating") < whats.index("repair resumed")
+    report_figure(f"Xid 95 on real Slurm 22.05: fault -> drain {drained_s:.2f} s, fault -> "
+                  f"reset -> diag -> resumed {back_s:.2f} s")
+
+
+def test_scontrol_reboot_request_as_gpufleet_sends_it(repair_lab: SlurmLab) -> None:
+    """The reboot command line is one Slurm 22.05 accepts: the node is marked for reboot
+    with gpufleet's reason (the lab cannot reboot a host, so the reboot itself is not run)."""
+    lab = repair_lab
+    lab.reset()
+    lab.run("scontrol", "update", "nodename=n2", "state=drain", "reason=gpufleet:xid79 GPU 3")
+    CliRebooter(env=lab.env()).reboot("n2", "gpufleet:reboot xid79")
+    assert _wait(lambda: "REBOOT" in lab.node_state("n2"), 10), lab.node_state("n2")
+    assert lab.node_reason("n2") == "gpufleet:reboot xid79"
+    assert "REBOOT" not in lab.node_state("n3")
