@@ -20,7 +20,7 @@ from gpufleet.scheduler.slurm import (
     check_weight,
     make_slurm_client,
 )
-from gpufleet.scheduler.slurm_rest import RestSlurmClient
+from gpufleet.scheduler.slurm.rest import RestSlurmClient
 
 from tests.slurm.harness import SlurmLab
 

@@ -14,13 +14,13 @@ pool and the caller waits at most `timeout_s` (a stuck call keeps its worker, no
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-from gpufleet.scheduler.slurm import (
+from gpufleet.scheduler.slurm.cli import slurm_version
+from gpufleet.scheduler.slurm.types import (
     SlurmError,
     SlurmNode,
     check_features,
@@ -39,14 +39,8 @@ def _major_minor(version: str) -> tuple[int, int] | None:
 
 
 def running_slurm_version(timeout_s: float = 10.0) -> str:
-    """`sinfo --version` -> '22.05.8' (what the cluster's client libraries are)."""
-    try:
-        out = subprocess.run(["sinfo", "--version"], capture_output=True, text=True,
-                             timeout=timeout_s, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SlurmError(f"cannot tell the Slurm version (`sinfo --version`): {e}",
-                         transient=False) from e
-    return out.split()[-1] if out.split() else ""
+    """`scontrol --version` -> '24.11.5' (what the cluster's client libraries are)."""
+    return str(slurm_version(timeout_s=timeout_s))
 
 
 class PyslurmClient:
