@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 from gpufleet.scheduler.placement.engine import place
 from gpufleet.scheduler.placement.model import (
     ClusterView,
@@ -28,6 +27,8 @@ from gpufleet.scheduler.placement.model import (
 )
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError, SlurmJob
 from gpufleet.scheduler.slurm.gres import gpu_count, parse_gres_detail
+from gpufleet.scheduler.slurm.topology_conf import TopologyConfError
+from gpufleet.scheduler.slurm.topology_conf import parse_topology_conf as parse_topology_text
 
 __all__ = [
     "GrpcPlacementSource",
@@ -43,7 +44,6 @@ __all__ = [
 
 # states in which a job holds its GPUs
 _HOLDING_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED"})
-_TOPO_KEYS = {"switchname", "switches", "nodes", "linkspeed", "level"}
 # Same names as NVML's topology levels, by the wire contract's PcieRelation enum numbers
 _PCIE_NAMES = {1: "X", 2: "PIX", 3: "PXB", 4: "PHB", 5: "NODE", 6: "SYS"}
 # A store whose newest agent report is older than this means the controller (or every agent)
@@ -55,63 +55,14 @@ class PlacementUnavailable(Exception):
     """The source cannot answer now (controller away, Slurm slow): submit without placement."""
 
 
-def _expand(expr: str, what: str) -> list[str]:
+def parse_topology_conf(text: str, source: str = "topology.conf",
+                        ) -> tuple[dict[str, str], dict[str, str]]:
+    """topology.conf or `scontrol show topology` text -> (node -> leaf switch or block,
+    switch -> parent switch), read by gpufleet.scheduler.slurm's one topology parser."""
     try:
-        return list(NodeSet(expr))
-    except NodeSetParseError as e:
-        raise PlacementError(f"{what}: invalid hostlist {expr!r}: {e}") from e
-
-
-def parse_topology_conf(  # noqa: PLR0912 - one branch per check, each with its own message
-    text: str, source: str = "topology.conf",
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Slurm topology/tree text (topology.conf, or `scontrol show topology`) ->
-    (node -> leaf switch, switch -> parent switch).
-
-    A node's leaf is the switch listing it under Nodes= that has no Switches= (scontrol repeats
-    every node below an upper switch in its Nodes=); a node listed only by an upper switch
-    hangs from that switch directly.
-    """
-    direct: dict[str, str] = {}
-    upper_nodes: dict[str, str] = {}
-    parent: dict[str, str] = {}
-    seen: set[str] = set()
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"{source} line {lineno}"
-        fields: dict[str, str] = {}
-        for token in line.split():
-            key, eq, value = token.partition("=")
-            if not eq or not value:
-                raise PlacementError(f"{where}: expected KEY=VALUE, got {token!r}")
-            if key.lower() not in _TOPO_KEYS:
-                raise PlacementError(f"{where}: unknown key {key!r}")
-            fields[key.lower()] = value
-        name = fields.get("switchname")
-        if name is None:
-            raise PlacementError(f"{where}: no SwitchName=")
-        if name in seen:
-            raise PlacementError(f"{where}: switch {name} defined twice")
-        seen.add(name)
-        children = _expand(fields["switches"], where) if "switches" in fields else []
-        for child in children:
-            if child in parent and parent[child] != name:
-                raise PlacementError(
-                    f"{where}: switch {child} already under {parent[child]}, now also {name}")
-            parent[child] = name
-        for node in _expand(fields["nodes"], where) if "nodes" in fields else []:
-            if children:
-                upper_nodes.setdefault(node, name)
-            elif node in direct:
-                raise PlacementError(
-                    f"{where}: node {node} is on leaf {direct[node]} and on {name}")
-            else:
-                direct[node] = name
-    for node, sw in upper_nodes.items():
-        direct.setdefault(node, sw)
-    return direct, parent
+        return parse_topology_text(text, source).tree()
+    except TopologyConfError as e:
+        raise PlacementError(f"{e.source} line {e.line_no}: {e.problem}") from e
 
 
 def parse_time_min(text: str) -> int | None:

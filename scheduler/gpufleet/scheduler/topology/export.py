@@ -10,11 +10,11 @@ across it and the rest of the fabric. Nothing here writes a file; the CLI does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-from ClusterShell.NodeSet import NodeSet, NodeSetException
+from ClusterShell.NodeSet import NodeSet
+from gpufleet.scheduler.slurm.topology_conf import SlurmTopology, TopologyConfError
+from gpufleet.scheduler.slurm.topology_conf import parse_topology_conf as _parse_topology_conf
 from gpufleet.scheduler.topology.fabric import Fabric
 from gpufleet.scheduler.topology.hostmap import HostMap
 from gpufleet.scheduler.topology.ibnetdiscover import IbParseError
@@ -35,22 +35,6 @@ QUARANTINE = "gpufleet-quarantine"
 def fold(names: Iterable[str]) -> str:
     """Slurm hostlist of names ('n1,n2,n3' -> 'n[1-3]')."""
     return str(NodeSet.fromlist(sorted(set(names))))
-
-
-@dataclass
-class SlurmTopology:
-    """A topology.conf as sets: the form both export and diff compare."""
-
-    switch_nodes: dict[str, set[str]] = field(default_factory=dict)
-    switch_children: dict[str, set[str]] = field(default_factory=dict)
-    blocks: dict[str, set[str]] = field(default_factory=dict)
-    block_sizes: list[int] = field(default_factory=list)
-
-    def switch_edges(self) -> set[frozenset[str]]:
-        return {frozenset((s, c)) for s, cs in self.switch_children.items() for c in cs if s != c}
-
-    def node_switch(self) -> dict[str, str]:
-        return {n: s for s, ns in self.switch_nodes.items() for n in ns}
 
 
 def _switch_name(fabric: Fabric, switch: str) -> str:
@@ -139,37 +123,9 @@ def export_block(fabric: Fabric, hosts: HostMap, policy: str = "report",
     return "\n".join(out) + "\n"
 
 
-_KV = re.compile(r"(\w+)\s*=\s*(\S+)")
-
-
 def parse_topology_conf(text: str, source: str = "<topology.conf>") -> SlurmTopology:
-    """Read a tree or block topology.conf (keys case-insensitive, spaced '=' allowed)."""
-    topo = SlurmTopology()
-    for i, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        pairs = {k.lower(): v for k, v in _KV.findall(line)}
-        if not pairs:
-            raise IbParseError(source, i, "no KEY=VALUE pairs", raw)
-        try:
-            if "switchname" in pairs:
-                name = pairs["switchname"]
-                if "nodes" in pairs:
-                    topo.switch_nodes.setdefault(name, set()).update(NodeSet(pairs["nodes"]))
-                if "switches" in pairs:
-                    topo.switch_children.setdefault(name, set()).update(
-                        NodeSet(pairs["switches"]))
-            elif "blockname" in pairs:
-                topo.blocks.setdefault(pairs["blockname"], set()).update(
-                    NodeSet(pairs.get("nodes", "")))
-            elif "blocksizes" in pairs:
-                topo.block_sizes = [int(x) for x in pairs["blocksizes"].split(",")]
-            else:
-                raise IbParseError(  # noqa: TRY301 - same error type as the wrapped ones
-                    source, i, "neither SwitchName, BlockName nor BlockSizes", raw)
-        except IbParseError:
-            raise
-        except (ValueError, NodeSetException) as e:
-            raise IbParseError(source, i, f"bad hostlist or number ({e})", raw) from e
-    return topo
+    """Read a tree or block topology.conf (gpufleet.scheduler.slurm's one parser of it)."""
+    try:
+        return _parse_topology_conf(text, source)
+    except TopologyConfError as e:
+        raise IbParseError(e.source, e.line_no, e.problem, e.line) from e
