@@ -323,7 +323,8 @@ class _TextRest(slurm_rest.RestSlurmClient):
     """The REST client over a canned HTTP 200 body (no socket: the parsing is fuzzed)."""
 
     def __init__(self, out: str) -> None:
-        super().__init__(url="http://slurmrestd.invalid:6820", token="t")  # noqa: S106 - no server
+        super().__init__(url="http://slurmrestd.invalid:6820", token="t",  # noqa: S106 - no server
+                         api_version="v0.0.38")  # the reference documents' (Slurm 22.05)
         self.out = out
 
     def _connection(self) -> Any:

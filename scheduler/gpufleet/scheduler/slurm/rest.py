@@ -54,7 +54,7 @@ from gpufleet.scheduler.slurm.types import (
     is_permanent_message,
 )
 
-DEFAULT_API_VERSION = "v0.0.38"  # Slurm 22.05 (the factory's default: learn it instead)
+DEFAULT_API_VERSION = "v0.0.38"  # Slurm 22.05's only API
 _API_PATH = re.compile(r"^/slurm/(v\d+\.\d+\.\d+)/")
 # Slurm's ESLURM_INVALID_NODE_NAME: the node does not exist; retrying will not help
 ESLURM_INVALID_NODE_NAME = 2018
@@ -103,7 +103,7 @@ class RestSlurmClient:
         token: str | None = None,
         token_file: str | Path | None = None,
         user_name: str = "root",
-        api_version: str | None = DEFAULT_API_VERSION,
+        api_version: str | None = None,
         timeout_s: float = 5.0,
         update_client: SlurmClient | None = None,
         env: dict[str, str] | None = None,
