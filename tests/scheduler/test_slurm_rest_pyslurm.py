@@ -62,10 +62,15 @@ class _UpdateRecorder:
 
 
 class FakeRestd:
-    """slurmrestd serving one API version: /openapi/v3, GET nodes, POST node/{name}."""
+    """slurmrestd answering /openapi/v3 with a real version's paths, GET nodes of one API
+    version with that version's real document, and POST node/{name} (recorded)."""
 
-    def __init__(self, api: str, nodes_doc: str) -> None:
+    def __init__(self, api: str, nodes_doc: str, paths_txt: str) -> None:
         self.api, self.nodes_doc = api, nodes_doc
+        # the real slurmrestd's paths ('METHODS path' lines, captured), and one it does not know
+        self.paths = {line.split()[-1]: {} for line in paths_txt.splitlines()
+                      if line.strip() and not line.startswith("#")}
+        self.paths["/slurm/v0.0.99/nodes"] = {}
         self.posts: list[tuple[str, dict[str, Any], dict[str, str]]] = []
         self.openapi_gets = 0
         fake = self
@@ -85,9 +90,7 @@ class FakeRestd:
             def do_GET(self) -> None:
                 if self.path == "/openapi/v3":
                     fake.openapi_gets += 1
-                    paths = {f"/slurm/{fake.api}/nodes": {}, f"/slurm/{fake.api}/node/{{n}}": {},
-                             "/slurm/v0.0.99/nodes": {}, "/openapi/v3": {}}
-                    self._reply(200, {"openapi": "3.0.3", "paths": paths})
+                    self._reply(200, {"openapi": "3.0.3", "paths": fake.paths})
                 elif self.path == f"/slurm/{fake.api}/nodes":
                     self._reply(200, json.loads(fake.nodes_doc))
                 else:
@@ -120,7 +123,8 @@ class FakeRestd:
 def restd(request: pytest.FixtureRequest) -> Iterator[FakeRestd]:
     api, version = request.param
     name = "sinfo.json" if version == "22.05" else "scontrol-show-nodes.json"
-    fake = FakeRestd(api, (DOCS / version / name).read_text())
+    fake = FakeRestd(api, (DOCS / version / name).read_text(),
+                     (DOCS / version / "openapi-paths.txt").read_text())
     yield fake
     fake.close()
 
@@ -162,7 +166,7 @@ def test_rest_on_22_05_reads_and_leaves_updates_to_scontrol(restd: FakeRestd) ->
 @pytest.mark.parametrize("restd", [("v0.0.42", "26.05")], indirect=True)
 def test_rest_refuses_a_document_of_another_version(restd: FakeRestd) -> None:
     """A slurmrestd whose v0.0.42 answers with a v0.0.45 document: named, not read."""
-    c = RestSlurmClient(url=restd.url, token=TOKEN)
+    c = RestSlurmClient(url=restd.url, token=TOKEN, api_version="v0.0.42")
     with pytest.raises(SlurmError, match=r"GET /slurm/v0\.0\.42/nodes.*field 'meta\.plugin\."
                                          r"data_parser' is 'data_parser/v0\.0\.45'"):
         c.nodes()

@@ -330,11 +330,19 @@ def _openapi_of(paths_txt: str) -> dict[str, Any]:
     return {"openapi": "3.0.2", "paths": paths}
 
 
-def test_rest_api_version_from_22_05_openapi() -> None:
-    doc = _openapi_of(_doc("22.05", "openapi-paths.txt"))
-    assert api_version_from_openapi(doc, "slurmrestd") == "v0.0.38"
-    newer = {"paths": {f"/slurm/{v}/nodes": {} for v in ("v0.0.40", "v0.0.41", "v0.0.42")}}
-    assert api_version_from_openapi(newer, "slurmrestd") == "v0.0.42"
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rest_api_version_from_each_versions_openapi(version: str) -> None:
+    """slurmrestd's own /openapi/v3 paths (captured): the newest API it serves, and that
+    version's node update endpoint where it has one (23.02+)."""
+    text = _doc(version, "openapi-paths.txt")
+    api = api_version_from_openapi(_openapi_of(text), "slurmrestd")
+    assert api == (DATA_PARSER[version] or "v0.0.38")
+    has_post = any(line.split()[-1] == f"/slurm/{api}/node/{{node_name}}" and
+                   "POST" in line.split()[:-1] for line in text.splitlines())
+    assert has_post == (version != "22.05")
+
+
+def test_rest_api_version_errors_name_the_field() -> None:
     with pytest.raises(SlurmError, match="field 'paths' has no /slurm/ API gpufleet reads"):
         api_version_from_openapi({"paths": {"/slurm/v0.0.99/nodes": {}}}, "slurmrestd")
     with pytest.raises(SlurmError, match="field 'paths' is missing"):
