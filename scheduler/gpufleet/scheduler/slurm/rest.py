@@ -175,7 +175,12 @@ class RestSlurmClient:
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  node: str | None = None) -> dict[str, Any]:
-        full = f"/slurm/{self.api_version}/{path}"
+        try:
+            api = self.api_version
+        except SlurmError as e:
+            raise SlurmError(f"{e}" + (f" for node {node}" if node else ""),
+                             transient=e.transient) from e
+        full = f"/slurm/{api}/{path}"
         what = f"slurmrestd {method} {full} at {self.endpoint}" + (
             f" for node {node}" if node else "")
         return self._send(method, full, body, what)
