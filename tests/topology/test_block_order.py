@@ -22,7 +22,7 @@ def _guid(kind: int, n: int) -> str:
     return f"{0x0c42a10300000000 + kind * 0x100000 + n:016x}"
 
 
-def three_level() -> tuple[str, dict[str, int]]:
+def three_level() -> tuple[str, dict[str, int]]:  # noqa: PLR0912 - one loop per part
     """ibnetdiscover text of PODS pods (LEAVES leaves and SPINES spines each, every leaf to
     every spine of its pod), CORES cores (core c to spine c of every pod), HOSTS hosts per
     leaf. Leaf GUIDs are numbered leaf-major (pod 0 leaf 0, pod 1 leaf 0, ...), so sorting by
@@ -53,7 +53,7 @@ def three_level() -> tuple[str, dict[str, int]]:
             g = _guid(3, len(hosts))
             ports[lf].append(("H-" + g, 1, f"{name} mlx5_0"))
             hosts.append((name, g, lf, len(ports[lf])))
-    for (p, i), lf in leaf.items():
+    for (p, _i), lf in leaf.items():
         for j in range(SPINES):
             link(lf, spine[(p, j)])
     for c, cs in core.items():
