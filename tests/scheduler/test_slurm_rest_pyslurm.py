@@ -143,7 +143,7 @@ def test_rest_updates_nodes_through_slurmrestd_on_23_02_plus(restd: FakeRestd) -
         ("n3", {"state": ["DRAIN"], "reason": "gpufleet: Xid 79 on GPU 2"}),
         ("n3", {"state": ["RESUME"]}),
         ("n3", {"weight": 500}),
-        ("n3", {"features": ["ib", "h100"], "features_act": ["ib", "h100"]}),
+        ("n3", {"features": "ib,h100", "features_act": "ib,h100"}),
     ]
     headers = restd.posts[0][2]
     assert (headers["X-SLURM-USER-NAME"], headers["X-SLURM-USER-TOKEN"]) == ("root", TOKEN)

@@ -211,14 +211,17 @@ class RestSlurmClient:
         if not isinstance(doc, dict):
             doc = {"errors": [{"error": f"response is not a JSON object: {raw[:100]!r}"}]}
         errors = [e for e in (doc.get("errors") or []) if isinstance(e, dict)]
-        if resp.status in {401, 403}:
+        if resp.status in {401, 403, 511}:  # 24.11+ answers a refused token with 511
             text = raw.decode(errors="replace").strip()[:200]
             raise SlurmError(f"{what}: HTTP {resp.status} {text} (check the JWT and "
                              "AuthAltTypes=auth/jwt)", transient=False)
         if resp.status >= 400 or errors:
-            msg = "; ".join(str(e.get("description") or e.get("error") or e) for e in errors) \
-                or raw.decode(errors="replace").strip()[:200]
-            permanent = any(e.get("errno") == ESLURM_INVALID_NODE_NAME for e in errors) \
+            msg = "; ".join(": ".join(dict.fromkeys(
+                str(e[k]) for k in ("description", "error") if e.get(k))) or str(e)
+                for e in errors) or raw.decode(errors="replace").strip()[:200]
+            # 22.05 names Slurm's error number "errno", data_parser versions "error_number"
+            permanent = any(ESLURM_INVALID_NODE_NAME in (e.get("errno"), e.get("error_number"))
+                            for e in errors) \
                 or is_permanent_message(msg) or 400 <= resp.status < 500
             raise SlurmError(f"{what}: HTTP {resp.status}: {msg}", transient=not permanent)
         return doc
@@ -230,7 +233,13 @@ class RestSlurmClient:
             doc = self._request("GET", "ping")
         except SlurmError:
             return False
-        return any(p.get("ping") == "UP" for p in doc.get("pings", []))
+        pings = [p for p in doc.get("pings") or [] if isinstance(p, dict)]
+        api = api_version_tuple(self.api_version)
+        if api < (0, 0, 39):  # 22.05: "ping": "UP"
+            return any(p.get("ping") == "UP" for p in pings)
+        if api < (0, 0, 42):  # 23.02..24.05: "pinged": "UP"
+            return any(p.get("pinged") == "UP" for p in pings)
+        return any(p.get("responding") is True for p in pings)  # 24.11+
 
     def _what(self, path: str) -> str:
         return f"slurmrestd GET /slurm/{self.api_version}/{path} at {self.endpoint}"
@@ -276,7 +285,9 @@ class RestSlurmClient:
         if not self._native_updates:
             self.update_client.set_features(name, features)
             return
-        value = list(check_features(name, features))
+        # a comma-separated string: an empty list would mean "no change" to slurmrestd, an
+        # empty string clears (as `scontrol update availablefeatures=` does)
+        value = ",".join(check_features(name, features))
         self._update(name, {"features": value, "features_act": value})
 
     # ------------------------------------------------------------------ jobs (recovery)
@@ -297,7 +308,9 @@ class RestSlurmClient:
         except SlurmError as e:
             # 22.05 answers an unknown id with HTTP 500 "Unable to find JobId=N"
             text = str(e).lower()
-            if any(m in text for m in ("unable to find jobid", "invalid job id", "unknown job")):
+            # 24.11+: HTTP 404 "Unable to query JobId=N"
+            if any(m in text for m in ("unable to find jobid", "invalid job id", "unknown job",
+                                       "unable to query jobid")):
                 return None
             raise
         found = [j for j in self.reader.read_jobs(doc, self._what(f"job/{job_id}"))
