@@ -220,7 +220,10 @@ class RestSlurmClient:
                 str(e[k]) for k in ("description", "error") if e.get(k))) or str(e)
                 for e in errors) or raw.decode(errors="replace").strip()[:200]
             # 22.05 names Slurm's error number "errno", data_parser versions "error_number"
-            permanent = any(ESLURM_INVALID_NODE_NAME in (e.get("errno"), e.get("error_number"))
+            # error_number 0 ("No error"): Slurm answered and found nothing (24.11+'s GET
+            # node/{name} of an unknown node): a retry gets the same
+            permanent = any(e.get("errno") == ESLURM_INVALID_NODE_NAME
+                            or e.get("error_number") in (ESLURM_INVALID_NODE_NAME, 0)
                             for e in errors) \
                 or is_permanent_message(msg) or 400 <= resp.status < 500
             raise SlurmError(f"{what}: HTTP {resp.status}: {msg}", transient=not permanent)
