@@ -93,6 +93,18 @@ class FakeRestd:
                     self._reply(200, {"openapi": "3.0.3", "paths": fake.paths})
                 elif self.path == f"/slurm/{fake.api}/nodes":
                     self._reply(200, json.loads(fake.nodes_doc))
+                elif self.path == f"/slurm/{fake.api}/node/n99":
+                    # what a real 24.11/26.05 slurmrestd answers for an unknown node
+                    self._reply(200, {"nodes": [], "errors": [{
+                        "description": "Failure to query node n99", "error_number": 0,
+                        "error": "No error", "source": "_dump_nodes"}]})
+                elif self.path == f"/slurm/{fake.api}/ping":
+                    # v0.0.42..44 print both; v0.0.45 only `responding`
+                    ping: dict[str, Any] = {"hostname": "localhost", "responding": True,
+                                            "primary": True, "latency": 100}
+                    if fake.api != "v0.0.45":
+                        ping |= {"pinged": "UP", "mode": "primary"}
+                    self._reply(200, {"pings": [ping]})
                 else:
                     self._reply(404, {"errors": [{"error": f"no {self.path}"}]})
 
@@ -148,6 +160,10 @@ def test_rest_updates_nodes_through_slurmrestd_on_23_02_plus(restd: FakeRestd) -
     headers = restd.posts[0][2]
     assert (headers["X-SLURM-USER-NAME"], headers["X-SLURM-USER-TOKEN"]) == ("root", TOKEN)
     assert updates.calls == []
+    assert c.ping() is True
+    with pytest.raises(SlurmError, match="Failure to query node n99") as err:
+        c.node("n99")
+    assert err.value.transient is False
     assert restd.openapi_gets == 1  # the version is learnt once
 
 
