@@ -75,7 +75,7 @@ def one_round(real: bool, level: int, work: Path) -> dict[str, float]:
         journal = Journal(work / "repair.jsonl")
         kw: dict[str, Any] = {}
         if env is not None:
-            from gpufleet.scheduler.repair.slurm_calls import CliPartitions, CliRebooter
+            from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 
             kw = {"rebooter": CliRebooter(env=env), "partition_of": CliPartitions(env=env)}
         else:

@@ -17,9 +17,9 @@ from gpufleet.scheduler.cli_repair import history_rows
 from gpufleet.scheduler.policy import PolicyConfig
 from gpufleet.scheduler.repair import Journal, RepairConfig
 from gpufleet.scheduler.repair.engine import Step
-from gpufleet.scheduler.repair.slurm_calls import CliPartitions, CliRebooter
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
+from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError

@@ -289,8 +289,8 @@ class Controller:
     def _make_repair(self, slurm: SlurmClient | None, cfg: RepairConfig,
                      journal: str | None, rebooter: Rebooter | None,
                      partition_of: Callable[[str], str] | None) -> None:
-        from gpufleet.scheduler.repair.slurm_calls import CliPartitions, CliRebooter
         from gpufleet.scheduler.repair_metrics import RepairCollector
+        from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 
         if self.policy is None or slurm is None:
             raise ValueError("the repair loop needs the health policy and a Slurm client")

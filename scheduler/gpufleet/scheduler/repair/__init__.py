@@ -3,7 +3,7 @@ by the agent, `scontrol reboot`), diagnosed, and resumed on a pass or kept drain
 escalated on a fail. See docs/repair.md.
 
 Domain code: no gRPC, protobuf or SQL here; Slurm through the SlurmClient protocol and the
-two calls of `repair.slurm_calls`.
+two calls of `slurm.repair_calls`.
 """
 
 from gpufleet.scheduler.repair.catalog import Resolution, resolve

@@ -1,7 +1,7 @@
 """The two Slurm calls the repair loop adds: `scontrol reboot` and node -> partition.
 
-Kept apart from gpufleet.scheduler.slurm while that module moves into a package (merge: move
-these two next to CliSlurmClient). Commands only, like CliSlurmClient; errors are SlurmError.
+Inside the one door to Slurm (gpufleet.scheduler.slurm), beside CliSlurmClient: commands
+only, errors are SlurmError.
 
 Why nextstate=DOWN and not RESUME: a node that comes back RESUMEd takes jobs before gpufleet
 has diagnosed it. DOWN (with gpufleet's reason) keeps it out until the diagnostic passes and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Mapping
 
-from gpufleet.scheduler.slurm import SlurmError, check_node_name, clean_reason
+from gpufleet.scheduler.slurm.types import SlurmError, check_node_name, clean_reason
 
 
 def _run(argv: list[str], env: Mapping[str, str] | None, timeout_s: float) -> str:
