@@ -42,6 +42,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise click.BadParameter(f"{path}: no such config file") from e
+    except PermissionError as e:
+        if value is None:  # the controller's own file (0640 root:slurm): not for users
+            return value
+        raise click.BadParameter(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{path}: not valid TOML: {e}") from e
     unknown = sorted(set(data) - CONFIG_KEYS)

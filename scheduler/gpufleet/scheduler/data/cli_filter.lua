@@ -1,0 +1,66 @@
+--[[
+gpufleet placement inside sbatch (Slurm's cli_filter/lua plugin). Install as cli_filter.lua
+next to slurm.conf and set `CliFilterPlugins=cli_filter/lua` there (docs/placement.md).
+
+sbatch calls slurm_cli_pre_submit once per job component, after it has merged the command
+line, SBATCH_* variables and #SBATCH lines: the options table is Slurm's own parse. This
+script only acts for sbatch jobs submitted through `gpufleet sbatch` (GPUFLEET_PLACE=1 or
+GPUFLEET_CKPT_DIR in the environment), or for every sbatch when ALWAYS is true. It hands the
+options to gpufleet-sbatch-filter, which asks the controller and prints `option=value` lines;
+any failure there prints nothing and the job is submitted exactly as given.
+--]]
+
+local ALWAYS = false                               -- site switch: place plain sbatch too
+local HELPER = "/usr/local/bin/gpufleet-sbatch-filter"
+local pinned = {}                                  -- component offset -> node list we set
+
+local function helper()
+  return os.getenv("GPUFLEET_FILTER") or HELPER
+end
+
+local function quote(s)
+  return "'" .. string.gsub(s, "'", "'\\''") .. "'"
+end
+
+local function wanted(options)
+  -- sbatch only: "ignore-pbs" reads set/unset in sbatch and nothing in salloc/srun
+  local pbs = options["ignore-pbs"]
+  if pbs ~= "set" and pbs ~= "unset" then return false end
+  if os.getenv("GPUFLEET_CKPT_DIR") then return true end
+  local place = os.getenv("GPUFLEET_PLACE")
+  if place == "0" then return false end
+  return ALWAYS or place == "1"
+end
+
+function slurm_cli_setup_defaults(options, early)
+  return slurm.SUCCESS
+end
+
+function slurm_cli_pre_submit(options, offset)
+  if not wanted(options) then return slurm.SUCCESS end
+  local json = slurm.json_cli_options(options)
+  if json == nil then return slurm.SUCCESS end
+  -- the helper's stdout: option=value lines; its messages go to sbatch's stderr
+  local p = io.popen(helper() .. " place " .. offset .. " " .. quote(json), "r")
+  if p == nil then return slurm.SUCCESS end
+  for line in p:lines() do
+    local key, value = string.match(line, "^([%w-]+)=(.*)$")
+    if key ~= nil then
+      options[key] = value
+      if key == "nodelist" then pinned[offset] = value end
+    end
+  end
+  p:close()
+  return slurm.SUCCESS
+end
+
+function slurm_cli_post_submit(offset, jobid, stepid)
+  local nodes = pinned[offset]
+  if nodes == nil then return slurm.SUCCESS end
+  local job = tostring(jobid)
+  if offset > 0 then job = job .. "+" .. offset end
+  -- un-pin a job still pending after the deadline, in the background (sbatch returns now)
+  os.execute("setsid -f " .. helper() .. " release " .. job .. " " .. quote(nodes)
+             .. " </dev/null >/dev/null 2>&1")
+  return slurm.SUCCESS
+end
