@@ -94,12 +94,26 @@ def test_what_may_be_pinned() -> None:
                  {"hold": "set"}):
         assert plan_from_options(opts, 0) is None, opts
     assert plan_from_options({"hold": "unset", "nodes": "1"}, 0) is not None
-    gpus = plan_from_options({"gpus": "a100:16"}, 0)
+    gpus = plan_from_options({"gpus": "a100:16", "wrap": "x"}, 0)
     assert gpus is not None and gpus.total_gpus == 16 and gpus.gpus_per_node is None
+    assert not gpus.pin  # how many nodes 16 GPUs take is Slurm's choice
+
+
+def test_hetjob_scripts_and_stdin_are_not_pinned(tmp_path: Path) -> None:
+    one = tmp_path / "one.sh"
+    one.write_text("#!/bin/bash\n#SBATCH -N1\ntrue\n")
+    het = tmp_path / "het.sh"
+    het.write_text("#!/bin/bash\n#SBATCH -N1\n#SBATCH hetjob\n#SBATCH -N2\ntrue\n")
+    p = plan_from_options({"nodes": "1", "argv": [str(one), "a"]}, 0)
+    assert p is not None and p.pin
+    for opts in ({"nodes": "1", "argv": [str(het)]}, {"nodes": "1", "argv": []},
+                 {"nodes": "1", "argv": [str(tmp_path / "gone.sh")]}):
+        p = plan_from_options(opts, 0)
+        assert p is not None and not p.pin and "hetjob" in p.why_not_pin, opts
 
 
 def test_decide_pins_only_what_may_be_pinned() -> None:
-    opts = {"nodes": "2", "gres": "gres:gpu:8"}
+    opts = {"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}
     plan = plan_from_options(opts, 0)
     assert plan is not None
     ok_flags = ["--nodes=2", "--nodelist=n[1-2]", "--gres=gpu:8"]
@@ -190,7 +204,11 @@ def test_place_options_end_to_end(ctl: Controller, munged: MungeServer, tmp_path
     cfg.write_text(f'controller = "127.0.0.1:{ctl.port}"\ninsecure = true\n'
                    f'munge_socket = "{munged.socket}"\n')
     env = {"GPUFLEET_CLIENT_CONFIG": str(cfg), "PATH": os.environ["PATH"]}
-    assert place_options({"nodes": "2", "gres": "gres:gpu:8"}, 0, env) == {"nodelist": "n[1-2]"}
+    assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env) == {
+        "nodelist": "n[1-2]"}
+    # the same job as a hetjob component 0 (a `:` on sbatch's command line): not pinned
+    assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env,
+                         het=True) == {"exclude": "n4", "switches": "1@5"}
     assert place_options({"nodes": "1", "mem": "1G"}, 0, env) == {"exclude": "n4"}
     assert place_options({"array": "0-1", "nodes": "3"}, 0, env) == {
         "exclude": "n4", "switches": "2@5"}

@@ -2,7 +2,7 @@
 sbatch job component, after sbatch itself merged the command line, SBATCH_* variables and
 #SBATCH lines. It never parses sbatch's options: it reads the options sbatch already parsed.
 
-    gpufleet-sbatch-filter place OFFSET JSON   -> lines `option=value` for the lua to set
+    gpufleet-sbatch-filter place OFFSET JSON [het] -> lines `option=value` for the lua to set
     gpufleet-sbatch-filter release JOBID NODES -> after the pin deadline, un-pin if still pending
 
 `place` asks the controller (FleetUser.Place, as the calling user, MUNGE) and prints:
@@ -159,7 +159,24 @@ class Plan:
     why_not_pin: str
 
 
-def plan_from_options(opts: Mapping[str, object], offset: int) -> Plan | None:  # noqa: PLR0912 - one branch per option
+def _script_is_het(opts: Mapping[str, object]) -> bool:
+    """A hetjob script (`#SBATCH hetjob`), or a script sbatch read from stdin, which this
+    process cannot see (unsure: treated as one)."""
+    argv = opts.get("argv")
+    script = argv[0] if isinstance(argv, list) and argv else None
+    if script is None:
+        return "wrap" not in opts
+    try:
+        with open(str(script), errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return True
+    return any(line.split()[1:2] in (["hetjob"], ["packjob"])
+               for line in text.splitlines() if line.startswith("#SBATCH"))
+
+
+def plan_from_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0912 - one branch per option
+                      het: bool = False) -> Plan | None:
     """None: add nothing (the user chose nodes, or the job starts later)."""
     o = {k: str(v) for k, v in opts.items() if k != "argv" and v is not None}
     if "nodelist" in o or "nodefile" in o:
@@ -173,8 +190,8 @@ def plan_from_options(opts: Mapping[str, object], offset: int) -> Plan | None:  
         why.append("asks " + ",".join(others))
     if "array" in o:
         why.append("array")
-    if offset:
-        why.append("hetjob component")
+    if offset or het or _script_is_het(opts):
+        why.append("hetjob")  # pinning one component makes Slurm keep the others off it
     nodes = None
     if "nodes" in o:
         lo, _, hi = o["nodes"].partition("-")
@@ -195,6 +212,8 @@ def plan_from_options(opts: Mapping[str, object], offset: int) -> Plan | None:  
         total = _count(o["gpus"])
         if gpn is not None:
             total = None
+        elif nodes is None:
+            why.append("--gpus without --nodes")  # the node count is Slurm's choice
     partition = o.get("partition", "")
     if "," in partition:
         why.append("several partitions")
@@ -277,13 +296,13 @@ def _credential(cfg: ClientConfig) -> str:
 
 
 def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - each "add nothing" case
-                  env: Mapping[str, str]) -> dict[str, str]:
+                  env: Mapping[str, str], het: bool = False) -> dict[str, str]:
     out: dict[str, str] = {}
     if env.get("GPUFLEET_CKPT_DIR"):
         out.update(ckpt_options(opts, env["GPUFLEET_CKPT_DIR"]))
     if env.get("GPUFLEET_PLACE", "1") in {"0", "no", "off"}:
         return out
-    plan = plan_from_options(opts, offset)
+    plan = plan_from_options(opts, offset, het)
     if plan is None:
         _debug(env, f"component {offset}: nodes chosen by the user or job starts later; "
                     "nothing added")
@@ -342,7 +361,7 @@ def release(job: str, nodes: str, delay_s: float, env: Mapping[str, str]) -> str
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     env = os.environ
-    if len(args) == 3 and args[0] == "place":
+    if len(args) in (3, 4) and args[0] == "place":
         try:
             opts = json.loads(args[2])
             offset = int(args[1])
@@ -353,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("gpufleet-sbatch-filter: bad input: options are not a JSON object",
                   file=sys.stderr)
             return 0
-        for k, v in place_options(opts, offset, env).items():
+        het = args[3:] == ["het"]  # cli_filter.lua saw a `:` on sbatch's command line
+        for k, v in place_options(opts, offset, env, het).items():
             print(f"{k}={v}")
         return 0
     if len(args) == 3 and args[0] == "release":

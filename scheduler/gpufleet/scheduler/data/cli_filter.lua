@@ -32,6 +32,18 @@ local function wanted(options)
   return ALWAYS or place == "1"
 end
 
+-- a `:` on sbatch's own command line: a hetjob (component 0 cannot tell otherwise)
+local function hetjob_cmdline()
+  local f = io.open("/proc/self/cmdline", "rb")
+  if f == nil then return true end
+  local s = f:read("*a")
+  f:close()
+  for arg in string.gmatch(s, "([^%z]*)%z") do
+    if arg == ":" then return true end
+  end
+  return false
+end
+
 function slurm_cli_setup_defaults(options, early)
   return slurm.SUCCESS
 end
@@ -41,7 +53,9 @@ function slurm_cli_pre_submit(options, offset)
   local json = slurm.json_cli_options(options)
   if json == nil then return slurm.SUCCESS end
   -- the helper's stdout: option=value lines; its messages go to sbatch's stderr
-  local p = io.popen(helper() .. " place " .. offset .. " " .. quote(json), "r")
+  local het = ""
+  if hetjob_cmdline() then het = " het" end
+  local p = io.popen(helper() .. " place " .. offset .. " " .. quote(json) .. het, "r")
   if p == nil then return slurm.SUCCESS end
   for line in p:lines() do
     local key, value = string.match(line, "^([%w-]+)=(.*)$")
