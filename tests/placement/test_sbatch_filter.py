@@ -205,7 +205,9 @@ def test_place_options_end_to_end(ctl: Controller, munged: MungeServer, tmp_path
                    f'munge_socket = "{munged.socket}"\n')
     env = {"GPUFLEET_CLIENT_CONFIG": str(cfg), "PATH": os.environ["PATH"]}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env) == {
-        "nodelist": "n[1-2]"}
+        "nodelist": "n[1-2]", "gpufleet-release-after": "60"}
+    assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0,
+                         {**env, "GPUFLEET_PIN_RELEASE_S": "5"})["gpufleet-release-after"] == "5"
     # the same job as a hetjob component 0 (a `:` on sbatch's command line): not pinned
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env,
                          het=True) == {"exclude": "n4", "switches": "1@5"}

@@ -6,7 +6,6 @@ other command goes to cli.py.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import MutableMapping, Sequence
 
@@ -31,8 +30,11 @@ def filter_command() -> str:
     here = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "gpufleet-sbatch-filter")
     if os.access(here, os.X_OK):
         return here
-    found = shutil.which("gpufleet-sbatch-filter")
-    return found or f"{sys.executable} -m gpufleet.scheduler.sbatch_filter"
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        found = os.path.join(d, "gpufleet-sbatch-filter")
+        if d and os.access(found, os.X_OK):
+            return found
+    return f"{sys.executable} -m gpufleet.scheduler.sbatch_filter"
 
 
 def sbatch_argv(args: Sequence[str], env: MutableMapping[str, str],

@@ -3,7 +3,8 @@ sbatch job component, after sbatch itself merged the command line, SBATCH_* vari
 #SBATCH lines. It never parses sbatch's options: it reads the options sbatch already parsed.
 
     gpufleet-sbatch-filter place OFFSET JSON [het] -> lines `option=value` for the lua to set
-    gpufleet-sbatch-filter release JOBID NODES -> after the pin deadline, un-pin if still pending
+    gpufleet-sbatch-filter release JOBID NODES -> un-pin the job if still pending (run by the
+                                                  lua after the deadline, `pin_release_s`)
 
 `place` asks the controller (FleetUser.Place, as the calling user, MUNGE) and prints:
 - `nodelist=...` (a pin) only when the job is to start now and asks nothing placement cannot
@@ -336,6 +337,9 @@ def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - ea
         _debug(env, f"component {offset}: not pinned ({plan.why_not_pin})")
     out.update(decide(opts, plan, reply.ok, reply.flags, int(reply.cost.get("leaves", 0)),
                       reply.avoid))
+    if "nodelist" in out:  # when cli_filter.lua checks whether the pinned job started
+        delay = float(env.get("GPUFLEET_PIN_RELEASE_S") or cfg.pin_release_s)
+        out["gpufleet-release-after"] = f"{max(0, int(delay))}"
     return out
 
 
@@ -376,13 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, v in place_options(opts, offset, env, het).items():
             print(f"{k}={v}")
         return 0
-    if len(args) == 3 and args[0] == "release":
-        try:
-            delay = load_client_config(env).pin_release_s
-        except ConfigError:
-            delay = PIN_RELEASE_S
-        delay = float(env.get("GPUFLEET_PIN_RELEASE_S") or delay)
-        print(release(args[1], args[2], delay, env), file=sys.stderr)
+    if len(args) == 3 and args[0] == "release":  # cli_filter.lua waited the deadline
+        print(release(args[1], args[2], 0, env), file=sys.stderr)
         return 0
     print("usage: gpufleet-sbatch-filter place OFFSET JSON | release JOBID NODES "
           "(run by cli_filter.lua)", file=sys.stderr)

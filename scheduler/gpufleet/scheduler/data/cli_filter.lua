@@ -13,6 +13,7 @@ any failure there prints nothing and the job is submitted exactly as given.
 local ALWAYS = false                               -- site switch: place plain sbatch too
 local HELPER = "/usr/local/bin/gpufleet-sbatch-filter"
 local pinned = {}                                  -- component offset -> node list we set
+local release_after = 60                           -- seconds; the helper says (client.toml)
 
 local function helper()
   return os.getenv("GPUFLEET_FILTER") or HELPER
@@ -59,7 +60,9 @@ function slurm_cli_pre_submit(options, offset)
   if p == nil then return slurm.SUCCESS end
   for line in p:lines() do
     local key, value = string.match(line, "^([%w-]+)=(.*)$")
-    if key ~= nil then
+    if key == "gpufleet-release-after" then
+      release_after = tonumber(value) or release_after
+    elseif key ~= nil then
       options[key] = value
       if key == "nodelist" then pinned[offset] = value end
     end
@@ -74,7 +77,9 @@ function slurm_cli_post_submit(offset, jobid, stepid)
   local job = tostring(jobid)
   if offset > 0 then job = job .. "+" .. offset end
   -- un-pin a job still pending after the deadline, in the background (sbatch returns now)
-  os.execute("setsid -f " .. helper() .. " release " .. job .. " " .. quote(nodes)
-             .. " </dev/null >/dev/null 2>&1")
+  -- the helper starts only after the deadline: nothing runs beside sbatch now
+  local later = "sleep " .. math.floor(release_after) .. "; exec " .. helper() .. " release "
+                .. job .. " " .. quote(nodes)
+  os.execute("setsid -f sh -c " .. quote(later) .. " </dev/null >/dev/null 2>&1")
   return slurm.SUCCESS
 end
