@@ -343,6 +343,14 @@ def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - ea
     return out
 
 
+def _same_nodes(a: str, b: str) -> bool:
+    try:
+        from ClusterShell.NodeSet import NodeSet
+    except ImportError:  # a login node without ClusterShell: Slurm's own spelling, or keep
+        return a == b
+    return bool(NodeSet(a.replace("(null)", "")) == NodeSet(b))
+
+
 def release(job: str, nodes: str, delay_s: float, env: Mapping[str, str]) -> str:
     """After delay_s: a job still PENDING with the node list gpufleet pinned gets it cleared
     (`scontrol update ReqNodeList=`), so it never waits for nodes someone else took."""
@@ -352,9 +360,7 @@ def release(job: str, nodes: str, delay_s: float, env: Mapping[str, str]) -> str
     fields = dict(w.split("=", 1) for w in p.stdout.split() if "=" in w)
     if p.returncode != 0 or fields.get("JobState") != "PENDING":
         return f"job {job}: {fields.get('JobState', 'gone')}, kept"
-    from ClusterShell.NodeSet import NodeSet
-
-    if NodeSet(fields.get("ReqNodeList", "").replace("(null)", "")) != NodeSet(nodes):
+    if not _same_nodes(fields.get("ReqNodeList", ""), nodes):
         return f"job {job}: node list now {fields.get('ReqNodeList')!r}, not ours: kept"
     u = subprocess.run(["scontrol", "update", f"JobId={job}", "ReqNodeList="],
                        capture_output=True, text=True, check=False, timeout=30, env=dict(env))
