@@ -241,3 +241,26 @@ def test_place_call_over_mtls(tmp_path: Path, munged: MungeServer) -> None:
     finally:
         c.stop(grace_s=0.2)
         store.close()
+
+
+def test_unreadable_controller_config_does_not_stop_user_commands(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """/etc/gpufleet/controller.toml is 0640 root:slurm: a user's command runs without it;
+    naming it explicitly is one clear line."""
+    from click.testing import CliRunner
+    from gpufleet.scheduler import cli
+
+    class Unreadable(type(Path())):  # type: ignore[misc]
+        def read_text(self, *_a: object, **_k: object) -> str:
+            raise PermissionError(13, "Permission denied", str(self))
+
+    conf = Unreadable(tmp_path / "controller.toml")
+    conf.write_text('db = "x"\n')
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", conf)
+    res = CliRunner().invoke(cli.main, ["jobs", "--help"])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setattr(cli, "Path", Unreadable)
+    res = CliRunner().invoke(cli.main, ["--config", str(conf), "jobs", "--help"])
+    assert res.exit_code == 2 and "cannot read: Permission denied" in res.output
+    assert "Traceback" not in res.output
