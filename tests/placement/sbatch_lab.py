@@ -13,6 +13,7 @@ from gpufleet.rpc.v1 import fleet_pb2
 from gpufleet.scheduler.placement.sources import cli_runner, view_from_slurm
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
+from gpufleet.scheduler.user_service import cached_static
 
 from tests.scheduler.fakes import FakeSlurm
 from tests.slurm.harness import SlurmLab
@@ -69,9 +70,10 @@ class Placed:
     def __init__(self, lab: SlurmLab, tmp: Path, degraded: tuple[str, ...] = ()) -> None:
         self.lab = lab
         self.store = write_store(tmp / "state.db", degraded)
+        run = cached_static(cli_runner(lab.env()))  # as the controller's own view source
         self.ctl = Controller(self.store, FakeSlurm([f"n{i}" for i in range(1, 9)]),
                               listen="127.0.0.1:0",
-                              user_view_source=lambda: view_from_slurm(cli_runner(lab.env()), 5))
+                              user_view_source=lambda: view_from_slurm(run, 5))
         self.ctl.start()
         self.conf = lab_client_conf(lab, tmp / "client-etc")
         (tmp / "client.toml").write_text(

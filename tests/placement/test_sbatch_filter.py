@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -264,3 +264,21 @@ def test_unreadable_controller_config_does_not_stop_user_commands(
     res = CliRunner().invoke(cli.main, ["--config", str(conf), "jobs", "--help"])
     assert res.exit_code == 2 and "cannot read: Permission denied" in res.output
     assert "Traceback" not in res.output
+
+
+def test_controller_reads_partitions_and_topology_at_most_every_ttl() -> None:
+    from gpufleet.scheduler.user_service import cached_static
+
+    calls: list[str] = []
+    now = [0.0]
+
+    def run(argv: Sequence[str], _t: float) -> str:
+        calls.append(" ".join(argv))
+        return f"out{len(calls)}"
+
+    r = cached_static(run, ttl_s=30, clock=lambda: now[0])
+    part, squeue = ["scontrol", "-o", "show", "partition"], ["squeue", "--json"]
+    assert r(part, 1) == "out1" and r(part, 1) == "out1"
+    assert r(squeue, 1) == "out2" and r(squeue, 1) == "out3"  # live state: never cached
+    now[0] = 31
+    assert r(part, 1) == "out4"

@@ -21,6 +21,7 @@ import logging
 import os
 import pwd
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -39,6 +40,7 @@ from gpufleet.scheduler.placement.model import (
 )
 from gpufleet.scheduler.placement.sources import (
     PlacementUnavailable,
+    Runner,
     apply_store,
     cli_runner,
     view_from_slurm,
@@ -127,9 +129,35 @@ class Authenticator:
 ViewSource = Callable[[], ClusterView]
 
 
+# what changes only when an admin edits slurm.conf/topology.conf: read at most this often,
+# so a placement costs two Slurm commands (sinfo, squeue), not four
+STATIC_SLURM_TTL_S = 30.0
+_STATIC_SLURM = {("scontrol", "-o", "show", "partition"), ("scontrol", "show", "topology")}
+
+
+def cached_static(run: Runner, ttl_s: float = STATIC_SLURM_TTL_S,
+                  clock: Callable[[], float] = time.monotonic) -> Runner:
+    """`run`, with the partition and topology commands' output kept for ttl_s."""
+    cache: dict[tuple[str, ...], tuple[float, str]] = {}
+
+    def cached(argv: Sequence[str], timeout_s: float) -> str:
+        key = tuple(argv)
+        if key not in _STATIC_SLURM:
+            return run(argv, timeout_s)
+        hit = cache.get(key)
+        if hit is not None and clock() - hit[0] < ttl_s:
+            return hit[1]
+        out = run(argv, timeout_s)
+        cache[key] = (clock(), out)
+        return out
+
+    return cached
+
+
 def slurm_view_source(timeout_s: float = PLACE_TIMEOUT_S) -> ViewSource:
     """The cluster as Slurm sees it now (sinfo/squeue/scontrol on the controller host)."""
-    return lambda: view_from_slurm(cli_runner(), timeout_s)
+    run = cached_static(cli_runner())
+    return lambda: view_from_slurm(run, timeout_s)
 
 
 class FleetUserServicer(pb_grpc.FleetUserServicer):
