@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -178,3 +179,46 @@ def test_user_nodelist_is_respected(placed: Callable[..., Placed]) -> None:
     jobid = int(out.stdout.strip())
     p.lab.wait_job_state(jobid, "RUNNING")
     assert p.lab.job_nodes(jobid) == ["n4"]  # the user's explicit choice stands
+
+
+def test_plain_user_places_and_unpins_through_the_controller(
+    placed: Callable[..., Placed],
+) -> None:
+    """As `nobody` on a login-node style install: a world-readable client config, the
+    controller's store nowhere in reach; the pin comes from the controller (MUNGE as nobody)
+    and its release is done by nobody's own `scontrol update`."""
+    import tempfile
+
+    p = placed(degraded=("n1",))
+    lab = p.lab
+    client = Path(tempfile.mkdtemp(prefix="gf-login-"))
+    client.chmod(0o755)
+    for g in p.conf.parent.iterdir():  # the client etc dir, where nobody can read it
+        target = client / g.name
+        if g.is_symlink():
+            target.symlink_to(g.resolve())
+        else:
+            target.write_text(g.read_text())
+            target.chmod(0o644)
+    (client / "client.toml").write_text(p.client_toml.read_text())
+    env = p.env(SLURM_CONF=str(client / "slurm.conf"),
+                GPUFLEET_CLIENT_CONFIG=str(client / "client.toml"), GPUFLEET_PIN_RELEASE_S="2")
+    lab.run("scontrol", "update", "PartitionName=main", "State=DOWN")
+    try:
+        out = subprocess.run(["runuser", "-u", "nobody", "--", GPUFLEET, "sbatch", "--parsable",
+                              "-o", "/dev/null", "--gres=gpu:8", "--wrap", "true"],
+                             env=env, cwd=lab.jobs_dir, capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        jobid = int(out.stdout.strip())
+        shown = lab.show_job(jobid)
+        assert "UserId=nobody" in shown
+        req = shown.split("ReqNodeList=")[1].split()[0]
+        assert req not in {"(null)", "n1"}  # pinned by the controller, not on the bad node
+        deadline = time.monotonic() + 20
+        while "ReqNodeList=(null)" not in lab.show_job(jobid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "ReqNodeList=(null)" in lab.show_job(jobid)  # nobody's own scontrol update
+    finally:
+        lab.run("scontrol", "update", "PartitionName=main", "State=UP")
+        shutil.rmtree(client, ignore_errors=True)
