@@ -184,8 +184,8 @@ def test_user_nodelist_is_respected(placed: Callable[..., Placed]) -> None:
 def test_plain_user_places_and_unpins_through_the_controller(
     placed: Callable[..., Placed],
 ) -> None:
-    """As `nobody` on a login-node style install: a world-readable client config, the
-    controller's store nowhere in reach; the pin comes from the controller (MUNGE as nobody)
+    """As `nobody` on a login-node style install (system Python, no gpufleet dependencies,
+    a world-readable client config, the controller's store nowhere in reach): the pin comes from the controller (MUNGE as nobody)
     and its release is done by nobody's own `scontrol update`."""
     import tempfile
 
@@ -205,8 +205,13 @@ def test_plain_user_places_and_unpins_through_the_controller(
                 GPUFLEET_CLIENT_CONFIG=str(client / "client.toml"), GPUFLEET_PIN_RELEASE_S="2")
     lab.run("scontrol", "update", "PartitionName=main", "State=DOWN")
     try:
-        out = subprocess.run(["runuser", "-u", "nobody", "--", GPUFLEET, "sbatch", "--parsable",
-                              "-o", "/dev/null", "--gres=gpu:8", "--wrap", "true"],
+        # a bare login node: the system Python and gpufleet's sources, nothing else (the
+        # sbatch path needs only the standard library)
+        env["PYTHONPATH"] = str(Path(__file__).parents[2] / "scheduler")
+        env.pop("GPUFLEET_FILTER", None)
+        out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c",
+                              "from gpufleet.scheduler.entry import main; main()", "sbatch",
+                              "--parsable", "-o", "/dev/null", "--gres=gpu:8", "--wrap", "true"],
                              env=env, cwd=lab.jobs_dir, capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 0 and out.stderr == "", out.stderr
