@@ -185,8 +185,8 @@ def test_plain_user_places_and_unpins_through_the_controller(
     placed: Callable[..., Placed],
 ) -> None:
     """As `nobody` on a login-node style install (system Python, no gpufleet dependencies,
-    a world-readable client config, the controller's store nowhere in reach): the pin comes from the controller (MUNGE as nobody)
-    and its release is done by nobody's own `scontrol update`."""
+    a world-readable client config, the controller's store nowhere in reach): the pin comes
+    from the controller (MUNGE as nobody) and nobody's own `scontrol update` releases it."""
     import tempfile
 
     p = placed(degraded=("n1",))
