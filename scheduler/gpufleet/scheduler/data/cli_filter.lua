@@ -16,7 +16,12 @@ local pinned = {}                                  -- component offset -> node l
 local release_after = 60                           -- seconds; the helper says (client.toml)
 
 local function helper()
-  return os.getenv("GPUFLEET_FILTER") or HELPER
+  local cmd = os.getenv("GPUFLEET_FILTER")
+  if cmd ~= nil then return cmd end
+  local f = io.open(HELPER, "r")   -- not installed here: plain sbatch, without a word
+  if f == nil then return nil end
+  f:close()
+  return HELPER
 end
 
 local function quote(s)
@@ -49,15 +54,17 @@ function slurm_cli_setup_defaults(options, early)
   return slurm.SUCCESS
 end
 
-function slurm_cli_pre_submit(options, offset)
-  if not wanted(options) then return slurm.SUCCESS end
+local function place(options, offset)
+  if not wanted(options) then return end
+  local cmd = helper()
+  if cmd == nil then return end
   local json = slurm.json_cli_options(options)
-  if json == nil then return slurm.SUCCESS end
+  if json == nil then return end
   -- the helper's stdout: option=value lines; its messages go to sbatch's stderr
   local het = ""
   if hetjob_cmdline() then het = " het" end
-  local p = io.popen(helper() .. " place " .. offset .. " " .. quote(json) .. het, "r")
-  if p == nil then return slurm.SUCCESS end
+  local p = io.popen(cmd .. " place " .. offset .. " " .. quote(json) .. het, "r")
+  if p == nil then return end
   for line in p:lines() do
     local key, value = string.match(line, "^([%w-]+)=(.*)$")
     if key == "gpufleet-release-after" then
@@ -68,17 +75,22 @@ function slurm_cli_pre_submit(options, offset)
     end
   end
   p:close()
+end
+
+function slurm_cli_pre_submit(options, offset)
+  pcall(place, options, offset)    -- whatever happens here, the job is submitted
   return slurm.SUCCESS
 end
 
 function slurm_cli_post_submit(offset, jobid, stepid)
   local nodes = pinned[offset]
-  if nodes == nil then return slurm.SUCCESS end
+  local cmd = helper()
+  if nodes == nil or cmd == nil then return slurm.SUCCESS end
   local job = tostring(jobid)
   if offset > 0 then job = job .. "+" .. offset end
   -- un-pin a job still pending after the deadline, in the background (sbatch returns now)
   -- the helper starts only after the deadline: nothing runs beside sbatch now
-  local later = "sleep " .. math.floor(release_after) .. "; exec " .. helper() .. " release "
+  local later = "sleep " .. math.floor(release_after) .. "; exec " .. cmd .. " release "
                 .. job .. " " .. quote(nodes)
   os.execute("setsid -f sh -c " .. quote(later) .. " </dev/null >/dev/null 2>&1")
   return slurm.SUCCESS
