@@ -51,7 +51,7 @@ def main() -> int:
     placed = Placed(lab, tmp, degraded=("n6",))
     try:
         lab.run("scontrol", "update", "PartitionName=main", "State=DOWN")
-        env = placed.env(GPUFLEET_PIN_RELEASE_S="3600")
+        env = placed.env(GPUFLEET_PIN_RELEASE_S="120")  # releases start after the run
         kinds = {
             "plain sbatch": ["sbatch", *JOB],
             "gpufleet sbatch, placement off": [GPUFLEET, "sbatch", "--gpufleet-no-place", *JOB],
