@@ -38,7 +38,9 @@ def test_wheel_installs_one_namespace(wheel: Path) -> None:
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "gpufleet-agent = gpufleet.agent.cli:main" in text
-    assert "gpufleet = gpufleet.scheduler.cli:main" in text
+    assert "gpufleet = gpufleet.scheduler.entry:main" in text  # execs sbatch, else cli.py
+    assert "gpufleet-sbatch-filter = gpufleet.scheduler.sbatch_filter:main" in text
+    assert "gpufleet/scheduler/data/cli_filter.lua" in names
 
 
 def test_agent_extra_has_no_db_or_slurm_client(wheel: Path) -> None:

@@ -1,63 +1,33 @@
 """`gpufleet sbatch` against the real Slurm 22.05 lab (leaf1 = n[1-4], leaf2 = n[5-8], gpu:8).
 
-Health comes from a real SqliteStore written here the way the controller writes it. Run with
-your own lab: GPUFLEET_SLURM_TEST_LAB=/tmp/gf-lab-place GPUFLEET_SLURM_TEST_PORT=10917.
+sbatch runs with a client slurm.conf that enables cli_filter/lua with gpufleet's
+cli_filter.lua (lab_client_conf); placement comes from a real controller (FleetUser over
+loopback gRPC, MUNGE with the lab's munged) whose health is a real SqliteStore written here the
+way the controller writes it, and whose Slurm view is the lab's. Run with your own lab:
+GPUFLEET_SLURM_TEST_LAB=/tmp/gf-lab-place GPUFLEET_SLURM_TEST_PORT=10917.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
-import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from gpufleet.rpc.v1 import fleet_pb2
 from gpufleet.scheduler.placement import parse_gres_detail
-from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
 
+from tests.placement.sbatch_lab import _PAIRS, GPUFLEET, Placed
 from tests.slurm.harness import SlurmLab
 
 pytestmark = pytest.mark.slurm
 
-_SBATCH = "from gpufleet.scheduler.cli_place import sbatch_cmd; sbatch_cmd()"
-_PLACE = "from gpufleet.scheduler.cli_place import place_cmd; place_cmd()"
-# NVLink islands of a bridged PCIe box: pairs (0,1) (2,3) (4,5) (6,7)
-_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
-
-
-def _inventory(node: str) -> bytes:
-    inv = fleet_pb2.NodeInventory(node_name=node, hostname=node)
-    for i in range(8):
-        inv.gpus.add(index=i, uuid=f"GPU-{node}-{i}")
-        inv.gpu_nic_affinity.add(gpu_index=i, hca=f"mlx5_{i // 2}",
-                                 pcie_relation=fleet_pb2.PCIE_RELATION_PIX)
-    for a in range(8):
-        for b in range(a + 1, 8):
-            nv = 4 if (a, b) in _PAIRS else 0
-            inv.gpu_links.add(gpu_a=a, gpu_b=b, nvlink_count=nv,
-                              pcie_relation=fleet_pb2.PCIE_RELATION_SYS)
-    return inv.SerializeToString()
-
-
-def _store(path: Path, degraded: tuple[str, ...] = ()) -> Path:
-    store = SqliteStore(str(path))
-    t = now_ms()
-    for i in range(1, 9):
-        node = f"n{i}"
-        store.upsert_node(node, node, 8, _inventory(node), "inst-1", t)
-        store.set_verdict(VerdictRow(node, "nvlink", None, "", "ok", "", "", t))
-    for node in degraded:
-        store.set_verdict(VerdictRow(node, "ib_port", None, "mlx5_0/1", "degraded",
-                                     "ib_rate", "mlx5_0 port 1 at 200 Gb/s, expected 400", t))
-    store.close()
-    return path
-
-
-def _gf(lab: SlurmLab, code: str, *args: str,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], env=lab.env(), cwd=lab.jobs_dir,
+def _gf(p: Placed, *args: str, stdin: str | None = None, cmd: str = "sbatch",
+        **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GPUFLEET, cmd, *args], env=p.env(**extra), cwd=p.lab.jobs_dir,
                           capture_output=True, text=True, timeout=60, check=False,
                           input=stdin)
 
@@ -74,27 +44,28 @@ def _hold(lab: SlurmLab, node: str, gpus: int) -> int:
 
 
 def test_four_node_job_lands_on_one_leaf_avoiding_the_degraded_node(
-    clean_slurm_lab: SlurmLab, tmp_path: Path, report_figure: Callable[[str], None],
+    placed: Callable[..., Placed], report_figure: Callable[[str], None],
 ) -> None:
-    lab = clean_slurm_lab
+    p = placed(degraded=("n6",))
+    lab = p.lab
     _hold(lab, "n1", 8)
     _hold(lab, "n2", 8)  # leaf1 half full
-    db = _store(tmp_path / "state.db", degraded=("n6",))
     # leaf1 has 2 free nodes, leaf2 has 3 healthy free ones: a 3-node job fits leaf2 only if
-    # the degraded n6 is left out (Slurm alone, lowest names first, would take n5-n7)
-    out = _gf(lab, _SBATCH, "--gpufleet-db", str(db), "--parsable", "-N", "3",
-              "--gres=gpu:8", "--wrap", "sleep 600")
+    # the degraded n6 is left out (Slurm alone, lowest names first, would take n3-n5)
+    out = _gf(p, "--parsable", "-N", "3", "--gres=gpu:8", "--wrap", "sleep 600")
     assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
     jobid = int(out.stdout.strip())
     assert lab.wait_job_state(jobid, "RUNNING") == "RUNNING"
     assert lab.job_nodes(jobid) == ["n5", "n7", "n8"]
-    # and with the degraded node in leaf1 instead, the acceptance case: 4 nodes on one leaf
+    # the same options as #SBATCH lines of a script on stdin, partition from SBATCH_PARTITION
     lab.reset()
+    p = placed(degraded=("n3",))
     _hold(lab, "n1", 8)
     _hold(lab, "n2", 8)
-    db = _store(tmp_path / "state2.db", degraded=("n3",))
-    out = _gf(lab, _SBATCH, "--gpufleet-db", str(db), "--parsable", "-N", "4",
-              "--gres=gpu:8", "--wrap", "sleep 600")
+    out = _gf(p, "--parsable", stdin="#!/bin/bash\n#SBATCH -N 4\n#SBATCH --gres=gpu:8\n"
+              "sleep 600\n", SBATCH_PARTITION="main")
+    assert out.returncode == 0, out.stderr
     jobid = int(out.stdout.strip())
     assert lab.wait_job_state(jobid, "RUNNING") == "RUNNING"
     nodes = lab.job_nodes(jobid)
@@ -102,19 +73,15 @@ def test_four_node_job_lands_on_one_leaf_avoiding_the_degraded_node(
     report_figure(f"placement on Slurm: 4-node job -> {','.join(nodes)} (1 leaf)")
 
 
-def test_two_gpu_job_gets_two_gpus_sharing_nvlink(
-    clean_slurm_lab: SlurmLab, tmp_path: Path,
-) -> None:
-    lab = clean_slurm_lab
+def test_two_gpu_job_gets_two_gpus_sharing_nvlink(placed: Callable[..., Placed]) -> None:
+    p = placed()
+    lab = p.lab
     _hold(lab, "n1", 1)  # n1: next free GPUs would be 1,2 - two islands
     _hold(lab, "n2", 2)  # n2: next free GPUs are 2,3 - one island
-    db = _store(tmp_path / "state.db")
-    dry = _gf(lab, _PLACE, "--gpufleet-db", str(db), "--json", "--gres=gpu:2")
+    dry = _gf(p, "--gres=gpu:2", "--wrap", "true", cmd="place")
     assert dry.returncode == 0, dry.stderr
-    plan = json.loads(dry.stdout)
-    assert plan["nodes"][0]["node"] == "n2" and plan["nodes"][0]["gpus"] == [2, 3]
-    out = _gf(lab, _SBATCH, "--gpufleet-db", str(db), "--parsable", "--gres=gpu:2",
-              "--wrap", "sleep 600")
+    assert "n2 on leaf1: GPUs 2,3 (one NVLink island" in dry.stderr
+    out = _gf(p, "--parsable", "--gres=gpu:2", "--wrap", "sleep 600")
     jobid = int(out.stdout.strip())
     assert lab.wait_job_state(jobid, "RUNNING") == "RUNNING"
     job = _job(lab, jobid)
@@ -124,66 +91,139 @@ def test_two_gpu_job_gets_two_gpus_sharing_nvlink(
     assert any(set(pair) == got for pair in _PAIRS)
 
 
-def test_controller_away_behaves_like_sbatch_and_warns_once(
-    clean_slurm_lab: SlurmLab, tmp_path: Path,
+def test_never_pinned_where_slurm_must_judge(placed: Callable[..., Placed]) -> None:
+    """An array of four 1-node jobs runs four at once; a job asking CPUs is not pinned and
+    starts where Slurm finds them; a held job gets nothing added."""
+    p = placed(degraded=("n8",))
+    lab = p.lab
+    out = _gf(p, "--parsable", "--array=0-3", "-N1", "--gres=gpu:8", "--wrap", "sleep 600")
+    assert out.returncode == 0, out.stderr
+    arr = out.stdout.strip()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = lab.run("squeue", "-h", "-j", arr, "-o", "%T %N").stdout.split("\n")
+        if sum(1 for s in states if s.startswith("RUNNING")) == 4:
+            break
+        time.sleep(0.5)
+    running = [s.split()[1] for s in states if s.startswith("RUNNING")]
+    assert len(running) == 4 and "n8" not in running
+    shown = lab.run("scontrol", "show", "job", "-o", arr).stdout
+    assert "ReqNodeList=(null)" in shown and "ExcNodeList=n8" in shown
+    # -c 4 on nodes with 4 CPUs: n1 has a CPU taken, so Slurm must choose; not pinned
+    lab.reset()
+    p = placed()
+    lab.sbatch("-w", "n1", "-c", "1", "--wrap", "sleep 600")
+    out = _gf(p, "--parsable", "-c", "4", "--gres=gpu:1", "--wrap", "sleep 600")
+    jobid = int(out.stdout.strip())
+    assert lab.wait_job_state(jobid, "RUNNING") == "RUNNING"
+    assert "ReqNodeList=(null)" in lab.show_job(jobid)
+    held = _gf(p, "--parsable", "-H", "--gres=gpu:1", "--wrap", "true")
+    shown = lab.show_job(int(held.stdout.strip()))
+    assert "ReqNodeList=(null)" in shown and "ExcNodeList=(null)" in shown
+
+
+def test_pinned_job_not_started_gets_its_node_list_back(placed: Callable[..., Placed]) -> None:
+    p = placed()
+    lab = p.lab
+    lab.run("scontrol", "update", "PartitionName=main", "State=DOWN")
+    try:
+        out = _gf(p, "--parsable", "--gres=gpu:1", "--wrap", "true",
+                  GPUFLEET_PIN_RELEASE_S="2")
+        assert out.returncode == 0, out.stderr
+        jobid = int(out.stdout.strip())
+        assert "ReqNodeList=(null)" not in lab.show_job(jobid)  # pinned, pending
+        deadline = time.monotonic() + 20
+        while "ReqNodeList=(null)" not in lab.show_job(jobid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "ReqNodeList=(null)" in lab.show_job(jobid)
+    finally:
+        lab.run("scontrol", "update", "PartitionName=main", "State=UP")
+
+
+def test_controller_away_is_plain_sbatch_silently(
+    placed: Callable[..., Placed], tmp_path: Path,
 ) -> None:
-    lab = clean_slurm_lab
+    p = placed()
+    lab = p.lab
+    p.client_toml.write_text('controller = "127.0.0.1:1"\ninsecure = true\n')
     script = tmp_path / "job.sh"
     out_file = tmp_path / "out-%j.txt"
     script.write_text("#!/bin/bash\n#SBATCH -N 1\n#SBATCH --gres=gpu:1\n"
                       "echo \"args=$*\"\necho \"ckpt=$GPUFLEET_CKPT_DIR\"\n")
-    ours = _gf(lab, _SBATCH, "--gpufleet-db", str(tmp_path / "absent.db"),
-               "--gpufleet-ckpt", str(tmp_path / "ckpt"), "-J", "gf-plain",
+    ours = _gf(p, "--gpufleet-ckpt", str(tmp_path / "ckpt"), "-J", "gf-plain",
                "--comment=passed-through", "-o", str(out_file), str(script), "one", "two")
-    plain = lab.run("sbatch", "-J", "plain", "-o", str(out_file), str(script),
-                    cwd=lab.jobs_dir)
     assert ours.returncode == 0, ours.stderr
-    # stdout is sbatch's own line, only the id differs
+    assert ours.stderr == ""
     assert ours.stdout.startswith("Submitted batch job ")
-    assert ours.stdout.split()[:3] == plain.stdout.split()[:3]
-    warnings = [line for line in ours.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "absent.db" in warnings[0]
     jobid = int(ours.stdout.split()[-1])
     lab.wait_job_state(jobid, "COMPLETED")
     shown = lab.show_job(jobid)
-    assert "JobName=gf-plain" in shown and "Comment=passed-through" in shown
+    assert "JobName=gf-plain" in shown and "Comment=passed-through gpufleet-ckpt" in shown
     assert "Requeue=1" in shown
     assert "ReqNodeList=(null)" in shown  # no placement was added
     text = Path(str(out_file).replace("%j", str(jobid))).read_text()
     assert "args=one two" in text
     assert f"ckpt={tmp_path / 'ckpt'}" in text
+    # and with no controller configured at all, and no client config file
+    os.unlink(p.client_toml)
+    again = _gf(p, "--parsable", "--gres=gpu:1", "--wrap", "true")
+    assert again.returncode == 0 and again.stderr == ""
+    assert "ReqNodeList=(null)" in lab.show_job(int(again.stdout.strip()))
 
 
-def test_parsable_prints_only_the_id_and_user_nodelist_is_respected(
-    clean_slurm_lab: SlurmLab, tmp_path: Path,
-) -> None:
-    lab = clean_slurm_lab
-    db = _store(tmp_path / "state.db", degraded=("n4",))
-    out = _gf(lab, _SBATCH, "--gpufleet-db", str(db), "--parsable", "-w", "n4",
-              "--wrap", "sleep 600")
+def test_user_nodelist_is_respected(placed: Callable[..., Placed]) -> None:
+    p = placed(degraded=("n4",))
+    out = _gf(p, "--parsable", "-w", "n4", "--wrap", "sleep 600")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().isdigit()
+    assert out.stdout.strip().isdigit() and out.stderr == ""
     jobid = int(out.stdout.strip())
-    lab.wait_job_state(jobid, "RUNNING")
-    assert lab.job_nodes(jobid) == ["n4"]  # the user's explicit choice stands
-    assert out.stderr == ""
+    p.lab.wait_job_state(jobid, "RUNNING")
+    assert p.lab.job_nodes(jobid) == ["n4"]  # the user's explicit choice stands
 
 
-def test_script_on_stdin_and_sbatch_errors_pass_through(
-    clean_slurm_lab: SlurmLab, tmp_path: Path,
+def test_plain_user_places_and_unpins_through_the_controller(
+    placed: Callable[..., Placed],
 ) -> None:
-    lab = clean_slurm_lab
-    db = _store(tmp_path / "state.db")
-    out = _gf(lab, _SBATCH, "--gpufleet-db", str(db), "--parsable",
-              stdin="#!/bin/bash\n#SBATCH -N 2\n#SBATCH --gres=gpu:4\nsleep 600\n")
-    assert out.returncode == 0, out.stderr
-    jobid = int(out.stdout.strip())
-    lab.wait_job_state(jobid, "RUNNING")
-    nodes = lab.job_nodes(jobid)
-    assert len(nodes) == 2
-    leaf1 = set(lab.hostnames(lab.switches()["leaf1"]["Nodes"]))
-    assert len({n in leaf1 for n in nodes}) == 1  # both on one leaf
-    bad = _gf(lab, _SBATCH, "--gpufleet-db", str(db), "--no-such-sbatch-flag", "--wrap", "true")
-    plain = lab.run("sbatch", "--no-such-sbatch-flag", "--wrap", "true", check=False)
-    assert bad.returncode == plain.returncode != 0
-    assert "no-such-sbatch-flag" in bad.stderr
+    """As `nobody` on a login-node style install (system Python, no gpufleet dependencies,
+    a world-readable client config, the controller's store nowhere in reach): the pin comes
+    from the controller (MUNGE as nobody) and nobody's own `scontrol update` releases it."""
+    import tempfile
+
+    p = placed(degraded=("n1",))
+    lab = p.lab
+    client = Path(tempfile.mkdtemp(prefix="gf-login-"))
+    client.chmod(0o755)
+    for g in p.conf.parent.iterdir():  # the client etc dir, where nobody can read it
+        target = client / g.name
+        if g.is_symlink():
+            target.symlink_to(g.resolve())
+        else:
+            target.write_text(g.read_text())
+            target.chmod(0o644)
+    (client / "client.toml").write_text(p.client_toml.read_text())
+    env = p.env(SLURM_CONF=str(client / "slurm.conf"),
+                GPUFLEET_CLIENT_CONFIG=str(client / "client.toml"), GPUFLEET_PIN_RELEASE_S="2")
+    lab.run("scontrol", "update", "PartitionName=main", "State=DOWN")
+    try:
+        # a bare login node: the system Python and gpufleet's sources, nothing else (the
+        # sbatch path needs only the standard library)
+        env["PYTHONPATH"] = str(Path(__file__).parents[2] / "scheduler")
+        env.pop("GPUFLEET_FILTER", None)
+        out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c",
+                              "from gpufleet.scheduler.entry import main; main()", "sbatch",
+                              "--parsable", "-o", "/dev/null", "--gres=gpu:8", "--wrap", "true"],
+                             env=env, cwd=lab.jobs_dir, capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        jobid = int(out.stdout.strip())
+        shown = lab.show_job(jobid)
+        assert "UserId=nobody" in shown
+        req = shown.split("ReqNodeList=")[1].split()[0]
+        assert req not in {"(null)", "n1"}  # pinned by the controller, not on the bad node
+        deadline = time.monotonic() + 20
+        while "ReqNodeList=(null)" not in lab.show_job(jobid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "ReqNodeList=(null)" in lab.show_job(jobid)  # nobody's own scontrol update
+    finally:
+        lab.run("scontrol", "update", "PartitionName=main", "State=UP")
+        shutil.rmtree(client, ignore_errors=True)

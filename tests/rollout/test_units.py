@@ -120,7 +120,8 @@ def test_ansible_lint_production_profile() -> None:
     # explicit paths: ansible-lint only discovers files git tracks
     proc = subprocess.run(
         ["ansible-lint", "--offline", "--nocolor", "--profile", "production",
-         "site.yml", "roles/gpufleet_agent", "roles/gpufleet_controller"],
+         "site.yml", "roles/gpufleet_agent", "roles/gpufleet_controller",
+         "roles/gpufleet_login"],
         cwd=ANSIBLE_DIR, capture_output=True, text=True, check=False, timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

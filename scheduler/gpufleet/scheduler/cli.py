@@ -60,6 +60,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(f"{path}: no such config file") from e
     except UnicodeDecodeError as e:
         raise click.BadParameter(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except PermissionError as e:
+        if value is None:  # the controller's own file (0640 root:slurm): not for users
+            return value
+        raise click.BadParameter(f"{path}: cannot read: {e.strerror}") from e
     except OSError as e:
         raise click.BadParameter(f"{path}: cannot read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:

@@ -292,7 +292,7 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         await self._caller(context, "Place")
         try:
             req = _placement_request(request)
-            result = await asyncio.to_thread(self._place, req)
+            result, avoid = await asyncio.to_thread(self._place, req)
         except PlacementError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except PlacementUnavailable as e:
@@ -300,10 +300,16 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         except StoreError as e:
             log.error("FleetUser.Place: store failed: %s", e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "controller store failed")
-        return _place_reply(result)
+        reply = _place_reply(result)
+        reply.avoid.extend(avoid)
+        return reply
 
-    def _place(self, req: PlacementRequest) -> Placement:
-        return place(apply_store(self.view_source(), self.store), req)
+    def _place(self, req: PlacementRequest) -> tuple[Placement, list[str]]:
+        """The placement, and the nodes whose health keeps new jobs off them now (what
+        sbatch's cli_filter excludes when it does not pin the job)."""
+        view = apply_store(self.view_source(), self.store)
+        avoid = sorted(n.name for n in view.nodes.values() if not n.healthy)
+        return place(view, req), avoid
 
     async def Drain(self, request: pb.NodeActionRequest,
                     context: grpc.aio.ServicerContext) -> pb.NodeActionReply:

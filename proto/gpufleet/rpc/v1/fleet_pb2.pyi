@@ -1498,6 +1498,7 @@ class PlaceReply(_message.Message):
     COST_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    AVOID_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """false: no placement now; `flags` is then the fallback"""
     score: _builtins.float
@@ -1513,6 +1514,10 @@ class PlaceReply(_message.Message):
     def explanation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def avoid(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes gpufleet keeps new jobs off now (their health)"""
+
     def __init__(
         self,
         *,
@@ -1523,10 +1528,11 @@ class PlaceReply(_message.Message):
         cost: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         explanation: _abc.Iterable[_builtins.str] | None = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        avoid: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "env", b"env", "explanation", b"explanation", "flags", b"flags", "nodes", b"nodes", "ok", b"ok", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avoid", b"avoid", "cost", b"cost", "env", b"env", "explanation", b"explanation", "flags", b"flags", "nodes", b"nodes", "ok", b"ok", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

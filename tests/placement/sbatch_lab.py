@@ -1,0 +1,110 @@
+"""Helpers for the real-Slurm sbatch tests: a controller serving FleetUser.Place for the lab
+and a client slurm.conf with gpufleet's cli_filter.lua (what a login node gets)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from gpufleet.rpc.v1 import fleet_pb2
+from gpufleet.scheduler.placement.sources import view_from_slurm
+from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.slurm import CliSlurmClient
+from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
+
+from tests.scheduler.fakes import FakeSlurm
+from tests.slurm.harness import SlurmLab
+
+GPUFLEET = str(Path(sys.executable).with_name("gpufleet"))
+LUA = Path(__file__).parents[2] / "scheduler/gpufleet/scheduler/data/cli_filter.lua"
+# NVLink islands of a bridged PCIe box: pairs (0,1) (2,3) (4,5) (6,7)
+_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
+
+
+def _inventory(node: str) -> bytes:
+    inv = fleet_pb2.NodeInventory(node_name=node, hostname=node)
+    for i in range(8):
+        inv.gpus.add(index=i, uuid=f"GPU-{node}-{i}")
+        inv.gpu_nic_affinity.add(gpu_index=i, hca=f"mlx5_{i // 2}",
+                                 pcie_relation=fleet_pb2.PCIE_RELATION_PIX)
+    for a in range(8):
+        for b in range(a + 1, 8):
+            nv = 4 if (a, b) in _PAIRS else 0
+            inv.gpu_links.add(gpu_a=a, gpu_b=b, nvlink_count=nv,
+                              pcie_relation=fleet_pb2.PCIE_RELATION_SYS)
+    return inv.SerializeToString()
+
+
+def write_store(path: Path, degraded: tuple[str, ...] = ()) -> SqliteStore:
+    store = SqliteStore(str(path))
+    t = now_ms()
+    for i in range(1, 9):
+        node = f"n{i}"
+        store.upsert_node(node, node, 8, _inventory(node), "inst-1", t)
+        store.set_verdict(VerdictRow(node, "nvlink", None, "", "ok", "", "", t))
+    for node in degraded:
+        store.set_verdict(VerdictRow(node, "ib_port", None, "mlx5_0/1", "degraded",
+                                     "ib_rate", "mlx5_0 port 1 at 200 Gb/s, expected 400", t))
+    return store
+
+
+def lab_client_conf(lab: SlurmLab, where: Path) -> Path:
+    """A client copy of the lab's etc dir: slurm.conf + CliFilterPlugins=cli_filter/lua and
+    gpufleet's cli_filter.lua next to it (what the Ansible login-node role installs)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for f in lab.conf_path.parent.iterdir():
+        if f.name not in {"slurm.conf", "cli_filter.lua"} and not (where / f.name).exists():
+            (where / f.name).symlink_to(f)
+    (where / "slurm.conf").write_text(lab.conf_path.read_text()
+                                      + "\nCliFilterPlugins=cli_filter/lua\n")
+    (where / "cli_filter.lua").write_text(LUA.read_text())
+    return where / "slurm.conf"
+
+
+class Placed:
+    """A controller serving FleetUser.Place for the lab, and the client environment."""
+
+    def __init__(self, lab: SlurmLab, tmp: Path, degraded: tuple[str, ...] = ()) -> None:
+        self.lab = lab
+        self.store = write_store(tmp / "state.db", degraded)
+        slurm = CliSlurmClient(env=lab.env(), timeout_s=5)  # as the controller's view source
+        self.ctl = Controller(self.store, FakeSlurm([f"n{i}" for i in range(1, 9)]),
+                              listen="127.0.0.1:0",
+                              user_view_source=lambda: view_from_slurm(slurm, 5))
+        self.ctl.start()
+        self.conf = lab_client_conf(lab, tmp / "client-etc")
+        (tmp / "client.toml").write_text(
+            f'controller = "127.0.0.1:{self.ctl.port}"\ninsecure = true\n')
+        self.client_toml = tmp / "client.toml"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = self.lab.env()
+        env.update(SLURM_CONF=str(self.conf), GPUFLEET_CLIENT_CONFIG=str(self.client_toml))
+        env.pop("GPUFLEET_FILTER", None)
+        env.update(extra)
+        return env
+
+    def close(self) -> None:
+        self.ctl.stop(grace_s=0.2)
+        self.store.close()
+
+
+
+
+@pytest.fixture
+def placed(clean_slurm_lab: SlurmLab, tmp_path: Path) -> Iterator[Callable[..., Placed]]:
+    made: list[Placed] = []
+
+    def make(degraded: tuple[str, ...] = ()) -> Placed:
+        for p in made:
+            p.close()
+        made.clear()
+        made.append(Placed(clean_slurm_lab, tmp_path / f"p{time.monotonic_ns()}", degraded))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
