@@ -40,6 +40,11 @@ class AgentConfig:
     node_name: str = ""  # the Slurm NodeName; default: short host name
     controller: str = "localhost:50051"
     interval_s: float = 1.0
+    # at steady state (no verdict changed) the controller gets a small heartbeat this often
+    # instead of every sample; 0 sends every sample (the per-second series are for
+    # Prometheus, which scrapes the agent). Keep the controller's unreachable_after_s at
+    # several heartbeats.
+    heartbeat_interval_s: float = 5.0
     gpu_backend: str = "nvml"  # "nvml" (real GPUs) or "simulated"
     sim_profile: str = "dgx-h100"
     sim_faults_path: str = ""  # default: <state_dir>/sim-faults.json
@@ -128,6 +133,11 @@ class AgentConfig:
             debounce=self.debounce,
         )
 
+    def _validate_heartbeat(self) -> None:
+        if not (self.heartbeat_interval_s == 0 or 0.01 <= self.heartbeat_interval_s <= 3600):
+            raise ConfigError(f"heartbeat_interval_s={self.heartbeat_interval_s}: must be 0 "
+                              "(send every sample) or between 0.01 and 3600")
+
     def validate(self) -> AgentConfig:
         for f in fields(self):
             # a number where a string belongs (`controller = 0`) is the file's fault: name it
@@ -141,6 +151,7 @@ class AgentConfig:
             raise ConfigError(
                 f"nvml_counter_interval_s={self.nvml_counter_interval_s}: must be 0..3600"
             )
+        self._validate_heartbeat()
         if self.gpu_backend not in ("nvml", "simulated"):
             raise ConfigError(f"gpu_backend={self.gpu_backend!r}: use 'nvml' or 'simulated'")
         targets = self.controller_targets()
