@@ -246,6 +246,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
     silence = set(json.loads(args.silence_at or "[]"))
     fault_sent: dict[str, float] = {}
     silenced: dict[str, float] = {}
+    last_report: dict[str, float] = {}  # of the silenced agents, before they died
     channels: list[grpc.aio.Channel] = []
 
     def up() -> None:
@@ -282,12 +283,22 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
             # the first report is acked before the clock starts: the stream is really up then
             await credit.acquire()
             seq += 1
-            await call.write(maker.heartbeat(seq, int(time.time() * 1000)))
+            last_write = time.time()
+            await call.write(maker.heartbeat(seq, int(last_write * 1000)))
             await credit.acquire()
             credit.release()
             counted = False
             up()
-            await go.wait()
+            # alive while the others connect (thousands take a while): a heartbeat every
+            # period, as a real agent sends, or the controller rightly marks it unreachable
+            while not go.is_set():
+                try:
+                    await asyncio.wait_for(go.wait(), timeout=args.heartbeat_s)
+                except TimeoutError:
+                    await credit.acquire()
+                    seq += 1
+                    last_write = time.time()
+                    await call.write(maker.heartbeat(seq, int(last_write * 1000)))
             period = args.heartbeat_s if mode == "steady" else 1.0
             # spread agents over the period, as real ones are (they start at random times)
             next_t = t_start + ((i * 7919) % args.agents / args.agents) * period
@@ -299,6 +310,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                 now = time.time()
                 if silence_t is not None and now >= silence_t:
                     silenced[node] = time.time()
+                    last_report[node] = last_write
                     call.cancel()  # the agent dies: no more heartbeats, the socket closes
                     await channel.close()
                     return
@@ -319,7 +331,8 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                     next_t += period
                 await credit.acquire()
                 seq += 1
-                stamp = int(time.time() * 1000)
+                last_write = time.time()
+                stamp = int(last_write * 1000)
                 await call.write(maker.report(seq, stamp) if mode == "samples"
                                  else maker.heartbeat(seq, stamp))
                 if t_start <= time.time() <= t_stop:
@@ -347,7 +360,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
     for ch in channels:
         await ch.close()
     return {"acked": acked, "sent": sent, "errors": errors, "fault_sent": fault_sent,
-            "silenced": silenced,
+            "silenced": silenced, "last_report": last_report,
             "driver_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)}
 
 
@@ -421,7 +434,7 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
         cpu_stop, m_stop = _cpu_s(sp), time.monotonic()
         rss = sp.memory_info().rss / 2**20
         result: dict[str, Any] = {"acked": 0, "sent": 0, "driver_cpu_s": 0.0, "errors": {},
-                                  "fault_sent": {}, "silenced": {}}
+                                  "fault_sent": {}, "silenced": {}, "last_report": {}}
         for d in drivers:
             out, _ = d.communicate(timeout=300)
             if d.returncode != 0:
@@ -429,7 +442,7 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
             res = json.loads(out.strip().splitlines()[-1])
             for key in ("acked", "sent", "driver_cpu_s"):
                 result[key] += res[key]
-            for key in ("fault_sent", "silenced"):
+            for key in ("fault_sent", "silenced", "last_report"):
                 result[key].update(res[key])
             for key, n in res["errors"].items():
                 result["errors"][key] = result["errors"].get(key, 0) + n
@@ -437,7 +450,7 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
                       wall_s=seconds, server_rss_mib=rss, rss_connected_mib=rss_connected,
                       connect_s=connect_s)
         if kind == "controller" and (faulted or silent):
-            result.update(_detections(db, result, args))
+            result.update(_detections(db, result, args, t_stop))
         return result
     finally:
         for d in drivers:
@@ -451,9 +464,12 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
             server.wait()
 
 
-def _detections(db: Path, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def _detections(db: Path, result: dict[str, Any], args: argparse.Namespace,
+                t_stop: float) -> dict[str, Any]:
     """Wait (up to unreachable_after_s + 15 s) for the controller to drain every faulted node
-    and mark every silenced one unreachable; the times it recorded against the drivers'."""
+    and mark every silenced one unreachable; the times it recorded against the drivers'.
+    A node not silenced marked unreachable before the phase ended is a false one (after it,
+    every agent has gone)."""
     times_path = db.with_suffix(".times.json")
     deadline = time.monotonic() + args.unreachable_after_s + 15
     times: dict[str, dict[str, float]] = {"drained": {}, "unreachable": {}}
@@ -468,9 +484,13 @@ def _detections(db: Path, result: dict[str, Any], args: argparse.Namespace) -> d
               if n in times["drained"]]
     lives = [times["unreachable"][n] - t for n, t in result["silenced"].items()
              if n in times["unreachable"]]
+    since_last = [times["unreachable"][n] - t for n, t in result["last_report"].items()
+                  if n in times["unreachable"]]
     return {"fault_to_drain_s": drains, "faults_sent": len(result["fault_sent"]),
-            "silent_to_unreachable_s": lives, "silenced_n": len(result["silenced"]),
-            "false_unreachable": len(set(times["unreachable"]) - set(result["silenced"]))}
+            "silent_to_unreachable_s": lives, "last_report_to_unreachable_s": since_last,
+            "silenced_n": len(result["silenced"]),
+            "false_unreachable": sum(1 for n, t in times["unreachable"].items()
+                                     if n not in result["silenced"] and t <= t_stop)}
 
 
 def summarise(res: dict[str, Any]) -> dict[str, Any]:
@@ -483,7 +503,7 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
            "rss_mib": res["server_rss_mib"], "connect_s": res["connect_s"],
            "errors": res["errors"]}
     for key in ("fault_to_drain_s", "silent_to_unreachable_s", "faults_sent", "silenced_n",
-                "false_unreachable"):
+                "false_unreachable", "last_report_to_unreachable_s"):
         if key in res:
             out[key] = res[key]
     return out
@@ -588,9 +608,11 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
               f"p99 {1000 * _pct(d, 0.99):.0f} ms (target p99 <= 1 s)")
     if steady.get("silenced_n"):
         v = steady["silent_to_unreachable_s"]
+        lr = steady["last_report_to_unreachable_s"]
         print(f"liveness: {len(v)}/{steady['silenced_n']} dead agents marked unreachable, "
               f"{_pct(v, 0.5):.1f} s median, {max(v) if v else float('nan'):.1f} s max after "
-              f"they died (heartbeat {args.heartbeat_s:g} s, unreachable_after_s "
+              f"they died ({max(lr) if lr else float('nan'):.1f} s max after their last "
+              f"report; heartbeat {args.heartbeat_s:g} s, unreachable_after_s "
               f"{args.unreachable_after_s:g}; target <= 10 s); "
               f"{steady['false_unreachable']} live nodes wrongly marked unreachable")
     if args.json:
