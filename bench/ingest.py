@@ -140,7 +140,7 @@ def serve_bare(ready_fd: int, _args: argparse.Namespace) -> None:
     import grpc
     from gpufleet.rpc.v1 import fleet_pb2 as pb
     from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-    from gpufleet.scheduler.server import MAX_PENDING_CALLS
+    from gpufleet.scheduler.server import MAX_PENDING_CALLS, MAX_UNREQUESTED_S
 
     class Bare(pb_grpc.FleetControllerServicer):
         async def Connect(self, request_iterator: Any, context: Any) -> Any:
@@ -158,6 +158,7 @@ def serve_bare(ready_fd: int, _args: argparse.Namespace) -> None:
             ("grpc.max_receive_message_length", 4 << 20),
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_S),
         ])
         pb_grpc.add_FleetControllerServicer_to_server(Bare(), server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -274,10 +275,13 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
 
             async def reader() -> None:
                 nonlocal acked
-                async for _reply in call:
-                    if t_start <= time.time() <= t_stop:
-                        acked += 1
-                    credit.release()
+                try:
+                    async for _reply in call:
+                        if t_start <= time.time() <= t_stop:
+                            acked += 1
+                        credit.release()
+                except grpc.aio.AioRpcError:
+                    credit.release()  # the writer's next write fails and counts the error
 
             read_task = asyncio.create_task(reader())
             # the first report is acked before the clock starts: the stream is really up then

@@ -45,6 +45,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # accepts calls slower than they come: with the defaults ~1,800-2,400 streams came up and the
 # rest were cancelled over and over (docs/scaling.md). Room for every agent of a cluster.
 MAX_PENDING_CALLS = 65_536
+# ... and cancels a call left waiting there over 30 s: 10,000 agents connecting at once take
+# longer than that to be taken in (each hello is a store write), so the last ones were
+# cancelled and had to reconnect
+MAX_UNREQUESTED_S = 600
 # one socket per agent, plus the store, Slurm and metrics: far over the usual soft 1024
 WANTED_NOFILE = 65_536
 
@@ -269,6 +273,7 @@ class Controller:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_S),
         ])
         pb_grpc.add_FleetControllerServicer_to_server(
             FleetServicer(self.ingest, self.metrics, active=self._active.is_set), server)
