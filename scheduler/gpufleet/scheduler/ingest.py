@@ -70,7 +70,9 @@ class _NodeSeq:
 
 
 class Ingestor:
-    """Applies agent reports. Not thread-safe: the gRPC event loop is its only caller."""
+    """Applies agent reports. Not thread-safe: the gRPC event loop is its only caller, but
+    for hello(), which the servicer runs on one worker thread (it only adds to `_nodes`;
+    every pass over `_nodes` iterates a copy)."""
 
     def __init__(self, store: StateStore, actions: ActionQueue,
                  metrics: ControllerMetrics | None = None, touch_interval_s: float = 1.0,
@@ -276,7 +278,7 @@ class Ingestor:
     def _take_dirty(self) -> list[tuple[str, str, int, int]]:
         self._next_flush = time.monotonic() + self.touch_interval_s
         rows = []
-        for name, state in self._nodes.items():
+        for name, state in list(self._nodes.items()):  # hello() may add one meanwhile
             if state.dirty:
                 state.dirty = False
                 rows.append((name, state.instance, state.last_seq, state.seen_ms))

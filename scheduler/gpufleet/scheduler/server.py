@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from gpufleet.rpc.v1 import fleet_pb2 as pb
@@ -82,6 +83,10 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                  active: Callable[[], bool] = lambda: True) -> None:
         self.ingest = ingest
         self.metrics = metrics
+        # hellos (a full inventory's limits, a store transaction each) run here, one at a
+        # time, so a connect storm of thousands does not hold up the connected agents'
+        # heartbeats on the event loop (docs/scaling.md)
+        self._hellos = ThreadPoolExecutor(1, thread_name_prefix="hello")
         self.active = active
         self.streams = 0
 
@@ -148,9 +153,10 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
             async for msg in request_iterator:
                 try:
                     if node is None:
-                        limits.check(msg)
+                        loop = asyncio.get_running_loop()
+                        await loop.run_in_executor(self._hellos, limits.check, msg)
                         await self._check_claim(context, msg, cert_names)
-                        node = self.ingest.hello(msg)
+                        node = await loop.run_in_executor(self._hellos, self.ingest.hello, msg)
                         instance = msg.agent_instance
                         if self.metrics is not None:
                             self.metrics.agent_connected()
