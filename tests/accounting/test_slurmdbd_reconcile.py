@@ -68,9 +68,13 @@ def fleet(slurm_acct_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controller
 
     ctl.ingest.handle = recording_handle  # type: ignore[method-assign]
     ctl.start()
+    # every sample to the controller (no heartbeats): the test reads their energy counters
+    agent_cfg = tmp_path / "agent.toml"
+    agent_cfg.write_text("heartbeat_interval_s = 0\n")
     agents = [
         subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
+            [sys.executable, "-m", "gpufleet.agent", "run", "--config", str(agent_cfg),
+             "--gpu-backend", "simulated",
              "--sim-profile", "l40s-pcie", "--node-name", node,
              "--controller", f"127.0.0.1:{ctl.port}",
              "--state-dir", str(lab.lab_dir / "agents" / node), "--metrics-listen", ""],

@@ -254,6 +254,8 @@ class AgentProc:
             f'sim_faults_path = "{self.faults_path}"\nstate_dir = "{self.state_dir}"\n'
             f'metrics_listen = ""\nkmsg_path = ""\njob_socket_path = ""\n'
             f"interval_s = {self.interval_s}\n"
+            # several heartbeats inside the shortest unreachable_after_s a test uses (3 s)
+            "heartbeat_interval_s = 0.5\n"
             # every sample reads the energy counter: the test moves it when it likes
             "nvml_counter_interval_s = 0\n"
             f'disk_paths = ["{self.base}"]\n'

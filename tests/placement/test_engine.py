@@ -266,3 +266,32 @@ def test_min_leaves_is_exact_on_small_cases() -> None:
                     if sum(combo) >= need), default=None)
         assert min_leaves(counts, need) == best
     assert min_leaves(counts, 7) is None
+
+
+def test_index_kept_between_requests_matches_a_fresh_view() -> None:
+    """The index a view keeps between requests, updated one node at a time, answers exactly
+    as a view indexed from scratch (random fat tree, random changes, random requests)."""
+    import random
+    from dataclasses import replace
+
+    rng = random.Random(7)
+    topo = "\n".join([f"SwitchName=leaf{i} Nodes=n[{i * 8 + 1}-{i * 8 + 8}]" for i in range(6)]
+                     + ["SwitchName=spine0 Switches=leaf[0-2]",
+                        "SwitchName=spine1 Switches=leaf[3-5]",
+                        "SwitchName=core Switches=spine[0-1]"])
+    kept = _view(topo=topo)
+    shapes = [(1, 1), (1, 4), (2, 8), (3, 2), (5, 8), (9, 8), (20, 4)]
+    for step in range(200):
+        name = f"n{rng.randint(1, 48)}"
+        node = kept.nodes[name]
+        kept.update_node(replace(
+            node, free_gpus=frozenset(rng.sample(range(8), rng.randint(0, 8))),
+            health=rng.choice(["ok", "ok", "ok", "degraded", "unreachable"]),
+            unhealthy_gpus={rng.randrange(8): "xid"} if rng.random() < 0.2 else {}))
+        nodes, gpus = rng.choice(shapes)
+        req = PlacementRequest(nodes=nodes, gpus_per_node=gpus)
+        fresh = ClusterView(nodes=dict(kept.nodes), leaf_of=kept.leaf_of, parent=kept.parent)
+        got, want = place(kept, req), place(fresh, req)
+        assert got.ok == want.ok, step
+        assert got.nodelist == want.nodelist, step
+        assert got.cost == want.cost and got.flags == want.flags, step

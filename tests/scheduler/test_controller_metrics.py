@@ -49,8 +49,11 @@ def test_ingest_counts_reports_agents_and_nodes_by_health(controller, tmp_path) 
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
+        # the first sample, then heartbeats (no verdict changes)
         assert wait_for(lambda: (value(ctl, "gpufleet_controller_reports_received_total",
-                                       {"kind": "sample"}) or 0) >= 3)
+                                       {"kind": "heartbeat"}) or 0) >= 2)
+        assert (value(ctl, "gpufleet_controller_reports_received_total", {"kind": "sample"})
+                or 0) >= 1
         assert value(ctl, "gpufleet_controller_connected_agents") == 1
         assert value(ctl, "gpufleet_controller_agent_connects_total") == 1
         assert value(ctl, "gpufleet_controller_nodes", {"health": "ok"}) == 1
@@ -114,6 +117,76 @@ def test_batched_touches_reach_the_store(controller, tmp_path) -> None:
     ctl.ingest.handle("n2", pb.AgentMessage(seq=2, agent_instance="i2", sample=plain))
     assert value(ctl, "gpufleet_controller_reports_duplicate_total") == 1
     agent.backend.close()
+
+
+def test_heartbeats_are_batched_and_written_off_the_loop(controller, tmp_path) -> None:
+    """A heartbeat is a sign of life only: counted, batched, written by the flush worker
+    in one transaction, and never moves the stored time or sequence back."""
+    from gpufleet.rpc.v1 import fleet_pb2 as pb
+
+    ctl = controller
+    agent = make_agent(tmp_path, ctl.port, node="n3")
+    ctl.ingest.hello(pb.AgentMessage(seq=0, agent_instance="i3", hello=agent.hello()))
+    ctl.ingest.handle("n3", pb.AgentMessage(seq=1, agent_instance="i3", sample=agent.sample()))
+    before = ctl.store.node("n3")
+    assert before is not None
+    writers: list[str] = []
+    touch_nodes = ctl.store.touch_nodes
+
+    def recording(rows):  # type: ignore[no-untyped-def]
+        writers.append(threading.current_thread().name)
+        touch_nodes(rows)
+
+    ctl.store.touch_nodes = recording  # type: ignore[method-assign]
+    time.sleep(0.01)
+    ctl.ingest._next_flush = 0.0  # due now
+    beat = pb.Heartbeat(timestamp_ms=int(time.time() * 1000))
+    ctl.ingest.handle("n3", pb.AgentMessage(seq=2, agent_instance="i3", heartbeat=beat))
+    assert ctl.ingest._flushing is not None
+    ctl.ingest._flushing.result(timeout=10)
+    assert writers and writers[0].startswith("ingest-flush")
+    after = ctl.store.node("n3")
+    assert after is not None and after.last_seen_ms > before.last_seen_ms
+    assert ctl.store.last_seq("n3") == ("i3", 2)
+    assert value(ctl, "gpufleet_controller_reports_received_total", {"kind": "heartbeat"}) == 1
+    # a batch landing late (older time, older seq) moves nothing back
+    ctl.store.touch_nodes([("n3", "i3", 1, before.last_seen_ms)])
+    late = ctl.store.node("n3")
+    assert late is not None and late.last_seen_ms == after.last_seen_ms
+    assert ctl.store.last_seq("n3") == ("i3", 2)
+    agent.backend.close()
+
+
+def test_agent_sends_heartbeats_between_changes(tmp_path) -> None:
+    """The first sample and any with a changed verdict go out whole; otherwise a heartbeat
+    every heartbeat_interval_s and nothing in between; 0 sends every sample."""
+    from gpufleet.agent.config import AgentConfig
+    from gpufleet.agent.nvml import NvmlBackend, load_library
+    from gpufleet.agent.runner import Agent
+    from gpufleet.rpc.v1 import fleet_pb2 as pb
+
+    def agent(hb: float) -> Agent:
+        cfg = AgentConfig(node_name="hb", gpu_backend="simulated", metrics_listen="",
+                          state_dir=str(tmp_path / str(hb)), interval_s=0.01,
+                          heartbeat_interval_s=hb)
+        return Agent(cfg, NvmlBackend(load_library("simulated", "dgx-h100", None, "hb"), "sim"))
+
+    a = agent(0.05)
+    sent = [a.report(a.sample())]
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        sent.append(a.report(a.sample()))
+        time.sleep(0.01)
+    assert sent[0] == "sample"
+    assert "heartbeat" in sent and "" in sent
+    assert sent.count("heartbeat") <= 0.5 / 0.05 + 1
+    changed = a.sample()
+    changed.verdicts.append(pb.Verdict(check="xid", severity=pb.SEVERITY_FATAL))
+    assert a.report(changed) == "sample"
+    a.backend.close()
+    every = agent(0)
+    assert [every.report(every.sample()) for _ in range(3)] == ["sample"] * 3
+    every.backend.close()
 
 
 def test_action_finished_feeds_counter_and_latency_histogram() -> None:

@@ -43,7 +43,7 @@ def controller(tmp_path) -> Iterator[tuple[Controller, FakeSlurm]]:
 def make_agent(tmp_path, port: int, node: str = "n1", profile: str = "dgx-h100") -> Agent:
     cfg = AgentConfig(node_name=node, controller=f"127.0.0.1:{port}", gpu_backend="simulated",
                       sim_profile=profile, state_dir=str(tmp_path / node), interval_s=0.1,
-                      metrics_listen="")
+                      heartbeat_interval_s=0.2, metrics_listen="")
     return Agent(cfg, NvmlBackend(load_library("simulated", profile, None, node), "sim"))
 
 

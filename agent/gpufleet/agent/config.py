@@ -54,6 +54,11 @@ class AgentConfig:
     node_name: str = ""  # the Slurm NodeName; default: short host name
     controller: str = "localhost:50051"
     interval_s: float = 1.0
+    # at steady state (no verdict changed) the controller gets a small heartbeat this often
+    # instead of every sample; 0 sends every sample (the per-second series are for
+    # Prometheus, which scrapes the agent). Keep the controller's unreachable_after_s at
+    # several heartbeats.
+    heartbeat_interval_s: float = 5.0
     gpu_backend: str = "nvml"  # "nvml" (real GPUs) or "simulated"
     sim_profile: str = "dgx-h100"
     sim_faults_path: str = ""  # default: <state_dir>/sim-faults.json
@@ -142,6 +147,11 @@ class AgentConfig:
             debounce=self.debounce,
         )
 
+    def _validate_heartbeat(self) -> None:
+        if not (self.heartbeat_interval_s == 0 or 0.01 <= self.heartbeat_interval_s <= 3600):
+            raise ConfigError(f"heartbeat_interval_s={self.heartbeat_interval_s}: must be 0 "
+                              "(send every sample) or between 0.01 and 3600")
+
     def validate(self) -> AgentConfig:
         try:
             self._validate_settings()
@@ -151,6 +161,7 @@ class AgentConfig:
             # a number where a string belongs (`controller = 0`) is the file's fault: name it
             if f.type == "str" and not isinstance(getattr(self, f.name), str):
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: must be a string")
+        self._validate_heartbeat()
         if self.gpu_backend not in ("nvml", "simulated"):
             raise ConfigError(f"gpu_backend={self.gpu_backend!r}: use 'nvml' or 'simulated'")
         targets = self.controller_targets()

@@ -60,6 +60,8 @@ DEFAULT_DISK_RETRY_S = 10.0
 DEAD_LETTER_MAX_BYTES = 1024 * 1024  # then rotated once to rejected.jsonl.1
 # payloads of spooled reports also kept in memory, so a connected agent never reads its spool
 _CACHE_MAX_BYTES = 4 * 1024 * 1024
+# worthless once newer ones exist: written without fsync, and the first dropped for space
+DROPPABLE_KINDS = frozenset({"sample", "heartbeat"})
 
 
 @dataclass(eq=False)
@@ -67,7 +69,7 @@ class _Entry:
     seq: int
     instance: str
     rank: int  # instance order: earlier processes first
-    kind: str  # sample | event | checkpoint | usage
+    kind: str  # sample | heartbeat | event | checkpoint | usage
     size: int  # record bytes (header + payload): what the byte bound counts
     data: bytes | None  # the payload, when in memory
     segment: Segment | None = None  # None: held in memory only
@@ -222,6 +224,9 @@ class Outbox:
     def put_sample(self, sample: pb.NodeSample) -> int:
         return self._put(pb.AgentMessage(sample=sample))
 
+    def put_heartbeat(self, heartbeat: pb.Heartbeat) -> int:
+        return self._put(pb.AgentMessage(heartbeat=heartbeat))
+
     def put_event(self, event: pb.HealthEvent) -> int:
         return self._put(pb.AgentMessage(event=event))
 
@@ -259,7 +264,7 @@ class Outbox:
             self._checkpoints.append(e)
         if e.segment is not None:
             e.segment.live += 1
-            e.segment.samples += e.kind == "sample"
+            e.segment.samples += e.kind in DROPPABLE_KINDS
             self._seg_entries.setdefault(e.segment.number, []).append(e)
         else:
             self._memory_count += 1
@@ -283,7 +288,8 @@ class Outbox:
     def _append(self, e: _Entry, now: float) -> None:
         assert self.spool is not None  # noqa: S101 - callers ensure it
         assert e.data is not None  # noqa: S101 - callers ensure it
-        seg, offset, size = self.spool.append(e.data, durable=e.kind != "sample", now_s=now)
+        seg, offset, size = self.spool.append(e.data, durable=e.kind not in DROPPABLE_KINDS,
+                                              now_s=now)
         e.segment, e.offset, e.size = seg, offset, size
         self._cache.append(e)
         self._cache_bytes += e.size
@@ -306,7 +312,7 @@ class Outbox:
                     self._disk_failed(err, now)
                     return False
                 e.segment.live += 1  # type: ignore[union-attr]
-                e.segment.samples += e.kind == "sample"  # type: ignore[union-attr]
+                e.segment.samples += e.kind in DROPPABLE_KINDS  # type: ignore[union-attr]
                 self._seg_entries.setdefault(e.segment.number, []).append(e)  # type: ignore[union-attr]
                 self._memory_count -= 1
                 moved += 1
@@ -346,7 +352,7 @@ class Outbox:
         oldest = None
         for i in range(self._head, len(self._entries)):
             e = self._entries[i]
-            if not e.gone and e.kind == "sample":
+            if not e.gone and e.kind in DROPPABLE_KINDS:
                 oldest = e
                 break
         if oldest is None:
@@ -358,7 +364,7 @@ class Outbox:
             return True
         members = self._seg_entries.get(seg.number, [])
         for e in members:
-            if not e.gone and e.kind == "sample":
+            if not e.gone and e.kind in DROPPABLE_KINDS:
                 self._remove(e, delete_segment=False)
                 self.dropped_samples += 1
         self._rewrite(seg)
@@ -413,7 +419,7 @@ class Outbox:
                 self._memory_only.popleft()
             return
         seg.live -= 1
-        seg.samples -= e.kind == "sample"
+        seg.samples -= e.kind in DROPPABLE_KINDS
         if seg.live == 0 and delete_segment and self.spool is not None:
             self._seg_entries.pop(seg.number, None)
             # "drop whole segments once all acked"; the one being written goes once it has

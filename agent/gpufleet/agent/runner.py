@@ -95,6 +95,7 @@ class Agent:
         # go out with the first sample (not as new events: those were stored already).
         self._xid_state_path = Path(cfg.state_dir) / XID_STATE_FILE
         self._restored_verdicts = self._load_xid_verdicts()
+        self._last_report_mono: float | None = None  # last sample or heartbeat queued
 
     # ------------------------------------------------------------ collection
 
@@ -349,11 +350,28 @@ class Agent:
         if self._kmsg is not None:
             self._kmsg.close()
 
+    def report(self, sample: pb.NodeSample) -> str:
+        """Queue what the controller needs of this cycle's sample: the sample itself when a
+        verdict changed (and the first one, which carries every verdict), a heartbeat when
+        heartbeat_interval_s passed without one, else nothing. Returns what went out."""
+        hb = self.cfg.heartbeat_interval_s
+        now = time.monotonic()
+        if hb <= 0 or sample.verdicts or self._last_report_mono is None:
+            self.outbox.put_sample(sample)
+            self._last_report_mono = now
+            return "sample"
+        # half a cycle of slack: the loop's pacing jitters by a few ms
+        if now - self._last_report_mono >= hb - self.cfg.interval_s / 2:
+            self.outbox.put_heartbeat(pb.Heartbeat(timestamp_ms=sample.timestamp_ms))
+            self._last_report_mono = now
+            return "heartbeat"
+        return ""
+
     def _sample_loop(self, once: bool) -> None:
         next_t = time.monotonic()
         while not self.stop.is_set():
             try:
-                self.outbox.put_sample(self.sample())
+                self.report(self.sample())
                 self.cycles += 1
             except Exception:
                 log.exception("sample cycle failed; the loop goes on")

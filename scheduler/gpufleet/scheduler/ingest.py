@@ -11,6 +11,12 @@ verdict, an event) is written, with the sequence, before it is acknowledged. Los
 batched touches in a crash is harmless: the agent never resends an acked report, and a
 stored sequence that is a little behind only means replays of it would be applied again,
 which for a plain sample changes nothing.
+
+At steady state agents send a `heartbeat` (no verdict changed) every few seconds instead of
+every sample: it is handled like a plain sample. The batch is written in ONE transaction per
+flush on a worker thread (`touch_nodes`), so the event loop never waits for the store on a
+sign of life; the store keeps time and sequence from moving back when a batch lands after
+a report stored on its own.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
@@ -65,7 +72,9 @@ class _NodeSeq:
 
 
 class Ingestor:
-    """Applies agent reports. Not thread-safe: the gRPC event loop is its only caller."""
+    """Applies agent reports. Not thread-safe: the gRPC event loop is its only caller, but
+    for hello(), which the servicer runs on one worker thread (it only adds to `_nodes`;
+    every pass over `_nodes` iterates a copy)."""
 
     def __init__(self, store: StateStore, actions: ActionQueue,
                  metrics: ControllerMetrics | None = None, touch_interval_s: float = 1.0,
@@ -79,6 +88,9 @@ class Ingestor:
         self._nodes: dict[str, _NodeSeq] = {}
         self.on_command_result: Callable[[str, pb.CommandResult], None] | None = None
         self._next_flush = time.monotonic() + touch_interval_s
+        # one worker: batches are written in order, and never two at once
+        self._flusher: ThreadPoolExecutor | None = None
+        self._flushing: Future[None] | None = None
 
     def hello(self, msg: pb.AgentMessage) -> str:
         if msg.WhichOneof("body") != "hello":
@@ -119,15 +131,16 @@ class Ingestor:
         elif body == "event" and msg.event.kind not in pb.EventKind.values():
             raise IngestError(f"event.kind={msg.event.kind}: unknown event kind")
         now = now_ms()
+        if body == "heartbeat" or (body == "sample" and not msg.sample.verdicts):
+            # nothing to store but the sequence and the time: batched (module docstring)
+            state.last_seq, state.seen_ms, state.dirty = msg.seq, now, True
+            stamp = msg.heartbeat.timestamp_ms if body == "heartbeat" else msg.sample.timestamp_ms
+            self._counted(body, stamp)
+            if time.monotonic() >= self._next_flush:
+                self.flush_in_background()
+            return msg.seq
         if body == "sample":
             verdicts = msg.sample.verdicts
-            if not verdicts:
-                # nothing to store but the sequence and the time: batched (module docstring)
-                state.last_seq, state.seen_ms, state.dirty = msg.seq, now, True
-                self._counted("sample", msg.sample.timestamp_ms)
-                if time.monotonic() >= self._next_flush:
-                    self.flush()
-                return msg.seq
             for v in verdicts:
                 self._verdict(node, v)
             self._counted("sample", msg.sample.timestamp_ms)
@@ -272,14 +285,51 @@ class Ingestor:
         if self.metrics is not None:
             self.metrics.report_ingested(kind, agent_timestamp_ms)
 
-    def flush(self) -> None:
-        """Write the batched last-seen times and sequences (every touch_interval_s, at a
-        disconnect, at stop)."""
+    def _take_dirty(self) -> list[tuple[str, str, int, int]]:
         self._next_flush = time.monotonic() + self.touch_interval_s
-        for name, state in self._nodes.items():
+        rows = []
+        for name, state in list(self._nodes.items()):  # hello() may add one meanwhile
             if state.dirty:
                 state.dirty = False
-                self.store.touch_node(name, state.instance, state.last_seq, state.seen_ms)
+                rows.append((name, state.instance, state.last_seq, state.seen_ms))
+        return rows
+
+    def flush(self) -> None:
+        """Write the batched last-seen times and sequences now, in one transaction (at stop,
+        in tests); waits for a batch still being written."""
+        if self._flushing is not None:
+            self._flushing.result()
+        self.store.touch_nodes(self._take_dirty())
+
+    def flush_in_background(self) -> None:
+        """flush() on the worker thread (every touch_interval_s, from the event loop); a
+        batch still being written (a slow store) defers this one to the next interval."""
+        if self._flushing is not None and not self._flushing.done():
+            self._next_flush = time.monotonic() + self.touch_interval_s
+            return
+        rows = self._take_dirty()
+        if not rows:
+            return
+        if self._flusher is None:
+            self._flusher = ThreadPoolExecutor(1, thread_name_prefix="ingest-flush")
+        self._flushing = self._flusher.submit(self._write_batch, rows)
+
+    def _write_batch(self, rows: list[tuple[str, str, int, int]]) -> None:
+        try:
+            self.store.touch_nodes(rows)
+        except Exception as e:  # noqa: BLE001 - a worker thread: logged, retried by the next
+            log.error("store failed writing %d nodes' last report times: %s", len(rows), e)
+            for name, *_ in rows:  # written again with the next batch
+                state = self._nodes.get(name)
+                if state is not None:
+                    state.dirty = True
+
+    def close(self) -> None:
+        """Write what is batched and stop the worker thread."""
+        self.flush()
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
 
     def disconnected(self, node: str) -> None:
         """A node's stream ended: write what it left in memory (kept: a reconnecting agent's

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
@@ -45,6 +46,37 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# gRPC core queues a call that arrived before the Python server asked for the next one, and
+# CANCELS it once that queue holds more than 1,000 (soft) / 3,000 (hard) calls. When thousands
+# of agents (re)connect at once (a controller restart, a standby taking over) the event loop
+# accepts calls slower than they come: with the defaults ~1,800-2,400 streams came up and the
+# rest were cancelled over and over (docs/scaling.md). Room for every agent of a cluster.
+MAX_PENDING_CALLS = 65_536
+# ... and cancels a call left waiting there over 30 s: 10,000 agents connecting at once take
+# longer than that to be taken in (each hello is a store write), so the last ones were
+# cancelled and had to reconnect
+MAX_UNREQUESTED_S = 600
+# one socket per agent, plus the store, Slurm and metrics: far over the usual soft 1024
+WANTED_NOFILE = 65_536
+
+
+def raise_fd_limit(wanted: int = WANTED_NOFILE) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE towards `wanted` (at most the hard limit);
+    return (soft, hard) after. Each agent stream holds one socket."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
+    if soft != resource.RLIM_INFINITY and soft < 16_384:
+        log.warning("open-file limit %d: this controller can hold at most ~%d agent streams "
+                    "(raise LimitNOFILE in its systemd unit)", soft, max(0, soft - 256))
+    return soft, hard
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FleetController"].full_name
 USER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FleetUser"].full_name
 
@@ -60,6 +92,10 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
         self.ingest = ingest
         self.commands = commands  # repair commands waiting for each node's stream
         self.metrics = metrics
+        # hellos (a full inventory's limits, a store transaction each) run here, one at a
+        # time, so a connect storm of thousands does not hold up the connected agents'
+        # heartbeats on the event loop (docs/scaling.md)
+        self._hellos = ThreadPoolExecutor(1, thread_name_prefix="hello")
         self.active = active
         # told after each write ingest tried: False on a StoreError, True when one succeeded
         self.store_state = store_state
@@ -128,9 +164,10 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
             async for msg in request_iterator:
                 try:
                     if node is None:
-                        limits.check(msg)
+                        loop = asyncio.get_running_loop()
+                        await loop.run_in_executor(self._hellos, limits.check, msg)
                         await self._check_claim(context, msg, cert_names)
-                        node = self.ingest.hello(msg)
+                        node = await loop.run_in_executor(self._hellos, self.ingest.hello, msg)
                         self.store_state(True)
                         instance = msg.agent_instance
                         if self.commands is not None:
@@ -312,6 +349,9 @@ class Controller:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_S),
         ])
         pb_grpc.add_FleetControllerServicer_to_server(
             FleetServicer(self.ingest, self.metrics, active=self._active.is_set,
@@ -427,6 +467,7 @@ class Controller:
     def start(self, timeout_s: float = 10.0, elect_wait_s: float = 2.0) -> int:
         """Start in the background; return the port it listens on. With a leader lock,
         wait up to elect_wait_s to become active, else serve as standby until then."""
+        raise_fd_limit()
         if self.metrics_listen:
             # first: a port clash is a start-up error, not something found an hour later
             self.metrics_server = start_metrics_http(self.metrics, self.metrics_listen)
@@ -458,7 +499,7 @@ class Controller:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=grace_s + 5)
         try:
-            self.ingest.flush()
+            self.ingest.close()
         except StoreError as e:
             log.error("store failed writing the last report times at stop: %s", e)
         if was_active:

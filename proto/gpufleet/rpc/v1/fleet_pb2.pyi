@@ -1001,6 +1001,33 @@ class JobUsageReport(_message.Message):
 Global___JobUsageReport: _TypeAlias = JobUsageReport  # noqa: Y015
 
 @_typing.final
+class Heartbeat(_message.Message):
+    """---------------------------------------------------------------- liveness
+
+    The steady state on the wire: "this agent is alive and nothing it reports changed". Sent
+    every heartbeat_interval_s when no sample with a changed verdict went out; the per-second
+    series stay on the node for Prometheus to scrape.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    timestamp_ms: _builtins.int
+    """agent wall clock, Unix epoch"""
+    def __init__(
+        self,
+        *,
+        timestamp_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
 class Hello(_message.Message):
     """---------------------------------------------------------------- stream"""
 
@@ -1042,6 +1069,7 @@ class AgentMessage(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
     COMMAND_RESULT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     agent_instance: _builtins.str
@@ -1056,6 +1084,8 @@ class AgentMessage(_message.Message):
     def checkpoint(self) -> Global___CheckpointRegistered: ...
     @_builtins.property
     def usage(self) -> Global___JobUsageReport: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def command_result(self) -> Global___CommandResult:
         """the answer to a Command that asked for one (repair: GPU reset, diagnostic); numbered
@@ -1072,13 +1102,14 @@ class AgentMessage(_message.Message):
         event: Global___HealthEvent | None = ...,
         checkpoint: Global___CheckpointRegistered | None = ...,
         usage: Global___JobUsageReport | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
         command_result: Global___CommandResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "command_result", b"command_result", "event", b"event", "hello", b"hello", "sample", b"sample", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "command_result", b"command_result", "event", b"event", "heartbeat", b"heartbeat", "hello", b"hello", "sample", b"sample", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "checkpoint", b"checkpoint", "command_result", b"command_result", "event", b"event", "hello", b"hello", "sample", b"sample", "seq", b"seq", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "body", b"body", "checkpoint", b"checkpoint", "command_result", b"command_result", "event", b"event", "heartbeat", b"heartbeat", "hello", b"hello", "sample", b"sample", "seq", b"seq", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event", "checkpoint", "usage", "command_result"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "sample", "event", "checkpoint", "usage", "heartbeat", "command_result"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -88,6 +88,26 @@ class ClusterView:
     default_partition: str | None = None
     partition_max_time_min: dict[str, int | None] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)  # what it was built from, for explanations
+    # the engine's index of this view, built by the first place() and kept between requests
+    # (gpufleet.scheduler.placement.engine.ViewIndex). Change nodes through update_node();
+    # after changing leaf_of or parent, call invalidate().
+    _index: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def update_node(self, node: NodeView) -> None:
+        """Add or replace one node; the index follows (only that node's leaf is redone)."""
+        old = self.nodes.get(node.name)
+        self.nodes[node.name] = node
+        if self._index is not None:
+            self._index.node_changed(self, old, node)
+
+    def remove_node(self, name: str) -> None:
+        old = self.nodes.pop(name, None)
+        if old is not None and self._index is not None:
+            self._index.node_changed(self, old, None)
+
+    def invalidate(self) -> None:
+        """Drop the index (the next place() rebuilds it): after editing the tree."""
+        self._index = None
 
     def leaves(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

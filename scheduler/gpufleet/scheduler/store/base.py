@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -135,6 +135,8 @@ class StateStore(Protocol):
     def last_seq(self, name: str) -> tuple[str, int]: ...
 
     def touch_node(self, name: str, agent_instance: str, seq: int, now_ms: int) -> None: ...
+
+    def touch_nodes(self, rows: Sequence[tuple[str, str, int, int]]) -> None: ...
 
     def set_reachable(self, name: str, reachable: bool, now_ms: int) -> bool: ...
 
@@ -302,6 +304,20 @@ class SqlStore(AcctStoreMixin):
                 "WHERE name = ? AND agent_instance = ?",
                 (now_ms, seq, seq, name, agent_instance),
             )
+
+    def touch_nodes(self, rows: Sequence[tuple[str, str, int, int]]) -> None:
+        """touch_node for many nodes, (name, agent_instance, seq, now_ms) each, in ONE
+        transaction. Neither time nor sequence ever moves back: a batch written from another
+        thread may land after a report stored on its own."""
+        if not rows:
+            return
+        sql = ("UPDATE nodes SET "
+               "last_seen_ms = CASE WHEN last_seen_ms > ? THEN last_seen_ms ELSE ? END, "
+               "last_seq = CASE WHEN last_seq > ? THEN last_seq ELSE ? END "
+               "WHERE name = ? AND agent_instance = ?")
+        with self._tx() as db:  # one statement per row (both dialects), one commit
+            for name, inst, seq, t in rows:
+                db.execute(sql, (t, t, seq, seq, name, inst))
 
     def set_reachable(self, name: str, reachable: bool, now_ms: int) -> bool:
         """Mark a node (un)reachable; True when that changed it (False too for unknown nodes).
