@@ -13,9 +13,8 @@
 # be using them. Needs root and debootstrap.
 #
 # Two steps: debootstrap makes a bare minbase root; apt-get inside it installs Slurm, with a
-# policy-rc.d that keeps package scripts from starting daemons. (debootstrap --include with the
-# Slurm packages failed in its configure loop on both suites, "possibly the package munge is
-# at fault": munge's postinst tries to start munged inside the half-made root.)
+# policy-rc.d that keeps package scripts from starting daemons, and resolves alternatives and
+# configure order better than debootstrap --include.
 set -euo pipefail
 mode=build
 if [ "${1:-}" = "--path" ]; then mode=path; shift; fi
@@ -49,6 +48,9 @@ fi
 command -v debootstrap >/dev/null || { echo "slurm-root: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
 mkdir -p "$cache"
 tmp="$(mktemp -d "$cache/.build-$suite-XXXXXX")"
+# mktemp -d makes it 0700: then no user but root can reach the root's /bin/sh, and munge's
+# postinst (su munge -c ...) fails with "failed to execute /bin/sh: Permission denied"
+chmod 755 "$tmp"
 logf="$cache/build-$suite-$key.log"
 : >"$logf"
 cleanup() { for m in proc; do umount "$tmp/$m" 2>/dev/null || true; done; rm -rf --one-file-system "$tmp"; }

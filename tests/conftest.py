@@ -45,8 +45,9 @@ def real_data(relative: str) -> Path:
 
 
 # The real-Slurm fixtures (tests/slurm/fixtures.py), for tests outside tests/slurm too.
-from tests.slurm.fixtures import clean_slurm_lab, slurm_lab  # noqa: E402
+from tests.slurm.fixtures import clean_slurm_lab, slurm_lab, slurm_version  # noqa: E402
 
 __all__ = [
     "IN_CI", "REAL_DATA", "REPO", "clean_slurm_lab", "real_data", "report_figure", "slurm_lab",
+    "slurm_version",
 ]

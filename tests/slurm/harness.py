@@ -85,6 +85,7 @@ CLIENT_TIMEOUT_S = 30.0
 CLIENT_COMMANDS = ("sinfo", "scontrol", "squeue", "sbatch", "sacct", "scancel", "sacctmgr",
                    "srun", "salloc", "sstat", "sprio", "sshare", "sreport", "sdiag")
 TOPOLOGIES = ("tree", "block", "yaml")
+ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # PATH inside a root
 # Job states after which a job never changes again (wait_job_state fails fast on them).
 TERMINAL_JOB_STATES = frozenset(
     {
@@ -98,6 +99,10 @@ TERMINAL_JOB_STATES = frozenset(
         "PREEMPTED",
         "TIMEOUT",
     }
+)
+# A node's base state (23.02+ list it among the flags: ["IDLE", "DRAIN"])
+_BASE_NODE_STATES = frozenset(
+    {"IDLE", "DOWN", "ALLOCATED", "MIXED", "ERROR", "FUTURE", "UNKNOWN"}
 )
 # Ambient variables that would change what client commands do or print (e.g. when the tests run
 # inside a Slurm job, or a developer has SQUEUE_FORMAT set): dropped from lab.env().
@@ -425,8 +430,10 @@ class SlurmLab:
             if self.root is None:
                 line = f"exec /usr/bin/{name} \"$@\""
             else:
-                # chroot starts in /: go back to the caller's directory (the same path inside)
-                line = (f"exec /usr/sbin/chroot {shlex.quote(str(self.root))} /bin/sh -c "
+                # chroot starts in /: go back to the caller's directory (the same path inside);
+                # the root's PATH (a job submitted through here inherits it)
+                line = (f"PATH={ROOT_PATH}; export PATH\n"
+                        f"exec /usr/sbin/chroot {shlex.quote(str(self.root))} /bin/sh -c "
                         f"'cd \"$0\" 2>/dev/null || cd /; exec /usr/bin/{name} \"$@\"' "
                         f"\"$PWD\" \"$@\"")
             path = bin_dir / name
@@ -486,9 +493,20 @@ class SlurmLab:
         return self.log_dir / f"{name}.log"
 
     def env(self) -> dict[str, str]:
-        """os.environ + SLURM_CONF, minus ambient SLURM_*/SQUEUE_*/... that change client output."""
+        """os.environ + SLURM_CONF, minus ambient SLURM_*/SQUEUE_*/... that change client output,
+        with client_bin_dir() first on PATH: code that runs `sinfo` & co. by name with this
+        environment (gpufleet's CLI Slurm client) reaches this lab's Slurm, whatever version."""
+        env = self._slurm_env()
+        env["PATH"] = f"{self.lab_dir / 'bin'}:{os.environ.get('PATH', os.defpath)}"
+        return env
+
+    def _slurm_env(self) -> dict[str, str]:
+        """The environment run() and the daemons get: no wrapper dir on PATH (inside a root
+        the wrappers would chroot again), and the root's own PATH there."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_AMBIENT_SLURM_PREFIXES)}
         env["SLURM_CONF"] = str(self.conf_path)
+        if self.root is not None:
+            env["PATH"] = ROOT_PATH
         return env
 
     def run(
@@ -507,7 +525,7 @@ class SlurmLab:
         try:
             proc = subprocess.run(
                 self.argv(argv, cwd=cwd, user=user),
-                env=self.env(),
+                env=self._slurm_env(),
                 cwd=cwd,
                 input=input_text,
                 capture_output=True,
@@ -565,6 +583,7 @@ class SlurmLab:
             self._ensure_munge()
             if self.root is not None:
                 mount_root(self.root, self.lab_dir, self.mounts_record)
+            self.client_bin_dir()
             self._write_configs()
             if self.config.accounting:
                 self._start_accounting(deadline)
@@ -739,7 +758,7 @@ class SlurmLab:
         shutil.chown(sock_dir, REST_USER)
         self.rest_socket.unlink(missing_ok=True)
         logfile = self.log_dir / "slurmrestd.log"
-        env = {**self.env(), "SLURM_JWT": "daemon"}  # 22.05: use auth/jwt, not munge
+        env = {**self._slurm_env(), "SLURM_JWT": "daemon"}  # 22.05: use auth/jwt, not munge
         # 22.05 serves one openapi plugin by its API version; 23.02+ name theirs by daemon
         api = f"openapi/{REST_API}" if self.root is None else "openapi/slurmctld"
         argv = ["/usr/sbin/slurmrestd", "-f", str(self.conf_path), "-a", "rest_auth/jwt",
@@ -970,9 +989,21 @@ FLUSH PRIVILEGES;
     # ------------------------------------------------------------------------------ queries
 
     def sinfo_nodes(self) -> dict[str, dict[str, Any]]:
-        """`sinfo --json` nodes by name. 22.05: state 'idle' + state_flags ['DRAIN'], reason."""
-        data = json.loads(self.run("sinfo", "--json").stdout)
-        return {node["name"]: node for node in data["nodes"]}
+        """Nodes by name in 22.05's `sinfo --json` shape: state 'idle' + state_flags ['DRAIN'],
+        reason, gres, cpus. 23.02+ have no nodes in `sinfo --json`: there they come from
+        `scontrol show nodes --json` (state ['IDLE', 'DRAIN']), put into that shape."""
+        if self.legacy:
+            data = json.loads(self.run("sinfo", "--json").stdout)
+            return {node["name"]: node for node in data["nodes"]}
+        data = json.loads(self.run("scontrol", "show", "nodes", "--json").stdout)
+        out = {}
+        for node in data["nodes"]:
+            flags = list(node["state"])
+            base = next((f for f in flags if f in _BASE_NODE_STATES), "UNKNOWN")
+            if base in flags:
+                flags.remove(base)
+            out[node["name"]] = {**node, "state": base.lower(), "state_flags": flags}
+        return out
 
     def show_node(self, name: str) -> str:
         """Raw `scontrol show node NAME` (22.05 has no `scontrol --json`)."""
@@ -1417,7 +1448,7 @@ AccountingStorageTRES=gres/gpu
         with out.open("ab") as fh:
             proc = subprocess.run(
                 self.argv(argv),
-                env=self.env(),
+                env=self._slurm_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
