@@ -26,6 +26,7 @@ CAPTURED = Path(__file__).resolve().parent / "captured"
 DRAINED = "n8"
 DRAIN_REASON = "gpufleet: Xid 79 (GPU fell off the bus) on GPU 0"
 PORT = 6947  # beside the test labs' 6917/6922
+HTTP_METHODS = frozenset({"get", "put", "post", "delete", "patch", "head", "options"})
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -108,8 +109,8 @@ def capture(version: str, out: Path, *, restd: bool) -> list[Path]:
             lines = [f"# openapi {doc.get('openapi')}; info.version {info.get('version')}; "
                      f"info.title {info.get('title')}"]
             for path, ops in sorted(doc.get("paths", {}).items()):
-                lines.append(f"{' '.join(sorted(k.upper() for k in ops if k != 'parameters'))} "
-                             f"{path}")
+                methods = sorted(k.upper() for k in ops if k in HTTP_METHODS)
+                lines.append(f"{' '.join(methods)} {path}")
             (out / "openapi-paths.txt").write_text("\n".join(lines) + "\n")
             written.append(out / "openapi-paths.txt")
     finally:
