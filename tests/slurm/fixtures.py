@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .harness import SlurmLab, SlurmLabConfig, SlurmLabError, write_gpufleet_hooks
-from .roots import RootMissing, find_root, requested_versions
+from .roots import HOST_VERSION, HOST_VIEW, RootMissing, find_root, requested_versions
 
 # $GPUFLEET_SLURM_TEST_PORT moves the whole lab (slurmd ports follow), so two test runs can
 # share a machine when each also sets its own $GPUFLEET_SLURM_TEST_LAB.
@@ -134,7 +135,13 @@ ACCT_GPUS = 4  # the simulated agents run the 4-GPU l40s-pcie profile to match
 def slurm_acct_test_config(version: str = "22.05") -> SlurmLabConfig:
     """n1, n2 with gpu:4 each; slurmdbd + MariaDB; gpufleet Prolog/Epilog into LAB/agents/nX."""
     lab_dir = Path(str(slurm_test_config().lab_dir) + "-acct").absolute()
-    prolog, epilog = write_gpufleet_hooks(lab_dir / "hooks", str(lab_dir / "agents" / "{node}"))
+    # inside a root, the hook runs the host's Python and gpufleet-agent through its view of
+    # the host's file system
+    agent = [sys.executable, "-m", "gpufleet.agent"]
+    if version != HOST_VERSION:
+        agent = ["/usr/sbin/chroot", HOST_VIEW, *agent]
+    prolog, epilog = write_gpufleet_hooks(lab_dir / "hooks", str(lab_dir / "agents" / "{node}"),
+                                          agent)
     return SlurmLabConfig(
         lab_dir=lab_dir, nodes=ACCT_NODES, leaves=1, gpus=ACCT_GPUS, ctld_port=ACCT_CTLD_PORT,
         node_port0=ACCT_NODE_PORT0, accounting=True, prolog=str(prolog), epilog=str(epilog),

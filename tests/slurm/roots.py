@@ -149,8 +149,12 @@ def mount_root(root: Path, lab_dir: Path, record: Path) -> None:
     ]
     if not lab_dir.is_relative_to("/tmp"):
         plan.append((["mount", "--bind", str(lab_dir)], root / lab_dir.relative_to("/")))
-    # last, so none of the mounts above shows through it (the host's / is private here)
-    plan.append((["mount", "--bind", "/"], root / HOST_VIEW.lstrip("/")))
+    # last, so none of the mounts above shows through it (the host's / is private here);
+    # /tmp again inside it where /tmp is a file system of its own (hook and state dirs)
+    host_view = root / HOST_VIEW.lstrip("/")
+    plan.append((["mount", "--bind", "/"], host_view))
+    if Path("/tmp").is_mount():
+        plan.append((["mount", "--bind", "/tmp"], host_view / "tmp"))
     for argv, target in plan:
         if _mounted(target):
             continue  # another lab on this root mounted it: it unmounts it
