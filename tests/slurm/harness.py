@@ -46,10 +46,19 @@ from types import TracebackType
 from typing import Any, Self
 
 try:  # as a package module (pytest) or as a script (python tests/slurm/harness.py)
-    from .roots import HOST_VERSION, VERSIONS, find_root, mount_root, root_argv, unmount_recorded
+    from .roots import (
+        HOST_VERSION,
+        HOST_VIEW,
+        VERSIONS,
+        find_root,
+        mount_root,
+        root_argv,
+        unmount_recorded,
+    )
 except ImportError:
     from roots import (  # type: ignore[no-redef,import-not-found]
         HOST_VERSION,
+        HOST_VIEW,
         VERSIONS,
         find_root,
         mount_root,
@@ -418,6 +427,11 @@ class SlurmLab:
              user: str | None = None) -> list[str]:
         """`argv` as it must run for this lab's Slurm (inside its root, if it has one)."""
         return root_argv(self.root, argv, cwd=cwd, user=user)
+
+    def host_argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv` for a job or hook of this lab that must run a host program (this Python,
+        gpufleet-agent): inside a root that is `chroot /host ...` (as root only)."""
+        return list(argv) if self.root is None else ["/usr/sbin/chroot", HOST_VIEW, *argv]
 
     def client_bin_dir(self) -> Path:
         """A directory of wrappers (sinfo, scontrol, squeue, sbatch, sacct, ...) that run the
