@@ -76,16 +76,14 @@ def one_round(lab: SlurmLab, nodes: list[str], work: Path, rng: random.Random,
         if not _wait(lambda: {n.name for n in store.nodes()} == set(nodes), 60):
             raise RuntimeError("agents did not all register within 60 s")
         time.sleep(2.0)  # a few samples each: steady state, as in production
-        env = lab.env()
+        reader = CliSlurmClient(env=lab.env(), timeout_s=5)
         for node in nodes:
             gpu = rng.randrange(8)
             t0 = time.monotonic()
             append_fault(work / node / "sim-faults.json", {"kind": "xid", "gpu": gpu, "xid": 79})
             drained = False
             while time.monotonic() - t0 < 15:
-                out = subprocess.run(["scontrol", "show", "node", node], env=env,
-                                     capture_output=True, text=True, check=False).stdout
-                if "DRAIN" in out:
+                if reader.node(node).drained:  # the version's own reader (slurm package)
                     drained = True
                     break
             elapsed_ms = (time.monotonic() - t0) * 1000

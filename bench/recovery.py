@@ -16,6 +16,7 @@ same `run()` under pytest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shlex
 import subprocess
@@ -32,7 +33,7 @@ from gpufleet.agent.nvml_sim import append_fault  # noqa: E402
 from gpufleet.scheduler.policy import PolicyConfig  # noqa: E402
 from gpufleet.scheduler.recovery import RecoveryConfig  # noqa: E402
 from gpufleet.scheduler.server import Controller  # noqa: E402
-from gpufleet.scheduler.slurm import CliSlurmClient  # noqa: E402
+from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError  # noqa: E402
 from gpufleet.scheduler.store import SqliteStore  # noqa: E402
 from gpufleet.scheduler.store.base import RecoveryRow  # noqa: E402
 
@@ -107,6 +108,11 @@ def _start_agents(work: Path, port: int, sock: Path) -> list[subprocess.Popen[by
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
             ))
     return agents
+
+
+def _cancel(lab: SlurmLab, job_id: str) -> None:
+    with contextlib.suppress(SlurmError):  # already gone
+        CliSlurmClient(env=lab.env()).cancel(job_id)
 
 
 def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3.0,
@@ -185,7 +191,7 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
         )
     finally:
         if job_id:
-            lab.run("scancel", job_id, check=False)
+            _cancel(lab, job_id)
         for p in agents:
             p.terminate()
         for p in agents:

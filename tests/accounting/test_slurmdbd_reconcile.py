@@ -24,9 +24,9 @@ import pytest
 from click.testing import CliRunner
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.cli_acct_reconcile import reconcile
-from gpufleet.scheduler.sacct import parse_sacct_json
 from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
+from gpufleet.scheduler.slurm.sacct import parse_sacct_json
 from gpufleet.scheduler.store import SqliteStore
 from gpufleet.scheduler.store.acct import UsageQuery, UsageRow
 

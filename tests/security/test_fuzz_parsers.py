@@ -31,9 +31,9 @@ from gpufleet.agent.accounting import (
 )
 from gpufleet.agent.kmsg import KmsgXid, parse_xid_line, to_xid_events
 from gpufleet.agent.telemetry import GpuSample
-from gpufleet.scheduler import slurm_rest
-from gpufleet.scheduler.sacct import SacctParseError, parse_sacct_json
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError
+from gpufleet.scheduler.slurm import rest as slurm_rest
+from gpufleet.scheduler.slurm.sacct import SacctParseError, parse_sacct_json
 from gpufleet.scheduler.topology.export import parse_topology_conf
 from gpufleet.scheduler.topology.gputopo import parse_topo_m
 from gpufleet.scheduler.topology.ibnetdiscover import IbParseError, parse_ibnetdiscover
@@ -290,7 +290,7 @@ class _TextSlurm(CliSlurmClient):
     """The CLI client over canned command output (the JSON parsing is what is fuzzed)."""
 
     def __init__(self, out: str) -> None:
-        super().__init__()
+        super().__init__(version="22.05.8")  # the reference documents' Slurm
         self.out = out
 
     def _run(self, *argv: str, node: str | None = None) -> str:
@@ -323,7 +323,8 @@ class _TextRest(slurm_rest.RestSlurmClient):
     """The REST client over a canned HTTP 200 body (no socket: the parsing is fuzzed)."""
 
     def __init__(self, out: str) -> None:
-        super().__init__(url="http://slurmrestd.invalid:6820", token="t")  # noqa: S106 - no server
+        super().__init__(url="http://slurmrestd.invalid:6820", token="t",  # noqa: S106 - no server
+                         api_version="v0.0.38")  # the reference documents' (Slurm 22.05)
         self.out = out
 
     def _connection(self) -> Any:

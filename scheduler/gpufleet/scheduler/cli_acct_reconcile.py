@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import TextIO
 
 import click
 from gpufleet.scheduler.cli_acct import DEFAULT_DB, parse_window
-from gpufleet.scheduler.sacct import (
+from gpufleet.scheduler.slurm import SlurmError, SlurmVersion
+from gpufleet.scheduler.slurm.cli import run_sacct_json
+from gpufleet.scheduler.slurm.sacct import (
     BAD_STATUSES,
     Reconciled,
     SacctJob,
@@ -49,29 +50,22 @@ def _sacct_time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def run_sacct(sacct: str, args: list[str]) -> str:
-    """`sacct --json --allusers --duplicates ARGS` (every user's jobs: needs an operator or
-    SlurmUser; every run of a requeued job)."""
+def run_sacct(sacct: str, args: list[str]) -> tuple[str, SlurmVersion]:
+    """`sacct --json --allusers --duplicates ARGS` and that sacct's version (for its
+    schema): every user's jobs (needs an operator or SlurmUser), every run of a requeued job."""
     exe = shutil.which(sacct)
     if exe is None:
         raise ReconcileError(f"{sacct!r} not found: install the Slurm client or pass --sacct")
-    # --duplicates: every record of a requeued job (one per run), not only its newest
-    argv = [exe, "--json", "--allusers", "--duplicates", *args]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        raise ReconcileError(f"`{' '.join(argv)}` took over {SACCT_TIMEOUT_S:.0f} s "
-                             "(is slurmdbd up?)") from None
-    if proc.returncode != 0:
-        raise ReconcileError(f"`{' '.join(argv)}` exited {proc.returncode}: "
-                             f"{proc.stderr.strip()[:500]}")
-    return proc.stdout
+        return run_sacct_json(exe, args, SACCT_TIMEOUT_S)
+    except SlurmError as e:
+        raise ReconcileError(str(e)) from e
 
 
-def _parse(text: str, source: str, job_ids: tuple[str, ...]) -> list[SacctJob]:
+def _parse(text: str, source: str, job_ids: tuple[str, ...],
+           version: SlurmVersion | None = None) -> list[SacctJob]:
     try:
-        jobs = parse_sacct_json(text, source)
+        jobs = parse_sacct_json(text, source, version)
     except SacctParseError as e:
         raise ReconcileError(str(e)) from e
     if job_ids:  # 22.05's --json output may ignore filters: filter here as well
@@ -139,15 +133,16 @@ def reconcile_cmd(db: str, jobs: str | None, start: str | None, end: str | None,
     if sacct_json is not None:
         slurm = _parse(sacct_json.read(), getattr(sacct_json, "name", "--sacct-json"), job_ids)
     else:
-        slurm = _parse(run_sacct(sacct, sacct_args), "sacct --json", job_ids)
+        text, version = run_sacct(sacct, sacct_args)
+        slurm = _parse(text, "sacct --json", job_ids, version)
     ledger = _ledger(db, UsageQuery(jobs=job_ids, since_ms=since, until_ms=until,
                                     group_by="job"))
     # the two windows are not drawn quite alike (sacct's by job state, the ledger's by the
     # hook times): ask sacct once more, without a window, for ledger jobs it did not list
     unknown = sorted({t.key for t in ledger} - {j.job_id for j in slurm})
     if unknown and sacct_json is None and not job_ids:
-        slurm += _parse(run_sacct(sacct, ["-j", ",".join(unknown)]), "sacct --json",
-                        tuple(unknown))
+        text, version = run_sacct(sacct, ["-j", ",".join(unknown)])
+        slurm += _parse(text, "sacct --json", tuple(unknown), version)
     rows = reconcile_jobs(slurm, ledger, tolerance_s)
     bad = [r for r in rows if r.status in BAD_STATUSES]
     if as_json:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -309,12 +308,13 @@ def _read_script_text(argv: list[str]) -> str | None:
 
 def run_sbatch(argv: Sequence[str], env: Mapping[str, str], stdin_text: str | None) -> int:
     """The real sbatch; its stdout and stderr are echoed as they are."""
+    from gpufleet.scheduler.slurm import SlurmError
+    from gpufleet.scheduler.slurm.cli import run_sbatch as exec_sbatch
+
     try:
-        p = subprocess.run(["sbatch", *argv], input=stdin_text, capture_output=True, text=True,
-                           env=dict(env), check=False)
-    except FileNotFoundError as e:
-        raise click.ClickException("sbatch not found on PATH: is the Slurm client "
-                                   "installed?") from e
+        p = exec_sbatch(argv, env, stdin_text)
+    except SlurmError as e:
+        raise click.ClickException(str(e)) from e
     if p.stdout:
         click.echo(p.stdout, nl=False)
     if p.stderr:

@@ -40,7 +40,6 @@ from gpufleet.scheduler.placement.model import (
 from gpufleet.scheduler.placement.sources import (
     PlacementUnavailable,
     apply_store,
-    cli_runner,
     view_from_slurm,
 )
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
@@ -129,7 +128,7 @@ ViewSource = Callable[[], ClusterView]
 
 def slurm_view_source(timeout_s: float = PLACE_TIMEOUT_S) -> ViewSource:
     """The cluster as Slurm sees it now (sinfo/squeue/scontrol on the controller host)."""
-    return lambda: view_from_slurm(cli_runner(), timeout_s)
+    return lambda: view_from_slurm(None, timeout_s)
 
 
 class FleetUserServicer(pb_grpc.FleetUserServicer):

@@ -1,5 +1,6 @@
-"""Builders of the engine's ClusterView: Slurm (CLI JSON), topology.conf text, the controller's
-store (read-only), and the PlacementSource interface `gpufleet sbatch` asks.
+"""Builders of the engine's ClusterView: Slurm (through gpufleet.scheduler.slurm, the one
+door: it runs the commands and reads each version's JSON), topology.conf text, the
+controller's store (read-only), and the PlacementSource interface `gpufleet sbatch` asks.
 
 Nothing here writes to Slurm or to the store. Every Slurm call has a deadline: the caller (an
 interactive `gpufleet sbatch`) gives placement 2 s in all.
@@ -7,16 +8,14 @@ interactive `gpufleet sbatch`) gives placement 2 s in all.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 from gpufleet.scheduler.placement.engine import place
 from gpufleet.scheduler.placement.model import (
     ClusterView,
@@ -27,6 +26,10 @@ from gpufleet.scheduler.placement.model import (
     PlacementError,
     PlacementRequest,
 )
+from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError, SlurmJob
+from gpufleet.scheduler.slurm.gres import gpu_count, parse_gres_detail
+from gpufleet.scheduler.slurm.topology_conf import TopologyConfError
+from gpufleet.scheduler.slurm.topology_conf import parse_topology_conf as parse_topology_text
 
 __all__ = [
     "GrpcPlacementSource",
@@ -42,7 +45,6 @@ __all__ = [
 
 # states in which a job holds its GPUs
 _HOLDING_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED"})
-_TOPO_KEYS = {"switchname", "switches", "nodes", "linkspeed", "level"}
 # Same names as NVML's topology levels, by the wire contract's PcieRelation enum numbers
 _PCIE_NAMES = {1: "X", 2: "PIX", 3: "PXB", 4: "PHB", 5: "NODE", 6: "SYS"}
 # A store whose newest agent report is older than this means the controller (or every agent)
@@ -54,82 +56,14 @@ class PlacementUnavailable(Exception):
     """The source cannot answer now (controller away, Slurm slow): submit without placement."""
 
 
-def _expand(expr: str, what: str) -> list[str]:
+def parse_topology_conf(text: str, source: str = "topology.conf",
+                        ) -> tuple[dict[str, str], dict[str, str]]:
+    """topology.conf or `scontrol show topology` text -> (node -> leaf switch or block,
+    switch -> parent switch), read by gpufleet.scheduler.slurm's one topology parser."""
     try:
-        return list(NodeSet(expr))
-    except NodeSetParseError as e:
-        raise PlacementError(f"{what}: invalid hostlist {expr!r}: {e}") from e
-
-
-def parse_topology_conf(  # noqa: PLR0912 - one branch per check, each with its own message
-    text: str, source: str = "topology.conf",
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Slurm topology/tree text (topology.conf, or `scontrol show topology`) ->
-    (node -> leaf switch, switch -> parent switch).
-
-    A node's leaf is the switch listing it under Nodes= that has no Switches= (scontrol repeats
-    every node below an upper switch in its Nodes=); a node listed only by an upper switch
-    hangs from that switch directly.
-    """
-    direct: dict[str, str] = {}
-    upper_nodes: dict[str, str] = {}
-    parent: dict[str, str] = {}
-    seen: set[str] = set()
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"{source} line {lineno}"
-        fields: dict[str, str] = {}
-        for token in line.split():
-            key, eq, value = token.partition("=")
-            if not eq or not value:
-                raise PlacementError(f"{where}: expected KEY=VALUE, got {token!r}")
-            if key.lower() not in _TOPO_KEYS:
-                raise PlacementError(f"{where}: unknown key {key!r}")
-            fields[key.lower()] = value
-        name = fields.get("switchname")
-        if name is None:
-            raise PlacementError(f"{where}: no SwitchName=")
-        if name in seen:
-            raise PlacementError(f"{where}: switch {name} defined twice")
-        seen.add(name)
-        children = _expand(fields["switches"], where) if "switches" in fields else []
-        for child in children:
-            if child in parent and parent[child] != name:
-                raise PlacementError(
-                    f"{where}: switch {child} already under {parent[child]}, now also {name}")
-            parent[child] = name
-        for node in _expand(fields["nodes"], where) if "nodes" in fields else []:
-            if children:
-                upper_nodes.setdefault(node, name)
-            elif node in direct:
-                raise PlacementError(
-                    f"{where}: node {node} is on leaf {direct[node]} and on {name}")
-            else:
-                direct[node] = name
-    for node, sw in upper_nodes.items():
-        direct.setdefault(node, sw)
-    return direct, parent
-
-
-_GRES_IDX = re.compile(r"gpu(?::[^:(,]+)?:(\d+)\(IDX:([0-9,\-]*)\)")
-_GRES_COUNT = re.compile(r"gpu(?::[^:(,]+)?:(\d+)")
-
-
-def parse_gres_detail(text: str) -> set[int]:
-    """`gpu:3(IDX:0-2)` / `gpu:h100:2(IDX:0,3)` -> GPU indices ({} when none are named)."""
-    out: set[int] = set()
-    for m in _GRES_IDX.finditer(text):
-        for part in filter(None, m.group(2).split(",")):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def _gpu_count(gres: str) -> int:
-    # "gpu:8", "gpu:h100:8(S:0-1)", "gpu:a:4,gpu:b:4" (several types: summed)
-    return sum(int(m.group(1)) for m in _GRES_COUNT.finditer(gres or ""))
+        return parse_topology_text(text, source).tree()
+    except TopologyConfError as e:
+        raise PlacementError(f"{e.source} line {e.line_no}: {e.problem}") from e
 
 
 def parse_time_min(text: str) -> int | None:
@@ -152,96 +86,60 @@ def parse_time_min(text: str) -> int | None:
     return max(1, -(-secs // 60))
 
 
-Runner = Callable[[Sequence[str], float], str]
-
-
-def cli_runner(env: Mapping[str, str] | None = None) -> Runner:
-    """Run a Slurm client command with a timeout; errors become PlacementUnavailable."""
-
-    def run(argv: Sequence[str], timeout_s: float) -> str:
-        try:
-            p = subprocess.run(list(argv), capture_output=True, text=True, check=False,
-                               timeout=max(timeout_s, 0.05), env=dict(env) if env else None)
-        except FileNotFoundError as e:
-            raise PlacementUnavailable(f"{argv[0]} not found on PATH") from e
-        except subprocess.TimeoutExpired as e:
-            raise PlacementUnavailable(f"`{' '.join(argv)}` took over {timeout_s:.1f} s") from e
-        if p.returncode != 0:
-            msg = " ".join((p.stderr or p.stdout).split())[:300]
-            raise PlacementUnavailable(f"`{' '.join(argv)}` failed: {msg}")
-        return p.stdout
-
-    return run
-
-
-def _json(text: str, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise PlacementUnavailable(f"`{what}` printed no JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise PlacementUnavailable(f"`{what}` printed JSON that is not an object")
-    return doc
-
-
-def used_gpus_from_squeue(doc: Mapping[str, Any]) -> dict[str, set[int]]:
-    """node -> GPU indices held by jobs, from `squeue --json` (gres_detail is per node, in the
-    order of the job's node list)."""
+def used_gpus(jobs: Iterable[SlurmJob]) -> dict[str, set[int]]:
+    """node -> GPU indices held by jobs (gres_detail is per node, in the order of the job's
+    node list)."""
     used: dict[str, set[int]] = {}
-    for job in doc.get("jobs", []) or []:
-        if str(job.get("job_state", "")).upper() not in _HOLDING_STATES:
+    for job in jobs:
+        if job.state not in _HOLDING_STATES:
             continue
-        details = job.get("gres_detail") or []
-        nodes = _expand(str(job.get("nodes") or ""), f"job {job.get('job_id')} nodes")
-        for node, detail in zip(nodes, details, strict=False):
-            used.setdefault(node, set()).update(parse_gres_detail(str(detail)))
+        for node, detail in zip(job.nodes, job.gres_detail, strict=False):
+            used.setdefault(node, set()).update(parse_gres_detail(detail))
     return used
 
 
-def view_from_slurm(run: Runner, timeout_s: float = 2.0, topology_conf: str | None = None
-                    ) -> ClusterView:
-    """Nodes (sinfo --json), GPUs held (squeue --json), partitions (scontrol show partition) and
-    the switch tree (topology_conf text if given, else `scontrol show topology`)."""
+def view_from_slurm(slurm: CliSlurmClient | None = None, timeout_s: float = 2.0,
+                    topology_conf: str | None = None) -> ClusterView:
+    """Nodes, GPUs held by jobs, partitions and the switch tree (topology_conf text if given,
+    else `scontrol show topology`), read through the Slurm client (default: the commands
+    on this host). A Slurm that fails, is slow, or prints what the client cannot read is
+    PlacementUnavailable, with the client's message."""
     deadline = time.monotonic() + timeout_s
-
-    def left() -> float:
-        return deadline - time.monotonic()
-
-    sinfo = _json(run(["sinfo", "--json"], left()), "sinfo --json")
-    squeue = _json(run(["squeue", "--json"], left()), "squeue --json")
-    parts_text = run(["scontrol", "-o", "show", "partition"], left())
-    if topology_conf is None:
-        topology_conf = run(["scontrol", "show", "topology"], left())
-        leaf_of, parent = parse_topology_conf(topology_conf, "scontrol show topology")
-    else:
-        leaf_of, parent = parse_topology_conf(topology_conf)
-    used = used_gpus_from_squeue(squeue)
+    client = slurm or CliSlurmClient(timeout_s=timeout_s)
+    try:
+        # the version first (it picks the commands), then the four reads side by side: the
+        # caller's 2 s is for all of them
+        c = client.with_timeout(max(deadline - time.monotonic(), 0.05))
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="slurm-read") as pool:
+            f_infos, f_jobs = pool.submit(c.node_infos), pool.submit(c.jobs)
+            f_parts = pool.submit(c.partitions)
+            f_topo = pool.submit(c.topology_text) if topology_conf is None else None
+            infos, jobs, partitions = f_infos.result(), f_jobs.result(), f_parts.result()
+            topo_text, topo_source = (
+                (f_topo.result(), "scontrol show topology") if f_topo is not None
+                else (topology_conf or "", "topology.conf"))
+    except SlurmError as e:
+        raise PlacementUnavailable(str(e)) from e
+    leaf_of, parent = parse_topology_conf(topo_text, topo_source)
+    used = used_gpus(jobs)
     nodes: dict[str, NodeView] = {}
-    for n in sinfo.get("nodes", []) or []:
-        name = str(n["name"])
-        count = _gpu_count(str(n.get("gres", "")))
-        flags = [str(f) for f in n.get("state_flags", []) or [] if f]
-        state = "+".join([str(n.get("state", "")).upper(), *flags])
-        feats = str(n.get("active_features") or n.get("features") or "")
-        cpus = n.get("cpus")
-        alloc = n.get("alloc_cpus")
+    for name, info in infos.items():
+        count = gpu_count(info.gres)
+        cpus, alloc = info.cpus, info.alloc_cpus
         nodes[name] = NodeView(
             name=name,
             gpu_count=count,
             free_gpus=frozenset(set(range(count)) - used.get(name, set())),
-            slurm_state=state,
-            partitions=frozenset(str(p) for p in n.get("partitions", []) or []),
-            features=frozenset(f for f in feats.split(",") if f and f != "(null)"),
-            cpus_free=int(cpus) - int(alloc) if cpus is not None and alloc is not None else None,
+            slurm_state=info.node.state,
+            partitions=frozenset(info.partitions),
+            features=frozenset(info.active_features or info.node.features),
+            cpus_free=cpus - alloc if cpus is not None and alloc is not None else None,
         )
     default_partition, max_time = None, {}
-    for line in parts_text.splitlines():
-        kv = dict(t.split("=", 1) for t in line.split() if "=" in t)
-        if "PartitionName" not in kv:
-            continue
-        max_time[kv["PartitionName"]] = parse_time_min(kv.get("MaxTime", "UNLIMITED"))
-        if kv.get("Default") == "YES":
-            default_partition = kv["PartitionName"]
+    for p in partitions:
+        max_time[p.name] = parse_time_min(p.max_time)
+        if p.default:
+            default_partition = p.name
     return ClusterView(nodes=nodes, leaf_of=leaf_of, parent=parent,
                        default_partition=default_partition, partition_max_time_min=max_time,
                        sources=["slurm"])
@@ -328,7 +226,7 @@ class LocalPlacementSource:
     env: Mapping[str, str] | None = None
     timeout_s: float = 2.0
     stale_after_s: float = DEFAULT_STALE_AFTER_S
-    runner: Runner | None = None
+    slurm: CliSlurmClient | None = None
     now_s: Callable[[], float] = field(default=time.time)
 
     def view(self) -> ClusterView:
@@ -339,7 +237,8 @@ class LocalPlacementSource:
                 topo = self.topology_conf.read_text()
             except OSError as e:
                 raise PlacementError(f"topology file {self.topology_conf}: {e}") from e
-        view = view_from_slurm(self.runner or cli_runner(self.env), self.timeout_s, topo)
+        slurm = self.slurm or CliSlurmClient(env=self.env, timeout_s=self.timeout_s)
+        view = view_from_slurm(slurm, self.timeout_s, topo)
         if self.store_path is not None:
             view = apply_store(view, self._open_store())
         if time.monotonic() - t0 > self.timeout_s:

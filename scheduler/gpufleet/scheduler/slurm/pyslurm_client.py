@@ -5,7 +5,10 @@ pyslurm's major.minor follows Slurm's (pyslurm 23.2.x <-> Slurm 23.02); a pyslur
 another Slurm is refused at construction with a message saying which client to use instead.
 PyPI ships only pyslurm 25.11, which does not build against Slurm 22.05 (this project's test
 Slurm), so this client is exercised by contract tests that run only where pyslurm imports.
-Written against pyslurm's object API (23.02+: `Node`, `Nodes`, `Node.modify`, `RPCError`).
+Written against pyslurm's object API (23.02+, checked against 25.11's sources: `Nodes.load()`,
+`Node.load(name)`, `Node(name).modify(Node(...))`, `Jobs.load()`, `Job.load(id)`,
+`Job(id).send_signal(sig, steps=...)`, `Job(id).requeue()`, `RPCError`). Job updates
+(StartTime, ExcNodeList) go through `scontrol update`, as the REST client's do.
 
 pyslurm calls block in C for up to Slurm's MessageTimeout; each call runs on a small worker
 pool and the caller waits at most `timeout_s` (a stuck call keeps its worker, not the caller).
@@ -14,21 +17,29 @@ pool and the caller waits at most `timeout_s` (a stuck call keeps its worker, no
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-from gpufleet.scheduler.slurm import (
+from gpufleet.scheduler.slurm.cli import CliSlurmClient, slurm_version
+from gpufleet.scheduler.slurm.types import (
+    SIGNAL_SCOPES,
     SlurmError,
+    SlurmJob,
     SlurmNode,
     check_features,
+    check_job_id,
     check_node_name,
+    check_signal,
     check_weight,
     clean_reason,
+    expand_hostlist,
     is_permanent_message,
 )
+
+# recovery's signal scopes -> pyslurm's Job.send_signal(steps=...)
+_PYSLURM_STEPS = {"batch": "batch", "full": "all", "steps": "children"}
 
 T = TypeVar("T")
 
@@ -39,21 +50,15 @@ def _major_minor(version: str) -> tuple[int, int] | None:
 
 
 def running_slurm_version(timeout_s: float = 10.0) -> str:
-    """`sinfo --version` -> '22.05.8' (what the cluster's client libraries are)."""
-    try:
-        out = subprocess.run(["sinfo", "--version"], capture_output=True, text=True,
-                             timeout=timeout_s, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SlurmError(f"cannot tell the Slurm version (`sinfo --version`): {e}",
-                         transient=False) from e
-    return out.split()[-1] if out.split() else ""
+    """`scontrol --version` -> '24.11.5' (what the cluster's client libraries are)."""
+    return str(slurm_version(timeout_s=timeout_s))
 
 
 class PyslurmClient:
     """SlurmClient over pyslurm; refuses a pyslurm that does not match the running Slurm."""
 
     def __init__(self, timeout_s: float = 10.0, slurm_version: str | None = None,
-                 workers: int = 4) -> None:
+                 workers: int = 4, job_update_client: CliSlurmClient | None = None) -> None:
         try:
             import pyslurm  # type: ignore[import-not-found,unused-ignore]
         except ImportError as e:
@@ -72,6 +77,7 @@ class PyslurmClient:
                 f"pyslurm {self.pyslurm_version} does not match Slurm {self.slurm_version} "
                 "(major.minor must agree): use the cli or rest client", transient=False)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pyslurm")
+        self.job_update_client = job_update_client or CliSlurmClient(timeout_s=timeout_s)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         future = self._pool.submit(fn)
@@ -136,3 +142,56 @@ class PyslurmClient:
         value = list(check_features(name, features))
         self._modify(name, "set features of", available_features=value,
                      active_features=value)
+
+    # ------------------------------------------------------------------ jobs (recovery)
+
+    def _to_job(self, j: Any) -> SlurmJob:
+        sig = int(j.exit_code_signal or 0)
+        nodes, excluded = str(j.allocated_nodes or ""), str(j.excluded_nodes or "")
+        return SlurmJob(
+            job_id=str(j.id), state=str(j.state or "").upper(),
+            nodes=tuple(expand_hostlist(nodes)) if nodes else (),
+            requeue=bool(j.is_requeueable), batch=bool(j.is_batch_job),
+            comment=str(j.comment or ""), restart_count=int(j.requeue_count or 0),
+            exit_status=None if sig else int(j.exit_code or 0), exit_signal=sig,
+            excluded_nodes=tuple(expand_hostlist(excluded)) if excluded else (),
+            start_time_s=int(j.start_time or 0), state_reason=str(j.state_reason or ""),
+            end_time_s=int(j.end_time or 0))
+
+    def jobs_on_node(self, node: str) -> list[SlurmJob]:
+        check_node_name(node)
+
+        def load() -> list[SlurmJob]:
+            jobs = [self._to_job(j) for j in self._pyslurm.Jobs.load().values()]
+            return [j for j in jobs if node in j.nodes]
+
+        return self._call(f"load jobs on node {node}", load)
+
+    def job(self, job_id: str) -> SlurmJob | None:
+        jid = int(check_job_id(job_id))
+        try:
+            return self._call(f"load job {job_id}",
+                              lambda: self._to_job(self._pyslurm.Job.load(jid)))
+        except SlurmError as e:
+            if "invalid job id" in str(e).lower() or "not found" in str(e).lower():
+                return None
+            raise
+
+    def signal_job(self, job_id: str, signal: str, scope: str) -> None:
+        if scope not in SIGNAL_SCOPES:
+            raise SlurmError(f"signal scope {scope!r}: use one of {', '.join(SIGNAL_SCOPES)}",
+                             transient=False)
+        jid, sig = int(check_job_id(job_id)), check_signal(signal)
+        if not sig.isdigit() and not sig.startswith("SIG"):
+            sig = "SIG" + sig  # pyslurm looks names up in signal.Signals: SIGUSR1, not USR1
+        self._call(f"signal job {job_id}", lambda: self._pyslurm.Job(jid).send_signal(
+            sig, steps=_PYSLURM_STEPS[scope]))
+
+    def requeue(self, job_id: str) -> None:
+        jid = int(check_job_id(job_id))
+        self._call(f"requeue job {job_id}", lambda: self._pyslurm.Job(jid).requeue())
+
+    def update_job(self, job_id: str, *, start_now_plus_s: int | None = None,
+                   excluded_nodes: tuple[str, ...] | None = None) -> None:
+        self.job_update_client.update_job(job_id, start_now_plus_s=start_now_plus_s,
+                                          excluded_nodes=excluded_nodes)

@@ -1,4 +1,4 @@
-"""Slurm's own accounting (`sacct --json`, Slurm 22.05) and its reconciliation with the ledger.
+"""Slurm's own accounting (`sacct --json`, 22.05 to 26.05) and its reconciliation with the ledger.
 
 Slurm records a job's allocated GPUs (AllocTRES `gres/gpu`, with `AccountingStorageTRES=
 gres/gpu`) and its start and end in whole seconds; gpufleet records each GPU's allocation in
@@ -15,8 +15,11 @@ printed (records that never started are not runs).
 Slurm's times are whole seconds, so even exact hooks differ by up to a second of wall time,
 on each GPU (and on each run): the tolerance is therefore per allocated GPU (`tolerance_s x GPUs`).
 
-Never does: run Slurm commands or touch the store (the CLI does both); never guesses a
-field it cannot read: a bad document is a SacctParseError naming the job and the field.
+Each version's document is read on purpose: 22.05 and 23.02 (data_parser v0.0.39) print a
+record's `state.current` as a string, 23.11+ (v0.0.40..) as a list of flags and name their
+data_parser in `meta`; the version comes from `sacct --version` (or, for a saved document,
+from its `meta`). Never touches the store (the CLI does); never guesses a field it cannot
+read: a bad document is a SacctParseError (a SlurmError) naming the job and the field.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.scheduler.slurm.schema import SlurmVersion, doc_data_parser
+from gpufleet.scheduler.slurm.types import SlurmError
 from gpufleet.scheduler.store.acct import UsageTotal
 
 STATUS_OK = "ok"
@@ -36,8 +41,11 @@ STATUS_RUNNING = "running"  # not ended on one side yet: compared once it has
 BAD_STATUSES = frozenset({STATUS_MISMATCH, STATUS_MISSING_GPUFLEET, STATUS_MISSING_SLURM})
 
 
-class SacctParseError(ValueError):
+class SacctParseError(SlurmError, ValueError):
     """`sacct --json` output that cannot be read; the message names the job and the field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,24 @@ def _int(value: Any, path: str, label: str, *, none_ok: bool = False) -> int:
 def _str(value: Any, path: str, label: str) -> str:
     if value is None:
         return ""
-    # 23.02+: state.current is a list of flags
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return "+".join(value)
     if not isinstance(value, str):
         raise SacctParseError(f"{label}: field {path!r} is {value!r}, not a string")
     return value
+
+
+def _state(value: Any, label: str, flags: bool) -> str:
+    """22.05, 23.02: 'COMPLETED'; 23.11+: ['COMPLETED'] (or ['PENDING', 'REQUEUED'])."""
+    path = "state.current"
+    if not flags:
+        if not isinstance(value, str) or not value:
+            raise SacctParseError(f"{label}: field {path!r} is {value!r}, not a state string "
+                                  "(sacct of Slurm 22.05/23.02)")
+        return value
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(v, str) for v in value):
+        raise SacctParseError(f"{label}: field {path!r} is {value!r}, not a list of state "
+                              "flags (sacct of Slurm 23.11+)")
+    return "+".join(value)
 
 
 def _gpus(job: Mapping[str, Any], label: str) -> int:
@@ -103,8 +123,8 @@ def _gpus(job: Mapping[str, Any], label: str) -> int:
     return total
 
 
-def parse_job(job: Any, index: int) -> SacctJob:
-    """One element of sacct's `jobs` list."""
+def parse_job(job: Any, index: int, state_flags: bool = False) -> SacctJob:
+    """One element of sacct's `jobs` list; `state_flags`: 23.11+ (state.current a list)."""
     if not isinstance(job, Mapping):
         raise SacctParseError(f"sacct job #{index}: {job!r:.80} is not an object")
     raw_id = job.get("job_id")
@@ -120,7 +140,7 @@ def parse_job(job: Any, index: int) -> SacctJob:
         job_id=str(job_id),
         user=_str(job.get("user"), "user", label),
         account=_str(job.get("account"), "account", label),
-        state=_str(_field(job, "state.current", label), "state.current", label),
+        state=_state(_field(job, "state.current", label), label, state_flags),
         nodes=_str(job.get("nodes"), "nodes", label),
         start_s=start or None,
         end_s=end or None,
@@ -129,8 +149,10 @@ def parse_job(job: Any, index: int) -> SacctJob:
     )
 
 
-def parse_sacct_json(text: str, source: str = "sacct --json") -> list[SacctJob]:
-    """All job records of a `sacct --json` document (Slurm 22.05's data_parser)."""
+def parse_sacct_json(text: str, source: str = "sacct --json",
+                     version: SlurmVersion | None = None) -> list[SacctJob]:
+    """All job records of a `sacct --json` document of `version` (that sacct's `--version`);
+    None (a saved document): the version its `meta` names (none: 22.05)."""
     try:
         doc = json.loads(text)
     except ValueError as e:
@@ -140,7 +162,23 @@ def parse_sacct_json(text: str, source: str = "sacct --json") -> list[SacctJob]:
     errors = doc.get("errors") or []
     if errors:
         raise SacctParseError(f"{source}: sacct reported errors: {errors!r:.300}")
-    return [parse_job(job, i) for i, job in enumerate(doc["jobs"])]
+    have = doc_data_parser(doc)
+    have_short = have.rsplit("/", 1)[-1] if have else None
+    if version is not None:
+        try:
+            want = version.data_parser
+        except SlurmError as e:
+            raise SacctParseError(f"{source}: {e}") from e
+        if want is not None and have_short is None and version >= SlurmVersion(23, 11):
+            raise SacctParseError(f"{source}: field 'meta.plugin.data_parser' is missing "
+                                  f"(sacct of Slurm {version} prints data_parser/{want})")
+        if have_short != want and have_short is not None:
+            raise SacctParseError(
+                f"{source}: field 'meta.plugin.data_parser' is {have!r}, expected "
+                + (f"data_parser/{want}" if want else "none (Slurm 22.05)")
+                + f" (sacct of Slurm {version})")
+    state_flags = have_short is not None and have_short != "v0.0.39"
+    return [parse_job(job, i, state_flags) for i, job in enumerate(doc["jobs"])]
 
 
 # ------------------------------------------------------------------------- reconciliation

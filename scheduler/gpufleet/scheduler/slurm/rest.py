@@ -2,11 +2,17 @@
 
 Reads (nodes, one node, ping) go to slurmrestd over a unix socket or TCP, authenticated with a
 JWT (`X-SLURM-USER-NAME` / `X-SLURM-USER-TOKEN`; slurmctld needs AuthAltTypes=auth/jwt).
-Node *updates* are not in Slurm 22.05's REST API: its OpenAPI document (openapi/v0.0.38,
-fetched from a real 22.05.8 slurmrestd at /openapi/v3) has only GET on /node/{node_name}
-and /nodes; `POST /slurm/v0.0.39/node/{node_name}` arrived with 23.02. So drain, resume,
-weight and features go through `scontrol update` (the CLI client) on 22.05; pass
-`api_version="v0.0.39"` or later to send them to slurmrestd instead.
+
+The API version is learnt once from slurmrestd's own OpenAPI document (GET /openapi/v3: the
+newest /slurm/vX.Y.Z/ it serves that gpufleet reads), unless given. Each version's documents
+are read with that version's schema (schema.py): v0.0.38 is Slurm 22.05's, v0.0.39 23.02's,
+v0.0.40..v0.0.45 the data_parser of 23.11..26.05.
+
+Node *updates* are not in Slurm 22.05's REST API: its OpenAPI document (v0.0.38, fetched from
+a real 22.05.8 slurmrestd) has only GET on /node/{node_name} and /nodes; `POST
+/slurm/v0.0.39/node/{node_name}` arrived with 23.02. So on 22.05 drain, resume, weight and
+features go through `scontrol update` (the CLI client); from v0.0.39 on they are POSTed to
+slurmrestd.
 
 Jobs (for checkpoint recovery): reads come from slurmrestd (`GET jobs`, `GET job/{id}`: the
 same document as `squeue --json`); signal, requeue and job updates go through `scancel` /
@@ -22,13 +28,20 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from gpufleet.scheduler.slurm import (
-    CliSlurmClient,
+from gpufleet.scheduler.slurm.cli import CliSlurmClient
+from gpufleet.scheduler.slurm.schema import (
+    KNOWN_API_VERSIONS,
+    Reader,
+    api_version_tuple,
+    reader_for_data_parser,
+)
+from gpufleet.scheduler.slurm.types import (
     SlurmClient,
     SlurmError,
     SlurmJob,
@@ -39,12 +52,10 @@ from gpufleet.scheduler.slurm import (
     check_weight,
     clean_reason,
     is_permanent_message,
-    job_from_json,
-    node_from_json,
-    parse_each,
 )
 
-DEFAULT_API_VERSION = "v0.0.38"  # Slurm 22.05
+DEFAULT_API_VERSION = "v0.0.38"  # Slurm 22.05's only API
+_API_PATH = re.compile(r"^/slurm/(v\d+\.\d+\.\d+)/")
 # Slurm's ESLURM_INVALID_NODE_NAME: the node does not exist; retrying will not help
 ESLURM_INVALID_NODE_NAME = 2018
 _UPDATE_VERSIONS_FROM = (0, 0, 39)  # first API version with POST /node/{name}
@@ -66,12 +77,20 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _version_tuple(api_version: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in api_version.lstrip("v").split("."))
-    except ValueError as e:
-        raise SlurmError(f"invalid slurmrestd API version {api_version!r} (want vX.Y.Z)",
-                         transient=False) from e
+def api_version_from_openapi(doc: Any, where: str) -> str:
+    """slurmrestd's /openapi/v3 document -> the newest /slurm/vX.Y.Z/ it serves that gpufleet
+    reads; a SlurmError naming the field when there is none."""
+    paths = doc.get("paths") if isinstance(doc, dict) else None
+    if not isinstance(paths, dict):
+        raise SlurmError(f"{where}: field 'paths' is missing from the OpenAPI document",
+                         transient=False)
+    served = {m.group(1) for p in paths if (m := _API_PATH.match(str(p)))}
+    known = [v for v in KNOWN_API_VERSIONS if v in served]
+    if not known:
+        raise SlurmError(f"{where}: field 'paths' has no /slurm/ API gpufleet reads (serves "
+                         f"{', '.join(sorted(served)) or 'none'}; reads "
+                         f"{', '.join(KNOWN_API_VERSIONS)})", transient=False)
+    return max(known, key=api_version_tuple)
 
 
 class RestSlurmClient:
@@ -84,7 +103,7 @@ class RestSlurmClient:
         token: str | None = None,
         token_file: str | Path | None = None,
         user_name: str = "root",
-        api_version: str = DEFAULT_API_VERSION,
+        api_version: str | None = None,
         timeout_s: float = 5.0,
         update_client: SlurmClient | None = None,
         env: dict[str, str] | None = None,
@@ -102,14 +121,32 @@ class RestSlurmClient:
         self._token = token
         self.token_file = Path(token_file) if token_file is not None else None
         self.user_name = user_name
-        self.api_version = api_version
-        self._native_updates = _version_tuple(api_version) >= _UPDATE_VERSIONS_FROM
         self.timeout_s = timeout_s
+        self._api_version = api_version
+        if api_version is not None:
+            reader_for_data_parser(api_version)  # an unknown version fails here, not later
         # 22.05: updates via scontrol (see the module docstring)
         self.update_client = update_client or CliSlurmClient(env=env, timeout_s=timeout_s)
         # job actions via scancel/scontrol on every version (module docstring)
         self.job_action_client = (update_client if isinstance(update_client, CliSlurmClient)
                                   else CliSlurmClient(env=env, timeout_s=timeout_s))
+
+    @property
+    def api_version(self) -> str:
+        """Given, or learnt once from slurmrestd's /openapi/v3."""
+        if self._api_version is None:
+            where = f"slurmrestd GET /openapi/v3 at {self.endpoint}"
+            self._api_version = api_version_from_openapi(self._get_raw("/openapi/v3", where),
+                                                         where)
+        return self._api_version
+
+    @property
+    def reader(self) -> Reader:
+        return reader_for_data_parser(self.api_version)
+
+    @property
+    def _native_updates(self) -> bool:
+        return api_version_tuple(self.api_version) >= _UPDATE_VERSIONS_FROM
 
     @property
     def endpoint(self) -> str:
@@ -133,11 +170,23 @@ class RestSlurmClient:
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         return cls(parts.hostname or "", parts.port, timeout=self.timeout_s)
 
+    def _get_raw(self, full: str, what: str) -> dict[str, Any]:
+        return self._send("GET", full, None, what)
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  node: str | None = None) -> dict[str, Any]:
-        full = f"/slurm/{self.api_version}/{path}"
+        try:
+            api = self.api_version
+        except SlurmError as e:
+            raise SlurmError(f"{e}" + (f" for node {node}" if node else ""),
+                             transient=e.transient) from e
+        full = f"/slurm/{api}/{path}"
         what = f"slurmrestd {method} {full} at {self.endpoint}" + (
             f" for node {node}" if node else "")
+        return self._send(method, full, body, what)
+
+    def _send(self, method: str, full: str, body: dict[str, Any] | None,
+              what: str) -> dict[str, Any]:
         headers = {"X-SLURM-USER-NAME": self.user_name, "X-SLURM-USER-TOKEN": self._token_now(),
                    "Accept": "application/json"}
         data = None
@@ -162,14 +211,20 @@ class RestSlurmClient:
         if not isinstance(doc, dict):
             doc = {"errors": [{"error": f"response is not a JSON object: {raw[:100]!r}"}]}
         errors = [e for e in (doc.get("errors") or []) if isinstance(e, dict)]
-        if resp.status in {401, 403}:
+        if resp.status in {401, 403, 511}:  # 24.11+ answers a refused token with 511
             text = raw.decode(errors="replace").strip()[:200]
             raise SlurmError(f"{what}: HTTP {resp.status} {text} (check the JWT and "
                              "AuthAltTypes=auth/jwt)", transient=False)
         if resp.status >= 400 or errors:
-            msg = "; ".join(str(e.get("description") or e.get("error") or e) for e in errors) \
-                or raw.decode(errors="replace").strip()[:200]
-            permanent = any(e.get("errno") == ESLURM_INVALID_NODE_NAME for e in errors) \
+            msg = "; ".join(": ".join(dict.fromkeys(
+                str(e[k]) for k in ("description", "error") if e.get(k))) or str(e)
+                for e in errors) or raw.decode(errors="replace").strip()[:200]
+            # 22.05 names Slurm's error number "errno", data_parser versions "error_number"
+            # error_number 0 ("No error"): Slurm answered and found nothing (24.11+'s GET
+            # node/{name} of an unknown node): a retry gets the same
+            permanent = any(e.get("errno") == ESLURM_INVALID_NODE_NAME
+                            or e.get("error_number") in (ESLURM_INVALID_NODE_NAME, 0)
+                            for e in errors) \
                 or is_permanent_message(msg) or 400 <= resp.status < 500
             raise SlurmError(f"{what}: HTTP {resp.status}: {msg}", transient=not permanent)
         return doc
@@ -181,18 +236,26 @@ class RestSlurmClient:
             doc = self._request("GET", "ping")
         except SlurmError:
             return False
-        return any(p.get("ping") == "UP" for p in doc.get("pings", []))
+        pings = [p for p in doc.get("pings") or [] if isinstance(p, dict)]
+        api = api_version_tuple(self.api_version)
+        if api < (0, 0, 39):  # 22.05: "ping": "UP"
+            return any(p.get("ping") == "UP" for p in pings)
+        if api < (0, 0, 42):  # 23.02..24.05: "pinged": "UP"
+            return any(p.get("pinged") == "UP" for p in pings)
+        return any(p.get("responding") is True for p in pings)  # 24.11+
+
+    def _what(self, path: str) -> str:
+        return f"slurmrestd GET /slurm/{self.api_version}/{path} at {self.endpoint}"
 
     def nodes(self) -> dict[str, SlurmNode]:
         doc = self._request("GET", "nodes")
-        return {n.name: n for n in parse_each(doc.get("nodes", []), node_from_json,
-                                              f"slurmrestd at {self.endpoint}: nodes")}
+        return {i.node.name: i.node for i in self.reader.read_nodes(doc, self._what("nodes"))}
 
     def node(self, name: str) -> SlurmNode:
-        doc = self._request("GET", f"node/{quote(check_node_name(name))}", node=name)
-        found = [n for n in parse_each(doc.get("nodes", []), node_from_json,
-                                       f"slurmrestd at {self.endpoint}: node {name}")
-                 if n.name == name]
+        path = f"node/{quote(check_node_name(name))}"
+        doc = self._request("GET", path, node=name)
+        found = [i.node for i in self.reader.read_nodes(doc, self._what(path))
+                 if i.node.name == name]
         if not found:
             raise SlurmError(f"slurmrestd at {self.endpoint}: node {name} not found",
                              transient=False)
@@ -225,7 +288,9 @@ class RestSlurmClient:
         if not self._native_updates:
             self.update_client.set_features(name, features)
             return
-        value = list(check_features(name, features))
+        # a comma-separated string: an empty list would mean "no change" to slurmrestd, an
+        # empty string clears (as `scontrol update availablefeatures=` does)
+        value = ",".join(check_features(name, features))
         self._update(name, {"features": value, "features_act": value})
 
     # ------------------------------------------------------------------ jobs (recovery)
@@ -235,8 +300,7 @@ class RestSlurmClient:
         22.05's GET jobs has no node filter: the list is filtered here."""
         check_node_name(node)
         doc = self._request("GET", "jobs", node=node)
-        jobs = parse_each(doc.get("jobs", []), job_from_json,
-                          f"slurmrestd at {self.endpoint}: jobs")
+        jobs = self.reader.read_jobs(doc, self._what("jobs"))
         return [j for j in jobs if node in j.nodes]
 
     def job(self, job_id: str) -> SlurmJob | None:
@@ -247,11 +311,12 @@ class RestSlurmClient:
         except SlurmError as e:
             # 22.05 answers an unknown id with HTTP 500 "Unable to find JobId=N"
             text = str(e).lower()
-            if any(m in text for m in ("unable to find jobid", "invalid job id", "unknown job")):
+            # 24.11+: HTTP 404 "Unable to query JobId=N"
+            if any(m in text for m in ("unable to find jobid", "invalid job id", "unknown job",
+                                       "unable to query jobid")):
                 return None
             raise
-        found = [j for j in parse_each(doc.get("jobs", []), job_from_json,
-                                       f"slurmrestd at {self.endpoint}: job {job_id}")
+        found = [j for j in self.reader.read_jobs(doc, self._what(f"job/{job_id}"))
                  if j.job_id == job_id]
         return found[0] if found else None
 
