@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -140,7 +141,9 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
             "--export=ALL,GPUFLEET_CKPT_DIR=" + str(ckpt_dir) + ",GPUFLEET_AGENT_SOCKET="
             + str(sock) + f",PYTHONPATH={REPO}",
             # exec: the signal goes to the batch shell (scancel --batch), so python must be it
-            "--wrap", f"exec {sys.executable} {REPO / 'bench' / 'recovery_job.py'} "
+            # (a lab of Slurm 24.11+ runs jobs in its root: host_argv reaches this Python)
+            "--wrap", f"exec {shlex.join(lab.host_argv([sys.executable]))} "
+                      f"{REPO / 'bench' / 'recovery_job.py'} "
                       f"--steps 100000000 --step-time-s 0.01 --ckpt-every-s {ckpt_every_s:g}",
         ))
         lab.wait_job_state(int(job_id), "RUNNING", 30)

@@ -49,8 +49,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 # The real-Slurm fixtures (tests/slurm/fixtures.py), for tests outside tests/slurm too.
-from tests.slurm.fixtures import clean_slurm_lab, slurm_lab  # noqa: E402
+from tests.slurm.fixtures import clean_slurm_lab, slurm_lab, slurm_version  # noqa: E402
 
 __all__ = [
     "IN_CI", "REPO", "clean_slurm_lab", "report_figure", "slurm_lab",
+    "slurm_version",
 ]

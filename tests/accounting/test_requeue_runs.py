@@ -322,7 +322,7 @@ def test_requeued_job_has_both_runs_in_the_ledger_and_reconciles(
     assert total.allocated_ms == sum(r.allocated_ms for r in rows)
 
     r = CliRunner().invoke(reconcile, ["--db", str(tmp_path / "state.db"), "-j", str(job),
-                                       "--json"], env={"SLURM_CONF": str(lab.conf_path)})
+                                       "--json"], env=lab.env())
     print(r.output)
     assert r.exit_code == 0, r.output
     (doc,) = json.loads(r.output)["jobs"]

@@ -201,7 +201,7 @@ def test_two_jobs_sharing_a_node_match_slurmdbd(
     db = str(tmp_path / "state.db")
     r = CliRunner().invoke(
         reconcile, ["--db", db, "-j", ",".join(map(str, jobs)), "--json"],
-        env={"SLURM_CONF": str(lab.conf_path)})
+        env=lab.env())
     print(r.output)
     assert not off, off
     assert r.exit_code == 0, r.output

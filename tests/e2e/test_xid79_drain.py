@@ -77,7 +77,7 @@ def test_xid79_on_n3_drains_n3_in_real_slurm(
     (action,) = [a for a in ctl.store.actions("n3") if a.action == "drain"]
     assert action.status == "done" and action.fault_ms is not None and action.done_ms is not None
     report_figure(
-        f"fault -> drain on real Slurm 22.05: {fault_to_drain_ms:.0f} ms from the fault to "
+        f"fault -> drain on real Slurm {lab.version}: {fault_to_drain_ms:.0f} ms from the fault to "
         f"scontrol showing DRAIN (controller's record, agent Xid event -> scontrol done: "
         f"{action.done_ms - action.fault_ms} ms)"
     )

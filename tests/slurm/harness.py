@@ -1,4 +1,8 @@
-"""A real single-machine Slurm 22.05 cluster for tests (Debian bookworm packages, run as root).
+"""A real single-machine Slurm cluster for tests (22.05 from the host, 24.11/26.05 from a root).
+
+`version` picks the Slurm: "22.05" runs the host's Debian bookworm packages; "24.11" and
+"26.05" run every daemon and client command inside a Debian root built by
+.ci/slurm-root.sh (see roots.py: chroot, bind mounts recorded and undone on stop).
 
 Why a real Slurm: the controller's Slurm adapter parses `sinfo --json`, `scontrol show ...` and
 drives drain/resume/requeue; fakes drift from what 22.05 actually prints. This module starts
@@ -12,7 +16,10 @@ accounts and users with `sacctmgr`. `prolog`/`epilog` name Prolog=/Epilog= progr
 All runtime state lives under `lab_dir`; configs go to `etc_dir` (never /etc/slurm), so client
 commands need SLURM_CONF: use `lab.env()` or `lab.run(...)`.
 
-CLI:  python tests/slurm/harness.py up [--lab DIR] [--nodes N] [--leaves L] | down | status
+Code that runs Slurm commands itself (gpufleet's CLI Slurm client) gets wrappers with the
+lab's SLURM_CONF (and chroot) from `lab.client_bin_dir()`: put it first on PATH.
+
+CLI:  python tests/slurm/harness.py up [--lab DIR] [--nodes N] [--version V] | down | status
 """
 
 from __future__ import annotations
@@ -38,6 +45,27 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+try:  # as a package module (pytest) or as a script (python tests/slurm/harness.py)
+    from .roots import (
+        HOST_VERSION,
+        HOST_VIEW,
+        VERSIONS,
+        find_root,
+        mount_root,
+        root_argv,
+        unmount_recorded,
+    )
+except ImportError:
+    from roots import (  # type: ignore[no-redef,import-not-found]
+        HOST_VERSION,
+        HOST_VIEW,
+        VERSIONS,
+        find_root,
+        mount_root,
+        root_argv,
+        unmount_recorded,
+    )
+
 __all__ = [
     "SlurmCommandError",
     "SlurmLab",
@@ -62,6 +90,11 @@ ACCT_DB = "slurm_acct_db"
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
 CLIENT_TIMEOUT_S = 30.0
+# the client commands client_bin_dir() wraps
+CLIENT_COMMANDS = ("sinfo", "scontrol", "squeue", "sbatch", "sacct", "scancel", "sacctmgr",
+                   "srun", "salloc", "sstat", "sprio", "sshare", "sreport", "sdiag")
+TOPOLOGIES = ("tree", "block", "yaml")
+ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # PATH inside a root
 # Job states after which a job never changes again (wait_job_state fails fast on them).
 TERMINAL_JOB_STATES = frozenset(
     {
@@ -75,6 +108,10 @@ TERMINAL_JOB_STATES = frozenset(
         "PREEMPTED",
         "TIMEOUT",
     }
+)
+# A node's base state (23.02+ list it among the flags: ["IDLE", "DRAIN"])
+_BASE_NODE_STATES = frozenset(
+    {"IDLE", "DOWN", "ALLOCATED", "MIXED", "ERROR", "FUTURE", "UNKNOWN"}
 )
 # Ambient variables that would change what client commands do or print (e.g. when the tests run
 # inside a Slurm job, or a developer has SQUEUE_FORMAT set): dropped from lab.env().
@@ -131,8 +168,22 @@ class SlurmLabConfig:
     # Alloc: the Prolog runs when the job is allocated (Slurm's Start time), not at its first
     # step, so hook times and sacct's Start/End describe the same interval
     prolog_flags: str = "Alloc"
+    # which Slurm: "22.05" (host), "24.11" (trixie root), "26.05" (sid root)
+    version: str = HOST_VERSION
+    # tree: topology/tree, leaf switches + spine; block: topology/block, one block per leaf
+    # (BlockSizes=leaf size, all nodes); yaml: topology.yaml (25.05+) with a tree and a block
+    # topology, the partition "main" on the tree and "blocks" on the block one
+    topology: str = "tree"
 
     def __post_init__(self) -> None:
+        if self.version not in VERSIONS:
+            raise ValueError(f"version {self.version!r}: known are {', '.join(VERSIONS)}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology {self.topology!r}: one of {', '.join(TOPOLOGIES)}")
+        if self.topology == "block" and self.version == "22.05":
+            raise ValueError("topology/block needs Slurm 23.11+ (version 24.11 or 26.05)")
+        if self.topology == "yaml" and self.version in ("22.05", "24.11"):
+            raise ValueError("topology.yaml needs Slurm 25.05+ (version 26.05)")
         lab_dir = Path(self.lab_dir).absolute()
         object.__setattr__(self, "lab_dir", lab_dir)
         etc = lab_dir / "etc" if self.etc_dir is None else Path(self.etc_dir).absolute()
@@ -355,6 +406,59 @@ class SlurmLab:
         self._jwt = self.config.restd
         self._restd_proc: subprocess.Popen[bytes] | None = None
         self._db_proc: subprocess.Popen[bytes] | None = None
+        self._root: Path | None = None
+        self._root_known = False
+
+    @property
+    def root(self) -> Path | None:
+        """The Debian root this lab's Slurm runs in; None for the host's 22.05.
+
+        Raises roots.RootMissing when the version's root is not built."""
+        if not self._root_known:
+            self._root = find_root(self.config.version)
+            self._root_known = True
+        return self._root
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    def argv(self, argv: Sequence[str], *, cwd: Path | None = None,
+             user: str | None = None) -> list[str]:
+        """`argv` as it must run for this lab's Slurm (inside its root, if it has one)."""
+        return root_argv(self.root, argv, cwd=cwd, user=user)
+
+    def host_argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv` for a job or hook of this lab that must run a host program (this Python,
+        gpufleet-agent): inside a root that is `chroot /host ...` (as root only)."""
+        return list(argv) if self.root is None else ["/usr/sbin/chroot", HOST_VIEW, *argv]
+
+    def client_bin_dir(self) -> Path:
+        """A directory of wrappers (sinfo, scontrol, squeue, sbatch, sacct, ...) that run the
+        lab's client commands with its SLURM_CONF, inside its root for 24.11/26.05: put it
+        first on PATH and code that runs `sinfo` etc. talks to this lab, whatever its version.
+        """
+        bin_dir = self.lab_dir / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for name in CLIENT_COMMANDS:
+            if self.root is None:
+                line = f"exec /usr/bin/{name} \"$@\""
+            else:
+                # chroot starts in /: go back to the caller's directory (the same path inside);
+                # the root's PATH (a job submitted through here inherits it)
+                line = (f"PATH={ROOT_PATH}; export PATH\n"
+                        f"exec /usr/sbin/chroot {shlex.quote(str(self.root))} /bin/sh -c "
+                        f"'cd \"$0\" 2>/dev/null || cd /; exec /usr/bin/{name} \"$@\"' "
+                        f"\"$PWD\" \"$@\"")
+            path = bin_dir / name
+            path.write_text(
+                "#!/bin/sh\n"
+                f"# generated by tests/slurm/harness.py: {name} of the Slurm {self.version} lab\n"
+                f"SLURM_CONF={shlex.quote(str(self.conf_path))}; export SLURM_CONF\n"
+                f"{line}\n"
+            )
+            path.chmod(0o755)
+        return bin_dir
 
     @classmethod
     def from_lab_dir(cls, lab_dir: Path | None = None) -> SlurmLab:
@@ -403,9 +507,20 @@ class SlurmLab:
         return self.log_dir / f"{name}.log"
 
     def env(self) -> dict[str, str]:
-        """os.environ + SLURM_CONF, minus ambient SLURM_*/SQUEUE_*/... that change client output."""
+        """os.environ + SLURM_CONF, minus ambient SLURM_*/SQUEUE_*/... that change client output,
+        with client_bin_dir() first on PATH: code that runs `sinfo` & co. by name with this
+        environment (gpufleet's CLI Slurm client) reaches this lab's Slurm, whatever version."""
+        env = self._slurm_env()
+        env["PATH"] = f"{self.lab_dir / 'bin'}:{os.environ.get('PATH', os.defpath)}"
+        return env
+
+    def _slurm_env(self) -> dict[str, str]:
+        """The environment run() and the daemons get: no wrapper dir on PATH (inside a root
+        the wrappers would chroot again), and the root's own PATH there."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_AMBIENT_SLURM_PREFIXES)}
         env["SLURM_CONF"] = str(self.conf_path)
+        if self.root is not None:
+            env["PATH"] = ROOT_PATH
         return env
 
     def run(
@@ -415,12 +530,16 @@ class SlurmLab:
         timeout_s: float = CLIENT_TIMEOUT_S,
         cwd: Path | None = None,
         input_text: str | None = None,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a Slurm client command against this lab (SLURM_CONF set, text output captured)."""
+        """Run a Slurm client command against this lab (SLURM_CONF set, text output captured).
+
+        It runs inside the lab's root for 24.11/26.05 (in `cwd`, whose path is the same
+        there); `user`: as that user."""
         try:
             proc = subprocess.run(
-                list(argv),
-                env=self.env(),
+                self.argv(argv, cwd=cwd, user=user),
+                env=self._slurm_env(),
                 cwd=cwd,
                 input=input_text,
                 capture_output=True,
@@ -468,13 +587,17 @@ class SlurmLab:
             log.info("previous instance in %s: stopping it", self.lab_dir)
             SlurmLab.from_lab_dir(self.lab_dir).stop()
         self._check_ports()
-        self._ensure_packages()
+        if self.root is None:
+            self._ensure_packages()
         if self.config.accounting:
-            self._ensure_packages(ACCT_PACKAGES)
+            self._ensure_packages(ACCT_PACKAGES if self.root is None else ACCT_PACKAGES[1:])
         self._ensure_hostname()
         self._prepare_dirs()
         try:
             self._ensure_munge()
+            if self.root is not None:
+                mount_root(self.root, self.lab_dir, self.mounts_record)
+            self.client_bin_dir()
             self._write_configs()
             if self.config.accounting:
                 self._start_accounting(deadline)
@@ -490,7 +613,8 @@ class SlurmLab:
             raise
         self.last_start_s = time.monotonic() - t0
         log.info(
-            "%d nodes idle after %.1fs (SLURM_CONF=%s)",
+            "Slurm %s: %d nodes idle after %.1fs (SLURM_CONF=%s)",
+            self.version,
             self.config.nodes,
             self.last_start_s,
             self.conf_path,
@@ -499,9 +623,11 @@ class SlurmLab:
     def stop(self) -> None:
         """Cancel jobs, then stop slurmd, slurmctld and munged (if we started it) by pid file.
 
-        Idempotent: with no pid files it does nothing.
+        Idempotent: with no pid files it does nothing. A root lab's bind mounts are undone
+        last.
         """
         if not self.pid_dir.is_dir():
+            self._unmount()
             return
         if self.ctld_alive():
             self._cancel_all_jobs()
@@ -526,6 +652,17 @@ class SlurmLab:
             victims = _with_descendants(leftovers)
             log.warning("killing leftover slurmstepd %s and their jobs %s", leftovers, victims)
             _stop_pids(victims, 1)  # slurmstepd ignores SIGTERM by design
+        self._unmount()
+
+    @property
+    def mounts_record(self) -> Path:
+        """The bind mounts this lab made in its root (one target a line), undone by stop()."""
+        return self.lab_dir / "mounts.txt"
+
+    def _unmount(self) -> None:
+        stuck = unmount_recorded(self.mounts_record)
+        if stuck:
+            log.error("could not unmount %s", stuck)
 
     def reset(self, timeout_s: float = 60) -> None:
         """Back to a clean idle cluster between tests: restart dead daemons, cancel all jobs,
@@ -635,16 +772,25 @@ class SlurmLab:
         shutil.chown(sock_dir, REST_USER)
         self.rest_socket.unlink(missing_ok=True)
         logfile = self.log_dir / "slurmrestd.log"
-        env = {**self.env(), "SLURM_JWT": "daemon"}  # 22.05: use auth/jwt, not munge
+        env = {**self._slurm_env(), "SLURM_JWT": "daemon"}  # 22.05: use auth/jwt, not munge
+        # 22.05 serves one openapi plugin by its API version; 23.02+ name theirs by daemon
+        api = f"openapi/{REST_API}" if self.root is None else "openapi/slurmctld"
+        argv = ["/usr/sbin/slurmrestd", "-f", str(self.conf_path), "-a", "rest_auth/jwt",
+                "-s", api, f"unix:{self.rest_socket}"]
         with logfile.open("ab") as fh:
-            # slurmrestd stays in the foreground: Popen's pid is the daemon's pid
-            proc = subprocess.Popen(
-                ["/usr/sbin/slurmrestd", "-f", str(self.conf_path), "-a", "rest_auth/jwt",
-                 "-s", f"openapi/{REST_API}", f"unix:{self.rest_socket}"],
-                env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                user=REST_USER, group=pwd.getpwnam(REST_USER).pw_gid, extra_groups=[],
-                start_new_session=True,
-            )
+            # slurmrestd stays in the foreground: Popen's pid is the daemon's pid (chroot
+            # execs it)
+            if self.root is None:
+                proc = subprocess.Popen(
+                    argv, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                    user=REST_USER, group=pwd.getpwnam(REST_USER).pw_gid, extra_groups=[],
+                    start_new_session=True,
+                )
+            else:
+                proc = subprocess.Popen(
+                    self.argv(argv, user=REST_USER), env=env, stdin=subprocess.DEVNULL,
+                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                )
         self._restd_proc = proc  # reaped in stop_restd()
         (self.pid_dir / "slurmrestd.pid").write_text(f"{proc.pid}\n")
         while not self.rest_socket.exists():
@@ -795,7 +941,7 @@ FLUSH PRIVILEGES;
         self.dbd_conf_path.write_text(self.slurmdbd_conf_text())
         shutil.chown(self.dbd_conf_path, "slurm", "slurm")
         self.dbd_conf_path.chmod(0o600)  # slurmdbd refuses a conf others can read
-        self._spawn_daemon("slurmdbd", ["/usr/sbin/slurmdbd"])
+        self._spawn_daemon("slurmdbd", ["/usr/sbin/slurmdbd"])  # in the root, if any
         logfile = self.log_dir / "slurmdbd.log"
         while True:
             proc = self.run("sacctmgr", "-n", "-P", "list", "cluster", check=False,
@@ -857,9 +1003,21 @@ FLUSH PRIVILEGES;
     # ------------------------------------------------------------------------------ queries
 
     def sinfo_nodes(self) -> dict[str, dict[str, Any]]:
-        """`sinfo --json` nodes by name. 22.05: state 'idle' + state_flags ['DRAIN'], reason."""
-        data = json.loads(self.run("sinfo", "--json").stdout)
-        return {node["name"]: node for node in data["nodes"]}
+        """Nodes by name in 22.05's `sinfo --json` shape: state 'idle' + state_flags ['DRAIN'],
+        reason, gres, cpus. 23.02+ have no nodes in `sinfo --json`: there they come from
+        `scontrol show nodes --json` (state ['IDLE', 'DRAIN']), put into that shape."""
+        if self.legacy:
+            data = json.loads(self.run("sinfo", "--json").stdout)
+            return {node["name"]: node for node in data["nodes"]}
+        data = json.loads(self.run("scontrol", "show", "nodes", "--json").stdout)
+        out = {}
+        for node in data["nodes"]:
+            flags = list(node["state"])
+            base = next((f for f in flags if f in _BASE_NODE_STATES), "UNKNOWN")
+            if base in flags:
+                flags.remove(base)
+            out[node["name"]] = {**node, "state": base.lower(), "state_flags": flags}
+        return out
 
     def show_node(self, name: str) -> str:
         """Raw `scontrol show node NAME` (22.05 has no `scontrol --json`)."""
@@ -912,8 +1070,7 @@ FLUSH PRIVILEGES;
 
         `user`: submit as that user (through runuser; jobs_dir is world-writable)."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        prefix = ["runuser", "-u", user, "--"] if user else []
-        out = self.run(*prefix, "sbatch", "--parsable", *args, cwd=self.jobs_dir).stdout.strip()
+        out = self.run("sbatch", "--parsable", *args, cwd=self.jobs_dir, user=user).stdout.strip()
         try:
             return int(out.split(";", 1)[0])
         except ValueError as exc:
@@ -1149,8 +1306,7 @@ SlurmdDebug=info
 # no cgroups: works in containers / VMs without a delegated cgroup tree
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-SwitchType=switch/none
-MpiDefault=none
+{self._legacy_none_plugins()}MpiDefault=none
 MailProg=/bin/true
 # node hardware is fake: trust slurm.conf, not the host's cores/memory
 SlurmdParameters=config_overrides
@@ -1161,22 +1317,42 @@ SchedulerParameters=sched_interval=1,bf_interval=1,batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 GresTypes=gpu
-TopologyPlugin=topology/tree
-{self._accounting_conf()}JobCompType=jobcomp/none
-MinJobAge=300
+{self._topology_plugin_conf()}{self._accounting_conf()}MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout={cfg.slurmd_timeout_s}
 InactiveLimit=0
 KillWait=10
 NodeName={nodes} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports} CPUs={cfg.cpus} \
 RealMemory={cfg.mem_mb}{gres} State=UNKNOWN
-PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-{self._hooks_conf()}{self._jwt_conf()}{cfg.extra_conf}
+{self._partitions_conf()}{self._hooks_conf()}{self._jwt_conf()}{cfg.extra_conf}
 """
+
+    @property
+    def legacy(self) -> bool:
+        """Slurm 22.05, which still has the */none plugins that 23.11+ dropped (their
+        absence is the default there)."""
+        return self.config.version == HOST_VERSION
+
+    def _legacy_none_plugins(self) -> str:
+        return "SwitchType=switch/none\nJobCompType=jobcomp/none\n" if self.legacy else ""
+
+    def _topology_plugin_conf(self) -> str:
+        if self.config.topology == "yaml":
+            return ""  # topology.yaml names each topology's plugin itself
+        return f"TopologyPlugin=topology/{self.config.topology}\n"
+
+    def _partitions_conf(self) -> str:
+        main = "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+        if self.config.topology != "yaml":
+            return main + "\n"
+        return (f"{main} Topology=tree\n"
+                "PartitionName=blocks Nodes=ALL MaxTime=INFINITE State=UP Topology=blocks\n")
 
     def _accounting_conf(self) -> str:
         cfg = self.config
         if not cfg.accounting:
+            if not self.legacy:
+                return ""
             return ("AccountingStorageType=accounting_storage/none\n"
                     "JobAcctGatherType=jobacct_gather/none\n")
         # gres/gpu in AllocTRES is what reconciliation compares with; jobacct_gather/none
@@ -1186,8 +1362,7 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={cfg.dbd_port}
 AccountingStorageTRES=gres/gpu
-JobAcctGatherType=jobacct_gather/none
-"""
+{"JobAcctGatherType=jobacct_gather/none" + chr(10) if self.legacy else ""}"""
 
     def _hooks_conf(self) -> str:
         cfg = self.config
@@ -1207,19 +1382,54 @@ JobAcctGatherType=jobacct_gather/none
         self.jwt_key_path.chmod(0o600)
         return f"AuthAltTypes=auth/jwt\nAuthAltParameters=jwt_key={self.jwt_key_path}\n"
 
+    def leaf_ranges(self) -> list[tuple[int, int]]:
+        """(first, last) node number of each leaf: consecutive, sizes differ by <= 1."""
+        cfg = self.config
+        base, extra = divmod(cfg.nodes, cfg.leaves)
+        ranges, first = [], 1
+        for leaf in range(1, cfg.leaves + 1):
+            last = first + base - 1 + (1 if leaf <= extra else 0)
+            ranges.append((first, last))
+            first = last + 1
+        return ranges
+
     def topology_conf_text(self) -> str:
-        """`leaves` leaf switches over consecutive node ranges (sizes differ by <= 1) + a spine."""
+        """tree: `leaves` leaf switches over leaf_ranges() + a spine; block: one block per leaf
+        with BlockSizes=<smallest leaf>,<all nodes> (topology/block needs equal-sized base
+        blocks: nodes beyond the smallest leaf's size are left out of the blocks)."""
         cfg = self.config
         if cfg.topology_conf is not None:
             return cfg.topology_conf
-        base, extra = divmod(cfg.nodes, cfg.leaves)
-        lines, first = [], 1
-        for leaf in range(1, cfg.leaves + 1):
-            last = first + base - 1 + (1 if leaf <= extra else 0)
+        lines = []
+        if cfg.topology == "block":
+            size = min(last - first + 1 for first, last in self.leaf_ranges())
+            for leaf, (first, _last) in enumerate(self.leaf_ranges(), start=1):
+                nodes = _hostlist("n", first, first + size - 1)
+                lines.append(f"BlockName=block{leaf} Nodes={nodes}")
+            sizes = [size] if cfg.leaves == 1 else [size, size * cfg.leaves]
+            lines.append("BlockSizes=" + ",".join(map(str, sizes)))
+            return "\n".join(lines) + "\n"
+        for leaf, (first, last) in enumerate(self.leaf_ranges(), start=1):
             lines.append(f"SwitchName=leaf{leaf} Nodes={_hostlist('n', first, last)}")
-            first = last + 1
         lines.append(f"SwitchName=spine Switches={_hostlist('leaf', 1, cfg.leaves)}")
         return "\n".join(lines) + "\n"
+
+    def topology_yaml_text(self) -> str:
+        """topology.yaml (25.05+): "tree" (the default; leaves + spine) and "blocks" (one block
+        per leaf), for topology="yaml"."""
+        size = min(last - first + 1 for first, last in self.leaf_ranges())
+        out = ["---", "- topology: tree", "  cluster_default: true", "  tree:",
+               "    switches:"]
+        out += ["      - switch: spine", f"        children: leaf[1-{self.config.leaves}]"]
+        for leaf, (first, last) in enumerate(self.leaf_ranges(), start=1):
+            nodes = _hostlist("n", first, last)
+            out += [f"      - switch: leaf{leaf}", f"        nodes: {nodes}"]
+        out += ["- topology: blocks", "  cluster_default: false", "  block:",
+                "    block_sizes:", f"      - {size}", "    blocks:"]
+        for leaf, (first, _last) in enumerate(self.leaf_ranges(), start=1):
+            out += [f"      - block: block{leaf}",
+                    f"        nodes: {_hostlist('n', first, first + size - 1)}"]
+        return "\n".join(out) + "\n"
 
     def gres_conf_text(self) -> str:
         cfg = self.config
@@ -1232,15 +1442,27 @@ JobAcctGatherType=jobacct_gather/none
     def _write_configs(self) -> None:
         self.conf_path.write_text(self.slurm_conf_text())
         (self.etc_dir / "gres.conf").write_text(self.gres_conf_text())
-        (self.etc_dir / "topology.conf").write_text(self.topology_conf_text())
+        yaml_path = self.etc_dir / "topology.yaml"
+        if self.config.topology == "yaml":
+            yaml_path.write_text(self.topology_yaml_text())
+            (self.etc_dir / "topology.conf").unlink(missing_ok=True)
+        else:
+            yaml_path.unlink(missing_ok=True)  # 25.05+ would prefer it to topology.conf
+            (self.etc_dir / "topology.conf").write_text(self.topology_conf_text())
+        cgroup = self.etc_dir / "cgroup.conf"
+        if self.legacy:
+            cgroup.unlink(missing_ok=True)
+        else:
+            # 23.11+ slurmd insists on a mounted cgroup tree unless told there is none
+            cgroup.write_text("CgroupPlugin=disabled\n")
 
     def _spawn_daemon(self, name: str, argv: list[str]) -> None:
         """Run a self-daemonizing Slurm daemon; its stdio goes to log/NAME.out, not our pipes."""
         out = self.log_dir / f"{name}.out"
         with out.open("ab") as fh:
             proc = subprocess.run(
-                argv,
-                env=self.env(),
+                self.argv(argv),
+                env=self._slurm_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
@@ -1302,7 +1524,9 @@ JobAcctGatherType=jobacct_gather/none
         """slurmstepd processes of this lab. Their environ is empty, but cwd and the log fd
         point into lab_dir (a slurmstepd outlives a killed slurmd and keeps its job running).
         """
-        prefix = str(self.lab_dir) + "/"
+        prefixes = [str(self.lab_dir) + "/"]
+        if self.root is not None:  # seen from outside, a chrooted cwd carries the root's path
+            prefixes.append(f"{self.root}{self.lab_dir}/")
         mine = []
         for pid in _procs_named("slurmstepd"):
             proc = Path(f"/proc/{pid}")
@@ -1311,7 +1535,7 @@ JobAcctGatherType=jobacct_gather/none
                 targets = [os.readlink(link) for link in links]
             except OSError:
                 continue
-            if any(target.startswith(prefix) for target in targets):
+            if any(target.startswith(tuple(prefixes)) for target in targets):
                 mine.append(pid)
         return mine
 

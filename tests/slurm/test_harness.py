@@ -105,7 +105,12 @@ def test_drain_then_resume(clean_slurm_lab: SlurmLab) -> None:
     lab.run("scontrol", "update", "nodename=n3", "state=resume")
     # 22.05 shows IDLE+NOT_RESPONDING until its next ping of the resumed node: wait for it.
     assert lab.wait_node_state("n3", "IDLE", timeout_s=20) == "IDLE"
-    assert lab.node_reason("n3") == ""
+    if lab.version == "24.11":
+        # 24.11.5 keeps the drain reason on the resumed, IDLE node (seen here every time;
+        # 22.05 and 26.05 clear it): a reason alone does not mean drained there
+        assert lab.node_reason("n3") in ("", reason)
+    else:
+        assert lab.node_reason("n3") == ""
 
 
 @pytest.mark.slurm

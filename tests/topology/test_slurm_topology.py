@@ -1,4 +1,4 @@
-"""The generated tree in a real slurmctld (Slurm 22.05, topology/tree): it starts with it,
+"""The generated tree in a real slurmctld (each Slurm version, topology/tree): it starts with it,
 `scontrol show topology` shows it, and `sbatch --switches=1 -N2` lands on one leaf."""
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ def _generated_conf() -> str:
 
 
 @pytest.fixture(scope="module")
-def topo_lab() -> Iterator[tuple[SlurmLab, str]]:
+def topo_lab(slurm_version: str) -> Iterator[tuple[SlurmLab, str]]:
     if os.geteuid() != 0 and not IN_CI:
         pytest.skip("real Slurm needs root")
     conf = _generated_conf()
     port = int(os.environ.get("GPUFLEET_SLURM_TEST_PORT", "7917"))
     lab = SlurmLab(SlurmLabConfig(
         lab_dir=Path(os.environ.get("GPUFLEET_SLURM_TEST_LAB", "/tmp/gf-lab-topo")),
-        ctld_port=port, node_port0=port + 10183, topology_conf=conf))
+        ctld_port=port, node_port0=port + 10183, topology_conf=conf, version=slurm_version))
     try:
         lab.start()
     except SlurmLabError as e:
