@@ -1,5 +1,5 @@
-"""Fault -> drain on a real Slurm 22.05: Xid 79 injected into simulated agents, DRAIN seen by
-`scontrol show node`. Prints p50/p99/max over every injected fault (target p99 <= 1 s; Slurm's
+"""Fault -> drain on a real Slurm (22.05, 24.11 or 26.05): Xid 79 injected into simulated
+agents, DRAIN seen by `scontrol show node`. Prints p50/p99/max over every injected fault (target p99 <= 1 s; Slurm's
 own NHC runs every 300 s).
 
 Each round: the lab reset (all nodes idle), a fresh controller (gpufleet.scheduler.server,
@@ -13,7 +13,9 @@ queue, scontrol update, and this script's polling of scontrol (one call every fe
 Needs root (slurmctld, slurmd, munged). Uses its own lab: /tmp/gf-lab-metrics, ports 9917
 and 20101.. (override with --lab-dir / --ctld-port / --node-port0).
 
-    .venv/bin/python bench/fault_to_drain.py [--rounds 3] [--nodes 8]
+    .venv/bin/python bench/fault_to_drain.py [--rounds 3] [--nodes 8] [--slurm-version 24.11]
+
+24.11 and 26.05 run from the Debian roots `.ci/slurm-root.sh` builds (tests/slurm/roots.py).
 """
 
 from __future__ import annotations
@@ -116,10 +118,13 @@ def main() -> None:
     ap.add_argument("--ctld-port", type=int, default=9917)
     ap.add_argument("--node-port0", type=int, default=20100)
     ap.add_argument("--keep-lab", action="store_true", help="leave Slurm running at the end")
+    ap.add_argument("--slurm-version", default="22.05", choices=("22.05", "24.11", "26.05"),
+                    help="the host's 22.05, or a newer Slurm from its Debian root")
     args = ap.parse_args()
 
     lab = SlurmLab(SlurmLabConfig(lab_dir=args.lab_dir, ctld_port=args.ctld_port,
-                                  node_port0=args.node_port0, nodes=max(8, args.nodes)))
+                                  node_port0=args.node_port0, nodes=max(8, args.nodes),
+                                  version=args.slurm_version))
     lab.start()
     rng = random.Random(1)
     nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
@@ -135,7 +140,8 @@ def main() -> None:
     seen = [ms for _, ms, _ in results]
     internal = [float(ms) for _, _, ms in results if ms is not None]
     injected = args.rounds * len(nodes)
-    print(f"\nfault -> DRAIN in `scontrol show node`, real Slurm 22.05: {len(seen)}/{injected} "
+    print(f"\nfault -> DRAIN in `scontrol show node`, real Slurm {args.slurm_version}: "
+          f"{len(seen)}/{injected} "
           f"drained")
     if seen:
         p99 = percentile(seen, 99)
