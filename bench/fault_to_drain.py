@@ -1,6 +1,6 @@
 """Fault -> drain on a real Slurm (22.05, 24.11 or 26.05): Xid 79 injected into simulated
-agents, DRAIN seen by `scontrol show node`. Prints p50/p99/max over every injected fault (target p99 <= 1 s; Slurm's
-own NHC runs every 300 s).
+agents, DRAIN seen by `scontrol show node`. Prints p50/p99/max over every injected fault
+(target p99 <= 1 s; Slurm's own NHC runs every 300 s).
 
 Each round: the lab reset (all nodes idle), a fresh controller (gpufleet.scheduler.server,
 SQLite store, the `scontrol` CLI client, the default health policy), one agent process per
