@@ -95,7 +95,13 @@ class Placed:
 
 
 @pytest.fixture
-def placed(clean_slurm_lab: SlurmLab, tmp_path: Path) -> Iterator[Callable[..., Placed]]:
+def placed(clean_slurm_lab: SlurmLab, slurm_version: str,
+           tmp_path: Path) -> Iterator[Callable[..., Placed]]:
+    if clean_slurm_lab.root is not None:
+        # the lua filter runs gpufleet-sbatch-filter with the host's Python and paths; inside a
+        # chroot root neither is there yet (issue 16/15 follow-up), so only 22.05 runs this path
+        pytest.skip(f"cli_filter placement runs on the host's Slurm only, not in the "
+                    f"{slurm_version} root yet")
     made: list[Placed] = []
 
     def make(degraded: tuple[str, ...] = ()) -> Placed:
