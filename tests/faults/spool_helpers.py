@@ -173,6 +173,9 @@ class AgentProc:
             f'sysfs_root = "{self.base / "no-sys"}"\n'
             f'metrics_listen = "127.0.0.1:{self.metrics_port}"\n'
             f"interval_s = {self.interval_s}\n"
+            # every sample is a report (the pre-heartbeat wire): these tests count how many
+            # queued reports come through a cut-off, so each cycle must queue one
+            "heartbeat_interval_s = 0\n"
             f'disk_paths = ["{self.base}"]\n'
             f"{self.extra}"
         )
