@@ -63,7 +63,11 @@ def _venv(root: Path, extra: str, wheelhouse: Path) -> Path:
 
 def _commands(venv: Path, prog: str, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """Every command path under `prog`, from the "Commands:" sections of --help."""
-    r = _run([str(venv / "bin" / prog), *path, "--help"], timeout=60)
+    # sbatch and place hand --help to the real sbatch (a drop-in), which needs a Slurm
+    # config this machine may lack; gpufleet's own help for them is --gpufleet-help
+    flag = "--gpufleet-help" if prog == "gpufleet" and path in {("sbatch",), ("place",)} \
+        else "--help"
+    r = _run([str(venv / "bin" / prog), *path, flag], timeout=60)
     assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, (path, r.stderr)
     found = [path]
     if "Commands:" in r.stdout:

@@ -225,6 +225,9 @@ class AgentProc:
     gpus: int = 4
     profile: str = "l40s-pcie"
     interval_s: float = 0.25
+    # several heartbeats inside the shortest unreachable_after_s a test uses (3 s); 0 sends
+    # every sample (the pre-heartbeat wire: a load generator)
+    heartbeat_interval_s: float = 0.5
     clock: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     incarnation: int = 0
@@ -254,8 +257,7 @@ class AgentProc:
             f'sim_faults_path = "{self.faults_path}"\nstate_dir = "{self.state_dir}"\n'
             f'metrics_listen = ""\nkmsg_path = ""\njob_socket_path = ""\n'
             f"interval_s = {self.interval_s}\n"
-            # several heartbeats inside the shortest unreachable_after_s a test uses (3 s)
-            "heartbeat_interval_s = 0.5\n"
+            f"heartbeat_interval_s = {self.heartbeat_interval_s}\n"
             # every sample reads the energy counter: the test moves it when it likes
             "nvml_counter_interval_s = 0\n"
             f'disk_paths = ["{self.base}"]\n'

@@ -218,7 +218,10 @@ class StandbyFleet:
         self.agents = {
             # half list the standby first: failover has to go past a refusing controller
             n: AgentProc(n, base, f"{a},{b}" if i % 2 == 0 else f"{b},{a}", gpus=GPUS,
-                         interval_s=LOAD_INTERVAL_S)
+                         interval_s=LOAD_INTERVAL_S,
+                         # every sample a report: the ~500 reports/s the kills happen
+                         # under (tests/faults/test_kill.py runs the heartbeat wire)
+                         heartbeat_interval_s=0)
             for i, n in enumerate(WORK_NODES + LOAD_NODES)}
         self.probe = Probe(f"{b},{a}")
         self.channels = {n: grpc.insecure_channel(c.address)

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
 SLURM_KINDS = ("cli", "rest", "pyslurm", "none")
 
@@ -192,6 +191,9 @@ def split_features(text: str | None) -> tuple[str, ...]:
 
 def expand_hostlist(expr: str) -> list[str]:
     """n[1-3],gpu07 -> [n1, n2, n3, gpu07] (Slurm hostlist syntax, via ClusterShell)."""
+    # imported here: `gpufleet --help` on an install without ClusterShell must still load
+    from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+
     try:
         return list(NodeSet(expr))
     except NodeSetParseError as e:
@@ -200,6 +202,8 @@ def expand_hostlist(expr: str) -> list[str]:
 
 def fold_hostlist(names: Iterable[str]) -> str:
     """[n1, n2, n3] -> n[1-3] (what Slurm takes in ExcNodeList= and the like)."""
+    from ClusterShell.NodeSet import NodeSet
+
     return str(NodeSet.fromlist(list(names)))
 
 
