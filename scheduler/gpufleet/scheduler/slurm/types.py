@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-
 SLURM_KINDS = ("cli", "rest", "pyslurm", "none")
 
 
