@@ -82,6 +82,7 @@ def test_agent_bad_input(tmp_path, args: list[str], message: str) -> None:
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # ~5-11 s: keeps the fast set under 3 minutes; CI runs it
 def test_agent_once_without_controller_fails_cleanly(tmp_path) -> None:
     r = run("gpufleet-agent", "run", "--once", "--gpu-backend", "simulated",
             "--controller", "127.0.0.1:9", "--state-dir", str(tmp_path))

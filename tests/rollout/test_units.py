@@ -116,6 +116,7 @@ def test_roles_render_the_shipped_units(tmp_path: Path) -> None:
 
 
 @needs_ansible
+@pytest.mark.slow  # ~5-11 s: keeps the fast set under 3 minutes; CI runs it
 def test_ansible_lint_production_profile() -> None:
     # explicit paths: ansible-lint only discovers files git tracks
     proc = subprocess.run(

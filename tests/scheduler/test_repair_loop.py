@@ -73,6 +73,7 @@ def steps(journal: Journal, node: str) -> list[str]:
     return [r["step"] for r in journal.history(node) if r.get("type") == "step"]
 
 
+@pytest.mark.slow  # ~5-11 s: keeps the fast set under 3 minutes; CI runs it
 def test_xid95_reset_diag_pass_resumes(lab, tmp_path: Path, report_figure) -> None:
     ctl, slurm, journal = lab
     agent, t = start_agent(tmp_path, ctl.port, "n1")
@@ -99,6 +100,7 @@ def test_xid95_reset_diag_pass_resumes(lab, tmp_path: Path, report_figure) -> No
         t.join(5)
 
 
+@pytest.mark.slow  # ~5-11 s: keeps the fast set under 3 minutes; CI runs it
 def test_failed_diag_stays_drained_with_the_check_in_the_reason(lab, tmp_path: Path) -> None:
     ctl, slurm, journal = lab
     agent, t = start_agent(tmp_path, ctl.port, "n2")
