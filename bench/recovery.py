@@ -30,9 +30,9 @@ if str(REPO) not in sys.path:  # run as a script: make `tests.slurm.harness` imp
     sys.path.insert(0, str(REPO))
 
 from gpufleet.agent.nvml_sim import append_fault  # noqa: E402
-from gpufleet.scheduler.policy import PolicyConfig  # noqa: E402
-from gpufleet.scheduler.recovery import RecoveryConfig  # noqa: E402
-from gpufleet.scheduler.server import Controller  # noqa: E402
+from gpufleet.scheduler.health.policy import PolicyConfig  # noqa: E402
+from gpufleet.scheduler.recovery.manager import RecoveryConfig  # noqa: E402
+from gpufleet.scheduler.service.server import Controller  # noqa: E402
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError  # noqa: E402
 from gpufleet.scheduler.store import SqliteStore  # noqa: E402
 from gpufleet.scheduler.store.base import RecoveryRow  # noqa: E402

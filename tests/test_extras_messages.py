@@ -7,7 +7,7 @@ import click
 import pytest
 from click.testing import CliRunner
 from gpufleet.agent import extras as agent_extras
-from gpufleet.scheduler import extras
+from gpufleet.scheduler.cli import extras
 
 
 @pytest.mark.parametrize(("module", "wanted"), [

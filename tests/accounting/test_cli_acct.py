@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.scheduler.cli_acct import acct
+from gpufleet.scheduler.cli.acct import acct
 from gpufleet.scheduler.store import open_store
 from gpufleet.scheduler.store.acct import UsageRow
 

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from gpufleet.agent.accounting import Accountant, write_hook_file
 from gpufleet.agent.telemetry import GpuSample
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.cli_acct_reconcile import reconcile
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.cli.acct_reconcile import reconcile
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.sacct import parse_sacct_json
 from gpufleet.scheduler.store import SqliteStore

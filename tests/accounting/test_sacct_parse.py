@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.scheduler.cli_acct_reconcile import reconcile
+from gpufleet.scheduler.cli.acct_reconcile import reconcile
 from gpufleet.scheduler.slurm.sacct import (
     STATUS_MISMATCH,
     STATUS_MISSING_GPUFLEET,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from gpufleet.agent.nvml_sim import append_fault
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.store import SqliteStore
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from gpufleet.agent import sdnotify as agent_sdnotify
-from gpufleet.scheduler import sdnotify as controller_sdnotify
+from gpufleet.scheduler.observability import sdnotify as controller_sdnotify
 
 NOTIFIERS = [agent_sdnotify.notify, controller_sdnotify.notify]
 

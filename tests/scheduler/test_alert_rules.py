@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from gpufleet.agent.metrics import AgentCollector
-from gpufleet.scheduler.metrics import ControllerMetrics
+from gpufleet.scheduler.observability.metrics import ControllerMetrics
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import IN_CI, REPO

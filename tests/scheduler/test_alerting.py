@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpufleet.scheduler.alerting import (
+from gpufleet.scheduler.observability.alerting import (
     Alert,
     AlertRelay,
     AlertSender,

@@ -12,9 +12,9 @@ from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.nvml import NvmlBackend, load_library
 from gpufleet.agent.runner import Agent
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.ingest import IngestError, Ingestor
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.service.ingest import IngestError, Ingestor
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.scheduler.fakes import FakeSlurm

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.cli_jobs import jobs
-from gpufleet.scheduler.metrics import ControllerMetrics
-from gpufleet.scheduler.policy import HealthPolicy, PolicyConfig
-from gpufleet.scheduler.recovery import (
+from gpufleet.scheduler.cli.jobs import jobs
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
+from gpufleet.scheduler.observability.metrics import ControllerMetrics
+from gpufleet.scheduler.recovery.manager import (
     RecoveryConfig,
     RecoveryConfigError,
     RecoveryManager,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from gpufleet.scheduler.cli_topology import topology
+from gpufleet.scheduler.cli.topology import topology
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.topology.fabricgen import fat_tree, inventory

@@ -3,7 +3,7 @@
 Each machine installs only its extra (`agent`: compute node, `client`: login node, `controller`:
 head node). Commands import what their extra brings when they run, so `--help` works on every
 install; a command run without its extra's packages ends with one line naming the package and
-the extra(s) that bring it. (gpufleet.scheduler.extras has the same for `gpufleet`: the agent
+the extra(s) that bring it. (gpufleet.scheduler.cli.extras has the same for `gpufleet`: the agent
 and the controller never import each other.)
 """
 

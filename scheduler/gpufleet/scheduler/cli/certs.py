@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from gpufleet.scheduler import certs
+from gpufleet.scheduler.access import certs
 
 DEFAULT_CA_DIR = "/etc/gpufleet/ca"
 
@@ -96,6 +96,6 @@ def issue(
 
 
 if __name__ == "__main__":
-    # `python -m gpufleet.scheduler.cli_certs certs ...` reads like `gpufleet certs ...`
+    # `python -m gpufleet.scheduler.cli.certs certs ...` reads like `gpufleet certs ...`
     # (the Ansible roles call either)
     click.Group(commands={"certs": certs_group})()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmClient, SlurmError
 from gpufleet.scheduler.store import ActionRow, SqliteStore, StateStore
 

@@ -29,9 +29,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.actions import REASON_PREFIX, ActionQueue
-from gpufleet.scheduler.metrics import ControllerMetrics
-from gpufleet.scheduler.policy import HealthPolicy
+from gpufleet.scheduler.health.actions import REASON_PREFIX, ActionQueue
+from gpufleet.scheduler.health.policy import HealthPolicy
+from gpufleet.scheduler.observability.metrics import ControllerMetrics
 from gpufleet.scheduler.store import CheckpointRow, StateStore, VerdictRow, now_ms
 from gpufleet.scheduler.store.acct import UsageRow
 
@@ -222,7 +222,7 @@ class Ingestor:
         # registrations are one per job checkpoint, rare next to samples.
         import pwd  # local, like munge: edits to this file stay inside _checkpoint
 
-        from gpufleet.scheduler import munge
+        from gpufleet.scheduler.access import munge
 
         claimed_uid = c.uid if c.HasField("uid") else None
         if c.munge_credential:

@@ -12,7 +12,7 @@ import threading
 from collections import deque
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.alerting import Alert, AlertSender
+from gpufleet.scheduler.observability.alerting import Alert, AlertSender
 from gpufleet.scheduler.repair.engine import AgentCommand, CommandResult
 from gpufleet.scheduler.store import StateStore
 

@@ -28,8 +28,9 @@ from typing import NoReturn
 import grpc
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler import admin, audit, munge
-from gpufleet.scheduler.actions import REASON_PREFIX
+from gpufleet.scheduler.access import audit, munge
+from gpufleet.scheduler.health import admin
+from gpufleet.scheduler.health.actions import REASON_PREFIX
 from gpufleet.scheduler.placement.engine import place
 from gpufleet.scheduler.placement.model import (
     ClusterView,

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from gpufleet.scheduler.metrics import parse_listen
+from gpufleet.scheduler.observability.metrics import parse_listen
 
 log = logging.getLogger(__name__)
 

@@ -327,7 +327,7 @@ def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - ea
         return out
     if not cfg.controller:
         return out  # no controller configured: plain sbatch, silently
-    from gpufleet.scheduler import placecall
+    from gpufleet.scheduler.service import placecall
 
     req = placecall.PlaceRequest(
         nodes=plan.nodes, gpus_per_node=plan.gpus_per_node, total_gpus=plan.total_gpus,

@@ -34,7 +34,7 @@ def filter_command() -> str:
         found = os.path.join(d, "gpufleet-sbatch-filter")
         if d and os.access(found, os.X_OK):
             return found
-    return f"{sys.executable} -m gpufleet.scheduler.sbatch_filter"
+    return f"{sys.executable} -m gpufleet.scheduler.cli.sbatch_filter"
 
 
 def sbatch_argv(args: Sequence[str], env: MutableMapping[str, str],
@@ -90,6 +90,6 @@ def main() -> None:
     if sys.argv[1:2] == ["place"]:
         os.environ["GPUFLEET_FILTER_VERBOSE"] = "1"
         sys.exit(exec_sbatch(sys.argv[2:], test_only=True))
-    from gpufleet.scheduler.cli import main as cli_main
+    from gpufleet.scheduler.cli.main import main as cli_main
 
     cli_main()

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from gpufleet.scheduler.store import StoreError, open_store
-from gpufleet.scheduler.store.acct import GROUP_BY, UsageQuery, UsageTotal
-from gpufleet.scheduler.user_client import (
+from gpufleet.scheduler.service.user_client import (
     UserClient,
     UserClientError,
     click_error,
     connect,
     controller_options,
 )
+from gpufleet.scheduler.store import StoreError, open_store
+from gpufleet.scheduler.store.acct import GROUP_BY, UsageQuery, UsageTotal
 
 DEFAULT_DB = "/var/lib/gpufleet/state.db"
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")

@@ -63,7 +63,7 @@ from gpufleet.scheduler.store import StateStore, StoreError, now_ms
 from gpufleet.scheduler.store.base import RecoveryRow
 
 if TYPE_CHECKING:
-    from gpufleet.scheduler.metrics import ControllerMetrics
+    from gpufleet.scheduler.observability.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -20,26 +20,31 @@ import grpc
 from google.protobuf.message import DecodeError
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler import audit, limits
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.alerting import AlertSender
-from gpufleet.scheduler.ingest import IngestError, Ingestor
-from gpufleet.scheduler.leader import LeaderLock
-from gpufleet.scheduler.metrics import ControllerMetrics, MetricsHttpServer, start_metrics_http
-from gpufleet.scheduler.policy import HealthPolicy, PolicyConfig
-from gpufleet.scheduler.recovery import RecoveryConfig, RecoveryManager
+from gpufleet.scheduler.access import audit
+from gpufleet.scheduler.access.tls import ServerTls, peer_node_names
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
+from gpufleet.scheduler.observability.alerting import AlertSender
+from gpufleet.scheduler.observability.metrics import (
+    ControllerMetrics,
+    MetricsHttpServer,
+    start_metrics_http,
+)
+from gpufleet.scheduler.recovery.manager import RecoveryConfig, RecoveryManager
 from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import Rebooter
-from gpufleet.scheduler.repair_link import AgentCommands, Escalator, result_from_wire
-from gpufleet.scheduler.slurm import SlurmClient
-from gpufleet.scheduler.store import StateStore, StoreError
-from gpufleet.scheduler.tls import ServerTls, peer_node_names
-from gpufleet.scheduler.user_service import (
+from gpufleet.scheduler.repair.link import AgentCommands, Escalator, result_from_wire
+from gpufleet.scheduler.service import limits
+from gpufleet.scheduler.service.ingest import IngestError, Ingestor
+from gpufleet.scheduler.service.leader import LeaderLock
+from gpufleet.scheduler.service.user_service import (
     DEFAULT_ADMIN_GROUP,
     Authenticator,
     FleetUserServicer,
     ViewSource,
 )
+from gpufleet.scheduler.slurm import SlurmClient
+from gpufleet.scheduler.store import StateStore, StoreError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -326,7 +331,7 @@ class Controller:
     def _make_repair(self, slurm: SlurmClient | None, cfg: RepairConfig,
                      journal: str | None, rebooter: Rebooter | None,
                      partition_of: Callable[[str], str] | None) -> None:
-        from gpufleet.scheduler.repair_metrics import RepairCollector
+        from gpufleet.scheduler.repair.metrics import RepairCollector
         from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 
         if self.policy is None or slurm is None:

@@ -17,16 +17,16 @@ from typing import Any
 import click
 from gpufleet.rpc.settings import FiniteRange, HostPort
 from gpufleet.scheduler import __version__
-from gpufleet.scheduler.cli_repair import (
+from gpufleet.scheduler.cli.extras import ExtrasGroup, unavailable
+from gpufleet.scheduler.cli.repair import (
     alert_sender,
     nodes_history_command,
     repair_config,
     repair_group,
     repair_options,
 )
-from gpufleet.scheduler.extras import ExtrasGroup, unavailable
+from gpufleet.scheduler.service.user_client import controller_options
 from gpufleet.scheduler.store import StateStore, StoreError, now_ms, open_store
-from gpufleet.scheduler.user_client import controller_options
 
 DEFAULT_CONFIG = Path("/etc/gpufleet/controller.toml")
 DEFAULT_DB = "/var/lib/gpufleet/state.db"
@@ -39,7 +39,7 @@ CONFIG_KEYS = {
     "tls_ca", "tls_cert", "tls_key", "insecure",
     "recover", "recovery_grace_s", "recovery_max_restarts", "recovery_signal",
     "munge_socket", "admin_group", "audit_log",
-    # the repair loop (gpufleet.scheduler.cli_repair)
+    # the repair loop (gpufleet.scheduler.cli.repair)
     "repair", "repair_journal", "repair_policy", "repair_max_per_partition",
     "repair_fail_limit", "repair_fail_window_s", "repair_diag_level", "repair_shadow",
     "alertmanager_url", "alert_webhook_url",
@@ -256,10 +256,11 @@ def controller(
     MUNGE through --munge-socket, also with --insecure: a user's identity never comes from
     TLS or from anything the request says.
     """
-    from gpufleet.scheduler import audit, sdnotify
-    from gpufleet.scheduler.policy import PolicyConfig
-    from gpufleet.scheduler.server import Controller
-    from gpufleet.scheduler.tls import TlsConfigError, from_options
+    from gpufleet.scheduler.access import audit
+    from gpufleet.scheduler.access.tls import TlsConfigError, from_options
+    from gpufleet.scheduler.health.policy import PolicyConfig
+    from gpufleet.scheduler.observability import sdnotify
+    from gpufleet.scheduler.service.server import Controller
 
     _setup_logging(verbose)
     if audit_log:
@@ -284,7 +285,7 @@ def controller(
         raise click.ClickException(str(e)) from e
     recovery = None
     if recover and slurm == "cli":
-        from gpufleet.scheduler.recovery import RecoveryConfig
+        from gpufleet.scheduler.recovery.manager import RecoveryConfig
 
         recovery = RecoveryConfig(signal=recovery_signal, grace_s=recovery_grace_s,
                                   max_restarts=recovery_max_restarts)
@@ -409,7 +410,7 @@ def nodes(ctx: click.Context, db: str, health: str | None, as_json: bool) -> Non
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def nodes_show(node: str, db: str, as_json: bool) -> None:
     """One node: health, current verdicts, gpufleet's actions and recent events."""
-    from gpufleet.scheduler.admin import format_ts, timeline
+    from gpufleet.scheduler.health.admin import format_ts, timeline
 
     store = _open_existing_store(db)
     row = store.node(node)
@@ -472,8 +473,8 @@ def _node_action_via_controller(action: str, node_expr: str, reason: str,
                                  options: dict[str, Any]) -> None:
     """drain/resume through the controller's FleetUser service (MUNGE-authenticated; admins
     only). NODE may be a hostlist (n[1-4]) there."""
+    from gpufleet.scheduler.service.user_client import UserClientError, click_error, connect
     from gpufleet.scheduler.slurm import SlurmError, expand_hostlist
-    from gpufleet.scheduler.user_client import UserClientError, click_error, connect
 
     try:
         nodes = expand_hostlist(node_expr)
@@ -504,8 +505,8 @@ def drain(node: str, reason: str, db: str, slurm: str, controller: str | None,
     """Drain NODE by hand. gpufleet never resumes a node drained this way.
 
     With --controller it asks the controller (admins only: root or the admin group)."""
-    from gpufleet.scheduler.admin import AdminError, caller_name
-    from gpufleet.scheduler.admin import drain as do_drain
+    from gpufleet.scheduler.health.admin import AdminError, caller_name
+    from gpufleet.scheduler.health.admin import drain as do_drain
 
     if controller:
         _node_action_via_controller("drain", node, reason, {"controller": controller,
@@ -529,8 +530,8 @@ def resume(node: str, db: str, slurm: str, controller: str | None, **options: An
     """Resume NODE by hand, whoever drained it (recorded with your name).
 
     With --controller it asks the controller (admins only: root or the admin group)."""
-    from gpufleet.scheduler.admin import AdminError, caller_name
-    from gpufleet.scheduler.admin import resume as do_resume
+    from gpufleet.scheduler.health.admin import AdminError, caller_name
+    from gpufleet.scheduler.health.admin import resume as do_resume
 
     if controller:
         _node_action_via_controller("resume", node, "", {"controller": controller, **options})
@@ -553,7 +554,7 @@ def resume(node: str, db: str, slurm: str, controller: str | None, **options: An
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def events(db: str, since: str, node: str | None, limit: int, as_json: bool) -> None:
     """Health events from the agents and gpufleet's actions, oldest first."""
-    from gpufleet.scheduler.admin import AdminError, format_ts, parse_since, timeline
+    from gpufleet.scheduler.health.admin import AdminError, format_ts, parse_since, timeline
 
     try:
         since_ms = parse_since(since)
@@ -595,7 +596,7 @@ def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_draine
     """A controller plus simulated agents on this machine: nodes, a fault, the drain."""
     import importlib.util
 
-    from gpufleet.scheduler.demo import run_demo
+    from gpufleet.scheduler.cli.demo import run_demo
 
     lacking = [m for m in ("psutil", "prometheus_client") if importlib.util.find_spec(m) is None]
     if lacking:  # the agents it starts would each die on the import
@@ -621,16 +622,16 @@ def _add(module: str, attr: str, name: str, what: str) -> click.Command | None:
 
 def _register_command_groups() -> None:
     """Groups that live in their own modules (each module is the group's whole CLI)."""
-    _add("gpufleet.scheduler.cli_topology", "topology", "topology",
+    _add("gpufleet.scheduler.cli.topology", "topology", "topology",
          "Slurm topology.conf from the InfiniBand fabric")
-    _add("gpufleet.scheduler.cli_certs", "certs_group", "certs",
+    _add("gpufleet.scheduler.cli.certs", "certs_group", "certs",
          "The cluster CA and node certificates")
-    _add("gpufleet.scheduler.cli_place", "place_cmd", "place", "Where a job would be placed")
-    _add("gpufleet.scheduler.cli_place", "sbatch_cmd", "sbatch", "sbatch with gpufleet placement")
-    _add("gpufleet.scheduler.cli_jobs", "jobs", "jobs", "Job checkpoints and recoveries")
-    acct = _add("gpufleet.scheduler.cli_acct", "acct", "acct", "GPU accounting")
+    _add("gpufleet.scheduler.cli.place", "place_cmd", "place", "Where a job would be placed")
+    _add("gpufleet.scheduler.cli.place", "sbatch_cmd", "sbatch", "sbatch with gpufleet placement")
+    _add("gpufleet.scheduler.cli.jobs", "jobs", "jobs", "Job checkpoints and recoveries")
+    acct = _add("gpufleet.scheduler.cli.acct", "acct", "acct", "GPU accounting")
     if isinstance(acct, click.Group):
-        from gpufleet.scheduler.cli_acct_reconcile import reconcile
+        from gpufleet.scheduler.cli.acct_reconcile import reconcile
 
         acct.add_command(reconcile)  # `gpufleet acct reconcile`: against sacct
     main.add_command(repair_group)

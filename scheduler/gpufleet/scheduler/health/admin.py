@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from gpufleet.scheduler import audit
+from gpufleet.scheduler.access import audit
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
 from gpufleet.scheduler.store import StateStore, now_ms
 

@@ -22,12 +22,12 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gpufleet.scheduler.actions import REASON_PREFIX, ActionQueue
+from gpufleet.scheduler.health.actions import REASON_PREFIX, ActionQueue
 from gpufleet.scheduler.slurm import SlurmError
 from gpufleet.scheduler.store import StateStore, now_ms
 
 if TYPE_CHECKING:
-    from gpufleet.scheduler.recovery import RecoveryManager
+    from gpufleet.scheduler.recovery.manager import RecoveryManager
     from gpufleet.scheduler.repair import RepairManager
 
 log = logging.getLogger(__name__)

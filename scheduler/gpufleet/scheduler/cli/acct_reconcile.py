@@ -18,7 +18,7 @@ from typing import TextIO
 
 import click
 from gpufleet.rpc.settings import FiniteRange
-from gpufleet.scheduler.cli_acct import DEFAULT_DB, parse_window
+from gpufleet.scheduler.cli.acct import DEFAULT_DB, parse_window
 from gpufleet.scheduler.slurm import SlurmError, SlurmVersion
 from gpufleet.scheduler.slurm.cli import run_sacct_json
 from gpufleet.scheduler.slurm.sacct import (

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gpufleet.scheduler import audit
+from gpufleet.scheduler.access import audit
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, SlurmNode
 from gpufleet.scheduler.store import PolicyRow, StateStore, now_ms
 
 if TYPE_CHECKING:
-    from gpufleet.scheduler.metrics import ControllerMetrics
+    from gpufleet.scheduler.observability.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import click
 import grpc
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler import munge
+from gpufleet.scheduler.access import munge
 
 METADATA_KEY = "gpufleet-munge-cred"  # = user_service.METADATA_KEY (the wire contract)
 DEFAULT_TIMEOUT_S = 10.0

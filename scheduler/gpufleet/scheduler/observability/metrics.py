@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from gpufleet.scheduler import __version__
-from gpufleet.scheduler.acct_metrics import AcctMetrics
+from gpufleet.scheduler.accounting.metrics import AcctMetrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector

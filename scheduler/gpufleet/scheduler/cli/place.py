@@ -14,7 +14,7 @@ import os
 import sys
 
 import click
-from gpufleet.scheduler.entry import USAGE, exec_sbatch
+from gpufleet.scheduler.cli.entry import USAGE, exec_sbatch
 
 __all__ = ["place_cmd", "sbatch_cmd"]
 

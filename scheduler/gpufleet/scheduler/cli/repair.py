@@ -91,7 +91,7 @@ def alert_sender(opts: dict[str, Any]) -> Any:
     am, hook = opts.pop("alertmanager_url"), opts.pop("alert_webhook_url")
     if not am and not hook:
         return None
-    from gpufleet.scheduler.alerting import AlertSender
+    from gpufleet.scheduler.observability.alerting import AlertSender
 
     return AlertSender(am or None, hook or None)
 
@@ -105,7 +105,7 @@ def repair_group() -> None:
 
 
 def _request(action: str, node: str, journal: str, note: str) -> None:
-    from gpufleet.scheduler.admin import caller_name
+    from gpufleet.scheduler.health.admin import caller_name
     from gpufleet.scheduler.slurm import SlurmError, check_node_name
 
     try:
