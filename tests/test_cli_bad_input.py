@@ -151,7 +151,7 @@ def test_every_option_answers_bad_values_without_a_traceback(
 
 def test_demo_profiles_are_the_simulators() -> None:
     from gpufleet.agent.nvml_sim import PROFILES
-    from gpufleet.scheduler.cli.main import DEMO_PROFILES
+    from gpufleet.scheduler.cli.demo import DEMO_PROFILES
 
     assert set(DEMO_PROFILES) == set(PROFILES)
 

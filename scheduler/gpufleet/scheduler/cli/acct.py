@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gpufleet.scheduler.cli.settings import DEFAULT_DB
 from gpufleet.scheduler.service.user_client import (
     UserClient,
     UserClientError,
@@ -31,7 +32,6 @@ from gpufleet.scheduler.service.user_client import (
 from gpufleet.scheduler.store import StoreError, open_store
 from gpufleet.scheduler.store.acct import GROUP_BY, UsageQuery, UsageTotal
 
-DEFAULT_DB = "/var/lib/gpufleet/state.db"
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
 _NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,64}$")
 _RELATIVE = re.compile(r"^now(?:-([0-9]+)(s|min|h|d|days?|weeks?))?$")

@@ -18,7 +18,8 @@ from typing import TextIO
 
 import click
 from gpufleet.rpc.settings import FiniteRange
-from gpufleet.scheduler.cli.acct import DEFAULT_DB, parse_window
+from gpufleet.scheduler.cli.acct import parse_window
+from gpufleet.scheduler.cli.settings import DEFAULT_DB
 from gpufleet.scheduler.slurm import SlurmError, SlurmVersion
 from gpufleet.scheduler.slurm.cli import run_sacct_json
 from gpufleet.scheduler.slurm.sacct import (

@@ -23,6 +23,10 @@ from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmClient, SlurmError
 from gpufleet.scheduler.store import ActionRow, SqliteStore, StateStore
 
+# the agent simulator's profiles (gpufleet.agent.nvml_sim.PROFILES; the controller does not
+# import the agent: tests/test_cli_bad_input.py checks the two agree)
+DEMO_PROFILES = ("dgx-h100", "hgx-a100", "l40s-pcie", "a100-pcie-bridged")
+
 
 def _agent_argv() -> list[str]:
     exe = shutil.which("gpufleet-agent", path=os.path.dirname(sys.executable))
@@ -156,3 +160,38 @@ def _print_nodes(store: StateStore) -> None:
     for n in store.nodes():
         reason = f"{n.health_reason}: {n.health_evidence}" if n.health_reason else ""
         click.echo(f"  {n.name:<6} {n.gpu_count:>4}  {n.health:<8} {reason}")
+
+
+@click.command()
+@click.option(
+    "--nodes",
+    "node_count",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="simulated GPU nodes to start (named n1..nN)",
+)
+@click.option("--profile", type=click.Choice(DEMO_PROFILES), default="dgx-h100",
+              show_default=True, help="simulated hardware")
+@click.option("--fault-node", default="n3", show_default=True, help="node that gets Xid 79")
+@click.option(
+    "--slurm",
+    type=click.Choice(["auto", "cli", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: act on the local Slurm if it answers and knows the nodes",
+)
+@click.option("--keep-drained", is_flag=True, help="leave the faulty node drained at the end")
+def demo(node_count: int, profile: str, fault_node: str, slurm: str, keep_drained: bool) -> None:
+    """A controller plus simulated agents on this machine: nodes, a fault, the drain."""
+    import importlib.util
+
+    from gpufleet.scheduler.cli.demo import run_demo
+
+    lacking = [m for m in ("psutil", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if lacking:  # the agents it starts would each die on the import
+        raise click.ClickException(
+            f"`gpufleet demo` runs simulated agents here too, and they need {', '.join(lacking)}: "
+            "pip install 'gpufleet[agent,controller]'")
+
+    sys.exit(run_demo(node_count, profile, fault_node, slurm, keep_drained))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gpufleet.scheduler.cli.settings import DEFAULT_DB
 from gpufleet.scheduler.service.user_client import (
     UserClientError,
     click_error,
@@ -22,8 +23,6 @@ from gpufleet.scheduler.service.user_client import (
 )
 from gpufleet.scheduler.store import StateStore, StoreError, open_store
 from gpufleet.scheduler.store.base import CheckpointRow, RecoveryRow
-
-DEFAULT_DB = "/var/lib/gpufleet/state.db"  # = gpufleet.scheduler.cli.main.DEFAULT_DB
 
 STEPS = (("drain", "drain_ms"), ("signal", "signal_ms"), ("requeue", "requeue_ms"),
          ("running again", "running_ms"))
