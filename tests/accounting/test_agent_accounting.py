@@ -293,6 +293,7 @@ def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_pa
                                                   ) -> None:
     from gpufleet.agent.outbox import Outbox
     from gpufleet.scheduler.health.actions import ActionQueue
+    from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
     from gpufleet.scheduler.service.ingest import Ingestor
     from gpufleet.scheduler.store.acct import UsageQuery
 
@@ -317,7 +318,7 @@ def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_pa
         step()
     store = store_backend.open()
     store.upsert_node("n1", "h1", 8, b"", "inst-1", T0)
-    ing = Ingestor(store, ActionQueue(store, None))
+    ing = Ingestor(store, HealthPolicy(store, ActionQueue(store, None), PolicyConfig()))
     for m in list(box._pending):
         ing.handle("n1", m)
     (job,) = store.usage(UsageQuery(group_by="job"))

@@ -17,15 +17,23 @@ QUIET_S = 300.0
 NODES = ["n1", "n2", "n3"]
 
 
+def queue_for(config: PolicyConfig, store: SqliteStore, slurm: FakeSlurm,
+              shadow: bool = False) -> ActionQueue:
+    """The action queue as the controller builds it: degrading as `config` says."""
+    return ActionQueue(store, slurm, shadow=shadow, retry_initial_s=0.01,
+                       degraded_weight=config.degraded_weight,
+                       degraded_feature=config.degraded_feature)
+
+
 class Cluster:
     def __init__(self, tmp_path: Path, shadow: bool = False, **config: object) -> None:
         self.store = SqliteStore(tmp_path / "state.db")
         self.slurm = FakeSlurm(NODES)
         for n in NODES:
             self.store.upsert_node(n, n, 8, b"", "i1", now_ms())
-        self.actions = ActionQueue(self.store, self.slurm, shadow=shadow, retry_initial_s=0.01)
-        self.actions.start()
         self.config = PolicyConfig(resume_quiet_s=QUIET_S, **config)  # type: ignore[arg-type]
+        self.actions = queue_for(self.config, self.store, self.slurm, shadow=shadow)
+        self.actions.start()
         self.policy = HealthPolicy(self.store, self.actions, self.config)
 
     def verdict(self, node: str, severity: str, code: str = "x", check: str = "xid") -> None:
@@ -169,7 +177,7 @@ def test_after_a_controller_restart_it_waits_a_full_quiet_period(tmp_path: Path)
     c.verdict("n1", "ok")
     c.actions.stop()
     # a new controller process on the same store: it must still know it drained n1
-    c.actions = ActionQueue(c.store, c.slurm, retry_initial_s=0.01)
+    c.actions = queue_for(c.config, c.store, c.slurm)
     c.actions.start()
     c.policy = HealthPolicy(c.store, c.actions, c.config)
     try:
