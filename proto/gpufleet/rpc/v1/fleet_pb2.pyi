@@ -1177,7 +1177,6 @@ class Command(_message.Message):
     class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Command._Kind.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: Command._Kind.ValueType  # 0
-        KIND_RESEND_INVENTORY: Command._Kind.ValueType  # 1
         KIND_RESET_GPU: Command._Kind.ValueType  # 20
         """repair (numbered from 20, leaving room to other kinds): the agent answers each with a
         CommandResult carrying the same request_id
@@ -1188,7 +1187,6 @@ class Command(_message.Message):
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Command.Kind.ValueType  # 0
-    KIND_RESEND_INVENTORY: Command.Kind.ValueType  # 1
     KIND_RESET_GPU: Command.Kind.ValueType  # 20
     """repair (numbered from 20, leaving room to other kinds): the agent answers each with a
     CommandResult carrying the same request_id
