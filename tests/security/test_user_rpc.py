@@ -504,6 +504,26 @@ def test_acct_cli_through_the_controller(ctl: tuple[Controller, FakeSlurm, Path]
     assert res.exit_code == 1 and "none.sock" in res.output
 
 
+def test_whoami_cli_says_who_the_controller_takes_you_for(
+        ctl: tuple[Controller, FakeSlurm, Path], munged: MungeServer, tmp_path: Path) -> None:
+    c, _, _ = ctl
+    base = ["whoami", "--controller", _target(c), "--insecure", "--munge-socket", munged.socket]
+    res = CliRunner().invoke(gpufleet_main, base)  # root
+    assert res.exit_code == 0, res.output
+    assert res.output == f"root (uid 0), admin at {_target(c)}\n"
+    res = CliRunner().invoke(gpufleet_main, [*base, "--json"],
+                             env=_as_user(tmp_path, NOBODY_UID))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == {"user": "nobody", "uid": NOBODY_UID, "admin": False}
+    res = CliRunner().invoke(gpufleet_main, ["whoami"], env={"GPUFLEET_CONTROLLER": ""})
+    assert res.exit_code == 2 and "pass --controller HOST:PORT" in res.output
+    # a controller that is not there: one line naming it, no traceback
+    res = CliRunner().invoke(gpufleet_main, ["whoami", "--controller", "127.0.0.1:9",
+                                             "--insecure", "--munge-socket", munged.socket])
+    assert res.exit_code == 1 and "127.0.0.1:9" in res.output
+    assert "Traceback" not in res.output
+
+
 def test_drain_resume_and_jobs_cli_over_mtls(tmp_path: Path, munged: MungeServer) -> None:
     """Over the controller's mTLS port with a login node's host certificate; the caller is
     still who MUNGE says, not what the certificate says."""
