@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from gpufleet.scheduler.health.types import ActionKind, ActionStatus
 from gpufleet.scheduler.slurm import (
     SIGNAL_SCOPES,
     SlurmError,
@@ -296,7 +297,8 @@ class RecoveryManager:
         since = row.created_ms - _ENDED_SLACK_MS
         try:
             drains = [a for a in self.store.actions(row.node, since_ms=since)
-                      if a.action == "drain" and a.status == "done" and a.done_ms is not None]
+                      if a.action == ActionKind.DRAIN and a.status == ActionStatus.DONE
+                      and a.done_ms is not None]
         except StoreError:
             return None
         return drains[-1].done_ms if drains else None
