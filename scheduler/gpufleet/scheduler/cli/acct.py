@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gpufleet.scheduler.accounting.ledger import GROUP_BY, UsageQuery, UsageTotal
 from gpufleet.scheduler.cli.settings import DEFAULT_DB
 from gpufleet.scheduler.service.user_client import (
     UserClient,
@@ -30,7 +31,6 @@ from gpufleet.scheduler.service.user_client import (
     controller_options,
 )
 from gpufleet.scheduler.store import StoreError, open_store
-from gpufleet.scheduler.store.acct import GROUP_BY, UsageQuery, UsageTotal
 
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
 _NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,64}$")

@@ -29,6 +29,7 @@ import grpc
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler.access import audit, munge
+from gpufleet.scheduler.accounting.ledger import GROUP_BY, UsageQuery, UsageTotal
 from gpufleet.scheduler.health import admin
 from gpufleet.scheduler.health.actions import REASON_PREFIX
 from gpufleet.scheduler.placement.engine import place
@@ -45,7 +46,6 @@ from gpufleet.scheduler.placement.sources import (
 )
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
 from gpufleet.scheduler.store import StateStore, StoreError
-from gpufleet.scheduler.store.acct import GROUP_BY, UsageQuery, UsageTotal
 
 log = logging.getLogger(__name__)
 
