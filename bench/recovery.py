@@ -35,8 +35,7 @@ from gpufleet.scheduler.recovery.manager import RecoveryConfig  # noqa: E402
 from gpufleet.scheduler.service.server import Controller  # noqa: E402
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError  # noqa: E402
 from gpufleet.scheduler.slurm.rest import RestSlurmClient  # noqa: E402
-from gpufleet.scheduler.store import SqliteStore  # noqa: E402
-from gpufleet.scheduler.store.base import RecoveryRow  # noqa: E402
+from gpufleet.scheduler.store import RecoveryRow, SqliteStore  # noqa: E402
 
 from tests.slurm.harness import SlurmLab, SlurmLabConfig  # noqa: E402
 

@@ -198,8 +198,8 @@ def test_job_save_without_munge_still_registers(tmp_path: Path,
 
 
 def test_checkpoint_credential_checks(tmp_path: Path, munged: MungeServer) -> None:
+    from gpufleet.scheduler.accounting.ledger import UsageRow
     from gpufleet.scheduler.service.ingest import IngestError
-    from gpufleet.scheduler.store.acct import UsageRow
 
     ingest = _ingestor(tmp_path, munged)
     now = int(time.time() * 1000)

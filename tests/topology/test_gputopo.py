@@ -7,15 +7,23 @@ import pytest
 from gpufleet.agent import nvml_sim, wire
 from gpufleet.agent.nvml import NvmlBackend, load_library
 from gpufleet.rpc.v1 import fleet_pb2
+from gpufleet.scheduler.service.convert import inventory_from_pb
 from gpufleet.scheduler.topology.gputopo import (
     from_inventory,
     nvlink_islands,
     parse_topo_m,
     render_topo_m,
 )
+from gpufleet.scheduler.topology.inventory import NodeInventory
 
 
-def _sim_inventory(profile: str) -> fleet_pb2.NodeInventory:
+def _sim_inventory(profile: str) -> NodeInventory:
+    """The simulated profile's inventory as the agent sends it, read as the controller does."""
+    return inventory_from_pb(sim_inventory_pb(profile))
+
+
+def sim_inventory_pb(profile: str) -> fleet_pb2.NodeInventory:
+    """The simulated profile's inventory as the agent sends it."""
     nvml_sim.nvmlShutdown()  # the simulator is process-global, as NVML is: start it afresh
     backend = NvmlBackend(load_library("simulated", profile, None, "n1"), f"simulated:{profile}")
     try:

@@ -18,6 +18,7 @@ from typing import TextIO
 
 import click
 from gpufleet.rpc.settings import FiniteRange
+from gpufleet.scheduler.accounting.ledger import UsageQuery, UsageTotal
 from gpufleet.scheduler.cli.acct import parse_window
 from gpufleet.scheduler.cli.settings import DEFAULT_DB
 from gpufleet.scheduler.slurm import SlurmError, SlurmVersion
@@ -31,7 +32,6 @@ from gpufleet.scheduler.slurm.sacct import (
     reconcile_jobs,
 )
 from gpufleet.scheduler.store import StoreError, open_store
-from gpufleet.scheduler.store.acct import UsageQuery, UsageTotal
 
 EXIT_MISMATCH = 1
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")  # as the ledger and sacct write them

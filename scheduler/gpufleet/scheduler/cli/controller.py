@@ -133,10 +133,10 @@ def controller(
     MUNGE through --munge-socket, also with --insecure: a user's identity never comes from
     TLS or from anything the request says.
     """
+    from gpufleet.rpc.daemon import notify as sd_notify
     from gpufleet.scheduler.access import audit
     from gpufleet.scheduler.access.tls import TlsConfigError, from_options
     from gpufleet.scheduler.health.policy import PolicyConfig
-    from gpufleet.scheduler.observability import sdnotify
     from gpufleet.scheduler.service.server import Controller
 
     setup_logging(verbose)
@@ -189,10 +189,10 @@ def controller(
         err=True,
     )
 
-    sdnotify.notify("READY=1")  # systemd Type=notify: started once agents can connect
+    sd_notify("READY=1")  # systemd Type=notify: started once agents can connect
 
     def _stop(signum: int, _frame: Any) -> None:
-        sdnotify.notify("STOPPING=1")
+        sd_notify("STOPPING=1")
         ctl.stop()
 
     signal.signal(signal.SIGTERM, _stop)

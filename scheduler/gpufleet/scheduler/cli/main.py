@@ -7,9 +7,9 @@ file (--config, default /etc/gpufleet/controller.toml) > built-in default.
 from __future__ import annotations
 
 import click
+from gpufleet.rpc.extras import ExtrasGroup, unavailable
 from gpufleet.scheduler import __version__
 from gpufleet.scheduler.cli.controller import controller
-from gpufleet.scheduler.cli.extras import ExtrasGroup, unavailable
 from gpufleet.scheduler.cli.nodes import drain, events, nodes, resume
 from gpufleet.scheduler.cli.repair import nodes_history_command, repair_group
 from gpufleet.scheduler.cli.settings import db_option, load_config, open_existing_store

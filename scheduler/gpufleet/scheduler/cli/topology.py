@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from gpufleet.rpc.v1 import fleet_pb2
+from gpufleet.scheduler.service.convert import inventory_from_blob
 from gpufleet.scheduler.topology import diff as tdiff
 from gpufleet.scheduler.topology import export, gputopo
 from gpufleet.scheduler.topology.fabric import Fabric, build_fabric
 from gpufleet.scheduler.topology.hostmap import HostMap, load_guid_map, map_hosts
 from gpufleet.scheduler.topology.ibnetdiscover import IbParseError, parse_ibnetdiscover
+from gpufleet.scheduler.topology.inventory import NodeInventory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,7 +38,7 @@ def _fabric(path: str, expected_rate_gbps: float | None) -> Fabric:
         raise click.ClickException(str(e)) from e
 
 
-def _inventories(db: str | None) -> dict[str, fleet_pb2.NodeInventory]:
+def _inventories(db: str | None) -> dict[str, NodeInventory]:
     if not db:
         return {}
     if not Path(db).exists():
@@ -53,7 +54,7 @@ def _inventories(db: str | None) -> dict[str, fleet_pb2.NodeInventory]:
         for row in store.nodes():
             blob = store.inventory(row.name)
             if blob:
-                out[row.name] = fleet_pb2.NodeInventory.FromString(blob)
+                out[row.name] = inventory_from_blob(blob)
         return out
     finally:
         store.close()

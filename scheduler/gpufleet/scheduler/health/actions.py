@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gpufleet.scheduler.access import audit
-from gpufleet.scheduler.health.types import ActionKind, ActionStatus
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, SlurmNode
 from gpufleet.scheduler.store import PolicyRow, StateStore, now_ms
+from gpufleet.scheduler.store.values import ActionKind, ActionStatus
 
 if TYPE_CHECKING:
     from gpufleet.scheduler.observability.metrics import ControllerMetrics

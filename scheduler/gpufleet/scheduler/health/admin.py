@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gpufleet.scheduler.access import audit
-from gpufleet.scheduler.health.types import ActionKind, ActionStatus
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
-from gpufleet.scheduler.store import StateStore, now_ms
+from gpufleet.scheduler.store import HealthStore, now_ms
+from gpufleet.scheduler.store.values import ActionKind, ActionStatus
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -63,7 +63,7 @@ def parse_since(text: str, now: float | None = None) -> int:
     return ms
 
 
-def drain(store: StateStore, slurm: SlurmClient, node: str, reason: str, actor: str,
+def drain(store: HealthStore, slurm: SlurmClient, node: str, reason: str, actor: str,
           source: str | None = None) -> str:
     """Drain by hand. The reason is the admin's own words: the policy never lifts it."""
     _check(node)
@@ -76,7 +76,7 @@ def drain(store: StateStore, slurm: SlurmClient, node: str, reason: str, actor: 
                 source)
 
 
-def resume(store: StateStore, slurm: SlurmClient, node: str, actor: str,
+def resume(store: HealthStore, slurm: SlurmClient, node: str, actor: str,
            source: str | None = None) -> str:
     """Resume by hand, whoever drained it: the admin decides."""
     _check(node)
@@ -99,7 +99,7 @@ def _check(node: str) -> None:
 
 
 def _act(
-    store: StateStore, node: str, kind: ActionKind, reason: str, actor: str,
+    store: HealthStore, node: str, kind: ActionKind, reason: str, actor: str,
     call: Callable[[], None], source: str | None = None,
 ) -> str:
     """`source`: where the admin is (a gRPC peer); None: this host's command line."""
@@ -135,7 +135,7 @@ class TimelineEntry:
 
 
 def timeline(
-    store: StateStore, node: str | None, since_ms: int, limit: int = 1000
+    store: HealthStore, node: str | None, since_ms: int, limit: int = 1000
 ) -> list[TimelineEntry]:
     """Health events and actions, oldest first, at most `limit` of the newest."""
     out = [

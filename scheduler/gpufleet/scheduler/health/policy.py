@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gpufleet.scheduler.health.actions import REASON_PREFIX, ActionQueue
-from gpufleet.scheduler.health.types import HEALTHY, ActionKind, ActionStatus, Severity
 from gpufleet.scheduler.observability.alerting import Alert
 from gpufleet.scheduler.slurm import SlurmError
 from gpufleet.scheduler.store import StateStore, now_ms
+from gpufleet.scheduler.store.values import HEALTHY, ActionKind, ActionStatus, Severity
 
 if TYPE_CHECKING:
     from gpufleet.scheduler.observability.alerting import AlertSender

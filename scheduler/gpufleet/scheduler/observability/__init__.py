@@ -1,2 +1,3 @@
 """What the controller tells people and machines about itself: Prometheus metrics
-(`metrics`), systemd readiness (`sdnotify`) and Alertmanager delivery (`alerting`)."""
+(`metrics`) and Alertmanager delivery (`alerting`). systemd readiness and the `/metrics` HTTP
+server are gpufleet.rpc.daemon's, shared with the agent."""

@@ -20,15 +20,12 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from wsgiref.simple_server import WSGIServer
 
+from gpufleet.rpc.daemon import MetricsHttpServer, register_process_collectors, serve_metrics
 from gpufleet.scheduler import __version__
 from gpufleet.scheduler.accounting.metrics import AcctMetrics
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -240,7 +237,7 @@ class ControllerMetrics:
             for status in ACTION_STATUSES:
                 self._actions.labels(kind, status)
         if process_metrics:
-            _register_defaults(r)
+            register_process_collectors(r)
 
     # ------------------------------------------------------------ ingest (hot path)
 
@@ -311,18 +308,6 @@ class ControllerMetrics:
             self._lost_work.observe(max(0.0, lost_work_ms / 1000))
 
 
-def _register_defaults(registry: CollectorRegistry) -> None:
-    """Process (CPU, RSS, fds), platform and GC collectors, as client_python's default has."""
-    makers: tuple[Callable[[], object], ...] = (
-        lambda: ProcessCollector(registry=registry),
-        lambda: PlatformCollector(registry=registry),
-        lambda: GCCollector(registry=registry),
-    )
-    for make in makers:
-        with contextlib.suppress(ValueError):  # already registered by the caller
-            make()
-
-
 def parse_listen(listen: str) -> tuple[str, int]:
     """"HOST:PORT", ":PORT" or "[::]:PORT" -> (host, port); a clear error otherwise."""
     host, sep, port_text = listen.rpartition(":")
@@ -339,31 +324,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, port
 
 
-class MetricsHttpServer:
-    """The running `/metrics` server; `shutdown` stops it and closes its socket."""
-
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-        self._closed = False
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.socket.getsockname()[1])
-
-    def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5.0)
-
-
 def start_metrics_http(
     metrics: ControllerMetrics, listen: str = DEFAULT_LISTEN,
 ) -> MetricsHttpServer:
     """Serve `metrics` at http://LISTEN/metrics on a daemon thread (OSError if it cannot bind)."""
     host, port = parse_listen(listen)
-    httpd, thread = start_http_server(port, host, registry=metrics.registry)
-    return MetricsHttpServer(httpd, thread)
+    return serve_metrics(metrics.registry, host, port)

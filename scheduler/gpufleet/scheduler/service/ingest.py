@@ -29,11 +29,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
+from gpufleet.scheduler.accounting.ledger import UsageRow
 from gpufleet.scheduler.health.policy import HealthPolicy
-from gpufleet.scheduler.health.types import Severity
 from gpufleet.scheduler.observability.metrics import ControllerMetrics
 from gpufleet.scheduler.store import CheckpointRow, StateStore, VerdictRow, now_ms
-from gpufleet.scheduler.store.acct import UsageRow
+from gpufleet.scheduler.store.values import Severity
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from gpufleet.scheduler.observability.metrics import (
 from gpufleet.scheduler.recovery.manager import RecoveryConfig, RecoveryManager
 from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import Rebooter
-from gpufleet.scheduler.repair.link import AgentCommands, Escalator, result_from_wire
 from gpufleet.scheduler.service import limits
 from gpufleet.scheduler.service.ingest import IngestError, Ingestor
 from gpufleet.scheduler.service.leader import LeaderLock
+from gpufleet.scheduler.service.repair_link import AgentCommands, Escalator, result_from_wire
 from gpufleet.scheduler.service.user_service import (
     DEFAULT_ADMIN_GROUP,
     Authenticator,

@@ -3,15 +3,15 @@
 Each machine installs only its extra (`agent`: compute node, `client`: login node, `controller`:
 head node). Commands import what their extra brings when they run, so `--help` works on every
 install; a command run without its extra's packages ends with one line naming the package and
-the extra(s) that bring it. (gpufleet.scheduler.cli.extras has the same for `gpufleet`: the agent
-and the controller never import each other.)
+the extra(s) that bring it. Shared by `gpufleet-agent` and `gpufleet` (like
+gpufleet.rpc.settings: the agent and the controller never import each other).
 """
 
 from __future__ import annotations
 
 import re
 from importlib import metadata
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -77,3 +77,18 @@ class ExtrasGroup(click.Group):
 def _command_path(ctx: click.Context) -> str:
     sub = ctx.invoked_subcommand
     return f"{ctx.command_path} {sub}" if sub else ctx.command_path
+
+
+def unavailable(name: str, err: ModuleNotFoundError, what: str) -> click.Command:
+    """A stand-in for a command whose module cannot be imported on this install."""
+    msg = missing_message(f"gpufleet {name}", err)
+    if msg is None:
+        raise err
+
+    def fail(**_kwargs: Any) -> NoReturn:
+        raise click.ClickException(msg)
+
+    return click.Command(
+        name, callback=fail, help=f"{what} ({msg.split(': ', 1)[1]})",
+        short_help=f"{what} [not installed]",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -1,9 +1,11 @@
-"""The health domain's closed sets: severities, Slurm action kinds and action statuses.
+"""The closed sets of values the store keeps for health and Slurm actions: severities (a
+verdict's, a node's health), action kinds and action statuses.
 
 `StrEnum`s: each member IS its string ("drain" == ActionKind.DRAIN), so what the store keeps,
 what audit records say and what metrics label stay the same strings they always were; the
-enums only let mypy and readers see the whole set in one place. Never imports the store,
-gRPC or protobuf.
+enums only let mypy and readers see the whole set in one place. Here, in the storage layer,
+because every layer that reads or writes those columns uses them: health decides with them,
+recovery (below health) reads the actions back. Imports nothing.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from collections import deque
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.observability.alerting import Alert, AlertSender
 from gpufleet.scheduler.repair.engine import AgentCommand, CommandResult
+from gpufleet.scheduler.service.convert import inventory_from_blob
 from gpufleet.scheduler.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,7 @@ class AgentCommands:
 
     def boot_id(self, node: str) -> str | None:
         raw = self.store.inventory(node)
-        if raw is None:
-            return None
-        inv = pb.NodeInventory()
-        inv.ParseFromString(raw)
-        return inv.boot_id
+        return None if raw is None else inventory_from_blob(raw).boot_id
 
 
 def result_from_wire(node: str, r: pb.CommandResult) -> CommandResult:
