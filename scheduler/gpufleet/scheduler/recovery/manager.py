@@ -40,6 +40,9 @@ charged (under-counted, never double).
 Every step is timed and stored (`recoveries` table; `gpufleet jobs show JOBID`) and observed in
 Prometheus. All of it runs on a worker pool: never on the ingest path, never blocking it.
 Shadow mode records what would be done and does nothing.
+
+One module (~500 lines): a recovery is one timeline (signal, grace, requeue, running again)
+per job, and its steps share the same clock, retries and idempotence rules.
 """
 
 from __future__ import annotations

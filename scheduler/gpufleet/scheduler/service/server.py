@@ -4,6 +4,9 @@ health checking and reflection.
 grpc.aio: one event loop holds every agent stream, so 10,000 idle-most-of-the-time streams
 cost no threads. The servicer validates, calls the domain, maps domain errors to status
 codes; nothing else.
+
+One module (~530 lines): the `Connect` servicer and the Controller that builds and wires
+every part (metrics, actions, recovery, repair, policy, ingest) in one visible order.
 """
 
 from __future__ import annotations
