@@ -297,6 +297,8 @@ class Accountant:
         self._uuid_to_index: dict[str, int] = {}
         self._pending: list[HookRecord] = []
         self._done_files: list[Path] = []
+        # end hooks stamped after the sample that found them, left for the next sample once
+        self._ends_waited: set[Path] = set()
         self._saved_ms = 0
         # /proc safety net (None: off)
         self._processes = processes
@@ -360,6 +362,14 @@ class Accountant:
         Energy and busy time up to `now_ms` go to the job that held each GPU before this
         sample's starts and ends are applied (an ending job held it up to its end_ms, a
         starting job only from its start_ms: busy time is clipped to both).
+
+        `now_ms` must be read BEFORE the `poll_spool()` that precedes this call: busy time is
+        clipped only at the ends that poll found, so an Epilog that wrote its end between
+        the poll and a later clock read (the agent paused or descheduled there) would have
+        the job integrated past its end. Read first, an end file the poll misses was written
+        after `now_ms` (so stamped after it too, unless the Epilog itself stalled between its
+        clock read and its write), and an end the poll finds stamped after `now_ms` is
+        applied at the next sample, which integrates the job up to it.
         """
         owner = self._owners()
         last_t = self._last_t_ms if self._last_t_ms is not None else now_ms
@@ -427,6 +437,7 @@ class Accountant:
             done.append(rec)
         self._pending = [r for r in self._pending if r not in done]
         self._done_files += [r.path for r in done]
+        self._ends_waited.difference_update(r.path for r in done)
         return rows
 
     def _apply_end(self, rec: HookRecord, now_ms: int, started: set[JobKey],
@@ -435,6 +446,14 @@ class Accountant:
         job = self._run_ending(rec)
         if job is not None and job.key in started:
             return None  # started and ended within one sample: start first, end next time
+        if job is not None and rec.time_ms > now_ms and rec.path not in self._ends_waited:
+            # Stamped after this sample's time (the caller reads its clock before it scans the
+            # spool, so an Epilog that ran in between is found with a later stamp): the job
+            # held its GPUs up to its end, which the next sample integrates up to (clipped at
+            # the end). Ended now, that time would be lost. Once only: a clock stepped back
+            # must not keep a job open.
+            self._ends_waited.add(rec.path)
+            return None
         if job is not None:
             return self._end_run(job, rec.time_ms, now_ms)
         if any(r.kind == "start" and r.job_id == rec.job_id and r not in done
