@@ -131,3 +131,35 @@ def test_an_end_stamped_after_the_sample_waits_one_sample_only(tmp_path: Path) -
     assert not [r for r in sample(T0 + 4000) if r.phase == pb.JOB_PHASE_ENDED]
     [row] = [r for r in sample(T0 + 5000) if r.phase == pb.JOB_PHASE_ENDED]
     assert (row.end_ms, row.allocated_ms, row.busy_ms) == (T0 + 9000, 6000, 1000)
+
+
+def test_an_end_file_that_turns_up_late_takes_back_the_busy_time_past_the_end(
+        tmp_path: Path) -> None:
+    """Hooks stamp their time before Python starts (the wrapper), so an Epilog's file turns up
+    0.2 s to seconds after its end; the samples in between integrated the job past its end
+    (at 1 Hz and at 100 Hz alike), and finding the end takes that back."""
+    for step_ms in (1000, 10):
+        acc = Accountant(tmp_path / str(step_ms), "n1")
+        util = {"pct": 75.0}
+
+        def sample(now_ms: int, acc: Accountant = acc, util: dict[str, float] = util
+                   ) -> list[pb.JobGpuUsage]:
+            acc.poll_spool()
+            return acc.on_sample([GpuSample(index=0, energy_mj=0,
+                                            utilization_gpu_pct=util["pct"])], now_ms)
+
+        job = {"job_id": "5", "gpus": ["0"], "user": "u", "account": "a"}
+        write_hook_file(tmp_path / str(step_ms), "start", job, T0 + 250)
+        t = T0
+        while t <= T0 + 6000:
+            sample(t)
+            t += step_ms
+        util["pct"] = 25.0  # the job's last 2 s and what came after: another rate
+        while t < T0 + 9500:
+            sample(t)
+            t += step_ms
+        write_hook_file(tmp_path / str(step_ms), "end", job, T0 + 8000)  # 1.5 s late
+        rows = sample(t)
+        [row] = [r for r in rows if r.phase == pb.JOB_PHASE_ENDED]
+        assert (row.start_ms, row.end_ms, row.allocated_ms) == (T0 + 250, T0 + 8000, 7750)
+        assert row.busy_ms == (6000 - 250) * 3 // 4 + 2000 // 4 == 4812, (step_ms, row.busy_ms)
