@@ -4,8 +4,9 @@ A 2-node batch job (bench/recovery_job.py, the batch script itself via `exec`) s
 checkpoint every K seconds and registers each one through a simulated node agent; Xid 79 is
 injected on its batch host; gpufleet's controller drains the node, signals the job, requeues
 it without that node and clears Slurm's 120 s requeue delay. Prints each step's time after the
-fault and the step the job resumed from. A torn checkpoint (a newer step without a manifest,
-as a save killed mid-write leaves) is planted while the job is down: it must not be picked.
+fault and the step the job resumed from. A torn checkpoint (a step newer than any the job saves,
+without a manifest, as a save killed mid-write leaves) is planted before the fault: the requeued
+run must say it skips it and resume from the first run's newest complete checkpoint.
 
     sudo .venv/bin/python bench/recovery.py [--lab /tmp/gf-lab-rec --port 11917] [--ckpt-every-s 1]
 
@@ -40,6 +41,7 @@ from gpufleet.scheduler.store import RecoveryRow, SqliteStore  # noqa: E402
 from tests.slurm.harness import SlurmLab, SlurmLabConfig  # noqa: E402
 
 FAULT_NODE, OTHER_NODE = "n1", "n2"
+JOB_STEPS = 100_000_000  # the job never saves a step >= this: the torn one sits there
 _START = re.compile(r"recovery-job start resumed_from_step=(-?\d+) restart_count=(\d+)")
 _SAVED = re.compile(r"recovery-job checkpoint step=(\d+) ")
 
@@ -57,6 +59,7 @@ class Result:
     last_saved_step: int  # newest step the first run completed (its output says so)
     resumed_from_step: int
     torn_step: int
+    torn_skipped: bool  # the requeued run logged that it ignores the torn checkpoint
     nodes_before: list[str]
     nodes_after: list[str]
 
@@ -79,7 +82,8 @@ class Result:
             f"fault -> running again: {s(r.running_ms)} (on {','.join(self.nodes_after)})",
             f"resumed from step {self.resumed_from_step} (last complete save "
             f"{self.last_saved_step}; registered at the fault {self.registered_step_at_fault};"
-            f" torn step-{self.torn_step} ignored); lost work {lost}",
+            f" torn step-{self.torn_step} "
+            f"{'skipped' if self.torn_skipped else 'NOT seen'}); lost work {lost}",
         ]
 
 
@@ -153,7 +157,7 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
             # (a lab of Slurm 24.11+ runs jobs in its root: host_argv reaches this Python)
             "--wrap", f"exec {shlex.join(lab.host_argv([sys.executable]))} "
                       f"{REPO / 'bench' / 'recovery_job.py'} "
-                      f"--steps 100000000 --step-time-s 0.01 --ckpt-every-s {ckpt_every_s:g}",
+                      f"--steps {JOB_STEPS} --step-time-s 0.01 --ckpt-every-s {ckpt_every_s:g}",
         ))
         lab.wait_job_state(int(job_id), "RUNNING", 30)
         nodes_before = lab.job_nodes(int(job_id))
@@ -164,20 +168,18 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
         ck = store.checkpoint(job_id)
         assert ck is not None
 
-        fault_wall_ms = int(time.time() * 1000)
-        append_fault(work / FAULT_NODE / "sim-faults.json", {"kind": "xid", "gpu": 3, "xid": 79})
-
-        def requeued() -> bool:
-            return any(r.requeue_ms is not None for r in store.recoveries(job_id))
-
-        _wait(requeued, 60, "the controller to requeue the job")
-        # the first run is gone: plant a torn checkpoint newer than anything saved
-        text = out.read_text()
-        saved = [int(m) for m in _SAVED.findall(text)]
-        torn_step = (max(saved) if saved else 0) + 1_000_000
+        # A torn checkpoint newer than any the job can ever save (no manifest: a save killed
+        # mid-write). Planted now, while the first run still runs, so it is there before the
+        # requeued run looks, whenever that is: the first run never looks again, and its
+        # saves (keep=3) leave a torn step above their newest complete one alone
+        # (job.prune: it may be another process's save in progress).
+        torn_step = JOB_STEPS
         torn = ckpt_dir / f"step-{torn_step}"
         torn.mkdir(parents=True)
-        (torn / "model.json").write_text('{"step": ')  # no manifest: killed mid-write
+        (torn / "model.json").write_text('{"step": ')
+
+        fault_wall_ms = int(time.time() * 1000)
+        append_fault(work / FAULT_NODE / "sim-faults.json", {"kind": "xid", "gpu": 3, "xid": 79})
 
         def final() -> RecoveryRow | None:
             rows = [r for r in store.recoveries(job_id)
@@ -191,11 +193,21 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
             raise BenchError(f"recovery ended {rec.status}: {rec.detail}")
         _wait(lambda: len(_START.findall(out.read_text())) >= 2, 30,
               "the requeued job to print its start line")
-        starts = _START.findall(out.read_text())
+        # The requeue is asynchronous: the first run goes on (and may save again) until
+        # slurmd kills it, after the controller has recorded the requeue. Slurm starts the
+        # requeued run only once the first one has ended, and the output is appended to
+        # (--open-mode=append): everything before the second start line is the first run's.
+        text = out.read_text()
+        first, second = list(_START.finditer(text))[:2]
+        before_second = text[first.end():second.start()]
+        saved = [int(m) for m in _SAVED.findall(before_second)]
         return Result(
             job_id=job_id, recovery=rec, fault_wall_ms=fault_wall_ms,
             registered_step_at_fault=ck.step, last_saved_step=max(saved) if saved else -1,
-            resumed_from_step=int(starts[1][0]), torn_step=torn_step,
+            resumed_from_step=int(second.group(1)), torn_step=torn_step,
+            # job.latest() warns about each torn checkpoint it skips (on stderr, which the
+            # job's -o file takes too), before the run prints its start line
+            torn_skipped=f"ignoring checkpoint {torn}: manifest missing" in before_second,
             nodes_before=nodes_before, nodes_after=lab.job_nodes(int(job_id)),
         )
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,10 +51,19 @@ def _save(ckpt_dir: Path | None, step: int, w: float, b: float, pad_bytes: int) 
                     f.write(b"\0" * (1 << 20))
                 f.write(b"\0" * (pad_bytes % (1 << 20)))
 
-    t0 = time.perf_counter()
-    ckpt = job.save(ckpt_dir, step, write, keep=3)
-    ms = (time.perf_counter() - t0) * 1000
-    print(f"recovery-job checkpoint step={step} save_ms={ms:.1f} path={ckpt.path}", flush=True)
+    # The line is the record of a complete save that whoever reads the output relies on (the
+    # recovery bench: "resumed from the newest step the first run saved"). SIGTERM (how slurmd
+    # ends the run on a requeue) waits until both are done, so no complete checkpoint goes
+    # unlogged; SIGKILL still may tear a save, which is what latest() copes with.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        t0 = time.perf_counter()
+        ckpt = job.save(ckpt_dir, step, write, keep=3)
+        ms = (time.perf_counter() - t0) * 1000
+        print(f"recovery-job checkpoint step={step} save_ms={ms:.1f} path={ckpt.path}",
+              flush=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def main(argv: list[str] | None = None) -> int:

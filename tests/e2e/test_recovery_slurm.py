@@ -47,5 +47,6 @@ def test_xid79_under_a_job_requeues_it_and_it_resumes_from_its_checkpoint(
     assert res.resumed_from_step >= res.registered_step_at_fault
     assert res.resumed_from_step == res.last_saved_step
     assert res.resumed_from_step != res.torn_step
+    assert res.torn_skipped, "the requeued run did not see (and skip) the torn checkpoint"
     assert r.lost_work_ms is not None and r.lost_work_ms < 5_000
     assert "Restarts=1" in clean_slurm_lab.show_job(int(res.job_id))

@@ -24,6 +24,8 @@ What "exact" can mean, and how the workload is built so it holds (agent/accounti
   prolog runs (the agent clips integration at the start), and at the end the agents are
   SIGSTOPped across the end second while the epilogs are written, so the last sample before
   the end hook is before the end and the next one after it (the agent clips at the end).
+  Wherever in a sample an agent is stopped, and however late the hooks let it resume: it
+  reads the sample's clock before it scans the job spool (tests/accounting/test_hook_timing.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ How a job becomes known (design):
   takes a fresh energy-counter read when a job starts or ends (``expire_counters()``), and
   otherwise keeps NVML's slow energy counter at its ``nvml_counter_interval_s`` (10 s).
 * Per GPU the agent integrates utilisation x time for the job holding it (clipped to the
-  job's start and end) and adds energy-counter differences (a counter that went backwards was
+  job's start and end; an end found only after the samples went past it, as the hooks stamp
+  their time before Python starts, takes back what was integrated beyond it) and adds
+  energy-counter differences (a counter that went backwards was
   reset by a driver reload and counts on from 0; one near 2^64 wrapped). Allocated time is
   ``end - start`` from the hook times, never a sum of samples.
 * Usage leaves as CUMULATIVE per (job, run, GPU) totals at the run's start, at every minute
@@ -102,6 +104,10 @@ REPORT_PERIOD_MS = 60_000  # RUNNING reports at each minute boundary: per-minute
 # totals are saved this often even without a report: an agent crash loses at most this much
 # busy time (energy and allocated time are never lost: they come from counters and times)
 SAVE_PERIOD_MS = 10_000
+# how far back an end hook may be stamped before the sample that finds it and still clip busy
+# time exactly: hooks stamp their time before Python starts (cli.HOOK_TIME_MAX_AGE_MS, 60 s),
+# so an Epilog's file turns up 0.2-1 s (seconds on a loaded node) after its end
+LATE_END_MS = 60_000
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
 # Slurm's restart count in the Prolog/Epilog environment (22.05: SLURM_JOB_RESTART_COUNT,
 # seen in the lab; SLURM_RESTART_COUNT is the batch step's name for it)
@@ -224,6 +230,24 @@ class _GpuUse:
     # set only for a GPU attributed from /proc (source=proc): first and last sighting
     first_ms: int | None = None
     last_ms: int | None = None
+    # (from_ms, to_ms, utilisation %) of what was integrated in the last LATE_END_MS, so an
+    # end found after the samples went past it takes back what lies beyond it. In memory
+    # only: after a restart busy time is not integrated across the gap anyway.
+    recent: deque[tuple[int, int, float]] = field(default_factory=deque, compare=False,
+                                                  repr=False)
+
+    def add_busy(self, from_ms: int, to_ms: int, util_pct: float) -> None:
+        self.busy_ms += util_pct / 100.0 * (to_ms - from_ms)
+        if to_ms > from_ms:
+            self.recent.append((from_ms, to_ms, util_pct))
+            while self.recent and self.recent[0][1] < to_ms - LATE_END_MS:
+                self.recent.popleft()
+
+    def take_back_after(self, end_ms: int) -> None:
+        """Busy time integrated past `end_ms` is not the job's: its end was found late."""
+        self.busy_ms -= sum(util / 100.0 * (hi - max(lo, end_ms))
+                            for lo, hi, util in self.recent if hi > end_ms)
+        self.recent.clear()
 
     @property
     def from_proc(self) -> bool:
@@ -300,6 +324,8 @@ class Accountant:
         self._uuid_to_index: dict[str, int] = {}
         self._pending: list[HookRecord] = []
         self._done_files: list[Path] = []
+        # end hooks stamped after the sample that found them, left for the next sample once
+        self._ends_waited: set[Path] = set()
         self._saved_ms = 0
         # /proc safety net (None: off)
         self._processes = processes
@@ -363,6 +389,15 @@ class Accountant:
         Energy and busy time up to `now_ms` go to the job that held each GPU before this
         sample's starts and ends are applied (an ending job held it up to its end_ms, a
         starting job only from its start_ms: busy time is clipped to both).
+
+        `now_ms` must be read BEFORE the `poll_spool()` that precedes this call: busy time is
+        clipped only at the ends that poll found, so an Epilog that wrote its end between
+        the poll and a later clock read (the agent paused or descheduled there) would have
+        the job integrated past its end. Read first, an end file the poll misses was written
+        after `now_ms`, and an end the poll finds stamped after `now_ms` is applied at the
+        next sample, which integrates the job up to it. (An end stamped long before its file
+        was written, which the wrapper's stamp makes the rule, is clipped when found: what
+        the samples integrated past it, up to LATE_END_MS back, is taken back.)
         """
         owner = self._owners()
         last_t = self._last_t_ms if self._last_t_ms is not None else now_ms
@@ -383,7 +418,7 @@ class Accountant:
             dt_ms = max(0, min(now_ms, end_ms) - max(last_t, job.start_ms))
             util = s.utilization_gpu_pct
             if util is not None and not s.lost:
-                use.busy_ms += util / 100.0 * dt_ms
+                use.add_busy(min(now_ms, end_ms) - dt_ms, min(now_ms, end_ms), util)
                 if util > 0:
                     use.idle_since_ms = None
                 elif use.idle_since_ms is None:
@@ -430,6 +465,7 @@ class Accountant:
             done.append(rec)
         self._pending = [r for r in self._pending if r not in done]
         self._done_files += [r.path for r in done]
+        self._ends_waited.difference_update(r.path for r in done)
         return rows
 
     def _apply_end(self, rec: HookRecord, now_ms: int, started: set[JobKey],
@@ -438,6 +474,14 @@ class Accountant:
         job = self._run_ending(rec)
         if job is not None and job.key in started:
             return None  # started and ended within one sample: start first, end next time
+        if job is not None and rec.time_ms > now_ms and rec.path not in self._ends_waited:
+            # Stamped after this sample's time (the caller reads its clock before it scans the
+            # spool, so an Epilog that ran in between is found with a later stamp): the job
+            # held its GPUs up to its end, which the next sample integrates up to (clipped at
+            # the end). Ended now, that time would be lost. Once only: a clock stepped back
+            # must not keep a job open.
+            self._ends_waited.add(rec.path)
+            return None
         if job is not None:
             return self._end_run(job, rec.time_ms, now_ms)
         if any(r.kind == "start" and r.job_id == rec.job_id and r not in done
@@ -493,6 +537,7 @@ class Accountant:
     def _end_run(self, job: _Job, end_ms: int, now_ms: int) -> list[pb.JobGpuUsage]:
         job.end_ms = max(end_ms, job.start_ms)
         for g, u in job.use.items():
+            u.take_back_after(job.end_ms)  # samples went past it before its file was found
             # a /proc GPU still in use at the Epilog was held until then
             if u.from_proc and self._proc_live.get(g) == job.job_id:
                 u.last_ms = max(job.end_ms, u.first_ms or 0)

@@ -153,8 +153,10 @@ class Agent:
 
     def sample(self) -> pb.NodeSample:
         t0 = time.perf_counter()
-        job_change = self._poll_jobs()
+        # the clock before the job spool: an end the poll misses is then stamped after `now`,
+        # never integrated past (Accountant.on_sample)
         now = _now_ms()
+        job_change = self._poll_jobs()
         gpus = self.backend.sample()
         self._account(gpus, now, job_change)
         ib_ports = self.ib.sample()
