@@ -5,6 +5,8 @@ domain modules sees every agent module."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,13 @@ def test_the_import_contract_sees_every_agent_module() -> None:
         f"gone: {sorted((domain | edge) - modules)}")
     assert {"wire", "client", "outbox", "spool"} <= edge
     assert {"accounting", "remedy", "jobsocket", "health"} <= domain
+
+
+def test_the_job_hooks_never_load_protobuf() -> None:
+    """`gpufleet-agent prolog|epilog` runs in every job's Prolog and Epilog: importing the
+    command line must not pull in protobuf (only `collect` and `run` reach the wire)."""
+    code = ("import sys, gpufleet.agent.cli, gpufleet.agent.accounting; "
+            "print(sorted(m for m in sys.modules if m.startswith(('google', 'grpc'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

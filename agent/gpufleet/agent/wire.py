@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from gpufleet.agent.accounting import GpuUsage, JobPhase
 from gpufleet.agent.diag import Check
 from gpufleet.agent.health import Verdict
@@ -29,6 +32,12 @@ from gpufleet.agent.telemetry import (
     XidEvent,
 )
 from gpufleet.rpc.v1 import fleet_pb2 as pb
+
+
+def as_dict(msg: Message) -> dict[str, Any]:
+    """A message as JSON-ready data, with the .proto's field names (`collect --json`)."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
 
 # Field names are the same on both sides by design; unset (None) stays unset on the wire.
 _SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(GpuSample))
