@@ -133,7 +133,7 @@ class CommandRunner:
             why = "; ".join([f"GPU {i} held by pid(s) {list(p)}" for i, p in held.items()] +
                             [f"GPU {i}: process list unknown" for i in unknown])
             return CommandResult(ok=False, could_not_run=True,
-                                    detail=f"not reset: {why}"[:MAX_EVIDENCE])
+                                 detail=f"not reset: {why}"[:MAX_EVIDENCE])
         if self.sim_faults_path is not None:
             from gpufleet.agent.nvml_sim import append_fault
 

@@ -414,6 +414,7 @@ class Agent:
 
         sim = (Path(self.cfg.resolved_faults_path())
                if self.cfg.gpu_backend == "simulated" else None)
+
         def send(result: CommandResult) -> int:
             return self.outbox.put_command_result(wire.command_result(result))
 
