@@ -63,8 +63,10 @@ def test_commands_the_agent_runs_and_those_it_does_not() -> None:
     assert wire.command(reset) == Command(CommandKind.RESET_GPU, "r1", (2, 3), 0)
     diag = pb.Command(kind=pb.Command.KIND_RUN_DIAG, request_id="r2", diag_level=2)
     assert wire.command(diag) == Command(CommandKind.RUN_DIAG, "r2", (), 2)
-    resend = pb.Command(kind=pb.Command.KIND_RESEND_INVENTORY, request_id="r3")
+    # a kind this agent does not run (an older or newer controller's, here a bare 1)
+    resend = pb.Command(kind=pb.Command.Kind.ValueType(1), request_id="r3")
     assert wire.command(resend) is None
+    assert wire.command(pb.Command(request_id="r4")) is None  # kind unset
     got: list[Command] = []
     handle = wire.on_command(got.append)
     for msg in (reset, resend, diag):
