@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gpufleet.agent import wire
 from gpufleet.agent.accounting import (
     Accountant,
     AccountingError,
+    GpuUsage,
+    JobPhase,
     counter_delta,
     job_from_env,
     parse_gpu_list,
@@ -50,11 +53,11 @@ def _job(job_id: str, gpus: list[str], user: str = "alice", account: str = "phys
     return {"job_id": job_id, "gpus": gpus, "user": user, "account": account}
 
 
-def _final(rows: list[pb.JobGpuUsage]) -> dict[tuple[str, int], pb.JobGpuUsage]:
-    return {(r.job_id, r.gpu_index): r for r in rows if r.phase == pb.JOB_PHASE_ENDED}
+def _final(rows: list[GpuUsage]) -> dict[tuple[str, int], GpuUsage]:
+    return {(r.job_id, r.gpu_index): r for r in rows if r.phase == JobPhase.ENDED}
 
 
-def _step(acc: Accountant, node: FakeNode, dt_ms: int = 1000) -> list[pb.JobGpuUsage]:
+def _step(acc: Accountant, node: FakeNode, dt_ms: int = 1000) -> list[GpuUsage]:
     node.advance(dt_ms)
     acc.poll_spool()
     return acc.on_sample(node.samples(), node.t_ms)
@@ -77,7 +80,7 @@ def test_shared_node_two_jobs_get_exactly_their_own_gpus(tmp_path: Path) -> None
     acc.on_sample(node.samples(), node.t_ms)  # baseline before any job
     write_hook_file(tmp_path, "start", _job("11", ["0", "1"]), node.t_ms)
     write_hook_file(tmp_path, "start", _job("12", ["2", "3"], "bob", "chem"), node.t_ms)
-    rows: list[pb.JobGpuUsage] = []
+    rows: list[GpuUsage] = []
     rows += _step(acc, node, 0)
     for _ in range(90):
         rows += _step(acc, node)
@@ -97,7 +100,7 @@ def test_shared_node_two_jobs_get_exactly_their_own_gpus(tmp_path: Path) -> None
     assert b2.energy_mj == 100 * 90_000
     assert (b2.user, b2.account, a.user) == ("bob", "chem", "alice")
     # minute reports went out while the jobs ran, and the spool is empty afterwards
-    assert any(r.phase == pb.JOB_PHASE_RUNNING for r in rows)
+    assert any(r.phase == JobPhase.RUNNING for r in rows)
     assert not list((tmp_path / "jobs").glob("*.json"))
 
 
@@ -120,7 +123,7 @@ def test_energy_counter_reset_mid_job_is_counted(tmp_path: Path) -> None:
 
 
 def test_agent_restart_loses_no_energy_and_resends(tmp_path: Path) -> None:
-    def run(restart_at: int | None) -> pb.JobGpuUsage:
+    def run(restart_at: int | None) -> GpuUsage:
         d = tmp_path / f"r{restart_at}"
         node = FakeNode(power_w={0: 250.0}, util={0: 100.0})
         acc = Accountant(d, "n1")
@@ -154,7 +157,7 @@ def test_ended_job_is_kept_until_its_final_report_is_acked(tmp_path: Path) -> No
     acc.queued(rows, seq=2)
     assert ("3", 0) in acc.jobs
     again = Accountant(tmp_path, "n1").on_sample(node.samples(), node.t_ms)
-    assert [r.phase for r in again] == [pb.JOB_PHASE_ENDED]  # resent after a restart
+    assert [r.phase for r in again] == [JobPhase.ENDED]  # resent after a restart
     acc.on_sample(node.samples(), node.t_ms + 1000, acked_seq=2)
     assert ("3", 0) not in acc.jobs
     assert json.loads((tmp_path / "accounting.json").read_text())["jobs"] == []
@@ -236,7 +239,7 @@ def test_unhooked_job_is_attributed_from_proc_first_to_last_seen(tmp_path: Path)
     assert procs.asked == [[0, 1, 2]]  # the GPU its hook announced is not asked about
     started = [r for r in rows if r.job_id == "4242"]
     assert [(r.gpu_index, r.phase, r.user, r.account) for r in started] == [
-        (0, pb.JOB_PHASE_STARTED, "root", ""), (1, pb.JOB_PHASE_STARTED, "root", "")]
+        (0, JobPhase.STARTED, "root", ""), (1, JobPhase.STARTED, "root", "")]
     for _ in range(99):
         rows += _step(acc, node)
     assert len(procs.asked) == 10  # every 10 s, not every sample
@@ -307,7 +310,7 @@ def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_pa
     def step(dt_ms: int = 1000) -> None:
         rows = _step(acc, node, dt_ms)
         if rows:
-            acc.queued(rows, box._put(pb.AgentMessage(usage=acc.report(rows))))
+            acc.queued(rows, box._put(pb.AgentMessage(usage=wire.usage_report(acc.node, rows))))
 
     step(0)
     for t in range(1, 181):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from gpufleet.agent import wire
 from gpufleet.agent.accounting import Accountant, write_hook_file
 from gpufleet.agent.outbox import Outbox
 from gpufleet.agent.telemetry import GpuSample
@@ -45,7 +46,7 @@ def _agent_run(state: Path, jobs: list[tuple[str, list[int], str, int, int]],
             [GpuSample(index=g, energy_mj=e, utilization_gpu_pct=util[g])
              for g, e in energy.items()], now)
         if rows:
-            seq = box.put_usage(acc.report(rows))
+            seq = box.put_usage(wire.usage_report(acc.node, rows))
             acc.queued(rows, seq)
     return box.pending_messages()
 

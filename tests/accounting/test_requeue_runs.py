@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.agent.accounting import Accountant, write_hook_file
+from gpufleet.agent.accounting import Accountant, GpuUsage, JobPhase, write_hook_file
 from gpufleet.agent.telemetry import GpuSample
-from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.accounting.ledger import UsageQuery, UsageRow
 from gpufleet.scheduler.cli.acct_reconcile import reconcile
 from gpufleet.scheduler.service.server import Controller
@@ -68,7 +67,7 @@ class Agent:
     def __init__(self, state: Path, node: Node) -> None:
         self.state, self.node, self.seq = state, node, 0
         self.acc = Accountant(state, "n1")
-        self.rows: list[pb.JobGpuUsage] = []
+        self.rows: list[GpuUsage] = []
 
     def restart(self) -> None:
         self.acc = Accountant(self.state, "n1")
@@ -84,9 +83,9 @@ class Agent:
                 self.rows += rows
 
 
-def _final(rows: list[pb.JobGpuUsage]) -> dict[tuple[int, int], pb.JobGpuUsage]:
+def _final(rows: list[GpuUsage]) -> dict[tuple[int, int], GpuUsage]:
     """(run, GPU) -> the ENDED row (the newest of each)."""
-    return {(r.run, r.gpu_index): r for r in rows if r.phase == pb.JOB_PHASE_ENDED}
+    return {(r.run, r.gpu_index): r for r in rows if r.phase == JobPhase.ENDED}
 
 
 def test_a_rerun_on_the_same_gpus_is_a_second_run_across_an_agent_restart(

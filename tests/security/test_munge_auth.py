@@ -155,7 +155,7 @@ def test_checkpoint_registration_credential_end_to_end(
         tmp_path: Path, munged: MungeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """job.save -> the agent's job socket -> CheckpointRegistered -> the controller's ingest,
     which verifies the job's own credential with munged."""
-    from gpufleet.agent import job
+    from gpufleet.agent import job, wire
     from gpufleet.agent.jobsocket import JobSocketServer, Registration
 
     monkeypatch.setenv("GPUFLEET_MUNGE_SOCKET", munged.socket)
@@ -168,7 +168,7 @@ def test_checkpoint_registration_credential_end_to_end(
     finally:
         server.stop()
     assert len(got) == 1 and got[0].munge_credential.startswith(b"MUNGE:")
-    msg = got[0].message("n1")
+    msg = wire.checkpoint_registered(got[0], "n1")
     assert msg.munge_credential == got[0].munge_credential and msg.uid == 0
     ingest = _ingestor(tmp_path, munged)
     before = dict(munge.checkpoint_credentials)

@@ -20,7 +20,8 @@ How a job becomes known (design):
   reset by a driver reload and counts on from 0; one near 2^64 wrapped). Allocated time is
   ``end - start`` from the hook times, never a sum of samples.
 * Usage leaves as CUMULATIVE per (job, run, GPU) totals at the run's start, at every minute
-  boundary, and at its end (gpufleet.v1.JobGpuUsage). The controller keeps the newest per
+  boundary, and at its end (`GpuUsage` rows; `gpufleet.agent.wire` makes them
+  gpufleet.v1.JobGpuUsage). The controller keeps the newest per
   (job, run, node, GPU), so a replay can never count twice. Before a report is queued, the totals
   are written to ``STATE_DIR/accounting.json`` (the on-disk spool): after an agent restart
   the jobs, their totals and the last raw energy readings come back, every job is reported
@@ -70,9 +71,9 @@ The /proc safety net (for a Prolog that is not configured or whose spool file wa
   takes the hook's start, user, account and GPUs; allocated time is then exact. A GPU the
   job's processes used outside the hook's list stays counted first-seen to last-seen.
 
-Never does: talk to Slurm, block the sample loop on I/O other than the spool folder and its
-own state file, or raise out of `on_sample` for one bad spool file (it is logged and moved
-aside as ``*.bad``).
+Never does: talk to Slurm, know the wire format (protobuf is `gpufleet.agent.wire`'s), block
+the sample loop on I/O other than the spool folder and its own state file, or raise out of
+`on_sample` for one bad spool file (it is logged and moved aside as ``*.bad``).
 
 One module (~770 lines, 70 of them this design): the hooks' files, the GPU holdings and the
 cumulative totals are one state machine, and splitting it would split its invariants.
@@ -89,12 +90,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from gpufleet.agent import procmap
 from gpufleet.agent.telemetry import GpuBackendError, GpuSample
-from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,37 @@ JobKey = tuple[str, int]  # (Slurm job id, run)
 
 class AccountingError(ValueError):
     """A job hook's input is unusable; the message names the variable and the problem."""
+
+
+class JobPhase(StrEnum):
+    STARTED = "started"  # the prolog ran (or /proc first saw it): it holds these GPUs from start
+    RUNNING = "running"  # a periodic report (each minute boundary)
+    ENDED = "ended"  # the epilog ran (or /proc saw it gone): totals are final, end_ms is set
+
+
+class UsageSource(StrEnum):
+    HOOK = "hook"  # prolog/epilog: allocated time exact
+    PROC = "proc"  # the /proc safety net: first to last sighting, approximate
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    """One (job, run, GPU)'s cumulative totals as of `as_of_ms`; what the controller keeps."""
+
+    job_id: str
+    gpu_index: int
+    user: str
+    account: str
+    start_ms: int
+    as_of_ms: int
+    allocated_ms: int
+    busy_ms: int
+    energy_mj: int
+    phase: JobPhase
+    run: int
+    source: UsageSource
+    end_ms: int | None = None  # set with ENDED only
+    idle_since_ms: int | None = None  # at 0 % utilisation since then; never with ENDED
 
 
 # ------------------------------------------------------------------ hook side (prolog/epilog)
@@ -383,7 +415,7 @@ class Accountant:
                           int(d["time_ms"]), path, restarts)
 
     def on_sample(self, samples: Sequence[GpuSample], now_ms: int,
-                  acked_seq: int = 0) -> list[pb.JobGpuUsage]:
+                  acked_seq: int = 0) -> list[GpuUsage]:
         """Integrate one sample; apply pending starts/ends; return the rows to report now.
 
         Energy and busy time up to `now_ms` go to the job that held each GPU before this
@@ -444,8 +476,8 @@ class Accountant:
             self.save()  # before the rows are queued: reported totals are never ahead of disk
         return rows
 
-    def _apply_pending(self, now_ms: int) -> list[pb.JobGpuUsage]:
-        rows: list[pb.JobGpuUsage] = []
+    def _apply_pending(self, now_ms: int) -> list[GpuUsage]:
+        rows: list[GpuUsage] = []
         done: list[HookRecord] = []
         started: set[JobKey] = set()  # runs opened here: their end waits for one sample
         # in time order (an end before a start at the same ms): several runs of one job may
@@ -469,7 +501,7 @@ class Accountant:
         return rows
 
     def _apply_end(self, rec: HookRecord, now_ms: int, started: set[JobKey],
-                   done: list[HookRecord]) -> list[pb.JobGpuUsage] | None:
+                   done: list[HookRecord]) -> list[GpuUsage] | None:
         """Close the run an end hook names; None: leave the hook for the next sample."""
         job = self._run_ending(rec)
         if job is not None and job.key in started:
@@ -496,7 +528,7 @@ class Accountant:
         return []
 
     def _apply_start(self, rec: HookRecord, now_ms: int, started: set[JobKey]
-                     ) -> list[pb.JobGpuUsage]:
+                     ) -> list[GpuUsage]:
         """Open the run a start hook names (or adopt it from /proc, or ignore a repeat)."""
         run = rec.restart_count if rec.restart_count is not None else self._next_run(rec.job_id)
         job = self.jobs.get((rec.job_id, run))
@@ -515,7 +547,7 @@ class Accountant:
             assert adopted is not None  # noqa: S101 - one of the two, just checked
             self._adopt_hook(adopted, rec)
             return self._rows(adopted, now_ms)
-        rows: list[pb.JobGpuUsage] = []
+        rows: list[GpuUsage] = []
         for old in self._open_runs(rec.job_id):
             if old.run > run:
                 log.info("job %s run %d: start hook older than run %d running here; "
@@ -532,9 +564,9 @@ class Accountant:
             job.use[g] = _GpuUse()
         self.jobs[job.key] = job
         started.add(job.key)
-        return rows + self._rows(job, now_ms, pb.JOB_PHASE_STARTED)
+        return rows + self._rows(job, now_ms, JobPhase.STARTED)
 
-    def _end_run(self, job: _Job, end_ms: int, now_ms: int) -> list[pb.JobGpuUsage]:
+    def _end_run(self, job: _Job, end_ms: int, now_ms: int) -> list[GpuUsage]:
         job.end_ms = max(end_ms, job.start_ms)
         for g, u in job.use.items():
             u.take_back_after(job.end_ms)  # samples went past it before its file was found
@@ -610,7 +642,7 @@ class Accountant:
         job.gpus = gpus + extra
 
     def _attribute_from_proc(self, processes: ProcessSource, samples: Sequence[GpuSample],
-                             now_ms: int) -> list[pb.JobGpuUsage]:
+                             now_ms: int) -> list[GpuUsage]:
         """The /proc safety net: attribute GPUs busy with a job no hook announced."""
         hooked = self._hook_gpus()
         candidates = [s.index for s in samples if not s.lost and s.index not in hooked]
@@ -633,9 +665,9 @@ class Accountant:
                 self._proc_live[g] = job_id
                 if job.start_ms == now_ms and job.source == "proc" and job not in new_jobs:
                     new_jobs.append(job)
-        rows: list[pb.JobGpuUsage] = []
+        rows: list[GpuUsage] = []
         for job in new_jobs:
-            rows += self._rows(job, now_ms, pb.JOB_PHASE_STARTED)
+            rows += self._rows(job, now_ms, JobPhase.STARTED)
         return rows + self._end_unseen(now_ms)
 
     def _proc_job(self, g: int, job_id: str, now_ms: int) -> _Job | None:
@@ -664,9 +696,9 @@ class Accountant:
         use.last_ms = now_ms
         return job
 
-    def _end_unseen(self, now_ms: int) -> list[pb.JobGpuUsage]:
+    def _end_unseen(self, now_ms: int) -> list[GpuUsage]:
         """End jobs known only from /proc whose processes have been gone PROC_END_GRACE_MS."""
-        rows: list[pb.JobGpuUsage] = []
+        rows: list[GpuUsage] = []
         live = set(self._proc_live.values())
         for job in list(self.jobs.values()):
             if job.source != "proc" or job.end_ms is not None or job.job_id in live:
@@ -719,9 +751,9 @@ class Accountant:
         return owner
 
     def _rows(self, job: _Job, now_ms: int,
-              phase: pb.JobPhase.ValueType = pb.JOB_PHASE_RUNNING) -> list[pb.JobGpuUsage]:
+              phase: JobPhase = JobPhase.RUNNING) -> list[GpuUsage]:
         if job.end_ms is not None:
-            phase, as_of = pb.JOB_PHASE_ENDED, job.end_ms
+            phase, as_of = JobPhase.ENDED, job.end_ms
         else:
             as_of = max(now_ms, job.start_ms)
         rows = []
@@ -731,26 +763,20 @@ class Accountant:
             if u.first_ms is not None:  # source=proc: first to last sighting (approximate)
                 start_ms = min(u.first_ms, as_of)
                 allocated_ms = max(0, min(u.last_ms or start_ms, as_of) - start_ms)
-            row = pb.JobGpuUsage(
+            rows.append(GpuUsage(
                 job_id=job.job_id, gpu_index=g, user=job.user, account=job.account,
                 start_ms=start_ms, as_of_ms=as_of,
                 allocated_ms=allocated_ms, busy_ms=int(u.busy_ms),
                 energy_mj=u.energy_mj, phase=phase, run=job.run,
-                source="proc" if u.from_proc else "hook",
-            )
-            if job.end_ms is not None:
-                row.end_ms = job.end_ms
-            elif u.idle_since_ms is not None:
-                row.idle_since_ms = u.idle_since_ms
-            rows.append(row)
+                source=UsageSource.PROC if u.from_proc else UsageSource.HOOK,
+                end_ms=job.end_ms,
+                idle_since_ms=u.idle_since_ms if job.end_ms is None else None,
+            ))
         return rows
 
-    def report(self, rows: Sequence[pb.JobGpuUsage]) -> pb.JobUsageReport:
-        return pb.JobUsageReport(node=self.node, usage=list(rows))
-
-    def queued(self, rows: Sequence[pb.JobGpuUsage], seq: int) -> None:
+    def queued(self, rows: Sequence[GpuUsage], seq: int) -> None:
         """The rows went out as `seq`: an ended job is forgotten once that seq is acked."""
-        ended = {(r.job_id, r.run) for r in rows if r.phase == pb.JOB_PHASE_ENDED}
+        ended = {(r.job_id, r.run) for r in rows if r.phase == JobPhase.ENDED}
         for key in ended:
             if key in self.jobs:
                 self.jobs[key].final_seq = seq

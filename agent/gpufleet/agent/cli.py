@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from google.protobuf import json_format
 from gpufleet.agent import __version__
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
 from gpufleet.agent.nvml_sim import FAULT_KINDS
@@ -250,6 +249,7 @@ def collect(as_json: bool, verbose: int, **kw: Any) -> None:
     import dataclasses
     import tempfile
 
+    from gpufleet.agent import wire
     from gpufleet.agent.runner import Agent
 
     _setup_logging(verbose)
@@ -269,8 +269,8 @@ def collect(as_json: bool, verbose: int, **kw: Any) -> None:
             raise click.ClickException(str(e)) from e
         agent.outbox.close()
     doc = {
-        "inventory": json_format.MessageToDict(inv, preserving_proto_field_name=True),
-        "sample": json_format.MessageToDict(sample, preserving_proto_field_name=True),
+        "inventory": wire.as_dict(inv),
+        "sample": wire.as_dict(sample),
         "timing_ms": {
             "inventory": round((t1 - t0) * 1000, 3),
             "sample": round((t2 - t1) * 1000, 3),

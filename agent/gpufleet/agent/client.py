@@ -22,10 +22,10 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from gpufleet.agent.config import ClientTls
 from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
@@ -39,27 +39,25 @@ class TlsFileError(Exception):
     """A TLS file cannot be read; the message names it."""
 
 
-@dataclass(frozen=True)
-class ClientTls:
-    ca_path: Path
-    cert_path: Path
-    key_path: Path
+__all__ = ["ClientTls", "StreamClient", "TlsFileError", "credentials", "split_targets"]
 
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: Path, what: str) -> bytes:
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise TlsFileError(f"{path}: cannot read the {what}: {e.strerror}") from e
-            if b"-----BEGIN" not in data:
-                raise TlsFileError(f"{path}: the {what} is not PEM")
-            return data
 
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_path, "CA certificate"),
-            private_key=read(self.key_path, "agent key"),
-            certificate_chain=read(self.cert_path, "agent certificate"),
-        )
+def credentials(tls: ClientTls) -> grpc.ChannelCredentials:
+    """The channel credentials from `tls`'s files, read now; TlsFileError names a bad one."""
+    def read(path: Path, what: str) -> bytes:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise TlsFileError(f"{path}: cannot read the {what}: {e.strerror}") from e
+        if b"-----BEGIN" not in data:
+            raise TlsFileError(f"{path}: the {what} is not PEM")
+        return data
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls.ca_path, "CA certificate"),
+        private_key=read(tls.key_path, "agent key"),
+        certificate_chain=read(tls.cert_path, "agent certificate"),
+    )
 
 
 def split_targets(controller: str) -> list[str]:
@@ -102,7 +100,7 @@ class StreamClient:
         ]
         if self.tls is None:
             return grpc.insecure_channel(self.target, options=options)
-        return grpc.secure_channel(self.target, self.tls.credentials(), options=options)
+        return grpc.secure_channel(self.target, credentials(self.tls), options=options)
 
     def _tls_cause(self) -> str:
         """gRPC says UNAVAILABLE for every failed handshake: name the TLS cause, if it is one."""

@@ -20,17 +20,23 @@ import socket
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpufleet.agent.health import CHECKS, HealthConfig
 from gpufleet.rpc import settings
 from gpufleet.rpc.settings import SettingError
 
-if TYPE_CHECKING:
-    from gpufleet.agent.client import ClientTls
-
 DEFAULT_CONFIG_PATH = Path("/etc/gpufleet/agent.toml")
 DEFAULT_JOB_SOCKET = "/run/gpufleet-agent/job.sock"
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """The stream's mTLS files (gpufleet.agent.client reads them at every connect)."""
+
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
 
 
 MAX_GPUS = 64  # what the controller takes from one node
@@ -125,8 +131,6 @@ class AgentConfig:
 
     def client_tls(self) -> ClientTls | None:
         """The stream's TLS files; None for plaintext (validate() checked the combination)."""
-        from gpufleet.agent.client import ClientTls
-
         if not self.ca_path:
             return None
         return ClientTls(Path(self.ca_path), Path(self.cert_path), Path(self.key_path))

@@ -17,7 +17,8 @@ controller can check that uid owns the job, and where the agent can read the pee
 pid inside another job's cgroup is refused here. A registration only ever records "job J has a
 checkpoint at P"; it never makes the agent or controller read, run or delete anything.
 
-It must never block the agent: one thread, a short per-connection timeout, a size limit.
+It must never block the agent: one thread, a short per-connection timeout, a size limit. It
+hands on a `Registration`; `gpufleet.agent.wire` makes the message the controller receives.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +68,6 @@ class Registration:
     pid: int | None
     received_ms: int
     munge_credential: bytes = b""  # the job's own, verbatim; b"": none (no munge there)
-
-    def message(self, node: str) -> pb.CheckpointRegistered:
-        """The registration as the controller receives it."""
-        msg = pb.CheckpointRegistered(
-            job_id=self.job_id, step=self.step, path=self.path, time_ms=self.time_ms,
-            node=node, received_ms=self.received_ms, munge_credential=self.munge_credential)
-        if self.uid is not None:
-            msg.uid = self.uid
-        return msg
 
 
 def parse_request(line: bytes, uid: int | None = None, pid: int | None = None,

@@ -1,7 +1,8 @@
 """The controller's repair commands, run on the node: GPU reset and diagnostic.
 
-Commands arrive on the agent's stream; each runs on one worker thread, in order, and its
-result goes back through the outbox as a CommandResult with the command's request_id.
+Commands arrive on the agent's stream (`gpufleet.agent.wire` turns them into `Command`s); each
+runs on one worker thread, in order, and its `CommandResult` goes back through the outbox with
+the command's request_id. It never sees protobuf: the wire is `wire`'s.
 
 A GPU reset runs only when no compute process holds the GPU (NVML's process list; a GPU
 that cannot tell counts as held), with `nvidia-smi --gpu-reset -i N` on real GPUs and the
@@ -17,11 +18,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 
 from gpufleet.agent import diag
 from gpufleet.agent.telemetry import GpuBackend
-from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,40 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+class CommandKind(StrEnum):
+    """The repair commands this agent runs (the wire has others it does not)."""
+
+    RESET_GPU = "reset_gpu"  # reset gpu_indices (all when empty), only if no process holds them
+    RUN_DIAG = "run_diag"  # `gpufleet-agent diag --level diag_level`
+
+
+@dataclass(frozen=True)
+class Command:
+    kind: CommandKind
+    request_id: str
+    gpu_indices: tuple[int, ...] = ()
+    diag_level: int = 0  # 0: not given, level 1
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    ok: bool
+    detail: str
+    could_not_run: bool = False  # reset refused (a process holds the GPU), diagnostic exit 2
+    tool: str = ""  # a diagnostic's: "gpufleet" | "dcgmi"
+    checks: tuple[diag.Check, ...] = ()  # a diagnostic's, failed first, bounded for the wire
+    # set by CommandRunner.execute, from the command and the clock
+    request_id: str = ""
+    kind: CommandKind | None = None
+    started_ms: int = 0
+    finished_ms: int = 0
+
+
 class CommandRunner:
     def __init__(
         self,
         backend: GpuBackend,
-        send: Callable[[pb.CommandResult], object],
+        send: Callable[[CommandResult], object],
         run_diag: Callable[[int], diag.DiagReport],
         clear_xids: Callable[[Sequence[int]], None],
         sim_faults_path: Path | None = None,
@@ -49,7 +80,7 @@ class CommandRunner:
         self.clear_xids = clear_xids
         self.sim_faults_path = sim_faults_path
         self._run = run
-        self._q: queue.Queue[pb.Command] = queue.Queue()
+        self._q: queue.Queue[Command] = queue.Queue()
         self._seen: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="commands", daemon=True)
@@ -61,10 +92,8 @@ class CommandRunner:
         self._stop.set()
         self._thread.join(timeout=2.0)
 
-    def submit(self, cmd: pb.Command) -> None:
+    def submit(self, cmd: Command) -> None:
         """From the stream thread: queue a command (a repeated request_id runs once)."""
-        if cmd.kind not in (pb.Command.KIND_RESET_GPU, pb.Command.KIND_RUN_DIAG):
-            return
         if cmd.request_id in self._seen:
             return
         self._seen.add(cmd.request_id)
@@ -81,20 +110,20 @@ class CommandRunner:
             except Exception:  # one bad command must not stop the next
                 log.exception("command %s failed", cmd.request_id)
 
-    def execute(self, cmd: pb.Command) -> pb.CommandResult:
+    def execute(self, cmd: Command) -> CommandResult:
         started = _ms()
-        if cmd.kind == pb.Command.KIND_RESET_GPU:
+        if cmd.kind == CommandKind.RESET_GPU:
             res = self.reset(list(cmd.gpu_indices))
         else:
             res = self.diagnose(cmd.diag_level or 1)
-        res.request_id, res.kind = cmd.request_id, cmd.kind
-        res.started_ms, res.finished_ms = started, _ms()
-        log.warning("command %s %s: %s %s", pb.Command.Kind.Name(cmd.kind), cmd.request_id,
+        res = replace(res, request_id=cmd.request_id, kind=cmd.kind, started_ms=started,
+                      finished_ms=_ms())
+        log.warning("command %s %s: %s %s", cmd.kind, cmd.request_id,
                     "ok" if res.ok else "could not run" if res.could_not_run else "failed",
                     res.detail)
         return res
 
-    def reset(self, gpus: list[int]) -> pb.CommandResult:
+    def reset(self, gpus: list[int]) -> CommandResult:
         if not gpus:
             gpus = [g.index for g in self.backend.inventory()]
         procs = self.backend.compute_pids(gpus)
@@ -103,8 +132,8 @@ class CommandRunner:
         if held or unknown:
             why = "; ".join([f"GPU {i} held by pid(s) {list(p)}" for i, p in held.items()] +
                             [f"GPU {i}: process list unknown" for i in unknown])
-            return pb.CommandResult(ok=False, could_not_run=True,
-                                    detail=f"not reset: {why}"[:MAX_EVIDENCE])
+            return CommandResult(ok=False, could_not_run=True,
+                                 detail=f"not reset: {why}"[:MAX_EVIDENCE])
         if self.sim_faults_path is not None:
             from gpufleet.agent.nvml_sim import append_fault
 
@@ -118,27 +147,24 @@ class CommandRunner:
                                   capture_output=True, text=True, timeout=RESET_TIMEOUT_S,
                                   check=False)
                 except (OSError, subprocess.TimeoutExpired) as e:
-                    return pb.CommandResult(ok=False, detail=f"GPU {i}: nvidia-smi: {e}")
+                    return CommandResult(ok=False, detail=f"GPU {i}: nvidia-smi: {e}")
                 if p.returncode != 0:
                     msg = " ".join((p.stderr or p.stdout).split())
-                    return pb.CommandResult(
+                    return CommandResult(
                         ok=False, detail=f"GPU {i}: nvidia-smi --gpu-reset exited "
                         f"{p.returncode}: {msg}"[:MAX_EVIDENCE])
         self.clear_xids(gpus)
-        return pb.CommandResult(ok=True, detail=f"reset GPU(s) {gpus}")
+        return CommandResult(ok=True, detail=f"reset GPU(s) {gpus}")
 
-    def diagnose(self, level: int) -> pb.CommandResult:
+    def diagnose(self, level: int) -> CommandResult:
         report = self.run_diag(level)
         failed = report.failed()
-        res = pb.CommandResult(
+        # failed checks first: the controller names the first one in Slurm's reason
+        checks = tuple(replace(c, name=c.name[:64], evidence=c.evidence[:MAX_EVIDENCE],
+                               subject=c.subject[:64])
+                       for c in sorted(report.checks, key=lambda c: c.passed)[:256])
+        return CommandResult(
             ok=report.passed, could_not_run=bool(report.error), tool=report.tool,
             detail=(report.error or ("passed" if report.passed else
-                    "failed: " + ", ".join(c.name for c in failed)))[:MAX_EVIDENCE])
-        # failed checks first: the controller names the first one in Slurm's reason
-        for c in sorted(report.checks, key=lambda c: c.passed)[:256]:
-            chk = pb.DiagCheck(name=c.name[:64], passed=c.passed,
-                               evidence=c.evidence[:MAX_EVIDENCE], subject=c.subject[:64])
-            if c.gpu_index is not None:
-                chk.gpu_index = c.gpu_index
-            res.checks.append(chk)
-        return res
+                    "failed: " + ", ".join(c.name for c in failed)))[:MAX_EVIDENCE],
+            checks=checks)

@@ -108,19 +108,18 @@ class Agent:
         self._bus_ids = {g.index: g.pci_bus_id for g in gpus}
         self.accounting.set_inventory({g.uuid: g.index for g in gpus})
         vm = psutil.virtual_memory()
-        inv = pb.NodeInventory(
+        inv = wire.node_inventory(
             node_name=self.node_name,
             hostname=socket.gethostname(),
             agent_version=__version__,
             driver_version=self.backend.driver_version(),
             cuda_driver_version=self.backend.cuda_driver_version(),
-            gpus=[wire.gpu_info(g) for g in gpus],
-            gpu_links=[wire.gpu_link(lk) for lk in self.backend.links()],
-            gpu_nic_affinity=[wire.nic_affinity(*a) for a in self.backend.nic_affinity()],
-            ib_ports=[wire.ib_port(p) for p in self.ib.ports()],
+            gpus=gpus,
+            links=self.backend.links(),
+            nic_affinities=self.backend.nic_affinity(),
+            ib_ports=self.ib.ports(),
             cpu_count=psutil.cpu_count() or 0,
             memory_total_bytes=vm.total,
-            numa_node_count=len({g.numa_node for g in gpus if g.numa_node is not None}),
             boot_id=_boot_id(),
             nvml_backend=self.backend.name,
         )
@@ -129,7 +128,7 @@ class Agent:
 
     def hello(self) -> pb.Hello:
         inv = self._inventory if self._inventory is not None else self.inventory()
-        return pb.Hello(inventory=inv, last_acked_seq=self.outbox.acked_seq)
+        return wire.hello(inv, self.outbox.acked_seq)
 
     def host(self) -> HostSample:
         vm = psutil.virtual_memory()
@@ -167,13 +166,7 @@ class Agent:
                 changed = [*self._restored_verdicts, *changed]
                 self._restored_verdicts = []
             current = tuple(self.health.current.values())
-        msg = pb.NodeSample(
-            timestamp_ms=now,
-            gpus=[wire.gpu_sample(g) for g in gpus],
-            ib_ports=[wire.ib_port_sample(p) for p in ib_ports],
-            host=wire.host_sample(host),
-            verdicts=[wire.verdict(v) for v in changed],
-        )
+        msg = wire.node_sample(now, gpus, ib_ports, host, changed)
         # rewritten on change, and every 30 s as a heartbeat so `health` can tell a
         # stopped agent from a healthy one
         if changed or now - self._cache_written_ms > 30_000:
@@ -200,7 +193,7 @@ class Agent:
         try:
             rows = self.accounting.on_sample(gpus, now_ms, self.outbox.acked_seq)
             if rows:
-                seq = self.outbox.put_usage(self.accounting.report(rows))
+                seq = self.outbox.put_usage(wire.usage_report(self.node_name, rows))
                 self.accounting.queued(rows, seq)
         except Exception:  # accounting must never stop health sampling
             log.exception("job accounting failed for this sample (job change: %s)", job_change)
@@ -209,15 +202,7 @@ class Agent:
         with self._health_lock:
             verdict = self.health.on_xid(event, self._bus_ids)
         log.warning("%s: %s", self.node_name, verdict.evidence)
-        ev = pb.HealthEvent(
-            timestamp_ms=event.timestamp_ms,
-            kind=pb.EVENT_KIND_GPU_LOST if event.lost else pb.EVENT_KIND_XID,
-            verdict=wire.verdict(verdict),
-        )
-        if not event.lost:  # a GPU lost without an Xid has no number to send
-            ev.xid = event.xid
-        if event.gpu_index is not None:
-            ev.gpu_index = event.gpu_index
+        ev = wire.xid_event(event, verdict)
         self._save_xid_verdicts()
         self._write_health_cache()
         return ev
@@ -289,7 +274,7 @@ class Agent:
 
     def on_checkpoint(self, reg: Registration) -> pb.CheckpointRegistered:
         """A job registered a checkpoint on the job socket: queue it for the controller."""
-        msg = reg.message(self.node_name)  # with the job's MUNGE credential, if it made one
+        msg = wire.checkpoint_registered(reg, self.node_name)  # with its MUNGE credential
         self.outbox.put_checkpoint(msg)
         log.info("job %s checkpoint step %d at %s", reg.job_id, reg.step, reg.path)
         return msg
@@ -366,7 +351,7 @@ class Agent:
             return "sample"
         # half a cycle of slack: the loop's pacing jitters by a few ms
         if now - self._last_report_mono >= hb - self.cfg.interval_s / 2:
-            self.outbox.put_heartbeat(pb.Heartbeat(timestamp_ms=sample.timestamp_ms))
+            self.outbox.put_heartbeat(wire.heartbeat(sample.timestamp_ms))
             self._last_report_mono = now
             return "heartbeat"
         return ""
@@ -398,7 +383,8 @@ class Agent:
         commands = self._command_runner()
         commands.start()
         client = StreamClient(self.cfg.controller, self.outbox, self.hello,
-                              tls=self.cfg.client_tls(), on_command=commands.submit)
+                              tls=self.cfg.client_tls(),
+                              on_command=wire.on_command(commands.submit))
         threads = [threading.Thread(target=client.run, args=(self.stop,), name="stream",
                                     daemon=True)]
         if not once:
@@ -425,12 +411,16 @@ class Agent:
     # ------------------------------------------------------------ repair commands
 
     def _command_runner(self) -> Any:
-        from gpufleet.agent.remedy import CommandRunner
+        from gpufleet.agent.remedy import CommandResult, CommandRunner
 
         sim = (Path(self.cfg.resolved_faults_path())
                if self.cfg.gpu_backend == "simulated" else None)
-        return CommandRunner(self.backend, self.outbox.put_command_result, self.run_diag,
-                             self.clear_xids, sim_faults_path=sim)
+
+        def send(result: CommandResult) -> int:
+            return self.outbox.put_command_result(wire.command_result(result))
+
+        return CommandRunner(self.backend, send, self.run_diag, self.clear_xids,
+                             sim_faults_path=sim)
 
     def run_diag(self, level: int) -> Any:
         """The diagnostic the controller asks for before it resumes this node."""
@@ -455,9 +445,7 @@ class Agent:
             cleared = [i for i in gpus if self.health.current.pop(("xid", i), None)]
         for i in cleared:
             ok = Verdict("xid", Severity.OK, "ok", f"GPU {i} reset: XID verdict cleared", now, i)
-            self.outbox.put_event(pb.HealthEvent(timestamp_ms=now,
-                                                 kind=pb.EVENT_KIND_VERDICT_CHANGED,
-                                                 gpu_index=i, verdict=wire.verdict(ok)))
+            self.outbox.put_event(wire.verdict_changed(now, i, ok))
         if cleared:
             self._save_xid_verdicts()
             self._write_health_cache(force=True)
