@@ -62,6 +62,7 @@ def start_agent(tmp_path: Path, port: int, node: str) -> tuple[Agent, threading.
     cfg = AgentConfig(node_name=node, controller=f"127.0.0.1:{port}", gpu_backend="simulated",
                       state_dir=str(tmp_path / node), interval_s=0.1, metrics_listen="",
                       sysfs_root=str(tmp_path / "nosys"))
+    nvml_sim.nvmlShutdown()  # process-global, as NVML is: an earlier test's profile must not stay
     lib = load_library("simulated", "dgx-h100", cfg.resolved_faults_path(), node)
     agent = Agent(cfg, NvmlBackend(lib, "simulated:dgx-h100"))
     t = threading.Thread(target=agent.run, daemon=True)
