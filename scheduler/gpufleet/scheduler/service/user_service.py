@@ -41,8 +41,8 @@ from gpufleet.scheduler.placement.model import (
 )
 from gpufleet.scheduler.placement.sources import (
     PlacementUnavailable,
+    SlurmViewSource,
     apply_store,
-    view_from_slurm,
 )
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
 from gpufleet.scheduler.store import StateStore, StoreError
@@ -128,8 +128,9 @@ ViewSource = Callable[[], ClusterView]
 
 
 def slurm_view_source(timeout_s: float = PLACE_TIMEOUT_S) -> ViewSource:
-    """The cluster as Slurm sees it now (sinfo/squeue/scontrol on the controller host)."""
-    return lambda: view_from_slurm(None, timeout_s)
+    """The cluster as Slurm sees it now (sinfo/squeue on the controller host on every call;
+    partitions and the switch tree kept 30 s: SlurmViewSource)."""
+    return SlurmViewSource(None, timeout_s)
 
 
 class FleetUserServicer(pb_grpc.FleetUserServicer):
