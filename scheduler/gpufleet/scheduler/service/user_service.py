@@ -33,6 +33,7 @@ from gpufleet.scheduler.accounting.ledger import GROUP_BY, UsageQuery, UsageTota
 from gpufleet.scheduler.health import admin
 from gpufleet.scheduler.health.actions import REASON_PREFIX
 from gpufleet.scheduler.placement.engine import place
+from gpufleet.scheduler.placement.handed_out import HandedOut
 from gpufleet.scheduler.placement.model import (
     ClusterView,
     Placement,
@@ -147,6 +148,7 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         self.auth = auth
         self.active = active
         self.view_source = view_source or slurm_view_source()
+        self.handed_out = HandedOut()
         self.refused = 0
 
     # ------------------------------------------------------------ authentication
@@ -309,9 +311,11 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
     def _place(self, req: PlacementRequest) -> tuple[Placement, list[str]]:
         """The placement, and the nodes whose health keeps new jobs off them now (what
         sbatch's cli_filter excludes when it does not pin the job)."""
-        view = apply_store(self.view_source(), self.store)
+        view = self.handed_out.apply(apply_store(self.view_source(), self.store))
         avoid = sorted(n.name for n in view.nodes.values() if not n.healthy)
-        return place(view, req), avoid
+        result = place(view, req)
+        self.handed_out.add(result)  # pending until Slurm starts it: not free for the next
+        return result, avoid
 
     async def Drain(self, request: pb.NodeActionRequest,
                     context: grpc.aio.ServicerContext) -> pb.NodeActionReply:
