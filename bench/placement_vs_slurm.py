@@ -36,6 +36,8 @@ from tests.placement.sbatch_lab import GPUFLEET, Placed, degrade
 from tests.slurm.harness import SlurmLab, SlurmLabConfig
 
 KINDS = ("1-GPU", "1-node", "multi-node")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+         "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class TraceJob:
     gpus_per_node: int
 
     def sbatch_args(self) -> list[str]:
-        return ["--parsable", f"-J{self.name}", f"-N{self.nodes}",
+        return [f"-J{self.name}", f"-N{self.nodes}",
                 f"--gres=gpu:{self.gpus_per_node}", "-t", "5", "--wrap",
                 f"sleep {self.run_s:.1f}"]
 
@@ -141,18 +143,11 @@ def replay(lab: SlurmLab, trace: Trace, submit: Callable[[TraceJob], str],
         before = time.time()
         job_id = submit(job)
         results.append(JobResult(job, job_id, before))
-    ids = {r.job_id for r in results}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        left = lab.run("squeue", "-h", "-o", "%i").stdout.split()
-        if not ids & set(left):
-            break
-        time.sleep(1)
-    else:
-        raise SystemExit(f"jobs still queued after {timeout_s:.0f} s")
+    end = time.monotonic() + timeout_s
     for r in results:
-        fields = dict(w.split("=", 1) for w in lab.run("scontrol", "show", "job", "-o",
-                                                       r.job_id).stdout.split() if "=" in w)
+        lab.wait_job_state(int(r.job_id), ENDED, timeout_s=max(1.0, end - time.monotonic()))
+    for r in results:
+        fields = dict(w.split("=", 1) for w in lab.show_job(int(r.job_id)).split() if "=" in w)
         r.state = fields.get("JobState", "?")
         r.nodes = lab.hostnames(fields["NodeList"]) if fields.get("NodeList", "(null)") not in {
             "", "(null)"} else []
@@ -173,8 +168,9 @@ def leaves_of(lab: SlurmLab) -> dict[str, str]:
     return out
 
 
-def _sbatch(argv: Sequence[str], env: dict[str, str], cwd: Path) -> str:
-    p = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, text=True, check=False,
+def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path) -> str:
+    argv = [GPUFLEET, "sbatch", "--parsable", *args]
+    p = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False,
                        timeout=60)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()}")
@@ -186,15 +182,14 @@ def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResu
     leaf_of = leaves_of(lab)
     gpus = lab.config.nodes * lab.config.gpus
     lab.reset()
-    plain_env = lab.env()
-    plain = replay(lab, trace, lambda j: _sbatch(["sbatch", *j.sbatch_args()], plain_env,
-                                                 lab.jobs_dir), lambda _t: None, leaf_of)
+    plain = replay(lab, trace, lambda j: str(lab.sbatch(*j.sbatch_args())), lambda _t: None,
+                   leaf_of)
     lab.reset()
     placed = Placed(lab, tmp / "gpufleet", degraded=(trace.degraded_at_start,))
     try:
         env = placed.env()
         gf = replay(lab, trace,
-                    lambda j: _sbatch([GPUFLEET, "sbatch", *j.sbatch_args()], env, lab.jobs_dir),
+                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir),
                     lambda _t: degrade(placed.store, trace.fault_node), leaf_of)
     finally:
         placed.close()
