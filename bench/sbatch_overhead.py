@@ -150,10 +150,11 @@ def main() -> int:
             p90 = statistics.quantiles(ts, n=10)[-1]
             med = statistics.median(ts)
             print(f"{k:34} {med:10.1f} {p90:8.1f} {med - base:18.1f}")
-        # the controller holds each answer's GPUs and one CPU for HandedOut's 10 s, and these
-        # jobs never start: at most (healthy nodes x CPUs) pins in a quick run
+        # the controller holds each answer's GPUs and one CPU for HandedOut's 10 s and these
+        # jobs never start: a run quicker than that pins at most (healthy nodes x CPUs)
         most = min(a.rounds + 1, (lab.config.nodes - 1) * lab.config.cpus)
-        print(f"jobs pinned by placement: {pinned} (expected {most}); last: {last[0]}")
+        print(f"jobs pinned by placement: {pinned} of {a.rounds + 1} (at least {most} when "
+              f"the run takes over 10 s); last: {last[0]}")
         if a.breakdown:
             breakdown(lab, placed, env, a.rounds)
     finally:
