@@ -14,6 +14,7 @@ submission. Prints the median and p90 wall time of each and the median added ove
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from tests.placement.sbatch_lab import GPUFLEET, Placed
 from tests.slurm.harness import SlurmLab, SlurmLabConfig
 
 JOB = ["--gres=gpu:1", "-N1", "--wrap", "true"]
+# the options cli_filter.lua hands the helper for JOB (slurm.json_cli_options, trimmed)
+JOB_JSON = '{"nodes":"1","gres":"gres:gpu:1","wrap":"true","ignore-pbs":"unset","argv":[]}'
 
 
 def _time(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
@@ -39,11 +42,84 @@ def _time(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
     return dt, p.stdout
 
 
+def _ms(fn: object) -> float:
+    t0 = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return (time.perf_counter() - t0) * 1000
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def breakdown(lab: SlurmLab, placed: Placed, env: dict[str, str], rounds: int) -> None:
+    """The pieces of one placed submission, each timed alone, interleaved round-robin."""
+    from gpufleet.scheduler.access import munge
+    from gpufleet.scheduler.placement import PlacementRequest, apply_store, place, view_from_slurm
+    from gpufleet.scheduler.service import placecall
+    from gpufleet.scheduler.slurm import CliSlurmClient
+
+    from tests.placement.sbatch_lab import filter_argv
+
+    no_ctl = placed.client_toml.with_name("no-controller.toml")
+    no_ctl.write_text("")
+    env_no_ctl = {**env, "GPUFLEET_CLIENT_CONFIG": str(no_ctl)}
+    sock = env.get("GPUFLEET_MUNGE_SOCKET") or "/run/munge/munge.socket.2"
+    slurm = CliSlurmClient(env=lab.env(), timeout_s=5)
+    cfg_port = placed.ctl.port
+    req = placecall.PlaceRequest(nodes=1, gpus_per_node=1)
+
+    def helper(argv: list[str]) -> None:
+        subprocess.run([*argv, "place", "0", JOB_JSON], env=env_no_ctl, check=True,
+                       capture_output=True)
+
+    def credential() -> str:
+        return subprocess.run(["munge", f"--socket={sock}", "--no-input"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    def call() -> None:
+        placecall.place(f"127.0.0.1:{cfg_port}", req, credential(), 5.0, None)
+
+    view = view_from_slurm(slurm, 5)
+    pieces = {
+        "helper, console script (start, imports; no controller)":
+            lambda: helper([str(Path(GPUFLEET).with_name("gpufleet-sbatch-filter"))]),
+        "helper, as gpufleet sbatch runs it (no controller)":
+            lambda: helper(filter_argv()),
+        "python -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
+        "python -I -S -c pass":
+            lambda: subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True),
+        "munge credential (munge process)": credential,
+        "unmunge (controller side)": lambda: munge.decode(credential(), sock, 5.0),
+        "  sinfo --json": slurm.node_infos,
+        "  squeue --json": slurm.jobs,
+        "  scontrol show partition": slurm.partitions,
+        "  scontrol show topology": slurm.topology_text,
+        "view_from_slurm (4 reads side by side)": lambda: view_from_slurm(slurm, 5),
+        "controller's view source (as Place calls it)": placed.ctl_view_source,
+        "apply_store + engine": lambda: place(apply_store(view, placed.store),
+                                              PlacementRequest(nodes=1, gpus_per_node=1)),
+        "Place call, in-process client (munge + wire + controller)": call,
+    }
+    times: dict[str, list[float]] = {k: [] for k in pieces}
+    for fn in pieces.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in pieces.items():
+            times[k].append(_ms(fn))
+    print(f"\nwhere it goes ({rounds} rounds, interleaved; {_load()}):")
+    print(f"{'piece':60} {'median ms':>10} {'p90 ms':>8}")
+    for k, ts in times.items():
+        print(f"{k:60} {statistics.median(ts):10.1f} {statistics.quantiles(ts, n=10)[-1]:8.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--lab", type=Path, default=Path("/tmp/gpufleet-bench-sbatch"))  # noqa: S108 - the harness's lab dirs live in /tmp
     ap.add_argument("--port", type=int, default=7317)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the pieces of a placed submission one by one")
     a = ap.parse_args()
     lab = SlurmLab(SlurmLabConfig(lab_dir=a.lab, ctld_port=a.port, node_port0=a.port + 10183))
     lab.start()
@@ -67,13 +143,20 @@ def main() -> int:
         pinned = sum(1 for line in lab.run("scontrol", "show", "job", "-o").stdout.splitlines()
                      if "ReqNodeList=(null)" not in line)
         base = statistics.median(times["plain sbatch"])
-        print(f"{a.rounds} submissions of each, interleaved; Slurm 22.05 lab, 8 nodes")
+        print(f"{a.rounds} submissions of each, interleaved; Slurm 22.05 lab, 8 nodes; "
+              f"{_load()} at the end")
         print(f"{'kind':34} {'median ms':>10} {'p90 ms':>8} {'added (median) ms':>18}")
         for k, ts in times.items():
             p90 = statistics.quantiles(ts, n=10)[-1]
             med = statistics.median(ts)
             print(f"{k:34} {med:10.1f} {p90:8.1f} {med - base:18.1f}")
-        print(f"jobs pinned by placement: {pinned} (expected {a.rounds + 1}); last: {last[0]}")
+        # the controller holds each answer's GPUs and one CPU for HandedOut's 10 s and these
+        # jobs never start: a run quicker than that pins at most (healthy nodes x CPUs)
+        most = min(a.rounds + 1, (lab.config.nodes - 1) * lab.config.cpus)
+        print(f"jobs pinned by placement: {pinned} of {a.rounds + 1} (at least {most} when "
+              f"the run takes over 10 s); last: {last[0]}")
+        if a.breakdown:
+            breakdown(lab, placed, env, a.rounds)
     finally:
         lab.run("scontrol", "update", "PartitionName=main", "State=UP", check=False)
         placed.close()

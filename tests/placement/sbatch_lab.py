@@ -3,14 +3,16 @@ and a client slurm.conf with gpufleet's cli_filter.lua (what a login node gets).
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2
-from gpufleet.scheduler.placement.sources import view_from_slurm
+from gpufleet.scheduler.cli.entry import filter_command
+from gpufleet.scheduler.placement.sources import SlurmViewSource
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
@@ -38,17 +40,27 @@ def _inventory(node: str) -> bytes:
     return inv.SerializeToString()
 
 
-def write_store(path: Path, degraded: tuple[str, ...] = ()) -> SqliteStore:
+def write_store(path: Path, degraded: tuple[str, ...] = (),
+                nodes: Sequence[str] = tuple(f"n{i}" for i in range(1, 9))) -> SqliteStore:
     store = SqliteStore(str(path))
     t = now_ms()
-    for i in range(1, 9):
-        node = f"n{i}"
+    for node in nodes:
         store.upsert_node(node, node, 8, _inventory(node), "inst-1", t)
         store.set_verdict(VerdictRow(node, "nvlink", None, "", "ok", "", "", t))
     for node in degraded:
-        store.set_verdict(VerdictRow(node, "ib_port", None, "mlx5_0/1", "degraded",
-                                     "ib_rate", "mlx5_0 port 1 at 200 Gb/s, expected 400", t))
+        degrade(store, node)
     return store
+
+
+def degrade(store: SqliteStore, node: str) -> None:
+    """gpufleet's health calls node degraded (an IB port down-trained): Slurm does not know."""
+    store.set_verdict(VerdictRow(node, "ib_port", None, "mlx5_0/1", "degraded", "ib_rate",
+                                 "mlx5_0 port 1 at 200 Gb/s, expected 400", now_ms()))
+
+
+def filter_argv() -> list[str]:
+    """The helper command `gpufleet sbatch` hands cli_filter.lua (GPUFLEET_FILTER)."""
+    return shlex.split(filter_command())
 
 
 def lab_client_conf(lab: SlurmLab, where: Path) -> Path:
@@ -69,11 +81,11 @@ class Placed:
 
     def __init__(self, lab: SlurmLab, tmp: Path, degraded: tuple[str, ...] = ()) -> None:
         self.lab = lab
-        self.store = write_store(tmp / "state.db", degraded)
+        self.store = write_store(tmp / "state.db", degraded, lab.node_names)
         slurm = CliSlurmClient(env=lab.env(), timeout_s=5)  # as the controller's view source
-        self.ctl = Controller(self.store, FakeSlurm([f"n{i}" for i in range(1, 9)]),
-                              listen="127.0.0.1:0",
-                              user_view_source=lambda: view_from_slurm(slurm, 5))
+        self.ctl_view_source = SlurmViewSource(slurm, 5)  # what `gpufleet controller` uses
+        self.ctl = Controller(self.store, FakeSlurm(list(lab.node_names)),
+                              listen="127.0.0.1:0", user_view_source=self.ctl_view_source)
         self.ctl.start()
         self.conf = lab_client_conf(lab, tmp / "client-etc")
         (tmp / "client.toml").write_text(

@@ -37,6 +37,8 @@ EXCEPTIONS = {
     REPO / "scheduler" / "gpufleet" / "scheduler" / "cli" / "sbatch_filter.py",
     # the baseline of the sbatch overhead bench is plain sbatch, run as a user runs it
     REPO / "bench" / "sbatch_overhead.py",
+    # the same trace through plain sbatch and `gpufleet sbatch`, run as a user runs them
+    REPO / "bench" / "placement_vs_slurm.py",
 }
 
 

@@ -17,7 +17,10 @@ sbatch job component, after sbatch itself merged the command line, SBATCH_* vari
 With $GPUFLEET_CKPT_DIR set (`gpufleet sbatch --gpufleet-ckpt DIR`) it also adds --requeue,
 the checkpoint signal and the marker comment, as docs/checkpointing.md describes.
 
-Imports are kept to the standard library and placecall.py: this runs inside every sbatch.
+Imports are kept to the standard library's C modules and placecall.py: this runs inside every
+sbatch, and json, tomllib, subprocess and socket each pull in re/enum/collections (15-30 ms
+on the dev VM). Options and client.toml are read by small readers below that hand anything
+they do not expect to json/tomllib themselves; munge is spawned with os.posix_spawnp.
 
 One module (~410 lines) on purpose: Slurm runs it on every submission, stdlib only; one file
 keeps its start-up cost to one import.
@@ -25,12 +28,13 @@ keeps its start-up cost to one import.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+
+TYPE_CHECKING = False  # typing's import pulls in re and collections; mypy reads the name
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 CLIENT_CONFIG = "/etc/gpufleet/client.toml"
 PLACE_TIMEOUT_S = 1.0
@@ -88,9 +92,7 @@ def load_client_config(env: Mapping[str, str] | None = None) -> ClientConfig:
     data: dict[str, object] = {}
     try:
         with open(path, "rb") as f:
-            import tomllib
-
-            data = tomllib.load(f)
+            data = read_toml(f.read())
     except FileNotFoundError:
         pass
     except OSError as err:
@@ -115,6 +117,190 @@ def load_client_config(env: Mapping[str, str] | None = None) -> ClientConfig:
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: {err}") from err
+
+
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class _Unexpected(ValueError):
+    """Not in the subset the small readers know: json/tomllib read it (or say what is wrong)."""
+
+
+def _flat_toml(text: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if any(c < " " and c != "\t" for c in line):
+            raise _Unexpected
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not set(key) <= _BARE_KEY or key in out:
+            raise _Unexpected
+        if value.startswith('"'):
+            end = value.find('"', 1)
+            rest = value[end + 1:].strip()
+            if end < 0 or "\\" in value[:end] or (rest and not rest.startswith("#")):
+                raise _Unexpected
+            out[key] = value[1:end]
+            continue
+        word = value.split("#", 1)[0].strip()
+        if word in {"true", "false"}:
+            out[key] = word == "true"
+        elif word.isascii() and word.isdigit() and (word == "0" or word[0] != "0"):
+            out[key] = int(word)
+        else:
+            raise _Unexpected
+    return out
+
+
+def read_toml(data: bytes) -> dict[str, object]:
+    """client.toml: flat `key = "text" | true | false | 123` lines and comments are read here,
+    anything else by tomllib (same result; tomllib's import costs ~15 ms per submission)."""
+    try:
+        return _flat_toml(data.decode())
+    except (_Unexpected, UnicodeDecodeError):
+        import tomllib
+
+        return tomllib.loads(data.decode())
+
+
+_JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                 "t": "\t"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+_DIGITS = frozenset("0123456789")
+
+
+def _ws(s: str, i: int) -> int:
+    while i < len(s) and s[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def _json_string(s: str, i: int) -> tuple[str, int]:
+    parts: list[str] = []
+    while True:
+        j = i
+        while s[j] != '"' and s[j] != "\\":
+            if s[j] < " ":
+                raise _Unexpected
+            j += 1
+        parts.append(s[i:j])
+        if s[j] == '"':
+            return "".join(parts), j + 1
+        esc = s[j + 1]
+        if esc == "u":
+            h = s[j + 2:j + 6]
+            if len(h) != 4 or not set(h) <= _HEX or 0xD800 <= int(h, 16) < 0xE000:
+                raise _Unexpected  # surrogate pairs: json joins them
+            parts.append(chr(int(h, 16)))
+            i = j + 6
+        elif esc in _JSON_ESCAPES:
+            parts.append(_JSON_ESCAPES[esc])
+            i = j + 2
+        else:
+            raise _Unexpected
+
+
+def _json_value(s: str, i: int) -> tuple[object, int]:  # noqa: PLR0912 - one per JSON kind
+    c = s[i]
+    if c == '"':
+        return _json_string(s, i + 1)
+    if c in "{[":
+        close = "}" if c == "{" else "]"
+        obj: dict[str, object] = {}
+        items: list[object] = []
+        i = _ws(s, i + 1)
+        if s[i] == close:
+            return (obj if c == "{" else items), i + 1
+        while True:
+            if c == "{":
+                if s[i] != '"':
+                    raise _Unexpected
+                key, i = _json_string(s, i + 1)
+                i = _ws(s, i)
+                if s[i] != ":":
+                    raise _Unexpected
+                obj[key], i = _json_value(s, _ws(s, i + 1))
+            else:
+                item, i = _json_value(s, i)
+                items.append(item)
+            i = _ws(s, i)
+            if s[i] == close:
+                return (obj if c == "{" else items), i + 1
+            if s[i] != ",":
+                raise _Unexpected
+            i = _ws(s, i + 1)
+    for word, value in (("null", None), ("true", True), ("false", False)):
+        if s.startswith(word, i):
+            return value, i + len(word)
+    j = i + (c == "-")
+    k = j
+    while k < len(s) and s[k] in _DIGITS:
+        k += 1
+    if k == j or (s[j] == "0" and k > j + 1) or (k < len(s) and s[k] in ".eE"):
+        raise _Unexpected  # floats and odd numbers: json's
+    return int(s[i:k]), k
+
+
+def read_json(text: str) -> object:
+    """json.loads for what slurm.json_cli_options prints (objects, arrays, strings, integers,
+    true/false/null); anything else goes to json itself (same result, or json's ValueError).
+    json's import pulls in re and enum: ~15 ms on every submission."""
+    try:
+        value, i = _json_value(text, _ws(text, 0))
+        complete = _ws(text, i) == len(text)
+    except (_Unexpected, IndexError, RecursionError):
+        complete = False
+    if not complete:
+        import json
+
+        return json.loads(text)
+    return value
+
+
+def run_quiet(argv: Sequence[str], timeout_s: float) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of argv with no input: subprocess.run without importing
+    subprocess (~10-25 ms). Past timeout_s the child is killed and TimeoutError raised."""
+    import select
+
+    r_out, w_out = os.pipe()
+    r_err, w_err = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        pid = os.posix_spawnp(argv[0], list(argv), os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, w_out, 1),
+            (os.POSIX_SPAWN_DUP2, w_err, 2)])
+    except OSError:
+        for fd in (r_out, r_err):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (w_out, w_err, null):
+            os.close(fd)
+    got: dict[int, bytearray] = {r_out: bytearray(), r_err: bytearray()}
+    done: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while got:
+            left = deadline - time.monotonic()
+            ready = select.select(list(got), [], [], left)[0] if left > 0 else []
+            if not ready:
+                os.kill(pid, 9)
+                raise TimeoutError(f"{argv[0]} gave no answer within {timeout_s:.1f} s")
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    got[fd] += chunk
+                else:
+                    done[fd] = bytes(got.pop(fd))
+    finally:
+        for fd in (r_out, r_err):
+            os.close(fd)
+        status = os.waitpid(pid, 0)[1]
+    return (os.waitstatus_to_exitcode(status), done[r_out].decode(errors="replace"),
+            done[r_err].decode(errors="replace"))
 
 
 # ---------------------------------------------------------------- options -> request
@@ -303,11 +489,11 @@ def _credential(cfg: ClientConfig) -> str:
     """`munge --no-input` as this user (munge.py's encode, without its imports)."""
     sock = cfg.munge_socket or os.environ.get("GPUFLEET_MUNGE_SOCKET") or \
         "/run/munge/munge.socket.2"
-    p = subprocess.run(["munge", f"--socket={sock}", "--no-input"], capture_output=True,
-                       text=True, check=False, timeout=cfg.place_timeout_s)
-    cred = p.stdout.strip()
-    if p.returncode != 0 or not cred.startswith("MUNGE:"):
-        raise RuntimeError(f"munge failed: {p.stderr.strip()[:200]}")
+    rc, out, err = run_quiet(["munge", f"--socket={sock}", "--no-input"],
+                             cfg.place_timeout_s)
+    cred = out.strip()
+    if rc != 0 or not cred.startswith("MUNGE:"):
+        raise RuntimeError(f"munge failed: {err.strip()[:200]}")
     return cred
 
 
@@ -359,6 +545,10 @@ def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - ea
 
 
 def _same_nodes(a: str, b: str) -> bool:
+    if sys.flags.no_site:  # started with -S (entry.py's fast path): ClusterShell is in site
+        import site
+
+        site.main()
     try:
         from ClusterShell.NodeSet import NodeSet
     except ImportError:  # a login node without ClusterShell: Slurm's own spelling, or keep
@@ -369,6 +559,8 @@ def _same_nodes(a: str, b: str) -> bool:
 def release(job: str, nodes: str, delay_s: float, env: Mapping[str, str]) -> str:
     """After delay_s: a job still PENDING with the node list gpufleet pinned gets it cleared
     (`scontrol update ReqNodeList=`), so it never waits for nodes someone else took."""
+    import subprocess
+
     time.sleep(delay_s)
     p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
                        check=False, timeout=30, env=dict(env))
@@ -388,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = os.environ
     if len(args) in (3, 4) and args[0] == "place":
         try:
-            opts = json.loads(args[2])
+            opts = read_json(args[2])
             offset = int(args[1])
         except ValueError as e:
             print(f"gpufleet-sbatch-filter: bad input: {e}", file=sys.stderr)
@@ -410,4 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if not __package__:  # run as a file (`python -I -S .../sbatch_filter.py`: entry.py's way)
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))))
     sys.exit(main())

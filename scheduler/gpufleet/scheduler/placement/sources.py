@@ -9,6 +9,7 @@ interactive `gpufleet sbatch`) gives placement 2 s in all.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,13 @@ from gpufleet.scheduler.placement.model import (
     PlacementError,
     PlacementRequest,
 )
-from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError, SlurmJob
+from gpufleet.scheduler.slurm import (
+    CliSlurmClient,
+    SlurmError,
+    SlurmJob,
+    SlurmNodeInfo,
+    SlurmPartition,
+)
 from gpufleet.scheduler.slurm.gres import gpu_count, parse_gres_detail
 from gpufleet.scheduler.slurm.topology_conf import TopologyConfError
 from gpufleet.scheduler.slurm.topology_conf import parse_topology_conf as parse_topology_text
@@ -36,6 +43,7 @@ __all__ = [
     "LocalPlacementSource",
     "PlacementSource",
     "PlacementUnavailable",
+    "SlurmViewSource",
     "apply_store",
     "parse_gres_detail",
     "parse_time_min",
@@ -102,22 +110,67 @@ def view_from_slurm(slurm: CliSlurmClient | None = None, timeout_s: float = 2.0,
     else `scontrol show topology`), read through the Slurm client (default: the commands
     on this host). A Slurm that fails, is slow, or prints what the client cannot read is
     PlacementUnavailable, with the client's message."""
-    deadline = time.monotonic() + timeout_s
-    client = slurm or CliSlurmClient(timeout_s=timeout_s)
-    try:
-        # the version first (it picks the commands), then the four reads side by side: the
-        # caller's 2 s is for all of them
-        c = client.with_timeout(max(deadline - time.monotonic(), 0.05))
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="slurm-read") as pool:
-            f_infos, f_jobs = pool.submit(c.node_infos), pool.submit(c.jobs)
-            f_parts = pool.submit(c.partitions)
-            f_topo = pool.submit(c.topology_text) if topology_conf is None else None
-            infos, jobs, partitions = f_infos.result(), f_jobs.result(), f_parts.result()
-            topo_text, topo_source = (
-                (f_topo.result(), "scontrol show topology") if f_topo is not None
-                else (topology_conf or "", "topology.conf"))
-    except SlurmError as e:
-        raise PlacementUnavailable(str(e)) from e
+    return SlurmViewSource(slurm, timeout_s, topology_conf, static_ttl_s=0.0)()
+
+
+class SlurmViewSource:
+    """The cluster as Slurm sees it, for the controller's FleetUser.Place (one per controller).
+
+    Nodes and jobs (`sinfo`, `squeue`) are read on every call: a pin must fit what is free
+    now. Partitions and the switch tree (`scontrol show partition|topology`) change only when
+    an admin edits slurm.conf and reconfigures, so they are kept for `static_ttl_s` (0: read
+    every time): two Slurm commands fewer on every sbatch (bench/sbatch_overhead.py). A stale
+    tree or time limit costs at most a worse choice of nodes or a pin Slurm refuses to start
+    (released after pin_release_s), never a job placed on a node health keeps jobs off."""
+
+    def __init__(self, slurm: CliSlurmClient | None = None, timeout_s: float = 2.0,
+                 topology_conf: str | None = None, static_ttl_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.slurm = slurm or CliSlurmClient(timeout_s=timeout_s)
+        self.timeout_s = timeout_s
+        self.topology_conf = topology_conf
+        self.static_ttl_s = static_ttl_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._static: tuple[float, list[SlurmPartition], str, str] | None = None
+
+    def _cached_static(self) -> tuple[list[SlurmPartition], str, str] | None:
+        with self._lock:
+            if self._static is None or self.clock() - self._static[0] >= self.static_ttl_s:
+                return None
+            return self._static[1], self._static[2], self._static[3]
+
+    def __call__(self) -> ClusterView:
+        deadline = self.clock() + self.timeout_s
+        static = self._cached_static()
+        try:
+            # the version first (it picks the commands), then the reads side by side: the
+            # caller's deadline is for all of them
+            c = self.slurm.with_timeout(max(deadline - self.clock(), 0.05))
+            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="slurm-read") as pool:
+                f_infos, f_jobs = pool.submit(c.node_infos), pool.submit(c.jobs)
+                if static is None:
+                    f_parts = pool.submit(c.partitions)
+                    f_topo = pool.submit(c.topology_text) if self.topology_conf is None \
+                        else None
+                infos, jobs = f_infos.result(), f_jobs.result()
+                if static is None:
+                    topo_text, topo_source = (
+                        (f_topo.result(), "scontrol show topology") if f_topo is not None
+                        else (self.topology_conf or "", "topology.conf"))
+                    static = (f_parts.result(), topo_text, topo_source)
+                    if self.static_ttl_s > 0:
+                        with self._lock:
+                            self._static = (self.clock(), *static)
+        except SlurmError as e:
+            raise PlacementUnavailable(str(e)) from e
+        partitions, topo_text, topo_source = static
+        return _build_view(infos, jobs, partitions, topo_text, topo_source)
+
+
+def _build_view(infos: Mapping[str, SlurmNodeInfo], jobs: Iterable[SlurmJob],
+                partitions: Iterable[SlurmPartition],
+                topo_text: str, topo_source: str) -> ClusterView:
     leaf_of, parent = parse_topology_conf(topo_text, topo_source)
     used = used_gpus(jobs)
     nodes: dict[str, NodeView] = {}

@@ -11,11 +11,13 @@ both against the generated classes).
 Anything unexpected (no message before the stream ends, a reset, a timeout) is a PlaceCallError:
 the caller then submits the job as it was given. Response headers are never decoded (that
 would need a full HPACK decoder): a reply message arrives only when the call succeeded.
+Plaintext calls use the C `_socket` module (socket.py's import pulls in enum and selectors);
+TLS goes through ssl and socket as usual.
 """
 
 from __future__ import annotations
 
-import socket
+import _socket  # socket.py imports enum and selectors (~10-20 ms); TLS calls import it
 import struct
 import time
 
@@ -185,7 +187,7 @@ def _frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
         ">I", stream) + payload
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+def _recv_exact(sock: _socket.socket, n: int, deadline: float) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         left = deadline - time.monotonic()
@@ -202,7 +204,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return bytes(buf)
 
 
-def unary_call(sock: socket.socket, authority: str, path: str, message: bytes,
+def unary_call(sock: _socket.socket, authority: str, path: str, message: bytes,
                metadata: list[tuple[str, str]], deadline: float, scheme: str = "http") -> bytes:
     """One gRPC unary call on a connected socket; the reply message's bytes."""
     headers = [(":method", "POST"), (":scheme", scheme), (":path", path),
@@ -249,6 +251,30 @@ class Tls:
         self.key = key
 
 
+def _connect(host: str, port: int, timeout_s: float) -> _socket.socket:
+    """socket.create_connection with the C module: each address in turn."""
+    last: OSError | None = None
+    name = host.encode() if host.isascii() else host  # str goes through the idna codec
+    for family, kind, proto, _, addr in _socket.getaddrinfo(name, port, 0,
+                                                            _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(addr)
+        except OSError as e:
+            sock.close()
+            last = e
+            continue
+        return sock
+    raise last or OSError(f"{host}: no address")
+
+
+def _tls_connect(host: str, port: int, timeout_s: float) -> _socket.socket:
+    import socket
+
+    return socket.create_connection((host, port), timeout=timeout_s)
+
+
 def place(address: str, request: PlaceRequest, credential: str, timeout_s: float,
           tls: Tls | None) -> PlaceReply:
     """FleetUser.Place at HOST:PORT; plaintext when tls is None."""
@@ -258,7 +284,8 @@ def place(address: str, request: PlaceRequest, credential: str, timeout_s: float
     host = host.strip("[]")
     deadline = time.monotonic() + timeout_s
     try:
-        sock: socket.socket = socket.create_connection((host, int(port)), timeout=timeout_s)
+        sock = _connect(host, int(port), timeout_s) if tls is None else \
+            _tls_connect(host, int(port), timeout_s)
     except OSError as e:
         raise PlaceCallError(f"controller {address}: {e}") from e
     try:
@@ -270,7 +297,7 @@ def place(address: str, request: PlaceRequest, credential: str, timeout_s: float
             if tls.cert:
                 ctx.load_cert_chain(tls.cert, tls.key)
             ctx.set_alpn_protocols(["h2"])
-            sock = ctx.wrap_socket(sock, server_hostname=host)
+            sock = ctx.wrap_socket(sock, server_hostname=host)  # type: ignore[arg-type]
             scheme = "https"
         reply = unary_call(sock, address, PATH, encode_request(request),
                            [(METADATA_KEY, credential)], deadline, scheme)

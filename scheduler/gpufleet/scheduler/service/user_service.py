@@ -27,6 +27,7 @@ import grpc
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler.access import audit, munge
+from gpufleet.scheduler.placement.handed_out import HandedOut
 from gpufleet.scheduler.placement.model import PlacementError
 from gpufleet.scheduler.service import user_wire as wire
 from gpufleet.scheduler.service.convert import stored_inventories
@@ -138,6 +139,8 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         self.auth = auth
         self.active = active
         self.view_source = view_source or slurm_view_source()
+        # one for the controller's life: what was handed out is held from the next answers
+        self.handed_out = HandedOut()
         self.inventories = stored_inventories(store)
         self.refused = 0
 
@@ -184,7 +187,8 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         """`call` on the user API as `caller`, off the event loop; its errors as status
         codes."""
         api = LocalUserApi(self.store, self.slurm, caller, self.view_source, self.inventories,
-                           source=context.peer(), admin_group=self.auth.admin_group)
+                           source=context.peer(), admin_group=self.auth.admin_group,
+                           handed_out=self.handed_out)
         try:
             return await asyncio.to_thread(call, api)
         except PermissionDenied as e:

@@ -18,12 +18,13 @@ from gpufleet.scheduler.accounting.ledger import GROUP_BY, UsageQuery, UsageTota
 from gpufleet.scheduler.health import admin
 from gpufleet.scheduler.health.actions import REASON_PREFIX
 from gpufleet.scheduler.placement.engine import place
+from gpufleet.scheduler.placement.handed_out import HandedOut
 from gpufleet.scheduler.placement.model import ClusterView, PlacementError, PlacementRequest
 from gpufleet.scheduler.placement.sources import (
     InventorySource,
     PlacementUnavailable,
+    SlurmViewSource,
     apply_store,
-    view_from_slurm,
 )
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
 from gpufleet.scheduler.store import CheckpointRow, RecoveryRow, StateStore, StoreError
@@ -52,8 +53,9 @@ ViewSource = Callable[[], ClusterView]
 
 
 def slurm_view_source(timeout_s: float = PLACE_TIMEOUT_S) -> ViewSource:
-    """The cluster as Slurm sees it now (sinfo/squeue/scontrol on this host)."""
-    return lambda: view_from_slurm(None, timeout_s)
+    """The cluster as Slurm sees it now (sinfo/squeue on this host on every call; partitions
+    and the switch tree kept 30 s: SlurmViewSource)."""
+    return SlurmViewSource(None, timeout_s)
 
 
 class LocalUserApi:
@@ -62,11 +64,13 @@ class LocalUserApi:
     gpufleet's health is laid over it; `inventories`: each node's inventory (NVLink islands
     and NICs for placement);
     `source`: where the caller is, for the audit (None: this host's command line);
-    `admin_group`: named in refusals."""
+    `admin_group`: named in refusals; `handed_out`: GPUs answered a moment ago, held from
+    this answer and holding this one's (the controller's, kept across calls; None: none)."""
 
     def __init__(self, store: StateStore, slurm: SlurmClient | None, caller: Caller,
                  view_source: ViewSource | None = None, inventories: InventorySource | None = None,
-                 source: str | None = None, admin_group: str | None = None) -> None:
+                 source: str | None = None, admin_group: str | None = None,
+                 handed_out: HandedOut | None = None) -> None:
         self.store = store
         self.slurm = slurm
         self.caller = caller
@@ -74,6 +78,7 @@ class LocalUserApi:
         self.inventories = inventories
         self.source = source
         self.admin_group = admin_group
+        self.handed_out = handed_out
 
     def close(self) -> None:
         self.store.close()
@@ -138,8 +143,13 @@ class LocalUserApi:
         try:
             request.check()
             view = apply_store(self.view_source(), self.store, self.inventories)
+            if self.handed_out is not None:
+                view = self.handed_out.apply(view)
             avoid = tuple(sorted(n.name for n in view.nodes.values() if not n.healthy))
-            return PlaceAnswer(place(view, request), avoid)
+            result = place(view, request)
+            if self.handed_out is not None:  # pending until Slurm starts it: not free now
+                self.handed_out.add(result)
+            return PlaceAnswer(result, avoid)
         except PlacementError as e:
             raise InvalidRequest(str(e)) from e
         except PlacementUnavailable as e:
