@@ -15,10 +15,8 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -32,6 +30,7 @@ from gpufleet.scheduler.store.acct import UsageQuery, UsageRow
 
 from tests.slurm.fixtures import slurm_acct_lab
 from tests.slurm.harness import SlurmLab
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slurm
 __all__ = ["slurm_acct_lab"]  # the fixture, imported to be used here
@@ -39,16 +38,6 @@ __all__ = ["slurm_acct_lab"]  # the fixture, imported to be used here
 NODES = ("n1", "n2")
 # node -> [(sample time ms, {gpu index: energy counter mJ})], as the controller received them
 Samples = dict[str, list[tuple[int, dict[int, int]]]]
-
-
-def _wait(cond: Callable[[], Any], timeout_s: float, step_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step_s)
-    return None
 
 
 @pytest.fixture
@@ -128,7 +117,7 @@ def test_two_jobs_sharing_a_node_match_slurmdbd(
 ) -> None:
     lab = slurm_acct_lab
     ctl, samples = fleet
-    assert _wait(lambda: {n.name for n in ctl.store.nodes()} == set(NODES), 60), "agents absent"
+    wait_for(lambda: {n.name for n in ctl.store.nodes()} == set(NODES), 60, "every agent")
     script = 'echo "GPUS=$SLURM_JOB_GPUS CVD=$CUDA_VISIBLE_DEVICES"; sleep {s}'
     jobs = {
         lab.sbatch("-w", "n1", "--gres=gpu:1", "-A", "physics", "--wrap",
@@ -152,8 +141,8 @@ def test_two_jobs_sharing_a_node_match_slurmdbd(
         done = all(r and all(u.end_ms is not None for u in r) for r in rows.values())
         return rows if done else None
 
-    rows = _wait(ledger, 30)
-    assert rows, f"the ledger has no ended rows for {list(jobs)}: {ledger()}"
+    rows = wait_for(ledger, 30, lambda: f"ended ledger rows for {list(jobs)}: {ledger()}",
+                    step_s=0.2)
     (tmp_path / "sacct.json").write_text(sacct_raw)
 
     all_gpus: list[int] = []

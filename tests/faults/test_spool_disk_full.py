@@ -20,7 +20,8 @@ from gpufleet.scheduler.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.conftest import IN_CI
-from tests.faults.spool_helpers import AgentProc, TcpProxy, record_ingest, wait_for
+from tests.faults.spool_helpers import AgentProc, TcpProxy, record_ingest
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow  # a real full disk, filled in real time
 

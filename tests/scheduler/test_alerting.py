@@ -26,6 +26,7 @@ from gpufleet.scheduler.alerting import (
 )
 
 from tests.conftest import IN_CI
+from tests.support import wait_for
 
 
 class Recorder:
@@ -78,15 +79,6 @@ def recorder() -> Iterator[Callable[..., Recorder]]:
         r.close()
 
 
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def fatal(node: str = "n3") -> Alert:
     return Alert("GpufleetNodeFatal", node, "page", f"{node}: GPU node health is fatal",
                  "Xid 79 on GPU 3")
@@ -98,7 +90,7 @@ def test_sender_posts_v2_alerts_and_slack_text(recorder) -> None:
     s.start()
     try:
         assert s.fire(fatal())
-        assert wait_for(lambda: am.bodies and hook.bodies)
+        wait_for(lambda: am.bodies and hook.bodies)
         path, body = am.bodies[0]
         assert path == "/api/v2/alerts"
         (alert,) = body
@@ -109,7 +101,7 @@ def test_sender_posts_v2_alerts_and_slack_text(recorder) -> None:
         path, body = hook.bodies[0]
         assert path == "/hook" and body["text"] == "[FIRING] n3: GPU node health is fatal"
         assert s.resolve("GpufleetNodeFatal", "n3")
-        assert wait_for(lambda: len(am.bodies) == 2)
+        wait_for(lambda: len(am.bodies) == 2)
         assert "endsAt" in am.bodies[1][1][0]
     finally:
         s.stop()
@@ -121,7 +113,7 @@ def test_sender_retries_5xx_then_delivers(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        assert wait_for(lambda: am.bodies)
+        wait_for(lambda: am.bodies)
         assert am.hits == 3 and s.sent == 1 and s.failed == 0
     finally:
         s.stop()
@@ -133,11 +125,11 @@ def test_sender_gives_up_after_bounded_retries_and_goes_on(recorder) -> None:
     s.start()
     try:
         s.fire(fatal("n1"))
-        assert wait_for(lambda: s.failed == 1)
+        wait_for(lambda: s.failed == 1)
         assert am.hits == 3  # one try + 2 retries, then it stops
         am.fail_first = 0
         s.fire(fatal("n2"))
-        assert wait_for(lambda: am.bodies)
+        wait_for(lambda: am.bodies)
         assert am.bodies[0][1][0]["labels"]["node"] == "n2"
     finally:
         s.stop()
@@ -149,7 +141,7 @@ def test_sender_does_not_retry_a_4xx(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        assert wait_for(lambda: s.failed == 1)
+        wait_for(lambda: s.failed == 1)
         assert am.hits == 1
     finally:
         s.stop()
@@ -168,7 +160,7 @@ def test_fire_never_blocks_when_alertmanager_hangs() -> None:
         results = [s.fire(fatal(f"n{i}")) for i in range(50)]
         assert time.monotonic() - t0 < 0.1
         assert results.count(False) >= 40 and s.dropped == results.count(False)
-        assert wait_for(lambda: s.failed >= 1, 5)
+        wait_for(lambda: s.failed >= 1, 5)
     finally:
         s.stop()
         sock.close()
@@ -180,7 +172,7 @@ def test_sender_resends_firing_alerts(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        assert wait_for(lambda: len(am.bodies) >= 3, 5)  # first send + resends
+        wait_for(lambda: len(am.bodies) >= 3, 5)  # first send + resends
         s.resolve("GpufleetNodeFatal", "n3")
         time.sleep(0.3)
         n = len(am.bodies)
@@ -304,7 +296,7 @@ def alertmanager(tmp_path: Path, recorder) -> Iterator[tuple[str, Recorder]]:
             except OSError:
                 return False
 
-        assert wait_for(ready, 20), (tmp_path / "am.log").read_text()
+        wait_for(ready, 20, (tmp_path / "am.log").read_text)
         yield url, chat
     finally:
         proc.terminate()
@@ -318,7 +310,7 @@ def test_controller_alert_through_real_alertmanager_reaches_chat(alertmanager) -
     s.start()
     try:
         s.fire(fatal("n3"))
-        assert wait_for(lambda: bool(chat.bodies), 20), "Alertmanager never called the relay"
+        wait_for(lambda: bool(chat.bodies), 20, "Alertmanager to call the relay")
         text = chat.bodies[0][1]["text"]
         assert text.startswith("[FIRING:1] GpufleetNodeFatal")
         assert "n3: GPU node health is fatal (page)" in text
@@ -327,7 +319,6 @@ def test_controller_alert_through_real_alertmanager_reaches_chat(alertmanager) -
             listed = json.loads(r.read())
         assert [a["labels"]["node"] for a in listed] == ["n3"]
         s.resolve("GpufleetNodeFatal", "n3")
-        assert wait_for(lambda: any(b["text"].startswith("[RESOLVED")
-                                    for _, b in chat.bodies), 20)
+        wait_for(lambda: any(b["text"].startswith("[RESOLVED") for _, b in chat.bodies), 20)
     finally:
         s.stop()
