@@ -8,8 +8,6 @@ slurmctld + slurmd + slurmdbd (22.05) and reconciles both runs with live sacct.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from gpufleet.agent.telemetry import GpuSample
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.cli_acct_reconcile import reconcile
 from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.simfleet import SimFleet
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.sacct import parse_sacct_json
 from gpufleet.scheduler.store import SqliteStore
@@ -248,22 +247,11 @@ def test_upgrade_from_v8_keeps_every_row_as_run_0(store_backend: Backend) -> Non
 @pytest.fixture
 def fleet(slurm_acct_lab: SlurmLab, tmp_path: Path) -> Iterator[Controller]:
     lab = slurm_acct_lab
-    store = SqliteStore(tmp_path / "state.db")
-    ctl = Controller(store, CliSlurmClient(env=lab.env()), listen="127.0.0.1:0")
-    ctl.start()
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
-         "--sim-profile", "l40s-pcie", "--node-name", "n1",
-         "--controller", f"127.0.0.1:{ctl.port}",
-         "--state-dir", str(lab.lab_dir / "agents" / "n1"), "--metrics-listen", ""],
-        stdin=subprocess.DEVNULL)
-    try:
+    ctl = Controller(SqliteStore(tmp_path / "state.db"), CliSlurmClient(env=lab.env()),
+                     listen="127.0.0.1:0")
+    with SimFleet(ctl, ["n1"], lab.lab_dir / "agents",
+                  agent_args=lambda _: ("--sim-profile", "l40s-pcie")):
         yield ctl
-    finally:
-        agent.terminate()
-        agent.wait(timeout=20)
-        ctl.stop()
-        store.close()
 
 
 @pytest.mark.slurm

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from click.testing import CliRunner
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.cli_acct_reconcile import reconcile
 from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.simfleet import SimFleet
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.sacct import parse_sacct_json
 from gpufleet.scheduler.store import SqliteStore
@@ -43,8 +42,8 @@ Samples = dict[str, list[tuple[int, dict[int, int]]]]
 @pytest.fixture
 def fleet(slurm_acct_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controller, Samples]]:
     lab = slurm_acct_lab
-    store = SqliteStore(tmp_path / "state.db")
-    ctl = Controller(store, CliSlurmClient(env=lab.env()), listen="127.0.0.1:0")
+    ctl = Controller(SqliteStore(tmp_path / "state.db"), CliSlurmClient(env=lab.env()),
+                     listen="127.0.0.1:0")
     samples: Samples = {n: [] for n in NODES}
     handle = ctl.ingest.handle
 
@@ -56,30 +55,12 @@ def fleet(slurm_acct_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controller
         return handle(node, msg)
 
     ctl.ingest.handle = recording_handle  # type: ignore[method-assign]
-    ctl.start()
     # every sample to the controller (no heartbeats): the test reads their energy counters
     agent_cfg = tmp_path / "agent.toml"
     agent_cfg.write_text("heartbeat_interval_s = 0\n")
-    agents = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.agent", "run", "--config", str(agent_cfg),
-             "--gpu-backend", "simulated",
-             "--sim-profile", "l40s-pcie", "--node-name", node,
-             "--controller", f"127.0.0.1:{ctl.port}",
-             "--state-dir", str(lab.lab_dir / "agents" / node), "--metrics-listen", ""],
-            stdin=subprocess.DEVNULL,
-        )
-        for node in NODES
-    ]
-    try:
+    with SimFleet(ctl, NODES, lab.lab_dir / "agents", agent_args=lambda _: (
+            "--config", str(agent_cfg), "--sim-profile", "l40s-pcie")):
         yield ctl, samples
-    finally:
-        for p in agents:
-            p.terminate()
-        for p in agents:
-            p.wait(timeout=20)
-        ctl.stop()
-        store.close()
 
 
 def _gres_idx(lab: SlurmLab, job: int) -> list[int]:

@@ -26,9 +26,9 @@ def agent_argv() -> list[str]:
 
 class SimFleet:
     """`ctl` (built, not yet started) and one `gpufleet-agent run --gpu-backend simulated` per
-    node, reporting to it. As a context manager: starts the controller and then the agents;
-    at the end stops the agents (SIGTERM, SIGKILL after 10 s), the controller, and closes the
-    controller's store.
+    node, reporting to it. `start()` (or entering it as a context manager) starts the
+    controller and then the agents; `close()` (or leaving it) stops the agents (SIGTERM,
+    SIGKILL after 10 s), the controller, and closes the controller's store.
 
     `agent_args(node)`: more arguments for that node's agent. `agent_logs`: each agent's
     output goes to `work`/agent-NODE.log instead of this process's.
@@ -70,7 +70,8 @@ class SimFleet:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT)
 
-    def __enter__(self) -> SimFleet:
+    def start(self) -> None:
+        """The controller, then the agents; if an agent cannot start, everything stops."""
         self.ctl.start()
         try:
             for node in self.nodes:
@@ -78,6 +79,9 @@ class SimFleet:
         except BaseException:
             self.close()
             raise
+
+    def __enter__(self) -> SimFleet:
+        self.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
