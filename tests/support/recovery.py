@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import re
 import shlex
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from gpufleet.agent.nvml_sim import append_fault
 from gpufleet.scheduler.policy import PolicyConfig
 from gpufleet.scheduler.recovery import RecoveryConfig
 from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.simfleet import SimFleet
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError
 from gpufleet.scheduler.store import SqliteStore
 from gpufleet.scheduler.store.base import RecoveryRow
@@ -77,22 +78,15 @@ class Result:
         ]
 
 
-def _start_agents(work: Path, port: int, sock: Path) -> list[subprocess.Popen[bytes]]:
-    agents = []
-    for node in (FAULT_NODE, OTHER_NODE):
+def _agent_args(work: Path, sock: Path) -> Callable[[str], list[str]]:
+    def args(node: str) -> list[str]:
         conf = work / f"{node}.toml"
         # the job registers its checkpoints with n2's agent (the simulator leaves the job
         # socket off unless a path is given); all slurmd "nodes" share this one host
         conf.write_text(f'job_socket_path = "{sock}"\n' if node == OTHER_NODE else "")
-        with (work / f"agent-{node}.log").open("wb") as log_file:
-            agents.append(subprocess.Popen(
-                [sys.executable, "-m", "gpufleet.agent", "run", "--config", str(conf),
-                 "--gpu-backend", "simulated", "--node-name", node,
-                 "--controller", f"127.0.0.1:{port}", "--insecure",
-                 "--state-dir", str(work / node), "--metrics-listen", ""],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-            ))
-    return agents
+        return ["--config", str(conf), "--insecure"]
+
+    return args
 
 
 def _cancel(lab: SlurmLab, job_id: str) -> None:
@@ -108,11 +102,11 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
     store = SqliteStore(work / "state.db")
     ctl = Controller(store, CliSlurmClient(env=lab.env()), listen="127.0.0.1:0",
                      policy=PolicyConfig(), recovery=RecoveryConfig(poll_s=0.1))
-    ctl.start()
-    agents: list[subprocess.Popen[bytes]] = []
+    fleet = SimFleet(ctl, [FAULT_NODE, OTHER_NODE], work, agent_args=_agent_args(work, sock),
+                     agent_logs=True)
+    fleet.start()
     job_id = ""
     try:
-        agents.extend(_start_agents(work, ctl.port, sock))
         wait_for(lambda: {n.name for n in store.nodes()} >= {FAULT_NODE, OTHER_NODE}, 30,
               "both agents to say hello")
         wait_for(sock.exists, 15, f"n2's agent job socket {sock}")
@@ -141,7 +135,7 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
         assert ck is not None
 
         fault_wall_ms = int(time.time() * 1000)
-        append_fault(work / FAULT_NODE / "sim-faults.json", {"kind": "xid", "gpu": 3, "xid": 79})
+        append_fault(fleet.faults_path(FAULT_NODE), {"kind": "xid", "gpu": 3, "xid": 79})
 
         def requeued() -> bool:
             return any(r.requeue_ms is not None for r in store.recoveries(job_id))
@@ -177,9 +171,4 @@ def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3
     finally:
         if job_id:
             _cancel(lab, job_id)
-        for p in agents:
-            p.terminate()
-        for p in agents:
-            p.wait(timeout=10)
-        ctl.stop()
-        store.close()
+        fleet.close()
