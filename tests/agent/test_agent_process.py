@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,12 +16,7 @@ from gpufleet.scheduler.store import SqliteStore
 from tests.agent.fake_sysfs import make_hca, set_port
 from tests.conftest import IN_CI
 from tests.support import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.net import free_port
 
 
 @pytest.fixture
@@ -33,7 +27,7 @@ def running(tmp_path: Path) -> Iterator[tuple[Controller, Path, int]]:
     store = SqliteStore(tmp_path / "state.db")
     ctl = Controller(store, None, listen="127.0.0.1:0")
     ctl.start()
-    metrics_port = _free_port()
+    metrics_port = free_port()
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         f'controller = "127.0.0.1:{ctl.port}"\n'

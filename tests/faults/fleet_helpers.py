@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import wait_for as support_wait_for
+from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FAKETIME_LIBS = (
@@ -75,11 +76,6 @@ def faketime_env(spec: str, base: Mapping[str, str] | None = None) -> dict[str, 
     env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
     return env
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # While processes start, die and restart, a read of the SQLite file, a state file or a socket

@@ -23,11 +23,7 @@ from gpufleet.agent.nvml_sim import append_fault
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.ingest import Ingestor
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.net import free_port
 
 
 class TcpProxy:

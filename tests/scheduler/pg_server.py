@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+
+from tests.support.net import free_port
 
 DEBIAN_PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
@@ -43,11 +44,6 @@ def find_pg_bin() -> Path:
         "apt-get install postgresql, or set GPUFLEET_PG_BIN"
     )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgServer:

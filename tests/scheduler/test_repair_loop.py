@@ -22,7 +22,6 @@ from gpufleet.scheduler.store import SqliteStore
 from prometheus_client import generate_latest
 
 from tests.scheduler.fakes import FakeSlurm
-from tests.scheduler.test_alerting import alertmanager, recorder  # noqa: F401 - fixtures
 from tests.support import wait_for
 
 
@@ -117,7 +116,7 @@ def test_failed_diag_stays_drained_with_the_check_in_the_reason(lab, tmp_path: P
 
 
 def test_rma_fault_stays_drained_and_reaches_real_alertmanager(
-        alertmanager, tmp_path: Path) -> None:  # noqa: F811 - the imported fixture
+        alertmanager, tmp_path: Path) -> None:
     import json
     import urllib.request
 

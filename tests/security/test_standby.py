@@ -21,9 +21,10 @@ from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.leader import LEADER_LOCK_KEY
 
-from tests.scheduler.pg_server import PgServer, free_port
+from tests.scheduler.pg_server import PgServer
 from tests.security.helpers import hello, sample, stream
 from tests.support import wait_for
+from tests.support.net import free_port
 
 
 def _start_controller(dsn: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
