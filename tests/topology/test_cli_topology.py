@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from gpufleet.scheduler.cli_topology import topology
 from gpufleet.scheduler.store import SqliteStore
 
+from tests.support.inventory import sim_inventory
 from tests.topology.fabricgen import fat_tree, inventory
-from tests.topology.test_gputopo import _sim_inventory
 
 HOSTS = [f"n{i}" for i in range(1, 9)]
 
@@ -24,7 +24,7 @@ def _setup(tmp_path: Path) -> tuple[Path, Path]:
     for h, g in gen.host_guid.items():
         inv = inventory(h, [("mlx5_0", g, "ACTIVE")])
         if h == "n1":
-            inv.MergeFrom(_sim_inventory("a100-pcie-bridged"))
+            inv.MergeFrom(sim_inventory("a100-pcie-bridged"))
             inv.node_name = "n1"
         store.upsert_node(h, h, len(inv.gpus), inv.SerializeToString(), "i", 1)
     store.close()
