@@ -238,18 +238,11 @@ class Daemons(LabCore):
 
     def _start_ctld(self, deadline: float) -> None:
         self._spawn_daemon("slurmctld", ["/usr/sbin/slurmctld", "-f", str(self.conf_path)])
-        logfile = self.log_file("slurmctld")
-        while True:
-            proc = self.run("scontrol", "ping", check=False, timeout_s=10)
-            if "is UP" in proc.stdout:
-                log.info("slurmctld up (pid %s)", read_pid(self.pid_dir / "slurmctld.pid"))
-                return
-            pid = read_pid(self.pid_dir / "slurmctld.pid")
-            if pid is not None and not proc_alive(pid, "slurmctld"):
-                raise SlurmLabError(f"slurmctld exited; read {logfile}:\n{tail(logfile)}")
-            if time.monotonic() > deadline:
-                raise SlurmLabError(f"slurmctld not up in time; read {logfile}:\n{tail(logfile)}")
-            time.sleep(0.1)
+        self._await_daemon(
+            "slurmctld", lambda: "is UP" in self.run("scontrol", "ping", check=False,
+                                                     timeout_s=10).stdout,
+            deadline, self.log_file("slurmctld"), step_s=0.1)
+        log.info("slurmctld up (pid %s)", read_pid(self.pid_dir / "slurmctld.pid"))
 
     def _start_slurmd(self, node: str) -> None:
         self._spawn_daemon(

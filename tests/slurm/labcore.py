@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -24,7 +25,7 @@ from .labconfig import (
     SlurmLabError,
     default_lab_dir,
 )
-from .procs import log, read_pid, stop_pids, tail
+from .procs import log, proc_alive, read_pid, stop_pids, tail
 from .roots import HOST_VIEW, find_root, root_argv
 
 CLIENT_TIMEOUT_S = 30.0
@@ -234,6 +235,18 @@ class LabCore:
                 f"`{shlex.join(argv)}` exited {proc.returncode}; read {out} and "
                 f"{self.log_dir / (name + '.log')}:\n{tail(out)}"
             )
+
+    def _await_daemon(self, name: str, answers: Callable[[], bool], deadline: float,
+                      logfile: Path, step_s: float) -> None:
+        """Until `answers()`; fails at once when `name`'s pid file names a dead process, or
+        at `deadline`; either way with the tail of its log."""
+        while not answers():
+            pid = read_pid(self.pid_dir / f"{name}.pid")
+            if pid is not None and not proc_alive(pid, name):
+                raise SlurmLabError(f"{name} exited; read {logfile}:\n{tail(logfile)}")
+            if time.monotonic() > deadline:
+                raise SlurmLabError(f"{name} not up in time; read {logfile}:\n{tail(logfile)}")
+            time.sleep(step_s)
 
     def _stop_pidfiles(self, files: Iterable[Path], comm: str, timeout_s: float) -> None:
         files = list(files)

@@ -147,18 +147,10 @@ FLUSH PRIVILEGES;
         shutil.chown(self.dbd_conf_path, "slurm", "slurm")
         self.dbd_conf_path.chmod(0o600)  # slurmdbd refuses a conf others can read
         self._spawn_daemon("slurmdbd", ["/usr/sbin/slurmdbd"])  # in the root, if any
-        logfile = self.log_dir / "slurmdbd.log"
-        while True:
-            proc = self.run("sacctmgr", "-n", "-P", "list", "cluster", check=False,
-                            timeout_s=10)
-            if proc.returncode == 0:
-                break
-            pid = read_pid(self.pid_dir / "slurmdbd.pid")
-            if pid is not None and not proc_alive(pid, "slurmdbd"):
-                raise SlurmLabError(f"slurmdbd exited; read {logfile}:\n{tail(logfile)}")
-            if time.monotonic() > deadline:
-                raise SlurmLabError(f"slurmdbd not answering; read {logfile}:\n{tail(logfile)}")
-            time.sleep(0.2)
+        self._await_daemon(
+            "slurmdbd", lambda: self.run("sacctmgr", "-n", "-P", "list", "cluster", check=False,
+                                         timeout_s=10).returncode == 0,
+            deadline, self.log_dir / "slurmdbd.log", step_s=0.2)
         cluster = self.config.cluster_name
         self.run("sacctmgr", "-i", "add", "cluster", cluster)
         accounts = sorted({account for _user, account in self.config.associations})
