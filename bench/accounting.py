@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpufleet.scheduler.accounting.ledger import UsageQuery, UsageRow
 from gpufleet.scheduler.store import open_store
-from gpufleet.scheduler.store.acct import UsageQuery, UsageRow
 
 DAY_MS = 86_400_000
 T0 = 1_767_225_600_000  # 2026-01-01 UTC

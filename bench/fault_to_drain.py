@@ -2,7 +2,7 @@
 agents, DRAIN seen by `scontrol show node`. Prints p50/p99/max over every injected fault
 (target p99 <= 1 s; Slurm's own NHC runs every 300 s).
 
-Each round: the lab reset (all nodes idle), a fresh controller (gpufleet.scheduler.server,
+Each round: the lab reset (all nodes idle), a fresh controller (gpufleet.scheduler.service.server,
 SQLite store, the `scontrol` CLI client, the default health policy), one agent process per
 node (`gpufleet-agent run --gpu-backend simulated`, 1 Hz), then one Xid 79 per node, one node
 at a time, through the simulator's fault file (as `gpufleet-agent sim inject` does). The clock
@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gpufleet.agent.nvml_sim import append_fault  # noqa: E402
-from gpufleet.scheduler.policy import PolicyConfig  # noqa: E402
-from gpufleet.scheduler.server import Controller  # noqa: E402
-from gpufleet.scheduler.simfleet import SimFleet  # noqa: E402
+from gpufleet.scheduler.cli.simfleet import SimFleet  # noqa: E402
+from gpufleet.scheduler.health.policy import PolicyConfig  # noqa: E402
+from gpufleet.scheduler.service.server import Controller  # noqa: E402
 from gpufleet.scheduler.slurm import CliSlurmClient  # noqa: E402
 from gpufleet.scheduler.store import SqliteStore  # noqa: E402
 

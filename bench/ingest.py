@@ -1,6 +1,6 @@
 """Controller ingest: N simulated agents against the real controller, and against a bare stream.
 
-Prints, for the real controller (gpufleet.scheduler.server over loopback gRPC, SQLite store,
+Prints, for the real controller (gpufleet.scheduler.service.server over loopback gRPC, SQLite store,
 the default health policy acting on an in-memory Slurm) and for a bare gRPC bidirectional
 stream that only parses each report and acks it (same proto, same messages, same drivers), in
 the same run:
@@ -140,7 +140,7 @@ def serve_bare(ready_fd: int, _args: argparse.Namespace) -> None:
     import grpc
     from gpufleet.rpc.v1 import fleet_pb2 as pb
     from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-    from gpufleet.scheduler.server import MAX_PENDING_CALLS, MAX_UNREQUESTED_S
+    from gpufleet.scheduler.service.server import MAX_PENDING_CALLS, MAX_UNREQUESTED_S
 
     class Bare(pb_grpc.FleetControllerServicer):
         async def Connect(self, request_iterator: Any, context: Any) -> Any:
@@ -173,7 +173,7 @@ def serve_bare(ready_fd: int, _args: argparse.Namespace) -> None:
 
 
 def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:
-    """The real controller: gpufleet.scheduler.server.Controller, SQLite store, the default
+    """The real controller: gpufleet.scheduler.service.server.Controller, SQLite store, the default
     health policy, an in-memory Slurm (tests.scheduler.fakes.FakeSlurm) that records when
     each node was drained; the store records when each node was marked unreachable."""
     import logging
@@ -181,14 +181,14 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.ERROR)  # each drain logs a warning: not the figures
     sys.path.insert(0, str(REPO))
-    from gpufleet.scheduler.policy import PolicyConfig
-    from gpufleet.scheduler.server import Controller
+    from gpufleet.scheduler.health.policy import PolicyConfig
+    from gpufleet.scheduler.service.server import Controller
     from gpufleet.scheduler.store import SqliteStore
 
     from tests.scheduler.fakes import FakeSlurm
 
     if args.no_limits:  # LABELLED: measures what the rest costs without limits.check
-        from gpufleet.scheduler import limits
+        from gpufleet.scheduler.service import limits
         limits.check = lambda *_a, **_k: None  # type: ignore[assignment]
     drained: dict[str, float] = {}
     unreachable: dict[str, float] = {}

@@ -15,7 +15,7 @@ import time
 import timeit
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler import limits
+from gpufleet.scheduler.service import limits
 
 
 def messages(profile: str) -> dict[str, pb.AgentMessage]:

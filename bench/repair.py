@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gpufleet.agent.nvml_sim import append_fault  # noqa: E402
-from gpufleet.scheduler.policy import PolicyConfig  # noqa: E402
+from gpufleet.scheduler.cli.simfleet import SimFleet  # noqa: E402
+from gpufleet.scheduler.health.policy import PolicyConfig  # noqa: E402
 from gpufleet.scheduler.repair import Journal, RepairConfig  # noqa: E402
-from gpufleet.scheduler.server import Controller  # noqa: E402
-from gpufleet.scheduler.simfleet import SimFleet  # noqa: E402
+from gpufleet.scheduler.service.server import Controller  # noqa: E402
 from gpufleet.scheduler.store import SqliteStore  # noqa: E402
 
 from tests.support import wait_for  # noqa: E402

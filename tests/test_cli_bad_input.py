@@ -25,7 +25,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 from gpufleet.agent.cli import main as agent_main
-from gpufleet.scheduler.cli import main as gpufleet_main
+from gpufleet.scheduler.cli.main import main as gpufleet_main
 
 ROOTS = {"gpufleet": gpufleet_main, "gpufleet-agent": agent_main}
 # Filled in for required parameters that are not the one under test: plausible, harmless.
@@ -108,7 +108,7 @@ def _invoke(root: str, argv: list[str], env: dict[str, str]) -> Result:
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A cwd, an empty PATH, the daemons stopped before they serve."""
     from gpufleet.agent import runner
-    from gpufleet.scheduler import server
+    from gpufleet.scheduler.service import server
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(server.Controller, "start", lambda self, *a, **k: 0)
@@ -151,7 +151,7 @@ def test_every_option_answers_bad_values_without_a_traceback(
 
 def test_demo_profiles_are_the_simulators() -> None:
     from gpufleet.agent.nvml_sim import PROFILES
-    from gpufleet.scheduler.cli import DEMO_PROFILES
+    from gpufleet.scheduler.cli.demo import DEMO_PROFILES
 
     assert set(DEMO_PROFILES) == set(PROFILES)
 
@@ -212,7 +212,7 @@ def _as_nobody() -> list[str]:
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run a command as nobody")
     prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import gpufleet.scheduler.cli"],
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import gpufleet.scheduler.cli.main"],
                            capture_output=True, text=True, timeout=60, check=False, cwd="/")
     if probe.returncode != 0:  # a checkout under a 0700 home: nobody cannot run it at all
         pytest.skip(f"nobody cannot run {sys.executable}: {probe.stderr.strip()[-200:]}")

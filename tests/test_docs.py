@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import pytest
 from gpufleet.agent.cli import main as agent_cli
-from gpufleet.scheduler.cli import main as fleet_cli
+from gpufleet.scheduler.cli.main import main as fleet_cli
 
 from tests.conftest import REPO
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import click
 import pytest
 from click.testing import CliRunner
-from gpufleet.agent import extras as agent_extras
-from gpufleet.scheduler import extras
+from gpufleet.rpc import extras
 
 
 @pytest.mark.parametrize(("module", "wanted"), [
@@ -18,7 +17,6 @@ from gpufleet.scheduler import extras
 ])
 def test_extras_for_reads_the_installed_metadata(module: str, wanted: list[str]) -> None:
     assert extras.extras_for(module) == wanted
-    assert agent_extras.extras_for(module) == wanted
 
 
 def _group(missing: str) -> click.Group:

@@ -38,8 +38,8 @@ def test_wheel_installs_one_namespace(wheel: Path) -> None:
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "gpufleet-agent = gpufleet.agent.cli:main" in text
-    assert "gpufleet = gpufleet.scheduler.entry:main" in text  # execs sbatch, else cli.py
-    assert "gpufleet-sbatch-filter = gpufleet.scheduler.sbatch_filter:main" in text
+    assert "gpufleet = gpufleet.scheduler.cli.entry:main" in text  # execs sbatch, else cli.py
+    assert "gpufleet-sbatch-filter = gpufleet.scheduler.cli.sbatch_filter:main" in text
     assert "gpufleet/scheduler/data/cli_filter.lua" in names
 
 

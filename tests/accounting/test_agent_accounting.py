@@ -292,9 +292,9 @@ def test_hook_arriving_later_wins_without_double_counting(tmp_path: Path) -> Non
 def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_path: Path
                                                   ) -> None:
     from gpufleet.agent.outbox import Outbox
-    from gpufleet.scheduler.actions import ActionQueue
-    from gpufleet.scheduler.ingest import Ingestor
-    from gpufleet.scheduler.store.acct import UsageQuery
+    from gpufleet.scheduler.accounting.ledger import UsageQuery
+    from gpufleet.scheduler.health.actions import ActionQueue
+    from gpufleet.scheduler.service.ingest import Ingestor
 
     _fake_proc(tmp_path / "proc", 900, PROC_V1.format(uid=0, job=77))
     node = FakeNode(power_w={0: 100.0, 1: 100.0}, util={0: 40.0, 1: 0.0})

@@ -11,10 +11,10 @@ from gpufleet.agent.accounting import Accountant, write_hook_file
 from gpufleet.agent.outbox import Outbox
 from gpufleet.agent.telemetry import GpuSample
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.ingest import Ingestor
-from gpufleet.scheduler.metrics import ControllerMetrics
-from gpufleet.scheduler.store.acct import UsageQuery
+from gpufleet.scheduler.accounting.ledger import UsageQuery
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.observability.metrics import ControllerMetrics
+from gpufleet.scheduler.service.ingest import Ingestor
 
 from .conftest import Backend
 

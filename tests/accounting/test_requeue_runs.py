@@ -18,13 +18,13 @@ from click.testing import CliRunner
 from gpufleet.agent.accounting import Accountant, write_hook_file
 from gpufleet.agent.telemetry import GpuSample
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.cli_acct_reconcile import reconcile
-from gpufleet.scheduler.server import Controller
-from gpufleet.scheduler.simfleet import SimFleet
+from gpufleet.scheduler.accounting.ledger import UsageQuery, UsageRow
+from gpufleet.scheduler.cli.acct_reconcile import reconcile
+from gpufleet.scheduler.cli.simfleet import SimFleet
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.sacct import parse_sacct_json
 from gpufleet.scheduler.store import SqliteStore
-from gpufleet.scheduler.store.acct import UsageQuery, UsageRow
 from gpufleet.scheduler.store.migrations import MIGRATIONS, PG_MIGRATIONS, statements
 
 from tests.slurm.fixtures import slurm_acct_lab

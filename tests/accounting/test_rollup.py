@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from gpufleet.scheduler.store.acct import DAY_MS, UsageQuery, UsageRow, UsageTotal
+from gpufleet.scheduler.accounting.ledger import DAY_MS, UsageQuery, UsageRow, UsageTotal
 
 from .conftest import Backend
 

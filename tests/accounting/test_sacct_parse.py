@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.scheduler.cli_acct_reconcile import reconcile
+from gpufleet.scheduler.accounting.ledger import UsageRow, UsageTotal
+from gpufleet.scheduler.cli.acct_reconcile import reconcile
 from gpufleet.scheduler.slurm.sacct import (
     STATUS_MISMATCH,
     STATUS_MISSING_GPUFLEET,
@@ -28,7 +29,6 @@ from gpufleet.scheduler.slurm.sacct import (
     reconcile_jobs,
 )
 from gpufleet.scheduler.store import open_store
-from gpufleet.scheduler.store.acct import UsageRow, UsageTotal
 
 from tests.conftest import REPO
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.cli_acct_reconcile import reconcile
-from gpufleet.scheduler.server import Controller
-from gpufleet.scheduler.simfleet import SimFleet
+from gpufleet.scheduler.accounting.ledger import UsageQuery, UsageRow
+from gpufleet.scheduler.cli.acct_reconcile import reconcile
+from gpufleet.scheduler.cli.simfleet import SimFleet
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.sacct import parse_sacct_json
 from gpufleet.scheduler.store import SqliteStore
-from gpufleet.scheduler.store.acct import UsageQuery, UsageRow
 
 from tests.slurm.fixtures import slurm_acct_lab
 from tests.slurm.harness import SlurmLab

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.agent.fake_sysfs import make_hca, set_port

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from gpufleet.agent.nvml_sim import append_fault
-from gpufleet.scheduler.cli_repair import history_rows
-from gpufleet.scheduler.policy import PolicyConfig
+from gpufleet.scheduler.cli.repair import history_rows
+from gpufleet.scheduler.cli.simfleet import SimFleet
+from gpufleet.scheduler.health.policy import PolicyConfig
 from gpufleet.scheduler.repair import Journal, RepairConfig
 from gpufleet.scheduler.repair.engine import Step
-from gpufleet.scheduler.server import Controller
-from gpufleet.scheduler.simfleet import SimFleet
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 from gpufleet.scheduler.store import SqliteStore

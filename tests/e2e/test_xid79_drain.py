@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from gpufleet.agent.nvml_sim import append_fault
-from gpufleet.scheduler.server import Controller
-from gpufleet.scheduler.simfleet import SimFleet
+from gpufleet.scheduler.cli.simfleet import SimFleet
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.store import SqliteStore
 

@@ -21,7 +21,7 @@ from typing import Any
 from gpufleet.agent.accounting import write_hook_file
 from gpufleet.agent.nvml_sim import append_fault
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.ingest import Ingestor
+from gpufleet.scheduler.service.ingest import Ingestor
 
 from tests.support.net import free_port
 

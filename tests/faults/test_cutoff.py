@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.faults.spool_helpers import AgentProc, Applied, TcpProxy, now_ms, record_ingest

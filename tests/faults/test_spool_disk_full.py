@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.conftest import IN_CI

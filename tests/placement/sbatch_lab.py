@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2
 from gpufleet.scheduler.placement.sources import view_from_slurm
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
 

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler import placecall
-from gpufleet.scheduler.placement.model import ClusterView, NodeView
-from gpufleet.scheduler.sbatch_filter import (
+from gpufleet.scheduler.cli.sbatch_filter import (
     ConfigError,
     ckpt_options,
     decide,
@@ -22,7 +20,9 @@ from gpufleet.scheduler.sbatch_filter import (
     place_options,
     plan_from_options,
 )
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.placement.model import ClusterView, NodeView
+from gpufleet.scheduler.service import placecall
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.scheduler.fakes import FakeSlurm
@@ -249,7 +249,8 @@ def test_unreadable_controller_config_does_not_stop_user_commands(
     """/etc/gpufleet/controller.toml is 0640 root:slurm: a user's command runs without it;
     naming it explicitly is one clear line."""
     from click.testing import CliRunner
-    from gpufleet.scheduler import cli
+    from gpufleet.scheduler.cli import settings
+    from gpufleet.scheduler.cli.main import main
 
     class Unreadable(type(Path())):  # type: ignore[misc]
         def read_text(self, *_a: object, **_k: object) -> str:
@@ -257,11 +258,11 @@ def test_unreadable_controller_config_does_not_stop_user_commands(
 
     conf = Unreadable(tmp_path / "controller.toml")
     conf.write_text('db = "x"\n')
-    monkeypatch.setattr(cli, "DEFAULT_CONFIG", conf)
-    res = CliRunner().invoke(cli.main, ["jobs", "--help"])
+    monkeypatch.setattr(settings, "DEFAULT_CONFIG", conf)
+    res = CliRunner().invoke(main, ["jobs", "--help"])
     assert res.exit_code == 0, res.output
-    monkeypatch.setattr(cli, "Path", Unreadable)
-    res = CliRunner().invoke(cli.main, ["--config", str(conf), "jobs", "--help"])
+    monkeypatch.setattr(settings, "Path", Unreadable)
+    res = CliRunner().invoke(main, ["--config", str(conf), "jobs", "--help"])
     assert res.exit_code == 2 and "cannot read: Permission denied" in res.output
     assert "Traceback" not in res.output
 

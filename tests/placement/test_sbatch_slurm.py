@@ -210,7 +210,7 @@ def test_plain_user_places_and_unpins_through_the_controller(
         env["PYTHONPATH"] = str(Path(__file__).parents[2] / "scheduler")
         env.pop("GPUFLEET_FILTER", None)
         out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c",
-                              "from gpufleet.scheduler.entry import main; main()", "sbatch",
+                              "from gpufleet.scheduler.cli.entry import main; main()", "sbatch",
                               "--parsable", "-o", "/dev/null", "--gres=gpu:8", "--wrap", "true"],
                              env=env, cwd=lab.jobs_dir, capture_output=True, text=True,
                              timeout=60, check=False)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from gpufleet.scheduler.cli_certs import certs_group
+from gpufleet.scheduler.cli.certs import certs_group
 
 
 def _run(*args: str) -> tuple[int, str]:

@@ -7,14 +7,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpufleet.agent import sdnotify as agent_sdnotify
-from gpufleet.scheduler import sdnotify as controller_sdnotify
-
-NOTIFIERS = [agent_sdnotify.notify, controller_sdnotify.notify]
+from gpufleet.rpc.daemon import notify
 
 
 @pytest.fixture
@@ -26,9 +23,8 @@ def path_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
         yield sock, str(path)
 
 
-@pytest.mark.parametrize("notify", NOTIFIERS, ids=["agent", "controller"])
 def test_ready_reaches_a_path_socket(
-    notify: Callable[[str], bool], path_socket: tuple[socket.socket, str],
+    path_socket: tuple[socket.socket, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sock, path = path_socket
@@ -37,9 +33,8 @@ def test_ready_reaches_a_path_socket(
     assert sock.recv(4096) == b"READY=1"
 
 
-@pytest.mark.parametrize("notify", NOTIFIERS, ids=["agent", "controller"])
 def test_abstract_socket_name_starting_with_at(
-    notify: Callable[[str], bool], monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = f"gpufleet-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -50,9 +45,8 @@ def test_abstract_socket_name_starting_with_at(
         assert sock.recv(4096) == b"STOPPING=1"
 
 
-@pytest.mark.parametrize("notify", NOTIFIERS, ids=["agent", "controller"])
 def test_no_socket_or_dead_socket_is_not_fatal(
-    notify: Callable[[str], bool], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert notify("READY=1") is False

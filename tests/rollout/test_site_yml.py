@@ -80,7 +80,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory,
         "groups:\n  - name: site\n    rules:\n      - alert: GpufleetSiteTest\n"
         "        expr: up{job=\"gpufleet-agent\"} == 0\n        for: 1m\n"
     )
-    certs_cmd = f"{sys.executable} -m gpufleet.scheduler.cli_certs"
+    certs_cmd = f"{sys.executable} -m gpufleet.scheduler.cli.certs"
     common = {
         "ansible_connection": "local",
         "ansible_python_interpreter": "/usr/bin/python3",

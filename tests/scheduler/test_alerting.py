@@ -11,7 +11,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from gpufleet.scheduler.alerting import (
+from gpufleet.scheduler.observability.alerting import (
     Alert,
     AlertRelay,
     AlertSender,

@@ -12,8 +12,12 @@ from collections.abc import Iterator
 
 import pytest
 from gpufleet.agent import nvml_sim
-from gpufleet.scheduler.metrics import ControllerMetrics, parse_listen, start_metrics_http
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.observability.metrics import (
+    ControllerMetrics,
+    parse_listen,
+    start_metrics_http,
+)
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 from prometheus_client import CollectorRegistry
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from gpufleet.agent import nvml_sim
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.ingest import IngestError, Ingestor
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.service.ingest import IngestError, Ingestor
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.scheduler.fakes import FakeSlurm

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.policy import HealthPolicy, PolicyConfig
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
 from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
 
 from .fakes import FakeSlurm

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.cli_jobs import jobs
-from gpufleet.scheduler.metrics import ControllerMetrics
-from gpufleet.scheduler.policy import HealthPolicy, PolicyConfig
-from gpufleet.scheduler.recovery import (
+from gpufleet.scheduler.cli.jobs import jobs
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
+from gpufleet.scheduler.observability.metrics import ControllerMetrics
+from gpufleet.scheduler.recovery.manager import (
     RecoveryConfig,
     RecoveryConfigError,
     RecoveryManager,
@@ -256,7 +256,7 @@ def test_jobs_show_prints_the_timeline(fleet: Fleet) -> None:
 
 
 def _ledger(fleet: Fleet, job_id: str, gpus: dict[str, int], start_ms: int) -> None:
-    from gpufleet.scheduler.store.acct import UsageRow
+    from gpufleet.scheduler.accounting.ledger import UsageRow
 
     fleet.store.record_usage([
         UsageRow(job_id, node, g, "ann", "phys", start_ms, None, start_ms + 30_000, 30_000,
@@ -264,7 +264,7 @@ def _ledger(fleet: Fleet, job_id: str, gpus: dict[str, int], start_ms: int) -> N
 
 
 def test_lost_work_is_charged_to_every_gpu_of_the_killed_run_once(fleet: Fleet) -> None:
-    from gpufleet.scheduler.store.acct import UsageQuery
+    from gpufleet.scheduler.accounting.ledger import UsageQuery
 
     job = fleet.slurm.add_job("42", ("n1", "n2"), comment="gpufleet-ckpt")
     _ledger(fleet, "42", {"n1": 2, "n2": 4}, job.start_time_s * 1000)
@@ -293,7 +293,7 @@ def test_lost_work_is_charged_to_every_gpu_of_the_killed_run_once(fleet: Fleet) 
 
 def test_lost_work_is_capped_at_the_killed_runs_own_time(fleet: Fleet) -> None:
     """A checkpoint from an earlier run: only this run's GPU time can have been lost."""
-    from gpufleet.scheduler.store.acct import UsageQuery
+    from gpufleet.scheduler.accounting.ledger import UsageQuery
 
     job = fleet.slurm.add_job("43", ("n1",), comment="gpufleet-ckpt",
                               start_time_s=now_ms() // 1000 - 10)
@@ -308,7 +308,7 @@ def test_lost_work_is_capped_at_the_killed_runs_own_time(fleet: Fleet) -> None:
 
 
 def test_a_job_left_to_slurm_is_charged_nothing(fleet: Fleet) -> None:
-    from gpufleet.scheduler.store.acct import UsageQuery
+    from gpufleet.scheduler.accounting.ledger import UsageQuery
 
     job = fleet.slurm.add_job("44", ("n1",), comment="")  # did not ask for restart
     _ledger(fleet, "44", {"n1": 2}, job.start_time_s * 1000)

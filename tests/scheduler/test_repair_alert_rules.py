@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
-from gpufleet.scheduler.repair_metrics import RepairCollector
+from gpufleet.scheduler.repair.metrics import RepairCollector
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.scheduler.fakes import FakeSlurm

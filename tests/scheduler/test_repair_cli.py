@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.scheduler.cli import main
-from gpufleet.scheduler.cli_repair import parse_policy
+from gpufleet.scheduler.cli.main import main
+from gpufleet.scheduler.cli.repair import parse_policy
 from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import Step
 from gpufleet.scheduler.store import SqliteStore

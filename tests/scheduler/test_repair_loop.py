@@ -14,10 +14,10 @@ from gpufleet.agent import nvml_sim
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.nvml import NvmlBackend, load_library
 from gpufleet.agent.runner import Agent
-from gpufleet.scheduler.policy import PolicyConfig
+from gpufleet.scheduler.health.policy import PolicyConfig
 from gpufleet.scheduler.repair import Journal, RepairConfig
 from gpufleet.scheduler.repair.engine import Step
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 from prometheus_client import generate_latest
 
@@ -120,7 +120,7 @@ def test_rma_fault_stays_drained_and_reaches_real_alertmanager(
     import json
     import urllib.request
 
-    from gpufleet.scheduler.alerting import AlertSender
+    from gpufleet.scheduler.observability.alerting import AlertSender
 
     url, _chat = alertmanager
     slurm = FakeSlurm(["n1"])

@@ -31,10 +31,10 @@ SLURM_FIELDS = frozenset({
 # prints; importing the package costs ~90 ms, more than their whole budget.
 EXCEPTIONS = {
     # `gpufleet sbatch`: execs the real sbatch before click or anything else is imported
-    REPO / "scheduler" / "gpufleet" / "scheduler" / "entry.py",
+    REPO / "scheduler" / "gpufleet" / "scheduler" / "cli" / "entry.py",
     # runs inside Slurm's cli_filter/lua on every submission (stdlib only, <= 150 ms budget);
     # its `scontrol update ReqNodeList=` releases a pin the filter itself added
-    REPO / "scheduler" / "gpufleet" / "scheduler" / "sbatch_filter.py",
+    REPO / "scheduler" / "gpufleet" / "scheduler" / "cli" / "sbatch_filter.py",
     # the baseline of the sbatch overhead bench is plain sbatch, run as a user runs it
     REPO / "bench" / "sbatch_overhead.py",
 }

@@ -407,7 +407,7 @@ def test_rollup_backfill_gives_exactly_what_keeping_them_gave(
     every ledger row stays, and the rollup queries equal the plain ones."""
     import random
 
-    from gpufleet.scheduler.store.acct import DAY_MS, UsageQuery, UsageRow
+    from gpufleet.scheduler.accounting.ledger import DAY_MS, UsageQuery, UsageRow
 
     t0 = 1_767_225_600_000 - 3_600_000  # an hour before a UTC midnight
     rng = random.Random(4)

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import open_store
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 

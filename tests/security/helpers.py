@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler import certs
-from gpufleet.scheduler.tls import ServerTls
+from gpufleet.scheduler.access import certs
+from gpufleet.scheduler.access.tls import ServerTls
 
 
 @dataclass(frozen=True)

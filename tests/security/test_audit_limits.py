@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler import audit, limits
-from gpufleet.scheduler.actions import ActionQueue
-from gpufleet.scheduler.admin import drain
+from gpufleet.scheduler.access import audit
+from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.admin import drain
+from gpufleet.scheduler.service import limits
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.scheduler.fakes import FakeSlurm
@@ -80,7 +81,7 @@ def test_invalid_report_is_rejected_audited_and_its_seq_consumed(tmp_path: Path)
     of it changes nothing."""
     import grpc
     from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-    from gpufleet.scheduler.server import Controller
+    from gpufleet.scheduler.service.server import Controller
 
     path = tmp_path / "audit.jsonl"
     audit.configure(path)

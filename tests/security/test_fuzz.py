@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler import limits
-from gpufleet.scheduler.cli import main as gpufleet_main
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.cli.main import main as gpufleet_main
+from gpufleet.scheduler.service import limits
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -17,11 +17,11 @@ from gpufleet.agent.client import ClientTls, StreamClient
 from gpufleet.agent.config import AgentConfig, ConfigError
 from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler import audit
-from gpufleet.scheduler.cli import main as gpufleet_main
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.access import audit
+from gpufleet.scheduler.access.tls import TlsConfigError, from_options
+from gpufleet.scheduler.cli.main import main as gpufleet_main
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
-from gpufleet.scheduler.tls import TlsConfigError, from_options
 
 from tests.security.helpers import Pki, hello, make_pki, sample, stream
 

@@ -1,4 +1,4 @@
-"""gpufleet.scheduler.munge against a real munged (own key, socket and PID): who made a
+"""gpufleet.scheduler.access.munge against a real munged (own key, socket and PID): who made a
 credential, its payload, and munged's own refusals (replay, expiry, garbage, another key,
 munged not running), each as a clear error."""
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler import munge
-from gpufleet.scheduler.user_service import Authenticator
+from gpufleet.scheduler.access import munge
+from gpufleet.scheduler.service.user_service import Authenticator
 
 from tests.security.munge_server import (
     DAEMON_UID,
@@ -132,8 +132,8 @@ def test_authenticator_admin_by_uid0_and_group(munged: MungeServer) -> None:
 
 
 def _ingestor(tmp_path: Path, munged: MungeServer) -> Any:
-    from gpufleet.scheduler.actions import ActionQueue
-    from gpufleet.scheduler.ingest import Ingestor
+    from gpufleet.scheduler.health.actions import ActionQueue
+    from gpufleet.scheduler.service.ingest import Ingestor
     from gpufleet.scheduler.store import SqliteStore
 
     store = SqliteStore(tmp_path / "state.db")
@@ -198,8 +198,8 @@ def test_job_save_without_munge_still_registers(tmp_path: Path,
 
 
 def test_checkpoint_credential_checks(tmp_path: Path, munged: MungeServer) -> None:
-    from gpufleet.scheduler.ingest import IngestError
-    from gpufleet.scheduler.store.acct import UsageRow
+    from gpufleet.scheduler.accounting.ledger import UsageRow
+    from gpufleet.scheduler.service.ingest import IngestError
 
     ingest = _ingestor(tmp_path, munged)
     now = int(time.time() * 1000)

@@ -19,7 +19,7 @@ import pytest
 from gpufleet.agent.client import StreamClient
 from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler.leader import LEADER_LOCK_KEY
+from gpufleet.scheduler.service.leader import LEADER_LOCK_KEY
 
 from tests.scheduler.pg_server import PgServer
 from tests.security.helpers import hello, sample, stream

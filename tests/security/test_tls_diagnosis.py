@@ -26,10 +26,10 @@ from gpufleet.agent.client import ClientTls, StreamClient
 from gpufleet.agent.outbox import Outbox
 from gpufleet.agent.tlscheck import diagnose
 from gpufleet.rpc.v1 import fleet_pb2 as pb
-from gpufleet.scheduler import certs
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.access import certs
+from gpufleet.scheduler.access.tls import ServerTls
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
-from gpufleet.scheduler.tls import ServerTls
 
 from tests.security.helpers import Pki, make_pki
 

@@ -23,13 +23,13 @@ import pytest
 from click.testing import CliRunner
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler import audit
-from gpufleet.scheduler.cli import main as gpufleet_main
+from gpufleet.scheduler.access import audit
+from gpufleet.scheduler.accounting.ledger import UsageRow
+from gpufleet.scheduler.cli.main import main as gpufleet_main
 from gpufleet.scheduler.placement.model import ClusterView, NodeView
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service.server import Controller
+from gpufleet.scheduler.service.user_service import METADATA_KEY
 from gpufleet.scheduler.store import CheckpointRow, SqliteStore
-from gpufleet.scheduler.store.acct import UsageRow
-from gpufleet.scheduler.user_service import METADATA_KEY
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -19,8 +19,8 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
-from gpufleet.scheduler import limits
-from gpufleet.scheduler.server import Controller
+from gpufleet.scheduler.service import limits
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -11,7 +11,7 @@ suite's helper module), never from another test module.
 - inventory: a node inventory from a simulated NVML profile
 - fuzzing: the parser fuzz of the security and conformance suites
 
-A controller with N simulated agent processes is `gpufleet.scheduler.simfleet.SimFleet`: the
+A controller with N simulated agent processes is `gpufleet.scheduler.cli.simfleet.SimFleet`: the
 shipped `gpufleet demo` uses it too, and it cannot import tests.
 """
 

@@ -84,7 +84,7 @@ def alertmanager(tmp_path: Path, recorder) -> Iterator[tuple[str, Recorder]]:
             pytest.fail("CI=true: Debian's prometheus-alertmanager must be installed")
         pytest.skip("prometheus-alertmanager not installed "
                     "(apt-get install prometheus-alertmanager)")
-    from gpufleet.scheduler.alerting import AlertRelay
+    from gpufleet.scheduler.observability.alerting import AlertRelay
 
     chat = recorder()
     relay = AlertRelay("127.0.0.1:0", chat.url + "/chat", backoff_s=0.05).start()

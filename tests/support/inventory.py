@@ -6,9 +6,17 @@ from __future__ import annotations
 from gpufleet.agent import nvml_sim, wire
 from gpufleet.agent.nvml import NvmlBackend, load_library
 from gpufleet.rpc.v1 import fleet_pb2
+from gpufleet.scheduler.service.convert import inventory_from_pb
+from gpufleet.scheduler.topology.inventory import NodeInventory
 
 
-def sim_inventory(profile: str) -> fleet_pb2.NodeInventory:
+def sim_inventory(profile: str) -> NodeInventory:
+    """The simulated profile's inventory as the agent sends it, read as the controller does."""
+    return inventory_from_pb(sim_inventory_pb(profile))
+
+
+def sim_inventory_pb(profile: str) -> fleet_pb2.NodeInventory:
+    """The simulated profile's inventory as the agent sends it."""
     nvml_sim.nvmlShutdown()  # the simulator is process-global, as NVML is: start it afresh
     backend = NvmlBackend(load_library("simulated", profile, None, "n1"), f"simulated:{profile}")
     try:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 from gpufleet.agent.metrics import AgentCollector
-from gpufleet.scheduler.metrics import ControllerMetrics
+from gpufleet.scheduler.observability.metrics import ControllerMetrics
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import IN_CI, REPO

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpufleet.agent.nvml_sim import append_fault
-from gpufleet.scheduler.policy import PolicyConfig
-from gpufleet.scheduler.recovery import RecoveryConfig
-from gpufleet.scheduler.server import Controller
-from gpufleet.scheduler.simfleet import SimFleet
+from gpufleet.scheduler.cli.simfleet import SimFleet
+from gpufleet.scheduler.health.policy import PolicyConfig
+from gpufleet.scheduler.recovery.manager import RecoveryConfig
+from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError
 from gpufleet.scheduler.store import SqliteStore
 from gpufleet.scheduler.store.base import RecoveryRow

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpufleet.rpc.v1 import fleet_pb2
+from gpufleet.scheduler.service.convert import inventory_from_pb
+from gpufleet.scheduler.topology.inventory import NodeInventory
 
 
 @dataclass
@@ -73,7 +75,12 @@ def fat_tree(hosts: list[str], per_leaf: int, spines: int, speed: str = "NDR",
     return gen
 
 
-def inventory(host: str, ports: list[tuple[str, str, str]]) -> fleet_pb2.NodeInventory:
+def inventory(host: str, ports: list[tuple[str, str, str]]) -> NodeInventory:
+    """inventory_pb as the controller reads it."""
+    return inventory_from_pb(inventory_pb(host, ports))
+
+
+def inventory_pb(host: str, ports: list[tuple[str, str, str]]) -> fleet_pb2.NodeInventory:
     """An agent's inventory with IB ports [(hca, node_guid, state)] (port GUID = node GUID)."""
     return fleet_pb2.NodeInventory(
         node_name=host, hostname=host,

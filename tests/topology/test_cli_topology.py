@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from gpufleet.scheduler.cli_topology import topology
+from gpufleet.scheduler.cli.topology import topology
 from gpufleet.scheduler.store import SqliteStore
 
-from tests.support.inventory import sim_inventory
-from tests.topology.fabricgen import fat_tree, inventory
+from tests.support.inventory import sim_inventory_pb
+from tests.topology.fabricgen import fat_tree, inventory_pb
 
 HOSTS = [f"n{i}" for i in range(1, 9)]
 
@@ -22,9 +22,9 @@ def _setup(tmp_path: Path) -> tuple[Path, Path]:
     db = tmp_path / "state.db"
     store = SqliteStore(db)
     for h, g in gen.host_guid.items():
-        inv = inventory(h, [("mlx5_0", g, "ACTIVE")])
+        inv = inventory_pb(h, [("mlx5_0", g, "ACTIVE")])
         if h == "n1":
-            inv.MergeFrom(sim_inventory("a100-pcie-bridged"))
+            inv.MergeFrom(sim_inventory_pb("a100-pcie-bridged"))
             inv.node_name = "n1"
         store.upsert_node(h, h, len(inv.gpus), inv.SerializeToString(), "i", 1)
     store.close()

@@ -16,11 +16,12 @@ from typing import Any
 
 import click
 from google.protobuf import json_format
-from gpufleet.agent import __version__, sdnotify
+from gpufleet.agent import __version__
 from gpufleet.agent.config import AgentConfig, ConfigError, load_file
-from gpufleet.agent.extras import ExtrasGroup
 from gpufleet.agent.nvml_sim import FAULT_KINDS
 from gpufleet.agent.telemetry import GpuBackendError
+from gpufleet.rpc.daemon import notify as sd_notify
+from gpufleet.rpc.extras import ExtrasGroup
 
 EXIT_UNHEALTHY = 1
 EXIT_ERROR = 2
@@ -190,13 +191,13 @@ def run(once: bool, verbose: int, **kw: Any) -> None:
     signal.signal(signal.SIGINT, _stop)
     # Type=notify: the config is valid and the GPU library answered, so the agent is up;
     # the controller may still be away (the agent reconnects on its own, that is normal)
-    sdnotify.notify("READY=1")
+    sd_notify("READY=1")
     try:
         ok = agent.run(once=once)
     except GpuBackendError as e:
         raise click.ClickException(str(e)) from e
     finally:
-        sdnotify.notify("STOPPING=1")
+        sd_notify("STOPPING=1")
     if once and not ok:
         click.echo(
             f"error: controller {cfg.controller} did not acknowledge the report within 10 s",

@@ -15,20 +15,16 @@ evidence text never becomes a label.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
 
 from gpufleet.agent.health import Severity, Verdict
 from gpufleet.agent.telemetry import GpuInfo, GpuSample, HostSample, IbPortSample
-from prometheus_client import CollectorRegistry, start_http_server
+from gpufleet.rpc.daemon import MetricsHttpServer as MetricsServer
+from gpufleet.rpc.daemon import register_process_collectors, serve_metrics
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -401,40 +397,6 @@ def _collect_health(families: dict[str, _Family], verdicts: Iterable[Verdict]) -
 # ----------------------------------------------------------------------------- HTTP
 
 
-class MetricsServer:
-    """The running `/metrics` HTTP server; `shutdown` stops it and closes its socket."""
-
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-        self._closed = False
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful after asking for port 0)."""
-        return int(self._httpd.socket.getsockname()[1])
-
-    def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5.0)
-
-
-def _register_defaults(registry: CollectorRegistry) -> None:
-    """The process, platform and GC collectors client_python puts in its global registry."""
-    makers: tuple[Callable[[], object], ...] = (
-        lambda: ProcessCollector(registry=registry),
-        lambda: PlatformCollector(registry=registry),
-        lambda: GCCollector(registry=registry),
-    )
-    for make in makers:
-        with contextlib.suppress(ValueError):  # DuplicateTimeseries: the caller's has it
-            make()
-
-
 def start_exporter(
     collector: AgentCollector,
     addr: str = "0.0.0.0",  # noqa: S104 - an exporter listens for the cluster's Prometheus
@@ -451,10 +413,10 @@ def start_exporter(
     if registry is None:
         registry = CollectorRegistry()
     registry.register(collector)
-    _register_defaults(registry)
+    register_process_collectors(registry)
     try:
-        httpd, thread = start_http_server(port, addr, registry=registry)
+        server = serve_metrics(registry, addr, port)
     except OSError:  # the port is taken: leave a caller's registry as it was
         registry.unregister(collector)
         raise
-    return registry, MetricsServer(httpd, thread)
+    return registry, server

@@ -1,3 +1,3 @@
-from gpufleet.scheduler.cli import main
+from gpufleet.scheduler.cli.main import main
 
 main()

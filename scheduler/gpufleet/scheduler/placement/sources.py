@@ -286,7 +286,7 @@ class GrpcPlacementSource:
     def place(self, request: PlacementRequest) -> Placement:
         import grpc
         from gpufleet.rpc.v1 import fleet_pb2 as pb
-        from gpufleet.scheduler.user_client import UserClient, UserClientError, tls_from_env
+        from gpufleet.scheduler.service.user_client import UserClient, UserClientError, tls_from_env
 
         msg = pb.PlaceRequest(partition=request.partition or "",
                               constraints=list(request.constraints),

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
-from gpufleet.scheduler import audit
+from gpufleet.scheduler.access import audit
 from gpufleet.scheduler.repair.catalog import Resolution, resolve
 from gpufleet.scheduler.repair.journal import Journal, JournalError
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, SlurmNode

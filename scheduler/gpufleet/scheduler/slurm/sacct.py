@@ -29,9 +29,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.scheduler.accounting.ledger import UsageTotal
 from gpufleet.scheduler.slurm.schema import SlurmVersion, doc_data_parser
 from gpufleet.scheduler.slurm.types import SlurmError
-from gpufleet.scheduler.store.acct import UsageTotal
 
 STATUS_OK = "ok"
 STATUS_MISMATCH = "mismatch"

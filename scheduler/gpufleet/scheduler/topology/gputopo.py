@@ -9,19 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gpufleet.rpc.v1 import fleet_pb2
 from gpufleet.scheduler.topology.ibnetdiscover import IbParseError
+from gpufleet.scheduler.topology.inventory import NodeInventory
 
 __all__ = ["TopoMatrix", "from_inventory", "nvlink_islands", "parse_topo_m", "render_topo_m"]
 
-_REL = {
-    fleet_pb2.PCIE_RELATION_SELF: "X",
-    fleet_pb2.PCIE_RELATION_PIX: "PIX",
-    fleet_pb2.PCIE_RELATION_PXB: "PXB",
-    fleet_pb2.PCIE_RELATION_PHB: "PHB",
-    fleet_pb2.PCIE_RELATION_NODE: "NODE",
-    fleet_pb2.PCIE_RELATION_SYS: "SYS",
-}
 CELL = re.compile(r"^(X|NV\d+|PIX|PXB|PHB|NODE|SYS|SOC|N/A)$")
 
 
@@ -45,27 +37,27 @@ class TopoMatrix:
         return int(cell[2:]) if cell.startswith("NV") else 0
 
 
-def from_inventory(inv: fleet_pb2.NodeInventory,
+def from_inventory(inv: NodeInventory,
                    cpu_affinity: dict[int, str] | None = None) -> TopoMatrix:
     """Matrix of one node. CPU affinity is not in the v1 inventory: pass it if known."""
     gpus = sorted(inv.gpus, key=lambda g: g.index)
-    hcas = sorted({a.hca for a in inv.gpu_nic_affinity})
+    hcas = sorted({a.hca for a in inv.gpu_nics})
     m = TopoMatrix([f"GPU{g.index}" for g in gpus] + [f"NIC{i}" for i in range(len(hcas))])
     m.nics = {f"NIC{i}": h for i, h in enumerate(hcas)}
     nic_of = {h: f"NIC{i}" for i, h in enumerate(hcas)}
     for g in gpus:
         m.cells[(f"GPU{g.index}", f"GPU{g.index}")] = "X"
         name = f"GPU{g.index}"
-        numa = str(g.numa_node) if g.HasField("numa_node") else "N/A"
+        numa = str(g.numa_node) if g.numa_node is not None else "N/A"
         m.numa_affinity[name] = numa
         m.gpu_numa_id[name] = "N/A"  # only C2C/NVLink-attached memory GPUs (GH200) have one
         m.cpu_affinity[name] = (cpu_affinity or {}).get(g.index, "N/A")
     for lk in inv.gpu_links:
-        cell = f"NV{lk.nvlink_count}" if lk.nvlink_count else _REL.get(lk.pcie_relation, "N/A")
+        cell = f"NV{lk.nvlink_count}" if lk.nvlink_count else lk.pcie_relation or "N/A"
         m.cells[(f"GPU{lk.gpu_a}", f"GPU{lk.gpu_b}")] = cell
         m.cells[(f"GPU{lk.gpu_b}", f"GPU{lk.gpu_a}")] = cell
-    for a in inv.gpu_nic_affinity:
-        cell = _REL.get(a.pcie_relation, "N/A")
+    for a in inv.gpu_nics:
+        cell = a.pcie_relation or "N/A"
         m.cells[(f"GPU{a.gpu_index}", nic_of[a.hca])] = cell
         m.cells[(nic_of[a.hca], f"GPU{a.gpu_index}")] = cell
     for nic in m.nics:

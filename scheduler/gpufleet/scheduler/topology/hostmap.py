@@ -13,9 +13,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpufleet.rpc.v1 import fleet_pb2
 from gpufleet.scheduler.topology.fabric import Fabric
 from gpufleet.scheduler.topology.ibnetdiscover import IbParseError, norm_guid
+from gpufleet.scheduler.topology.inventory import NodeInventory
 
 __all__ = ["HostMap", "Placement", "host_from_description", "load_guid_map", "map_hosts"]
 
@@ -109,7 +109,7 @@ class _Naming:
 
 def map_hosts(  # noqa: PLR0912 - the precedence of naming sources is one decision
     fabric: Fabric,
-    inventories: Iterable[fleet_pb2.NodeInventory] = (),
+    inventories: Iterable[NodeInventory] = (),
     guid_map: Mapping[str, tuple[str, str | None]] | None = None,
     rails: Sequence[str] = (),
     use_descriptions: bool = True,

@@ -1,0 +1,95 @@
+"""The `gpufleet` command's entry point: `gpufleet sbatch ...` becomes the real sbatch at once
+(no CLI framework, no store, no gRPC imported: it costs a Python start and an exec); every
+other command goes to cli.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping, Sequence
+
+USAGE = """\
+usage: gpufleet sbatch [--gpufleet-ckpt DIR] [--gpufleet-no-place] [--gpufleet-verbose]
+                       [--gpufleet-controller HOST:PORT] SBATCH-ARGS...
+Runs sbatch with SBATCH-ARGS unchanged; gpufleet's placement is added inside sbatch by
+Slurm's cli_filter/lua plugin (docs/placement.md). The gpufleet options come first.
+  --gpufleet-ckpt DIR        --requeue, checkpoint signal, GPUFLEET_CKPT_DIR=DIR for the job
+  --gpufleet-no-place        no placement (plain sbatch)
+  --gpufleet-verbose         print the placement and why on stderr
+  --gpufleet-controller A    ask this controller (default: /etc/gpufleet/client.toml)
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def filter_command() -> str:
+    """How cli_filter.lua runs the placement helper of this installation."""
+    here = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "gpufleet-sbatch-filter")
+    if os.access(here, os.X_OK):
+        return here
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        found = os.path.join(d, "gpufleet-sbatch-filter")
+        if d and os.access(found, os.X_OK):
+            return found
+    return f"{sys.executable} -m gpufleet.scheduler.cli.sbatch_filter"
+
+
+def sbatch_argv(args: Sequence[str], env: MutableMapping[str, str],
+                test_only: bool = False) -> list[str]:
+    """The sbatch command line (the user's arguments unchanged) and, in env, what tells
+    cli_filter.lua to place. gpufleet's own options are read only before the first other
+    argument, so no sbatch argument is ever taken for one."""
+    rest = list(args)
+    place = True
+    while rest and rest[0].startswith("--gpufleet-"):
+        name, eq, value = rest.pop(0).partition("=")
+        if name in {"--gpufleet-ckpt", "--gpufleet-controller"} and not eq:
+            if not rest:
+                raise UsageError(f"{name} needs a value")
+            value = rest.pop(0)
+        if name == "--gpufleet-ckpt":
+            env["GPUFLEET_CKPT_DIR"] = os.path.abspath(value)
+            env["GPUFLEET_CKPT_SIGNAL"] = "USR1"  # = sbatch_filter.CKPT_SIGNAL
+        elif name == "--gpufleet-controller":
+            env["GPUFLEET_CONTROLLER"] = value
+        elif name == "--gpufleet-no-place" and not eq:
+            place = False
+        elif name == "--gpufleet-verbose" and not eq:
+            env["GPUFLEET_FILTER_VERBOSE"] = "1"
+        elif name == "--gpufleet-help" and not eq:
+            raise UsageError("")
+        else:
+            raise UsageError(f"unknown gpufleet option {name} (sbatch options follow them)")
+    env["GPUFLEET_PLACE"] = "1" if place else "0"
+    env.setdefault("GPUFLEET_FILTER", filter_command())
+    return ["sbatch", *(["--test-only"] if test_only else []), *rest]
+
+
+def exec_sbatch(args: Sequence[str], test_only: bool = False) -> int:
+    env = dict(os.environ)
+    try:
+        argv = sbatch_argv(args, env, test_only)
+    except UsageError as e:
+        print(f"gpufleet sbatch: {e}\n{USAGE}" if str(e) else USAGE, file=sys.stderr)
+        return 2 if str(e) else 0
+    try:
+        os.execvpe("sbatch", argv, env)  # noqa: S606 - the user's own sbatch, no shell
+    except OSError as e:
+        print(f"gpufleet sbatch: cannot run sbatch: {e.strerror} (is the Slurm client "
+              "installed and on PATH?)", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["sbatch"]:
+        sys.exit(exec_sbatch(sys.argv[2:]))
+    if sys.argv[1:2] == ["place"]:
+        os.environ["GPUFLEET_FILTER_VERBOSE"] = "1"
+        sys.exit(exec_sbatch(sys.argv[2:], test_only=True))
+    from gpufleet.scheduler.cli.main import main as cli_main
+
+    cli_main()

@@ -1,0 +1,410 @@
+"""`gpufleet-sbatch-filter`: what Slurm's cli_filter/lua plugin (cli_filter.lua) asks for each
+sbatch job component, after sbatch itself merged the command line, SBATCH_* variables and
+#SBATCH lines. It never parses sbatch's options: it reads the options sbatch already parsed.
+
+    gpufleet-sbatch-filter place OFFSET JSON [het] -> lines `option=value` for the lua to set
+    gpufleet-sbatch-filter release JOBID NODES -> un-pin the job if still pending (run by the
+                                                  lua after the deadline, `pin_release_s`)
+
+`place` asks the controller (FleetUser.Place, as the calling user, MUNGE) and prints:
+- `nodelist=...` (a pin) only when the job is to start now and asks nothing placement cannot
+  judge (see PIN_OK): no array, dependency, --begin, --hold, CPU/memory/licence asks, ranges;
+- otherwise `exclude=...` (the user's exclusions plus the nodes gpufleet's health keeps jobs
+  off) and, for a multi-node job, `switches=K@MIN` (the leaf count the controller found);
+- nothing at all for jobs that start later (dependency, --begin, --hold): health then is not
+  health now. No controller configured, controller away, any doubt: nothing, exit 0, so the
+  job is submitted exactly as plain sbatch would submit it.
+With $GPUFLEET_CKPT_DIR set (`gpufleet sbatch --gpufleet-ckpt DIR`) it also adds --requeue,
+the checkpoint signal and the marker comment, as docs/checkpointing.md describes.
+
+Imports are kept to the standard library and placecall.py: this runs inside every sbatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+CLIENT_CONFIG = "/etc/gpufleet/client.toml"
+PLACE_TIMEOUT_S = 1.0
+PIN_RELEASE_S = 60.0  # a pinned job still pending after this long gets its node list back
+SWITCH_WAIT_MIN = 5
+CKPT_SIGNAL = "USR1"
+CKPT_SIGNAL_BEFORE_END_S = 300
+CKPT_MARKER = "gpufleet-ckpt"
+
+# sbatch options (cli_filter names) that cannot make a node unable to run the job: a job that
+# gives only these (and GPU/node/partition/time/constraint asks the engine judges) may be
+# pinned. Anything else (CPUs, memory, licences, tasks, reservations, ...) is Slurm's to judge.
+PIN_OK = frozenset({
+    "nodes", "gres", "gpus-per-node", "gpus", "partition", "time", "constraint", "exclude",
+    "job-name", "output", "error", "input", "wrap", "parsable", "chdir", "comment",
+    "mail-type", "mail-user", "export", "requeue", "no-requeue", "signal", "open-mode",
+    "quiet", "verbose", "argv", "account", "wckey", "kill-on-invalid-dep", "propagate",
+    "no-kill", "wait", "test-only", "get-user-env", "acctg-freq", "profile", "priority",
+    "nice", "qos",
+})
+DEFERRED = ("dependency", "begin", "hold")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class ClientConfig:
+    """/etc/gpufleet/client.toml (plain class: dataclasses cost ~10 ms to import)."""
+
+    def __init__(self, controller: str = "", tls_ca: str = "", tls_cert: str = "",
+                 tls_key: str = "", insecure: bool = False, munge_socket: str = "",
+                 place_timeout_s: float = PLACE_TIMEOUT_S,
+                 pin_release_s: float = PIN_RELEASE_S) -> None:
+        self.controller = controller
+        self.tls_ca = tls_ca
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.insecure = insecure
+        self.munge_socket = munge_socket
+        self.place_timeout_s = place_timeout_s
+        self.pin_release_s = pin_release_s
+
+
+CLIENT_KEYS = {"controller", "tls_ca", "tls_cert", "tls_key", "insecure", "munge_socket",
+               "place_timeout_s", "pin_release_s"}
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load_client_config(env: Mapping[str, str] | None = None) -> ClientConfig:
+    """/etc/gpufleet/client.toml (or $GPUFLEET_CLIENT_CONFIG), then GPUFLEET_* variables.
+    A missing file is an empty one; an unreadable or invalid one is a ConfigError."""
+    e = os.environ if env is None else env
+    path = e.get("GPUFLEET_CLIENT_CONFIG") or CLIENT_CONFIG
+    data: dict[str, object] = {}
+    try:
+        with open(path, "rb") as f:
+            import tomllib
+
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    unknown = sorted(set(data) - CLIENT_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
+
+    def s(key: str) -> str:
+        return str(e.get(f"GPUFLEET_{key.upper()}") or data.get(key) or "")
+
+    try:
+        return ClientConfig(
+            controller=s("controller"), tls_ca=s("tls_ca"), tls_cert=s("tls_cert"),
+            tls_key=s("tls_key"),
+            insecure=s("insecure").lower() in _TRUE,
+            munge_socket=s("munge_socket"),
+            place_timeout_s=float(data.get("place_timeout_s", PLACE_TIMEOUT_S)),  # type: ignore[arg-type]
+            pin_release_s=float(data.get("pin_release_s", PIN_RELEASE_S)),  # type: ignore[arg-type]
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+# ---------------------------------------------------------------- options -> request
+
+def parse_time_min(text: str) -> int | None:
+    """Slurm's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes,
+    rounded up; None for 0/UNLIMITED/INFINITE or anything else."""
+    t = text.strip().upper()
+    if t in {"", "0", "UNLIMITED", "INFINITE", "-1"}:
+        return None
+    days = 0
+    if "-" in t:
+        d, _, t = t.partition("-")
+        if not d.isdigit():
+            return None
+        days = int(d)
+    parts = t.split(":")
+    if not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    n = [int(p) for p in parts]
+    if days:  # D-HH[:MM[:SS]]
+        n += [0] * (3 - len(n))
+        secs = days * 86400 + n[0] * 3600 + n[1] * 60 + n[2]
+    elif len(n) == 1:
+        secs = n[0] * 60
+    elif len(n) == 2:
+        secs = n[0] * 60 + n[1]
+    else:
+        secs = n[0] * 3600 + n[1] * 60 + n[2]
+    return max(1, -(-secs // 60)) if secs else None
+
+
+def _count(text: str) -> int | None:
+    last = text.rsplit(":", 1)[-1]
+    return int(last) if last.isdigit() else None
+
+
+class Plan:
+    """What the filter asks of the controller, and whether the answer may pin the job."""
+
+    def __init__(self, nodes: int | None, gpus_per_node: int | None, total_gpus: int | None,
+                 partition: str, constraints: list[str], time_limit_min: int | None,
+                 exclude: list[str], pin: bool, why_not_pin: str) -> None:
+        self.nodes = nodes
+        self.gpus_per_node = gpus_per_node
+        self.total_gpus = total_gpus
+        self.partition = partition
+        self.constraints = constraints
+        self.time_limit_min = time_limit_min
+        self.exclude = exclude
+        self.pin = pin
+        self.why_not_pin = why_not_pin
+
+
+def _script_is_het(opts: Mapping[str, object]) -> bool:
+    """A hetjob script (`#SBATCH hetjob`), or a script sbatch read from stdin, which this
+    process cannot see (unsure: treated as one)."""
+    argv = opts.get("argv")
+    script = argv[0] if isinstance(argv, list) and argv else None
+    if script is None:
+        return "wrap" not in opts
+    try:
+        with open(str(script), errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return True
+    return any(line.split()[1:2] in (["hetjob"], ["packjob"])
+               for line in text.splitlines() if line.startswith("#SBATCH"))
+
+
+def plan_from_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0912 - one branch per option
+                      het: bool = False) -> Plan | None:
+    """None: add nothing (the user chose nodes, or the job starts later)."""
+    o = {k: str(v) for k, v in opts.items() if k != "argv" and v is not None}
+    if "nodelist" in o or "nodefile" in o:
+        return None
+    for k in DEFERRED:
+        if k in o and o[k] not in {"unset", ""}:
+            return None
+    why: list[str] = []
+    others = sorted(set(o) - PIN_OK)
+    if others:
+        why.append("asks " + ",".join(others))
+    if "array" in o:
+        why.append("array")
+    if offset or het or _script_is_het(opts):
+        why.append("hetjob")  # pinning one component makes Slurm keep the others off it
+    nodes = None
+    if "nodes" in o:
+        lo, _, hi = o["nodes"].partition("-")
+        if not lo.isdigit():
+            return None
+        nodes = int(lo)
+        if hi and hi != lo:
+            why.append("node range")
+    gpn = total = None
+    if "gres" in o:
+        for raw in o["gres"].split(","):
+            item = raw.removeprefix("gres:")
+            if item == "gpu" or item.startswith("gpu:"):
+                gpn = (_count(item) if ":" in item else 1) or 1
+    if "gpus-per-node" in o:
+        gpn = _count(o["gpus-per-node"])
+    if "gpus" in o:
+        total = _count(o["gpus"])
+        if gpn is not None:
+            total = None
+        elif nodes is None:
+            why.append("--gpus without --nodes")  # the node count is Slurm's choice
+    partition = o.get("partition", "")
+    if "," in partition:
+        why.append("several partitions")
+        partition = ""
+    constraints: list[str] = []
+    if "constraint" in o:
+        text = o["constraint"]
+        if any(c in text for c in "|[]*()"):
+            why.append("constraint expression")
+        else:
+            constraints = [f for f in text.split("&") if f]
+    exclude: list[str] = []
+    if "exclude" in o:
+        exclude = [x for x in o["exclude"].split(",") if x]
+        if any("[" in x for x in exclude):
+            why.append("exclude range")
+            exclude = []
+    return Plan(nodes=nodes, gpus_per_node=gpn, total_gpus=total, partition=partition,
+                constraints=constraints, time_limit_min=parse_time_min(o.get("time", "")),
+                exclude=exclude, pin=not why, why_not_pin="; ".join(why))
+
+
+def _flag(flags: Sequence[str], name: str) -> str | None:
+    for f in flags:
+        if f.startswith(f"--{name}="):
+            return f.split("=", 1)[1]
+    return None
+
+
+def decide(opts: Mapping[str, object], plan: Plan, ok: bool, flags: Sequence[str],
+           leaves: int, avoid: Sequence[str]) -> dict[str, str]:
+    """The options to set, from the controller's answer."""
+    if plan.pin and ok:
+        nodelist = _flag(flags, "nodelist")
+        if nodelist:
+            return {"nodelist": nodelist}
+    out: dict[str, str] = {}
+    user_exclude = str(opts.get("exclude") or "")
+    extra = [n for n in avoid if n not in set(user_exclude.split(","))]
+    if extra:
+        out["exclude"] = ",".join([x for x in (user_exclude,) if x] + extra)
+    if "switches" not in opts:
+        need = plan.nodes or 0
+        switches = _flag(flags, "switches")
+        if switches is None and ok and need > 1 and leaves >= 1:
+            switches = f"{leaves}@{SWITCH_WAIT_MIN}"
+        if switches and need > 1:
+            out["switches"] = switches
+    return out
+
+
+def ckpt_options(opts: Mapping[str, object], ckpt_dir: str) -> dict[str, str]:
+    """--requeue, the checkpoint signal and the marker comment the controller's recovery
+    looks for (scheduler/recovery.py); the user's own settings win."""
+    out: dict[str, str] = {}
+    if "requeue" not in opts and "no-requeue" not in opts:
+        out["requeue"] = "set"
+    if "signal" not in opts:
+        out["signal"] = f"B:{CKPT_SIGNAL}@{CKPT_SIGNAL_BEFORE_END_S}"
+    comment = str(opts.get("comment") or "").strip()
+    if CKPT_MARKER not in comment:
+        out["comment"] = f"{comment} {CKPT_MARKER}".strip()
+    export = str(opts.get("export") or "")
+    if export and export.upper() != "ALL":
+        out["export"] = f"{export},GPUFLEET_CKPT_DIR={ckpt_dir},GPUFLEET_CKPT_SIGNAL={CKPT_SIGNAL}"
+    return out
+
+
+# ---------------------------------------------------------------- the commands
+
+def _debug(env: Mapping[str, str], msg: str) -> None:
+    if env.get("GPUFLEET_FILTER_VERBOSE", "") not in {"", "0"}:
+        print(f"gpufleet: {msg}", file=sys.stderr)
+
+
+def _credential(cfg: ClientConfig) -> str:
+    """`munge --no-input` as this user (munge.py's encode, without its imports)."""
+    sock = cfg.munge_socket or os.environ.get("GPUFLEET_MUNGE_SOCKET") or \
+        "/run/munge/munge.socket.2"
+    p = subprocess.run(["munge", f"--socket={sock}", "--no-input"], capture_output=True,
+                       text=True, check=False, timeout=cfg.place_timeout_s)
+    cred = p.stdout.strip()
+    if p.returncode != 0 or not cred.startswith("MUNGE:"):
+        raise RuntimeError(f"munge failed: {p.stderr.strip()[:200]}")
+    return cred
+
+
+def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - each "add nothing" case
+                  env: Mapping[str, str], het: bool = False) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if env.get("GPUFLEET_CKPT_DIR"):
+        out.update(ckpt_options(opts, env["GPUFLEET_CKPT_DIR"]))
+    if env.get("GPUFLEET_PLACE", "1") in {"0", "no", "off"}:
+        return out
+    plan = plan_from_options(opts, offset, het)
+    if plan is None:
+        _debug(env, f"component {offset}: nodes chosen by the user or job starts later; "
+                    "nothing added")
+        return out
+    try:
+        cfg = load_client_config(env)
+    except ConfigError as e:
+        _debug(env, str(e))
+        return out
+    if not cfg.controller:
+        return out  # no controller configured: plain sbatch, silently
+    from gpufleet.scheduler.service import placecall
+
+    req = placecall.PlaceRequest(
+        nodes=plan.nodes, gpus_per_node=plan.gpus_per_node, total_gpus=plan.total_gpus,
+        partition=plan.partition, constraints=plan.constraints,
+        time_limit_min=plan.time_limit_min, exclude=plan.exclude)
+    tls = None if cfg.insecure or not cfg.tls_ca else placecall.Tls(
+        cfg.tls_ca, cfg.tls_cert or None, cfg.tls_key or None)
+    if tls is None and not cfg.insecure:
+        _debug(env, "no tls_ca and not insecure in the client config: no placement")
+        return out
+    try:
+        reply = placecall.place(cfg.controller, req, _credential(cfg), cfg.place_timeout_s, tls)
+    except Exception as e:  # noqa: BLE001 - any failure: submit as plain sbatch
+        _debug(env, f"no placement ({e}); submitting as plain sbatch")
+        return out
+    for line in reply.explanation:
+        _debug(env, line)
+    if not plan.pin:
+        _debug(env, f"component {offset}: not pinned ({plan.why_not_pin})")
+    out.update(decide(opts, plan, reply.ok, reply.flags, int(reply.cost.get("leaves", 0)),
+                      reply.avoid))
+    if "nodelist" in out:  # when cli_filter.lua checks whether the pinned job started
+        delay = float(env.get("GPUFLEET_PIN_RELEASE_S") or cfg.pin_release_s)
+        out["gpufleet-release-after"] = f"{max(0, int(delay))}"
+    return out
+
+
+def _same_nodes(a: str, b: str) -> bool:
+    try:
+        from ClusterShell.NodeSet import NodeSet
+    except ImportError:  # a login node without ClusterShell: Slurm's own spelling, or keep
+        return a == b
+    return bool(NodeSet(a.replace("(null)", "")) == NodeSet(b))
+
+
+def release(job: str, nodes: str, delay_s: float, env: Mapping[str, str]) -> str:
+    """After delay_s: a job still PENDING with the node list gpufleet pinned gets it cleared
+    (`scontrol update ReqNodeList=`), so it never waits for nodes someone else took."""
+    time.sleep(delay_s)
+    p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+                       check=False, timeout=30, env=dict(env))
+    fields = dict(w.split("=", 1) for w in p.stdout.split() if "=" in w)
+    if p.returncode != 0 or fields.get("JobState") != "PENDING":
+        return f"job {job}: {fields.get('JobState', 'gone')}, kept"
+    if not _same_nodes(fields.get("ReqNodeList", ""), nodes):
+        return f"job {job}: node list now {fields.get('ReqNodeList')!r}, not ours: kept"
+    u = subprocess.run(["scontrol", "update", f"JobId={job}", "ReqNodeList="],
+                       capture_output=True, text=True, check=False, timeout=30, env=dict(env))
+    return f"job {job}: released {nodes}" if u.returncode == 0 else \
+        f"job {job}: release failed: {u.stderr.strip()}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    if len(args) in (3, 4) and args[0] == "place":
+        try:
+            opts = json.loads(args[2])
+            offset = int(args[1])
+        except ValueError as e:
+            print(f"gpufleet-sbatch-filter: bad input: {e}", file=sys.stderr)
+            return 0
+        if not isinstance(opts, dict):
+            print("gpufleet-sbatch-filter: bad input: options are not a JSON object",
+                  file=sys.stderr)
+            return 0
+        het = args[3:] == ["het"]  # cli_filter.lua saw a `:` on sbatch's command line
+        for k, v in place_options(opts, offset, env, het).items():
+            print(f"{k}={v}")
+        return 0
+    if len(args) == 3 and args[0] == "release":  # cli_filter.lua waited the deadline
+        print(release(args[1], args[2], 0, env), file=sys.stderr)
+        return 0
+    print("usage: gpufleet-sbatch-filter place OFFSET JSON | release JOBID NODES "
+          "(run by cli_filter.lua)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Health policy: what the controller does in Slurm when a node's health changes.
+
+- fatal            -> drain, reason `gpufleet:<code> <evidence>` (at once);
+- degraded         -> raise the node's Weight (Slurm allocates low weights first, so the node
+                      is chosen last) and add a feature (`gf_degraded`, shown by
+                      `sinfo -o "%N %f"` and avoided by gpufleet's placement); the original
+                      weight is remembered so it can be put back;
+- healthy again    -> after `resume_quiet_s` without a relapse: undo the degraded changes and
+                      resume the node, but only if gpufleet drained it (ActionQueue re-checks
+                      Slurm's reason before resuming: an admin's drain is never lifted);
+- silent           -> `unreachable` after `unreachable_after_s` with an alert; drained on
+                      silence alone only when `drain_unreachable` is set.
+
+Decisions are made here; ActionQueue applies them off the ingest path, retries and records
+them. Shadow mode is the ActionQueue's: everything below is still decided and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gpufleet.scheduler.health.actions import REASON_PREFIX, ActionQueue
+from gpufleet.scheduler.slurm import SlurmError
+from gpufleet.scheduler.store import StateStore, now_ms
+
+if TYPE_CHECKING:
+    from gpufleet.scheduler.recovery.manager import RecoveryManager
+    from gpufleet.scheduler.repair import RepairManager
+
+log = logging.getLogger(__name__)
+
+HEALTHY = ("ok", "warn")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    resume_quiet_s: float = 300.0  # healthy this long before gpufleet undoes what it did
+    degraded_weight: int | None = 1000  # None: leave Weight alone
+    degraded_feature: str = "gf_degraded"  # "": add no feature
+    unreachable_after_s: float = 30.0  # no report for this long: unreachable
+    drain_unreachable: bool = False  # also drain on silence alone
+    tick_s: float = 1.0
+    # how often Slurm is read back for the degraded nodes' weight/feature, which slurmctld
+    # forgets when it restarts (one `sinfo --json`, only while some node is degraded)
+    reassert_s: float = 30.0
+
+    def validate(self) -> PolicyConfig:
+        if self.resume_quiet_s < 0:
+            raise ValueError(f"resume_quiet_s={self.resume_quiet_s}: must be >= 0")
+        if self.reassert_s <= 0:
+            raise ValueError(f"reassert_s={self.reassert_s}: must be > 0")
+        if self.unreachable_after_s <= 0:
+            raise ValueError(f"unreachable_after_s={self.unreachable_after_s}: must be > 0")
+        if self.degraded_weight is not None and not 0 <= self.degraded_weight <= 2**31 - 2:
+            raise ValueError(f"degraded_weight={self.degraded_weight}: out of Slurm's range")
+        if self.degraded_feature and not self.degraded_feature.replace("_", "").isalnum():
+            raise ValueError(
+                f"degraded_feature={self.degraded_feature!r}: letters, digits and _ only"
+            )
+        return self
+
+
+class HealthPolicy:
+    """Turns node health transitions and silence into queued Slurm actions."""
+
+    def __init__(self, store: StateStore, actions: ActionQueue, config: PolicyConfig) -> None:
+        self.store = store
+        self.actions = actions
+        self.config = config.validate()
+        actions.degraded_weight = config.degraded_weight
+        actions.degraded_feature = config.degraded_feature
+        self._lock = threading.Lock()
+        started = now_ms()
+        # When each node last became healthy. After a controller restart nobody knows, so a
+        # node counts as healthy since the start: it waits one full quiet period, never less.
+        self._healthy_since_ms: dict[str, int] = {}
+        self._started_ms = started
+        # nodes where gpufleet may have something to undo (drained or degraded by policy)
+        self._to_undo: set[str] = set()
+        for a in store.actions():
+            if a.actor == "policy" and a.action in ("drain", "degrade"):
+                self._to_undo.add(a.node)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reassert_thread: threading.Thread | None = None
+        # set by the controller when job recovery is on: fatal nodes get their jobs requeued
+        self.recovery: RecoveryManager | None = None
+        # set by the controller when the repair loop is on: drained nodes are remediated,
+        # diagnosed and resumed by it, and the quiet-period resume leaves its nodes alone
+        self.repair: RepairManager | None = None
+
+    # ------------------------------------------------------------ transitions (ingest path)
+
+    def on_health_change(
+        self, node: str, before: str, after: str, reason_code: str, evidence: str,
+        fault_ms: int | None,
+    ) -> None:
+        """Called by ingest when a verdict moves the node's overall health."""
+        if after == before:
+            return
+        with self._lock:
+            if after in HEALTHY:
+                self._healthy_since_ms[node] = now_ms()
+            else:
+                self._healthy_since_ms.pop(node, None)
+        if after == "fatal":
+            if self._drain_stands(node):
+                # e.g. a restarted agent reports the same fault afresh (its hello reset the
+                # node's verdicts): the node is gpufleet's drained one already
+                log.info("node %s fatal again (%s): gpufleet's drain still stands", node,
+                         evidence)
+                return
+            reason = f"{REASON_PREFIX}{reason_code} {evidence}".strip()
+            if self.actions.submit(node, "drain", reason, fault_ms) is not None:
+                log.warning("node %s fatal: %s -> drain", node, evidence)
+                if self.repair is not None:
+                    self.repair.node_fatal(node, reason_code, evidence, fault_ms)
+            self._mark_undo(node)
+            if self.recovery is not None:  # returns at once: the work runs on its own pool
+                self.recovery.node_fatal(node, fault_ms)
+        elif after == "degraded" and before in (*HEALTHY, "unknown"):
+            reason = f"{REASON_PREFIX}{reason_code} {evidence}".strip()
+            if self.actions.submit(node, "degrade", reason, fault_ms) is not None:
+                log.warning("node %s degraded: %s -> weight/feature", node, evidence)
+            self._mark_undo(node)
+
+    def _drain_stands(self, node: str) -> bool:
+        """gpufleet's last drain/resume of `node` is a drain still queued or recorded in shadow
+        mode. One that reached Slurm ("done") is not trusted here: an admin may have resumed
+        the node with scontrol since; ActionQueue reads Slurm and skips a standing drain."""
+        last = next((a for a in reversed(self.store.actions(node))
+                     if a.actor == "policy" and a.action in ("drain", "resume")), None)
+        return last is not None and last.action == "drain" and last.status in ("queued", "shadow")
+
+    def _mark_undo(self, node: str) -> None:
+        with self._lock:
+            self._to_undo.add(node)
+
+    # ------------------------------------------------------------ periodic (own thread)
+
+    def tick(self, now: int | None = None) -> None:
+        """Liveness and recovery; cheap enough to run every second on 10,000 nodes."""
+        now = now_ms() if now is None else now
+        cfg = self.config
+        silent_ms = int(cfg.unreachable_after_s * 1000)
+        quiet_ms = int(cfg.resume_quiet_s * 1000)
+        with self._lock:
+            candidates = set(self._to_undo)
+        for n in self.store.nodes():
+            silent = now - n.last_seen_ms > silent_ms
+            if silent and n.reachable:
+                if self.store.set_reachable(n.name, False, now):
+                    log.warning("node %s unreachable: no report for %.0f s", n.name,
+                                (now - n.last_seen_ms) / 1000)
+                    with self._lock:
+                        self._healthy_since_ms.pop(n.name, None)
+                    if cfg.drain_unreachable:
+                        self.actions.submit(
+                            n.name, "drain",
+                            f"{REASON_PREFIX}unreachable no report for "
+                            f"{(now - n.last_seen_ms) // 1000} s", n.last_seen_ms,
+                        )
+                        self._mark_undo(n.name)
+            elif not silent and not n.reachable and self.store.set_reachable(n.name, True, now):
+                log.warning("node %s reachable again", n.name)
+                with self._lock:
+                    self._healthy_since_ms[n.name] = now
+            if n.name not in candidates or silent or n.health not in HEALTHY:
+                continue
+            with self._lock:
+                since = self._healthy_since_ms.setdefault(n.name, self._started_ms)
+            if now - since < quiet_ms:
+                continue
+            self._undo(n.name)
+
+    def _undo(self, node: str) -> None:
+        """Quiet period over: restore what policy changed, then resume a policy drain."""
+        if self.repair is not None and self.repair.holds(node):
+            return  # the repair loop resumes it after a diagnostic, or keeps it drained
+        undone = True
+        if self.store.policy_state(node) is not None:
+            self.actions.submit(node, "restore", "healthy again", None)
+            undone = False  # come back next tick to check the restore went through
+        # a skipped drain changed nothing in Slurm (someone else's drain, or gpufleet's own
+        # standing one): what counts is the last drain or resume that did something
+        last = next(
+            (a for a in reversed(self.store.actions(node))
+             if a.actor == "policy" and a.action in ("drain", "resume")
+             and not (a.action == "drain" and a.status == "skipped")),
+            None,
+        )
+        if last is not None and last.action == "drain" and last.status == "done":
+            self.actions.submit(node, "resume", f"healthy for {self.config.resume_quiet_s:g} s",
+                                None)
+            undone = False
+        elif last is not None and last.action == "drain" and last.status == "queued":
+            undone = False  # the drain has not reached Slurm yet
+        if undone:
+            with self._lock:
+                self._to_undo.discard(node)
+
+    def reassert_degraded(self) -> int:
+        """Queue a `reassert` for every node gpufleet holds degraded whose weight or feature
+        Slurm lost; returns how many. Runs on its own thread: `sinfo` can take its whole
+        timeout while slurmctld is away, and liveness ticks must not wait for it."""
+        slurm = self.actions.slurm
+        if slurm is None or self.actions.shadow:
+            return 0
+        with self._lock:
+            degraded = [n for n in self._to_undo if self.store.policy_state(n) is not None]
+        if not degraded:
+            return 0
+        try:
+            shown = slurm.nodes()
+        except SlurmError as e:
+            log.debug("degraded nodes not checked in Slurm this round: %s", e)
+            return 0
+        queued = 0
+        for name in degraded:
+            node = shown.get(name)
+            if node is None or not self.actions.degraded_but_lost(node):
+                continue
+            if self.actions.submit(name, "reassert",
+                                   "Slurm lost gpufleet's degraded weight/feature", None):
+                log.warning("node %s: Slurm lost its degraded weight/feature (slurmctld "
+                            "restarted?): putting them back", name)
+                queued += 1
+        return queued
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="health-policy", daemon=True)
+        self._thread.start()
+        self._reassert_thread = threading.Thread(target=self._run_reassert,
+                                                 name="policy-reassert", daemon=True)
+        self._reassert_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in (self._thread, self._reassert_thread):
+            if t is not None:
+                t.join(timeout=5.0)
+
+    def _run_reassert(self) -> None:
+        while not self._stop.wait(self.config.reassert_s):
+            try:
+                self.reassert_degraded()
+            except Exception:  # like tick: the loop must outlive one bad round
+                log.exception("checking degraded nodes in Slurm failed")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.tick_s):
+            try:
+                self.tick()
+            except Exception:  # the policy loop must outlive one bad tick
+                log.exception("health policy tick failed")
