@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -14,9 +13,9 @@ from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.agent.fake_sysfs import make_hca, set_port
-from tests.conftest import IN_CI
 from tests.support import wait_for
 from tests.support.net import free_port
+from tests.support.prometheus import promtool
 
 
 @pytest.fixture
@@ -65,12 +64,7 @@ def test_agent_reports_ib_and_serves_clean_metrics(running) -> None:
     text = _scrape(port)
     assert 'gpufleet_ib_port_state_up{hca="mlx5_1",port="1"} 1.0' in text
     assert 'gpufleet_gpu_info{gpu="7"' in text
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if IN_CI:
-            pytest.fail("promtool missing under CI=true (.ci/setup installs Debian's prometheus)")
-        pytest.skip("promtool not installed")
-    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
                            text=True, timeout=30, check=False)
     assert check.returncode == 0 and check.stdout + check.stderr == "", check.stdout + check.stderr
 

@@ -44,7 +44,6 @@ from gpufleet.agent.spool import SpoolDir
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import IN_CI
 from tests.faults.fleet_helpers import (
     AgentProc,
     ControllerProc,
@@ -69,6 +68,7 @@ from tests.faults.workload import (
 )
 from tests.scheduler.pg_server import PgServer, started_pg_server
 from tests.security.helpers import hello
+from tests.support.ci import unavailable
 
 pytestmark = pytest.mark.slow  # two ~35 s runs: over the 60 s line
 
@@ -447,9 +447,7 @@ def runs(pg: PgServer, tmp_path_factory: pytest.TempPathFactory
     """The workload on two controllers once without kills and once killing the active one
     KILLS times."""
     if faketime_lib() is None:
-        if IN_CI:  # .ci/setup installs it: missing is a failure
-            pytest.fail("libfaketime (Debian faketime) missing", pytrace=False)
-        pytest.skip("libfaketime (Debian faketime) missing")
+        unavailable("libfaketime (Debian faketime) is missing")
     base = tmp_path_factory.mktemp("standby-kill")
     plan = make_plan(with_kills=False)  # energy steps and Xid times only; no agent kills
     dsns = [pg.create_database(), pg.create_database()]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psycopg
 
+from tests.support.ci import unavailable
 from tests.support.net import free_port
 
 DEBIAN_PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
@@ -137,9 +138,7 @@ class PgServer:
 def started_pg_server(prefix: str) -> Iterator[PgServer]:
     """A PostgreSQL for a test session: started, yielded, stopped by PID, removed. Under
     CI=true one that cannot start FAILS the tests; elsewhere they skip with the reason."""
-    import pytest
 
-    from tests.conftest import IN_CI
 
     # not under pytest's tmp_path: that is mode 0700 root, and the server runs as `postgres`
     base = Path(tempfile.mkdtemp(prefix=prefix))
@@ -148,9 +147,7 @@ def started_pg_server(prefix: str) -> Iterator[PgServer]:
         server.start()
     except PgServerError as e:
         shutil.rmtree(base, ignore_errors=True)
-        if IN_CI:
-            pytest.fail(f"CI=true and the test PostgreSQL could not start: {e}", pytrace=False)
-        pytest.skip(f"PostgreSQL could not start: {e}")
+        unavailable(f"the test PostgreSQL could not start: {e}")
     try:
         yield server
     finally:

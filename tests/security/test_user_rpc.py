@@ -41,14 +41,12 @@ from tests.security.munge_server import (
     DAEMON_UID,
     NOBODY_UID,
     MungeServer,
-    munge_installed,
+    needs_munge,
     started_munged,
 )
 from tests.support import wait_for
 
-# under CI=true (which installs munge) a missing munge fails instead of skipping
-pytestmark = pytest.mark.skipif(not munge_installed() and os.environ.get("CI") != "true",
-                                reason="munge is not installed")
+pytestmark = needs_munge
 
 BIN_UID = 2  # "bin", gid 2: the admin group in these tests is "bin"
 ADMIN_GROUP = "bin"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.support.ci import unavailable
 from tests.support.net import free_port
 from tests.support.waiting import wait_for
 
@@ -80,9 +80,7 @@ ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertman
 def alertmanager(tmp_path: Path, recorder) -> Iterator[tuple[str, Recorder]]:
     """A real Alertmanager routing every alert to an AlertRelay that posts to a chat recorder."""
     if ALERTMANAGER is None:
-        if IN_CI:
-            pytest.fail("CI=true: Debian's prometheus-alertmanager must be installed")
-        pytest.skip("prometheus-alertmanager not installed "
+        unavailable("prometheus-alertmanager is not installed "
                     "(apt-get install prometheus-alertmanager)")
     from gpufleet.scheduler.observability.alerting import AlertRelay
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import shutil
 
-import pytest
 from gpufleet.agent.metrics import AgentCollector
 from gpufleet.scheduler.observability.metrics import ControllerMetrics
 from prometheus_client import CollectorRegistry
 
-from tests.conftest import IN_CI, REPO
+from tests.conftest import REPO
+from tests.support.ci import unavailable
 
 MONITORING = REPO / "scheduler" / "gpufleet" / "scheduler" / "monitoring"
 # Series Prometheus makes itself for every scrape target.
@@ -29,9 +29,7 @@ PROMQL_WORDS = {
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        if IN_CI:
-            pytest.fail("CI=true: promtool (Debian package prometheus) must be installed")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+        unavailable("promtool is not installed (apt-get install prometheus)")
     return path
 
 
