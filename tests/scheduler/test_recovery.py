@@ -19,8 +19,7 @@ from gpufleet.scheduler.recovery.manager import (
     RecoveryManager,
     parse_marker,
 )
-from gpufleet.scheduler.store import CheckpointRow, SqliteStore, VerdictRow, now_ms
-from gpufleet.scheduler.store.base import RecoveryRow
+from gpufleet.scheduler.store import CheckpointRow, RecoveryRow, SqliteStore, VerdictRow, now_ms
 
 from tests.support import wait_for
 

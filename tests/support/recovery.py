@@ -27,8 +27,7 @@ from gpufleet.scheduler.health.policy import PolicyConfig
 from gpufleet.scheduler.recovery.manager import RecoveryConfig
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError
-from gpufleet.scheduler.store import SqliteStore
-from gpufleet.scheduler.store.base import RecoveryRow
+from gpufleet.scheduler.store import RecoveryRow, SqliteStore
 
 from tests.slurm.harness import SlurmLab
 from tests.support.waiting import wait_for

@@ -71,6 +71,9 @@ The /proc safety net (for a Prolog that is not configured or whose spool file wa
 Never does: talk to Slurm, block the sample loop on I/O other than the spool folder and its
 own state file, or raise out of `on_sample` for one bad spool file (it is logged and moved
 aside as ``*.bad``).
+
+One module (~770 lines, 70 of them this design): the hooks' files, the GPU holdings and the
+cumulative totals are one state machine, and splitting it would split its invariants.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Settings: flag > environment (GPUFLEET_AGENT_<FLAG>) > config file (--config, default
 /etc/gpufleet/agent.toml) > built-in default.
+
+One module (~480 lines): every `gpufleet-agent` subcommand's parsing, and nothing else; each
+delegates in a line or two to the module that does the work.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ thread, `checkpoint_requested()` raises RuntimeError rather than silently never 
 
 Multi-process jobs: one process (rank 0, after a barrier) calls save(); concurrent save() calls
 for the same step from several processes are not supported.
+
+One module (~590 lines) on purpose: training jobs import it, so it is self-contained and
+stdlib-only (nothing else of gpufleet is loaded into a job).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ value the agent could not read (None) has no sample, never a made-up 0. Per-GPU 
 carry `gpu` (the NVML index) and `uuid` only; `gpufleet_gpu_info` carries the PCI bus id
 and the model and joins on those two. Labels hold bounded identifiers only: a verdict's
 evidence text never becomes a label.
+
+One module (~420 lines): the exporter's metric families are one table, read top to bottom
+against the alert rules that use them.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ plain), and degrades per field and per GPU: a field NVML does not support is Non
 fell off the bus is reported as lost while the others keep reporting.
 
 It must never let an NVML exception escape except as `GpuBackendError`.
+
+One module on purpose (~500 lines): it is the agent's only door to NVML, and the fallbacks per
+function version and per field are easiest to check side by side.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ injected into a running agent from outside.
 
 Calls are plain attribute reads and arithmetic on purpose: the agent-overhead benchmark must
 measure the agent, not the simulator. This module must never import the real `pynvml`.
+
+One module (~890 lines) on purpose: it stands in for `pynvml`, which is one flat module, and
+must offer the same names from one import.
 """
 
 from __future__ import annotations

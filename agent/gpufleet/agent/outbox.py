@@ -32,6 +32,9 @@ the disk or the controller takes them.
 Rejected reports (the controller acks them with a reason: it will never store them) leave
 the outbox like acked ones and are appended to a bounded dead-letter file, one JSON line
 each, for an admin to read.
+
+One module (~620 lines): ordering, acks, replay after restart and the disk budget are one
+invariant (every report delivered once, in order); spool.py holds the file format.
 """
 
 from __future__ import annotations

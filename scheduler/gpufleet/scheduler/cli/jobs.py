@@ -21,8 +21,7 @@ from gpufleet.scheduler.service.user_client import (
     connect,
     controller_options,
 )
-from gpufleet.scheduler.store import StateStore, StoreError, open_store
-from gpufleet.scheduler.store.base import CheckpointRow, RecoveryRow
+from gpufleet.scheduler.store import CheckpointRow, RecoveryRow, StateStore, StoreError, open_store
 
 STEPS = (("drain", "drain_ms"), ("signal", "signal_ms"), ("requeue", "requeue_ms"),
          ("running again", "running_ms"))

@@ -18,6 +18,9 @@ With $GPUFLEET_CKPT_DIR set (`gpufleet sbatch --gpufleet-ckpt DIR`) it also adds
 the checkpoint signal and the marker comment, as docs/checkpointing.md describes.
 
 Imports are kept to the standard library and placecall.py: this runs inside every sbatch.
+
+One module (~410 lines) on purpose: Slurm runs it on every submission, stdlib only; one file
+keeps its start-up cost to one import.
 """
 
 from __future__ import annotations

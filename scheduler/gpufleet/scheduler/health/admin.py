@@ -15,7 +15,7 @@ from datetime import datetime
 
 from gpufleet.scheduler.access import audit
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
-from gpufleet.scheduler.store import StateStore, now_ms
+from gpufleet.scheduler.store import HealthStore, now_ms
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -62,7 +62,7 @@ def parse_since(text: str, now: float | None = None) -> int:
     return ms
 
 
-def drain(store: StateStore, slurm: SlurmClient, node: str, reason: str, actor: str,
+def drain(store: HealthStore, slurm: SlurmClient, node: str, reason: str, actor: str,
           source: str | None = None) -> str:
     """Drain by hand. The reason is the admin's own words: the policy never lifts it."""
     _check(node)
@@ -74,7 +74,7 @@ def drain(store: StateStore, slurm: SlurmClient, node: str, reason: str, actor: 
     return _act(store, node, "drain", reason, actor, lambda: slurm.drain(node, reason), source)
 
 
-def resume(store: StateStore, slurm: SlurmClient, node: str, actor: str,
+def resume(store: HealthStore, slurm: SlurmClient, node: str, actor: str,
            source: str | None = None) -> str:
     """Resume by hand, whoever drained it: the admin decides."""
     _check(node)
@@ -97,7 +97,7 @@ def _check(node: str) -> None:
 
 
 def _act(
-    store: StateStore, node: str, kind: str, reason: str, actor: str, call: Callable[[], None],
+    store: HealthStore, node: str, kind: str, reason: str, actor: str, call: Callable[[], None],
     source: str | None = None,
 ) -> str:
     """`source`: where the admin is (a gRPC peer); None: this host's command line."""
@@ -133,7 +133,7 @@ class TimelineEntry:
 
 
 def timeline(
-    store: StateStore, node: str | None, since_ms: int, limit: int = 1000
+    store: HealthStore, node: str | None, since_ms: int, limit: int = 1000
 ) -> list[TimelineEntry]:
     """Health events and actions, oldest first, at most `limit` of the newest."""
     out = [

@@ -19,6 +19,9 @@ Cost per request does not grow with the cluster: the first place() on a view ind
 order with prefix sums, the idle leaves), and the index is kept with the view between
 requests; `ClusterView.update_node()` updates one node's entries (its leaf only). A request
 with `exclude` or `constraints` gets a one-off index of its own (a pass over the nodes).
+
+One module (~570 lines): eligibility, scoring and the explanation of a choice must agree, so
+they are written together.
 """
 
 from __future__ import annotations

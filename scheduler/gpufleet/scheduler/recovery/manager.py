@@ -50,7 +50,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gpufleet.scheduler.slurm import (
     SIGNAL_SCOPES,
@@ -59,8 +59,14 @@ from gpufleet.scheduler.slurm import (
     SlurmJobClient,
     check_signal,
 )
-from gpufleet.scheduler.store import StateStore, StoreError, now_ms
-from gpufleet.scheduler.store.base import RecoveryRow
+from gpufleet.scheduler.store import (
+    AcctStore,
+    ActionRow,
+    RecoveryRow,
+    RecoveryStore,
+    StoreError,
+    now_ms,
+)
 
 if TYPE_CHECKING:
     from gpufleet.scheduler.observability.metrics import ControllerMetrics
@@ -161,12 +167,19 @@ def parse_marker(comment: str, cfg: RecoveryConfig) -> JobRequest | None:
     return JobRequest(grace, limit, True, "; ".join(problems))
 
 
+class RecoveryNeeds(RecoveryStore, AcctStore, Protocol):
+    """What recovery reads and writes: its own rows, lost time in the ledger, and the drain
+    actions that timed the fault."""
+
+    def actions(self, node: str | None = None, since_ms: int = 0) -> list[ActionRow]: ...
+
+
 class RecoveryManager:
     """Runs recoveries on its own worker pool; one recovery per job at a time."""
 
     def __init__(
         self,
-        store: StateStore,
+        store: RecoveryNeeds,
         slurm: SlurmJobClient | None,
         config: RecoveryConfig | None = None,
         shadow: bool = False,

@@ -19,6 +19,9 @@ and it ends as one of:
 Never: resumes a drain that is not gpufleet's; reboots or resets a node Slurm shows a job on;
 remediates more nodes of one partition at once than the cap; retries an RMA-class fault.
 Slurm, the agents, Alertmanager and the clock come in through the constructor.
+
+One module (~600 lines): the repair state machine (remediate, diagnose, resume, escalate,
+quarantine) and its safety caps are one set of transitions.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ checked against documents captured from real 22.05, 24.11 and 26.05 daemons
 (tests/scheduler/slurm_docs/). A document the reader does not expect (a field missing, of
 another type, or a data_parser other than the one this Slurm prints) is a SlurmError naming
 the command, the object and the field: never an empty cluster or a wrong answer.
+
+One module (~400 lines): the readers of every Slurm version's JSON sit side by side, so a
+field that moved between versions is seen in one place.
 """
 
 from __future__ import annotations

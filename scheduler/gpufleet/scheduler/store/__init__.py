@@ -12,19 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import (
-    HEALTH_ORDER,
+from .base import HEALTH_ORDER, now_ms
+from .migrations import MIGRATIONS, PG_MIGRATIONS
+from .protocols import AcctStore, HealthStore, NodeStore, RecoveryStore, StateStore
+from .rows import (
     ActionRow,
     CheckpointRow,
     EventRow,
     NodeRow,
     PolicyRow,
-    StateStore,
+    RecoveryRow,
     StoreError,
     VerdictRow,
-    now_ms,
 )
-from .migrations import MIGRATIONS, PG_MIGRATIONS
 from .sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -42,12 +42,17 @@ __all__ = [
     "HEALTH_ORDER",
     "MIGRATIONS",
     "PG_MIGRATIONS",
+    "AcctStore",
     "ActionRow",
     "CheckpointRow",
     "EventRow",
+    "HealthStore",
     "NodeRow",
+    "NodeStore",
     "PolicyRow",
     "PostgresStore",
+    "RecoveryRow",
+    "RecoveryStore",
     "SqliteStore",
     "StateStore",
     "StoreError",

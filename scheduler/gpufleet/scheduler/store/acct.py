@@ -40,6 +40,9 @@ GPU, and the per-job and per-group sums are GPU-milliseconds (`gpufleet acct` sh
 lost_gpu_s).
 
 Written once in portable SQL (`?` placeholders); used by SqlStore as a mixin.
+
+One module (~600 lines): the ledger's rules (above) and the SQL that keeps them, in one
+transaction per report, are one invariant; its types are accounting/ledger.py's.
 """
 
 from __future__ import annotations

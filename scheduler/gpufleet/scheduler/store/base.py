@@ -1,4 +1,4 @@
-"""Rows, the `StateStore` Protocol, and the SQL both backends share.
+"""The SQL both backends share (rows in rows.py, the Protocols in protocols.py).
 
 The domain logic (worst verdict wins, a new agent instance resets its verdicts, ...) is
 written once in portable SQL with `?` placeholders; a backend supplies the connection, the
@@ -9,199 +9,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from .acct import AcctStoreMixin, UsageDelta, UsageQuery, UsageRow, UsageTotal
+from .acct import AcctStoreMixin
+from .rows import (
+    ActionRow,
+    CheckpointRow,
+    EventRow,
+    NodeRow,
+    PolicyRow,
+    RecoveryRow,
+    StoreError,
+    VerdictRow,
+)
 
 HEALTH_ORDER = {"unknown": 0, "ok": 1, "warn": 2, "degraded": 3, "fatal": 4}
-
-
-class StoreError(Exception):
-    """The state store cannot be opened or used; the message names the file or server."""
-
-
-@dataclass(frozen=True)
-class NodeRow:
-    name: str
-    hostname: str
-    gpu_count: int
-    health: str
-    health_reason: str
-    health_evidence: str
-    first_seen_ms: int
-    last_seen_ms: int
-    reachable: bool = True
-    unreachable_since_ms: int | None = None
-
-
-@dataclass(frozen=True)
-class ActionRow:
-    id: int
-    node: str
-    action: str
-    reason: str
-    actor: str
-    status: str
-    detail: str
-    attempts: int
-    created_ms: int
-    done_ms: int | None
-    fault_ms: int | None
-
-
-@dataclass(frozen=True)
-class VerdictRow:
-    node: str
-    check_name: str
-    gpu_index: int | None
-    subject: str
-    severity: str
-    reason_code: str
-    evidence: str
-    since_ms: int
-
-
-@dataclass(frozen=True)
-class EventRow:
-    id: int
-    node: str
-    ts_ms: int  # when it happened, agent clock
-    received_ms: int  # when the controller stored it
-    kind: str
-    severity: str
-    reason_code: str
-    evidence: str
-    gpu_index: int | None
-    xid: int | None
-
-
-@dataclass(frozen=True)
-class PolicyRow:
-    """What the degraded policy changed on a node, so that recovery can undo exactly that."""
-
-    node: str
-    original_weight: int | None  # None: the weight was not changed
-    feature_added: str  # "": no feature was added
-    applied_ms: int
-
-
-@dataclass(frozen=True)
-class CheckpointRow:
-    """The newest complete checkpoint a job registered through its node's agent."""
-
-    job_id: str
-    node: str
-    step: int
-    path: str
-    time_ms: int
-    uid: int | None
-    received_ms: int
-
-
-@dataclass(frozen=True)
-class RecoveryRow:
-    """One job's recovery from one fatal node: the steps taken and when (None: not reached).
-
-    `id` 0 means not stored yet. fault_ms is the agent's clock, the rest the controller's.
-    """
-
-    id: int
-    job_id: str
-    node: str
-    status: str  # running | requeued | running_again | not_requested | do_not_requeue |
-    #              finished | limit | failed | shadow
-    detail: str
-    restart: int  # gpufleet's Nth restart of this job (0: not restarted by this recovery)
-    fault_ms: int | None
-    drain_ms: int | None
-    signal_ms: int | None
-    requeue_ms: int | None
-    running_ms: int | None
-    checkpoint_step: int | None
-    checkpoint_ms: int | None
-    lost_work_ms: int | None
-    created_ms: int
-
-
-class StateStore(Protocol):
-    def upsert_node(
-        self, name: str, hostname: str, gpu_count: int, inventory: bytes, agent_instance: str,
-        now_ms: int,
-    ) -> None: ...
-
-    def last_seq(self, name: str) -> tuple[str, int]: ...
-
-    def touch_node(self, name: str, agent_instance: str, seq: int, now_ms: int) -> None: ...
-
-    def touch_nodes(self, rows: Sequence[tuple[str, str, int, int]]) -> None: ...
-
-    def set_reachable(self, name: str, reachable: bool, now_ms: int) -> bool: ...
-
-    def set_verdict(self, v: VerdictRow) -> tuple[str, str]: ...
-
-    def add_event(
-        self, node: str, ts_ms: int, kind: str, severity: str, reason_code: str, evidence: str,
-        gpu_index: int | None, xid: int | None, now_ms: int,
-        report: tuple[str, int] | None = None,
-    ) -> int | None: ...
-
-    def events(
-        self, node: str | None = None, since_ms: int = 0, limit: int = 1000
-    ) -> list[EventRow]: ...
-
-    def nodes(self) -> list[NodeRow]: ...
-
-    def node(self, name: str) -> NodeRow | None: ...
-
-    def inventory(self, name: str) -> bytes | None: ...
-
-    def verdicts(self, node: str) -> list[VerdictRow]: ...
-
-    def add_action(
-        self, node: str, action: str, reason: str, actor: str, status: str, fault_ms: int | None,
-        now_ms: int,
-    ) -> int: ...
-
-    def update_action(self, action_id: int, status: str, detail: str, attempts: int,
-                      done_ms: int | None) -> None: ...
-
-    def actions(self, node: str | None = None, since_ms: int = 0) -> list[ActionRow]: ...
-
-    def policy_state(self, node: str) -> PolicyRow | None: ...
-
-    def set_policy_state(self, row: PolicyRow) -> None: ...
-
-    def clear_policy_state(self, node: str) -> None: ...
-
-    def record_checkpoint(self, row: CheckpointRow) -> bool: ...
-
-    def checkpoint(self, job_id: str) -> CheckpointRow | None: ...
-
-    def save_recovery(self, row: RecoveryRow) -> int: ...
-
-    def recoveries(self, job_id: str | None = None, since_ms: int = 0) -> list[RecoveryRow]: ...
-
-    # accounting ledger (store/acct.py)
-    def record_usage(self, rows: Iterable[UsageRow]) -> list[UsageDelta]: ...
-
-    def add_lost_time(self, job_id: str, node: str, lost_ms: int, run: int | None = None,
-                      now_ms: int = 0) -> int: ...
-
-    def rebuild_acct_rollups(self) -> None: ...
-
-    def usage_rows(self, job_id: str) -> list[UsageRow]: ...
-
-    def usage(self, q: UsageQuery) -> list[UsageTotal]: ...
-
-    def usage_by_minute(self, since_ms: int, until_ms: int, group_by: str = "account"
-                        ) -> list[UsageTotal]: ...
-
-    def schema_version(self) -> int: ...
-
-    def close(self) -> None: ...
 
 
 def now_ms() -> int:

@@ -17,8 +17,9 @@ import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from .acct import BulkWrite
-from .base import SqlStore, StoreError, check_schema_version
+from .base import SqlStore, check_schema_version
 from .migrations import PG_MIGRATIONS, statements
+from .rows import StoreError
 
 # pg_advisory_xact_lock key: any constant shared by every gpufleet controller ("gpufleet")
 MIGRATION_LOCK_KEY = 0x6770_666C_6565_74

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .base import SqlStore, StoreError, check_schema_version
+from .base import SqlStore, check_schema_version
 from .migrations import MIGRATIONS, statements
+from .rows import StoreError
 
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 SMALL_WAL_PAGES = 64  # 256 KiB of 4 KiB pages
