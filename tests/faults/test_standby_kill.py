@@ -307,9 +307,10 @@ class StandbyFleet(WorkloadFleet):
                 take.agents_hello_s = max(first.values()) - take.kill_wall_s
 
 
-# ingest's line for a hello, under the controller's log format (scheduler/cli.py)
+# ingest's line for a hello, in the controller's log format (cli/settings.py: the logger
+# is the module's name)
 _CONNECTED = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
-                        r"gpufleet\.scheduler\.ingest: node (?P<node>\S+) connected ")
+                        r"gpufleet\.scheduler\.service\.ingest: node (?P<node>\S+) connected ")
 
 
 def _ms(s: float | None) -> str:
