@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.security.munge_server import (
     DAEMON_UID,
     NOBODY_UID,
     MungeServer,
+    munge_as_user,
     needs_munge,
     started_munged,
 )
@@ -388,11 +388,8 @@ def test_any_user_gets_a_placement(ctl: tuple[Controller, FakeSlurm, Path],
 
 def test_grpc_placement_source(ctl: tuple[Controller, FakeSlurm, Path], munged: MungeServer,
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpufleet.scheduler.placement import (
-        GrpcPlacementSource,
-        PlacementRequest,
-        PlacementUnavailable,
-    )
+    from gpufleet.scheduler.placement import PlacementRequest, PlacementUnavailable
+    from gpufleet.scheduler.service.user_remote import GrpcPlacementSource
 
     c, _, _ = ctl
     monkeypatch.setenv("GPUFLEET_MUNGE_SOCKET", munged.socket)
@@ -458,15 +455,7 @@ def test_standby_is_not_serving_and_refuses_user_calls(pg: PgServer, munged: Mun
 # ---------------------------------------------------------------- TLS and the CLI
 
 def _as_user(tmp_path: Path, uid: int) -> dict[str, str]:
-    """PATH with a `munge` that makes credentials as `uid` (the CLI runs in this root
-    process; munged then vouches for that plain user exactly as on a login node)."""
-    bindir = tmp_path / f"bin-{uid}"
-    bindir.mkdir(exist_ok=True)
-    wrapper = bindir / "munge"
-    wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid={uid} --regid={uid} --clear-groups "
-                       f"/usr/bin/munge \"$@\"\n")
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    return munge_as_user(tmp_path / f"bin-{uid}", uid)
 
 
 def test_acct_cli_through_the_controller(ctl: tuple[Controller, FakeSlurm, Path],
