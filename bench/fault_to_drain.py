@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,21 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gpufleet.agent.nvml_sim import append_fault  # noqa: E402
+from gpufleet.scheduler.cli.simfleet import SimFleet  # noqa: E402
 from gpufleet.scheduler.health.policy import PolicyConfig  # noqa: E402
 from gpufleet.scheduler.service.server import Controller  # noqa: E402
 from gpufleet.scheduler.slurm import CliSlurmClient  # noqa: E402
 from gpufleet.scheduler.store import SqliteStore  # noqa: E402
 
 from tests.slurm.harness import SlurmLab, SlurmLabConfig  # noqa: E402
-
-
-def _wait(cond, timeout_s: float, step_s: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step_s)
-    return False
+from tests.support import wait_for  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -60,29 +52,18 @@ def percentile(values: list[float], q: float) -> float:
 def one_round(lab: SlurmLab, nodes: list[str], work: Path, rng: random.Random,
               ) -> list[tuple[str, float, int | None]]:
     lab.reset()
-    store = SqliteStore(work / "state.db")
-    ctl = Controller(store, CliSlurmClient(env=lab.env()), listen="127.0.0.1:0",
-                     policy=PolicyConfig())
-    ctl.start()
-    agents = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
-             "--node-name", node, "--controller", f"127.0.0.1:{ctl.port}",
-             "--state-dir", str(work / node), "--metrics-listen", ""],
-            stdin=subprocess.DEVNULL,
-        )
-        for node in nodes
-    ]
+    ctl = Controller(SqliteStore(work / "state.db"), CliSlurmClient(env=lab.env()),
+                     listen="127.0.0.1:0", policy=PolicyConfig())
     results: list[tuple[str, float, int | None]] = []
-    try:
-        if not _wait(lambda: {n.name for n in store.nodes()} == set(nodes), 60):
-            raise RuntimeError("agents did not all register within 60 s")
+    with SimFleet(ctl, nodes, work) as fleet:
+        store = fleet.store
+        wait_for(fleet.registered, 60, "every agent's hello")
         time.sleep(2.0)  # a few samples each: steady state, as in production
         reader = CliSlurmClient(env=lab.env(), timeout_s=5)
         for node in nodes:
             gpu = rng.randrange(8)
             t0 = time.monotonic()
-            append_fault(work / node / "sim-faults.json", {"kind": "xid", "gpu": gpu, "xid": 79})
+            append_fault(fleet.faults_path(node), {"kind": "xid", "gpu": gpu, "xid": 79})
             drained = False
             while time.monotonic() - t0 < 15:
                 if reader.node(node).drained:  # the version's own reader (slurm package)
@@ -100,13 +81,6 @@ def one_round(lab: SlurmLab, nodes: list[str], work: Path, rng: random.Random,
             print(f"  {node} GPU {gpu}: DRAIN seen by scontrol after {elapsed_ms:.0f} ms "
                   f"(controller's record, agent event -> scontrol update done: {internal} ms)",
                   flush=True)
-    finally:
-        for p in agents:
-            p.terminate()
-        for p in agents:
-            p.wait(timeout=10)
-        ctl.stop()
-        store.close()
     return results
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,21 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gpufleet.agent.nvml_sim import append_fault  # noqa: E402
+from gpufleet.scheduler.cli.simfleet import SimFleet  # noqa: E402
 from gpufleet.scheduler.health.policy import PolicyConfig  # noqa: E402
 from gpufleet.scheduler.repair import Journal, RepairConfig  # noqa: E402
 from gpufleet.scheduler.service.server import Controller  # noqa: E402
 from gpufleet.scheduler.store import SqliteStore  # noqa: E402
 
+from tests.support import wait_for  # noqa: E402
+
 STEPS = ("drain", "remediating", "diagnosing", "resumed")
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 @contextlib.contextmanager
@@ -71,7 +64,6 @@ def _slurm(real: bool) -> Iterator[tuple[Any, Callable[[str], str], dict[str, st
 
 def one_round(real: bool, level: int, work: Path) -> dict[str, float]:
     with _slurm(real) as (slurm, state, env):
-        store = SqliteStore(work / "state.db")
         journal = Journal(work / "repair.jsonl")
         kw: dict[str, Any] = {}
         if env is not None:
@@ -80,26 +72,20 @@ def one_round(real: bool, level: int, work: Path) -> dict[str, float]:
             kw = {"rebooter": CliRebooter(env=env), "partition_of": CliPartitions(env=env)}
         else:
             kw = {"rebooter": None, "partition_of": lambda _n: "gpu"}
-        ctl = Controller(store, slurm, listen="127.0.0.1:0", metrics_listen=None,
+        ctl = Controller(SqliteStore(work / "state.db"), slurm, listen="127.0.0.1:0",
+                         metrics_listen=None,
                          policy=PolicyConfig(tick_s=0.05, resume_quiet_s=60),
                          repair=RepairConfig(tick_s=0.05, diag_level=level),
                          repair_journal=str(journal.path), **kw)
-        ctl.start()
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
-             "--node-name", "n1", "--controller", f"127.0.0.1:{ctl.port}", "--state-dir",
-             str(work / "n1"), "--metrics-listen", "", "--interval-s", "0.1"],
-            stdin=subprocess.DEVNULL)
-        try:
-            if not _wait(lambda: bool(ctl.store.nodes()), 30):
-                raise SystemExit("the agent never connected")
+        with SimFleet(ctl, ["n1"], work, agent_args=lambda _: ("--interval-s", "0.1")) as fleet:
+            wait_for(fleet.registered, 30, "the agent's hello", step_s=0.005)
             t0 = time.time()
-            append_fault(work / "n1" / "sim-faults.json", {"kind": "xid", "gpu": 2, "xid": 95})
-            if not _wait(lambda: "DRAIN" in state("n1"), 30):
-                raise SystemExit(f"n1 never drained ({state('n1')})")
+            append_fault(fleet.faults_path("n1"), {"kind": "xid", "gpu": 2, "xid": 95})
+            wait_for(lambda: "DRAIN" in state("n1"), 30, lambda: f"n1 drained ({state('n1')})",
+                     step_s=0.005)
             t_drain = time.time()
-            if not _wait(lambda: "DRAIN" not in state("n1"), 120):
-                raise SystemExit(f"n1 never resumed ({state('n1')})")
+            wait_for(lambda: "DRAIN" not in state("n1"), 120,
+                     lambda: f"n1 resumed ({state('n1')})", step_s=0.005)
             t_back = time.time()
             at = {r["step"]: r["ts_ms"] / 1000 for r in journal.history("n1")
                   if r.get("type") == "step"}
@@ -107,12 +93,6 @@ def one_round(real: bool, level: int, work: Path) -> dict[str, float]:
                     "drain->reset sent": at["remediating"] - t_drain,
                     "reset->diag sent": at["diagnosing"] - at["remediating"],
                     "diag->resumed": at["resumed"] - at["diagnosing"]}
-        finally:
-            agent.terminate()
-            agent.wait(10)
-            ctl.stop()
-            store.close()
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

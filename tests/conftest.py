@@ -8,15 +8,15 @@ only by the conformance suite, tests/conformance/ (marker `conformance`).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.ci import IN_CI
+
 REPO = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 _FIGURES: list[str] = []

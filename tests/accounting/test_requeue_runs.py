@@ -8,8 +8,6 @@ slurmctld + slurmd + slurmdbd (22.05) and reconciles both runs with live sacct.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from gpufleet.agent.accounting import Accountant, GpuUsage, JobPhase, write_hook
 from gpufleet.agent.telemetry import GpuSample
 from gpufleet.scheduler.accounting.ledger import UsageQuery, UsageRow
 from gpufleet.scheduler.cli.acct_reconcile import reconcile
+from gpufleet.scheduler.cli.simfleet import SimFleet
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.sacct import parse_sacct_json
@@ -29,6 +28,7 @@ from gpufleet.scheduler.store.migrations import MIGRATIONS, PG_MIGRATIONS, state
 
 from tests.slurm.fixtures import slurm_acct_lab
 from tests.slurm.harness import SlurmLab
+from tests.support import wait_for
 
 from .conftest import Backend
 
@@ -243,35 +243,14 @@ def test_upgrade_from_v8_keeps_every_row_as_run_0(store_backend: Backend) -> Non
 
 # ------------------------------------------------------------------------------ real Slurm
 
-def _wait(cond: Callable[[], Any], timeout_s: float, step_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step_s)
-    return None
-
-
 @pytest.fixture
 def fleet(slurm_acct_lab: SlurmLab, tmp_path: Path) -> Iterator[Controller]:
     lab = slurm_acct_lab
-    store = SqliteStore(tmp_path / "state.db")
-    ctl = Controller(store, CliSlurmClient(env=lab.env()), listen="127.0.0.1:0")
-    ctl.start()
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
-         "--sim-profile", "l40s-pcie", "--node-name", "n1",
-         "--controller", f"127.0.0.1:{ctl.port}",
-         "--state-dir", str(lab.lab_dir / "agents" / "n1"), "--metrics-listen", ""],
-        stdin=subprocess.DEVNULL)
-    try:
+    ctl = Controller(SqliteStore(tmp_path / "state.db"), CliSlurmClient(env=lab.env()),
+                     listen="127.0.0.1:0")
+    with SimFleet(ctl, ["n1"], lab.lab_dir / "agents",
+                  agent_args=lambda _: ("--sim-profile", "l40s-pcie")):
         yield ctl
-    finally:
-        agent.terminate()
-        agent.wait(timeout=20)
-        ctl.stop()
-        store.close()
 
 
 @pytest.mark.slurm
@@ -279,7 +258,7 @@ def test_requeued_job_has_both_runs_in_the_ledger_and_reconciles(
         slurm_acct_lab: SlurmLab, fleet: Controller, tmp_path: Path,
         report_figure: Callable[[str], None]) -> None:
     lab, ctl = slurm_acct_lab, fleet
-    assert _wait(lambda: ctl.store.node("n1") is not None, 60), "agent absent"
+    wait_for(lambda: ctl.store.node("n1") is not None, 60, "the agent's hello")
     job = lab.sbatch("-w", "n1", "--gres=gpu:2", "-A", "physics", "--requeue", "--wrap",
                      "sleep 8")
     lab.wait_job_state(job, "RUNNING", timeout_s=60)
@@ -300,8 +279,8 @@ def test_requeued_job_has_both_runs_in_the_ledger_and_reconciles(
         runs = {r.run for r in rows}
         return rows if len(runs) == 2 and all(r.end_ms is not None for r in rows) else None
 
-    rows = _wait(ledger, 30)
-    assert rows, f"the ledger has not both runs ended: {ctl.store.usage_rows(str(job))}"
+    rows = wait_for(ledger, 30, lambda: f"both runs ended in the ledger: "
+                    f"{ctl.store.usage_rows(str(job))}", step_s=0.5)
     assert sorted((r.run, r.gpu_index) for r in rows) == [(0, g) for g in sorted(
         r.gpu_index for r in rows if r.run == 0)] + [(1, g) for g in sorted(
             r.gpu_index for r in rows if r.run == 1)]

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.accounting.ledger import UsageQuery, UsageRow
 from gpufleet.scheduler.cli.acct_reconcile import reconcile
+from gpufleet.scheduler.cli.simfleet import SimFleet
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.sacct import parse_sacct_json
@@ -32,6 +29,7 @@ from gpufleet.scheduler.store import SqliteStore
 
 from tests.slurm.fixtures import slurm_acct_lab
 from tests.slurm.harness import SlurmLab
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slurm
 __all__ = ["slurm_acct_lab"]  # the fixture, imported to be used here
@@ -41,21 +39,11 @@ NODES = ("n1", "n2")
 Samples = dict[str, list[tuple[int, dict[int, int]]]]
 
 
-def _wait(cond: Callable[[], Any], timeout_s: float, step_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step_s)
-    return None
-
-
 @pytest.fixture
 def fleet(slurm_acct_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controller, Samples]]:
     lab = slurm_acct_lab
-    store = SqliteStore(tmp_path / "state.db")
-    ctl = Controller(store, CliSlurmClient(env=lab.env()), listen="127.0.0.1:0")
+    ctl = Controller(SqliteStore(tmp_path / "state.db"), CliSlurmClient(env=lab.env()),
+                     listen="127.0.0.1:0")
     samples: Samples = {n: [] for n in NODES}
     handle = ctl.ingest.handle
 
@@ -67,30 +55,12 @@ def fleet(slurm_acct_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controller
         return handle(node, msg)
 
     ctl.ingest.handle = recording_handle  # type: ignore[method-assign]
-    ctl.start()
     # every sample to the controller (no heartbeats): the test reads their energy counters
     agent_cfg = tmp_path / "agent.toml"
     agent_cfg.write_text("heartbeat_interval_s = 0\n")
-    agents = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.agent", "run", "--config", str(agent_cfg),
-             "--gpu-backend", "simulated",
-             "--sim-profile", "l40s-pcie", "--node-name", node,
-             "--controller", f"127.0.0.1:{ctl.port}",
-             "--state-dir", str(lab.lab_dir / "agents" / node), "--metrics-listen", ""],
-            stdin=subprocess.DEVNULL,
-        )
-        for node in NODES
-    ]
-    try:
+    with SimFleet(ctl, NODES, lab.lab_dir / "agents", agent_args=lambda _: (
+            "--config", str(agent_cfg), "--sim-profile", "l40s-pcie")):
         yield ctl, samples
-    finally:
-        for p in agents:
-            p.terminate()
-        for p in agents:
-            p.wait(timeout=20)
-        ctl.stop()
-        store.close()
 
 
 def _gres_idx(lab: SlurmLab, job: int) -> list[int]:
@@ -128,7 +98,7 @@ def test_two_jobs_sharing_a_node_match_slurmdbd(
 ) -> None:
     lab = slurm_acct_lab
     ctl, samples = fleet
-    assert _wait(lambda: {n.name for n in ctl.store.nodes()} == set(NODES), 60), "agents absent"
+    wait_for(lambda: {n.name for n in ctl.store.nodes()} == set(NODES), 60, "every agent")
     script = 'echo "GPUS=$SLURM_JOB_GPUS CVD=$CUDA_VISIBLE_DEVICES"; sleep {s}'
     jobs = {
         lab.sbatch("-w", "n1", "--gres=gpu:1", "-A", "physics", "--wrap",
@@ -152,8 +122,8 @@ def test_two_jobs_sharing_a_node_match_slurmdbd(
         done = all(r and all(u.end_ms is not None for u in r) for r in rows.values())
         return rows if done else None
 
-    rows = _wait(ledger, 30)
-    assert rows, f"the ledger has no ended rows for {list(jobs)}: {ledger()}"
+    rows = wait_for(ledger, 30, lambda: f"ended ledger rows for {list(jobs)}: {ledger()}",
+                    step_s=0.2)
     (tmp_path / "sacct.json").write_text(sacct_raw)
 
     all_gpus: list[int] = []

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,25 +13,9 @@ from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.agent.fake_sysfs import make_hca, set_port
-from tests.conftest import IN_CI
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(cond, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
+from tests.support import wait_for
+from tests.support.net import free_port
+from tests.support.prometheus import promtool
 
 
 @pytest.fixture
@@ -45,7 +26,7 @@ def running(tmp_path: Path) -> Iterator[tuple[Controller, Path, int]]:
     store = SqliteStore(tmp_path / "state.db")
     ctl = Controller(store, None, listen="127.0.0.1:0")
     ctl.start()
-    metrics_port = _free_port()
+    metrics_port = free_port()
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         f'controller = "127.0.0.1:{ctl.port}"\n'
@@ -78,16 +59,12 @@ def _scrape(port: int) -> str:
 
 def test_agent_reports_ib_and_serves_clean_metrics(running) -> None:
     ctl, sysfs, port = running
-    assert _wait(lambda: "gpufleet_gpu_temperature_celsius{" in _scrape(port))
+    wait_for(lambda: "gpufleet_gpu_temperature_celsius{" in _scrape(port), what="a scrape",
+             step_s=0.1, ignore=(OSError,))
     text = _scrape(port)
     assert 'gpufleet_ib_port_state_up{hca="mlx5_1",port="1"} 1.0' in text
     assert 'gpufleet_gpu_info{gpu="7"' in text
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if IN_CI:
-            pytest.fail("promtool missing under CI=true (.ci/setup installs Debian's prometheus)")
-        pytest.skip("promtool not installed")
-    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
                            text=True, timeout=30, check=False)
     assert check.returncode == 0 and check.stdout + check.stderr == "", check.stdout + check.stderr
 
@@ -101,7 +78,7 @@ def test_agent_reports_ib_and_serves_clean_metrics(running) -> None:
 
     # the compute rail trains down to HDR: a degraded verdict reaches the controller
     set_port(sysfs, "mlx5_1", 1, rate="200 Gb/sec (4X HDR)")
-    assert _wait(lambda: ctl.store.node("gpu07").health == "degraded")
+    wait_for(lambda: ctl.store.node("gpu07").health == "degraded", step_s=0.1, ignore=(OSError,))
     (v,) = [v for v in ctl.store.verdicts("gpu07") if v.check_name == "ib_port"]
     assert (v.subject, v.reason_code) == ("mlx5_1/1", "ib_rate_low")
     assert "gpufleet_node_health_severity 3.0" in _scrape(port)

@@ -9,7 +9,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -30,16 +30,9 @@ from gpufleet.agent.runner import Agent
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 
+from tests.support import wait_for
+
 NOW_MS = 1_700_000_000_000
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
@@ -232,15 +225,15 @@ def test_checkpoint_travels_job_to_agent_to_controller(
     runner = threading.Thread(target=agent.run, daemon=True)
     runner.start()
     try:
-        assert _wait(sock.exists)
+        wait_for(sock.exists)
         monkeypatch.setenv("SLURM_JOB_ID", "31337")
         monkeypatch.setenv(job.ENV_AGENT_SOCKET, str(sock))
         t0 = time.monotonic()
         ckpt = job.save(tmp_path / "ck", 900, b"state")
         assert job.register(ckpt) is True  # the agent answers ok
-        assert _wait(lambda: len(servicer.checkpoints()) >= 2)
+        wait_for(lambda: len(servicer.checkpoints()) >= 2)
         elapsed_s = time.monotonic() - t0
-        assert _wait(lambda: len(agent.outbox) == 0)  # acked, so not resent
+        wait_for(lambda: len(agent.outbox) == 0)  # acked, so not resent
     finally:
         agent.stop.set()
         runner.join(timeout=10)

@@ -4,7 +4,6 @@ the HTTP endpoint, and `promtool check metrics` on what it serves."""
 from __future__ import annotations
 
 import ast
-import shutil
 import subprocess
 import threading
 import urllib.request
@@ -19,7 +18,7 @@ from gpufleet.agent.outbox import OutboxStats
 from gpufleet.agent.telemetry import DiskUsage, GpuInfo, GpuSample, HostSample, IbPortSample
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from tests.conftest import IN_CI
+from tests.support.prometheus import promtool
 
 GIB = 1 << 30
 
@@ -87,13 +86,7 @@ def _gpu(i: int, **extra: str) -> dict[str, str]:
 
 
 def _promtool(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        msg = "promtool is not on PATH (Debian: apt-get install prometheus)"
-        if IN_CI:
-            pytest.fail(msg + "; CI=true: it must be there")
-        pytest.skip(msg)
-    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+    done = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "" and done.stderr.strip() == ""

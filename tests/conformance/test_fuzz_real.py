@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.conformance.corpus import real_data
-from tests.security.test_fuzz_parsers import (
+from tests.support.fuzzing import (
     fuzz_ibnetdiscover,
     fuzz_kmsg_xid_lines,
     fuzz_topo_m,

@@ -9,7 +9,7 @@ from gpufleet.agent import nvml_sim
 from gpufleet.scheduler.topology.gputopo import from_inventory, parse_topo_m
 
 from tests.conformance.corpus import real_data
-from tests.topology.test_gputopo import _sim_inventory
+from tests.support.inventory import sim_inventory
 
 CAPTURES = "nvidia_smi_topo/utkuozdemir_nvidia_gpu_exporter_captures"
 
@@ -47,7 +47,7 @@ def test_simulated_profile_matches_real_nvidia_smi(capture: str, profile: str) -
     assert spec.nvlinks_per_gpu == real_links, (
         f"{profile}: simulator gives {spec.nvlinks_per_gpu} NVLinks per GPU, a real {model} "
         f"has {real_links}")
-    inv = _sim_inventory(profile)
+    inv = sim_inventory(profile)
     sim = from_inventory(inv)
     assert sim.numa_affinity["GPU0"] == real_numa
     # every GPU pair of the profile joined by all its links, as NV<n> in topo -m

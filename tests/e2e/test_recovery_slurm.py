@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.recovery import FAULT_NODE, run
 from tests.slurm.harness import SlurmLab
+from tests.support.recovery import FAULT_NODE, run
 
 pytestmark = pytest.mark.slurm
 

@@ -5,8 +5,6 @@ the lab's slurmd restarts cannot change the host's boot time, which slurmctld ch
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 from gpufleet.agent.nvml_sim import append_fault
 from gpufleet.scheduler.cli.repair import history_rows
+from gpufleet.scheduler.cli.simfleet import SimFleet
 from gpufleet.scheduler.health.policy import PolicyConfig
 from gpufleet.scheduler.repair import Journal, RepairConfig
 from gpufleet.scheduler.repair.engine import Step
@@ -23,6 +22,8 @@ from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError
+from tests.support import wait_for
+from tests.support.ci import unavailable
 
 pytestmark = pytest.mark.slurm
 
@@ -43,73 +44,44 @@ def repair_lab() -> Iterator[SlurmLab]:
     try:
         lab.start()
     except SlurmLabError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the repair Slurm lab could not start: {e}", pytrace=False)
-        pytest.skip(f"the repair Slurm lab could not start: {e}")
+        unavailable(f"the repair Slurm lab could not start: {e}")
     yield lab
     lab.stop()
 
 
-def _wait(cond, timeout_s: float, step_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step_s)
-    return False
-
-
 @pytest.fixture
-def fleet(repair_lab: SlurmLab, tmp_path: Path) -> Iterator[tuple[Controller, Path]]:
+def fleet(repair_lab: SlurmLab, tmp_path: Path) -> Iterator[SimFleet]:
     repair_lab.reset()
     env = repair_lab.env()
-    store = SqliteStore(tmp_path / "state.db")
-    ctl = Controller(store, CliSlurmClient(env=env), listen="127.0.0.1:0",
+    ctl = Controller(SqliteStore(tmp_path / "state.db"), CliSlurmClient(env=env),
+                     listen="127.0.0.1:0",
                      policy=PolicyConfig(tick_s=0.2, resume_quiet_s=2.0),
                      repair=RepairConfig(tick_s=0.2), repair_journal=str(tmp_path / "r.jsonl"),
                      rebooter=CliRebooter(env=env), partition_of=CliPartitions(env=env))
-    ctl.start()
-    agents = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.agent", "run", "--gpu-backend", "simulated",
-             "--node-name", node, "--controller", f"127.0.0.1:{ctl.port}",
-             "--state-dir", str(tmp_path / node), "--metrics-listen", "",
-             "--interval-s", "0.2"],
-            stdin=subprocess.DEVNULL,
-        )
-        for node in ("n1", "n3")
-    ]
-    try:
-        yield ctl, tmp_path
-    finally:
-        for p in agents:
-            p.terminate()
-        for p in agents:
-            p.wait(timeout=10)
-        ctl.stop()
-        store.close()
+    with SimFleet(ctl, ["n1", "n3"], tmp_path,
+                  agent_args=lambda _: ("--interval-s", "0.2")) as fleet:
+        yield fleet
 
 
-def test_xid95_reset_diag_resume_on_real_slurm(repair_lab: SlurmLab, fleet,
+def test_xid95_reset_diag_resume_on_real_slurm(repair_lab: SlurmLab, fleet: SimFleet,
                                                report_figure) -> None:
-    ctl, work = fleet
-    lab = repair_lab
-    assert _wait(lambda: {n.name for n in ctl.store.nodes()} == {"n1", "n3"}, 30)
+    ctl, work, lab = fleet.ctl, fleet.work, repair_lab
+    wait_for(fleet.registered, 30, "both agents")
     lab.run("scontrol", "update", "nodename=n1", "state=drain", "reason=admin: fan swap")
 
     t0 = time.monotonic()
-    append_fault(work / "n3" / "sim-faults.json", {"kind": "xid", "gpu": 2, "xid": 95})
-    assert _wait(lambda: "DRAIN" in lab.node_state("n3"), 15), lab.node_state("n3")
+    append_fault(fleet.faults_path("n3"), {"kind": "xid", "gpu": 2, "xid": 95})
+    wait_for(lambda: "DRAIN" in lab.node_state("n3"), 15, lambda: lab.node_state("n3"))
     drained_s = time.monotonic() - t0
     assert lab.node_reason("n3").startswith("gpufleet:xid95 GPU 2")
     # n1 also goes fatal now: its admin drain must stay as it is
-    append_fault(work / "n1" / "sim-faults.json", {"kind": "xid", "gpu": 0, "xid": 95})
-    assert _wait(lambda: "DRAIN" not in lab.node_state("n3"), 30), (
-        lab.node_state("n3"), lab.node_reason("n3"))
+    append_fault(fleet.faults_path("n1"), {"kind": "xid", "gpu": 0, "xid": 95})
+    wait_for(lambda: "DRAIN" not in lab.node_state("n3"), 30,
+             lambda: (lab.node_state("n3"), lab.node_reason("n3")))
     back_s = time.monotonic() - t0
     assert ctl.repair is not None and ctl.repair.cases["n3"].step == Step.RESUMED
-    assert _wait(lambda: ctl.repair is not None and "n1" in ctl.repair.cases
-                 and ctl.repair.cases["n1"].step == Step.LEFT, 15)
+    wait_for(lambda: ctl.repair is not None and "n1" in ctl.repair.cases
+             and ctl.repair.cases["n1"].step == Step.LEFT, 15, "n1's case to be left alone")
     assert "DRAIN" in lab.node_state("n1")
     assert lab.node_reason("n1") == "admin: fan swap"
     rows = history_rows("n3", Journal(work / "r.jsonl"), ctl.store)
@@ -132,6 +104,6 @@ def test_scontrol_reboot_request_as_gpufleet_sends_it(repair_lab: SlurmLab) -> N
     lab.reset()
     lab.run("scontrol", "update", "nodename=n2", "state=drain", "reason=gpufleet:xid79 GPU 3")
     CliRebooter(env=lab.env()).reboot("n2", "gpufleet:reboot xid79")
-    assert _wait(lambda: "REBOOT" in lab.node_state("n2"), 10), lab.node_state("n2")
+    wait_for(lambda: "REBOOT" in lab.node_state("n2"), 10, lambda: lab.node_state("n2"))
     assert lab.node_reason("n2") == "gpufleet:reboot xid79"
     assert "REBOOT" not in lab.node_state("n3")

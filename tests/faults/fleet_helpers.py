@@ -25,6 +25,7 @@ left (Xid 48 -> one more double-bit ECC error, Xid 79 -> GPU lost), not the even
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -33,10 +34,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.support import wait_for as support_wait_for
+from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FAKETIME_LIBS = (
@@ -73,21 +77,10 @@ def faketime_env(spec: str, base: Mapping[str, str] | None = None) -> dict[str, 
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
-
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str,
-             step_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError, sqlite3.Error):
-            if cond():
-                return
-        time.sleep(step_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+# While processes start, die and restart, a read of the SQLite file, a state file or a socket
+# can fail: that is "not yet", not a failure.
+wait_for = functools.partial(support_wait_for, ignore=(OSError, ValueError, sqlite3.Error))
 
 
 def _port_open(port: int) -> bool:

@@ -21,7 +21,8 @@ import pytest
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
-from tests.faults.spool_helpers import AgentProc, Applied, TcpProxy, now_ms, record_ingest, wait_for
+from tests.faults.spool_helpers import AgentProc, Applied, TcpProxy, now_ms, record_ingest
+from tests.support import wait_for
 
 # (gpu, xid) pairs that are neither 79 (GPU lost) nor 48 (ECC): each one is one event
 XIDS = [(g, x) for x in (13, 31, 43, 45) for g in range(8)]

@@ -19,8 +19,9 @@ from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
-from tests.conftest import IN_CI
-from tests.faults.spool_helpers import AgentProc, TcpProxy, record_ingest, wait_for
+from tests.faults.spool_helpers import AgentProc, TcpProxy, record_ingest
+from tests.support import wait_for
+from tests.support.ci import unavailable
 
 pytestmark = pytest.mark.slow  # a real full disk, filled in real time
 
@@ -34,9 +35,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs",
                            str(mnt)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        if IN_CI:
-            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {done.stderr.strip()}")
-        pytest.skip(f"mount -t tmpfs not permitted here ({done.stderr.strip()}): the "
+        unavailable(f"mount -t tmpfs not permitted here ({done.stderr.strip()}): the "
                     "disk-full test needs root")
     try:
         yield mnt

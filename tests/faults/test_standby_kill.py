@@ -22,9 +22,7 @@ be counted as takeover time).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import math
 import random
 import re
 import statistics
@@ -46,32 +44,31 @@ from gpufleet.agent.spool import SpoolDir
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import IN_CI
 from tests.faults.fleet_helpers import (
     AgentProc,
     ControllerProc,
     GpuUse,
     acct_json,
     faketime_lib,
-    finish_hooks,
-    run_hook,
     stopped_all,
     wait_for,
 )
-from tests.faults.test_kill import (
-    A_END_S,
+from tests.faults.workload import (
     GPUS,
-    PHASE_A,
-    PHASE_B,
     XIDS,
-    Job,
     Plan,
+    WorkloadFleet,
     assert_totals_exact,
+    begin,
     expected,
     make_plan,
+    run_actions,
+    start_agents,
+    workload_actions,
 )
 from tests.scheduler.pg_server import PgServer, started_pg_server
 from tests.security.helpers import hello
+from tests.support.ci import unavailable
 
 pytestmark = pytest.mark.slow  # two ~35 s runs: over the 60 s line
 
@@ -205,7 +202,7 @@ class RunResult:
     seconds: float
 
 
-class StandbyFleet:
+class StandbyFleet(WorkloadFleet):
     def __init__(self, base: Path, dsn: str) -> None:
         self.base = base
         self.dsn = dsn
@@ -215,32 +212,20 @@ class StandbyFleet:
             self.controllers[name] = ControllerProc(dsn, base / f"ctl-{name}",
                                                     extra_args=("--slurm", "none"))
         a, b = (c.address for c in self.controllers.values())
-        self.agents = {
+        super().__init__({
             # half list the standby first: failover has to go past a refusing controller
             n: AgentProc(n, base, f"{a},{b}" if i % 2 == 0 else f"{b},{a}", gpus=GPUS,
                          interval_s=LOAD_INTERVAL_S,
                          # every sample a report: the ~500 reports/s the kills happen
                          # under (tests/faults/test_kill.py runs the heartbeat wire)
                          heartbeat_interval_s=0)
-            for i, n in enumerate(WORK_NODES + LOAD_NODES)}
+            for i, n in enumerate(WORK_NODES + LOAD_NODES)})
         self.probe = Probe(f"{b},{a}")
         self.channels = {n: grpc.insecure_channel(c.address)
                          for n, c in self.controllers.items()}
         self.health = {n: health_pb2_grpc.HealthStub(ch) for n, ch in self.channels.items()}
-        self.t0 = 0.0
-        self.log: list[str] = []
         self.takeovers: list[Takeover] = []
-        self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-
-    def note(self, text: str) -> None:
-        with self._lock:
-            self.log.append(f"t={time.time() - self.t0:+7.3f}s {text}")
-
-    def at(self, rel_s: float) -> None:
-        delay = self.t0 + rel_s - time.time()
-        if delay > 0:
-            time.sleep(delay)
 
     def roles(self, timeout_s: float) -> tuple[str, str]:
         """(active, standby) once one says SERVING and the other NOT_SERVING."""
@@ -321,29 +306,15 @@ class StandbyFleet:
             if len(first) == len(self.agents):
                 take.agents_hello_s = max(first.values()) - take.kill_wall_s
 
-    def applied(self, job: Job) -> bool:
-        return job.job_id in self.agents[job.node].jobs()
 
-    def ended(self, job: Job) -> bool:
-        j = self.agents[job.node].jobs().get(job.job_id)
-        return j is None or j["end_ms"] is not None
-
-
-# ingest's line for a hello, under the controller's log format (scheduler/cli.py)
+# ingest's line for a hello, in the controller's log format (cli/settings.py: the logger
+# is the module's name)
 _CONNECTED = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
-                        r"gpufleet\.scheduler\.ingest: node (?P<node>\S+) connected ")
+                        r"gpufleet\.scheduler\.service\.ingest: node (?P<node>\S+) connected ")
 
 
 def _ms(s: float | None) -> str:
     return "never" if s is None else f"{s * 1000:.0f} ms"
-
-
-def _hooks(fleet: StandbyFleet, kind: str, jobs: tuple[Job, ...]) -> None:
-    procs = [run_hook("prolog" if kind == "start" else "epilog",
-                      fleet.agents[j.node].state_dir, j.job_id, j.gpus,
-                      int(fleet.t0) + (j.start_s if kind == "start" else j.end_s),
-                      user=f"u{j.account}", account=j.account) for j in jobs]
-    finish_hooks(procs)
 
 
 def _agent_seq(agent: AgentProc) -> tuple[str, int, list[int]]:
@@ -357,17 +328,10 @@ def _agent_seq(agent: AgentProc) -> tuple[str, int, list[int]]:
     return str(instance), int(seq), spooled
 
 
-def run_workload(base: Path, dsn: str, plan: Plan,  # noqa: PLR0912 - one run's timeline reads best in one place
+def run_workload(base: Path, dsn: str, plan: Plan,
                  kills: list[tuple[float, float]]) -> RunResult:
     fleet = StandbyFleet(base, dsn)
     t_begin = time.monotonic()
-    actions: list[tuple[float, str, Callable[[], None]]] = []
-
-    def add_energy(job: Job, add: dict[int, int]) -> Callable[[], None]:
-        def act() -> None:
-            wait_for(lambda: fleet.applied(job), 20, f"agent {job.node} to save job {job.job_id}")
-            fleet.agents[job.node].load.add_energy(add)
-        return act
 
     def inject(node: str, gpu: int, xid: int) -> Callable[[], None]:
         def act() -> None:
@@ -375,40 +339,12 @@ def run_workload(base: Path, dsn: str, plan: Plan,  # noqa: PLR0912 - one run's 
             fleet.note(f"Xid {xid} injected on {node} GPU {gpu}")
         return act
 
-    def end_phase_a() -> None:
-        # as in test_kill.py: SIGSTOP across the end second so busy time clips exactly
-        work = [fleet.agents[n] for n in WORK_NODES]
-        late_s = time.time() - (fleet.t0 + A_END_S - 0.1)
-        assert late_s < 0, f"schedule fell behind by {late_s:.3f} s before the phase A end"
-        for a in work:
-            a.pause()
-        try:
-            _hooks(fleet, "end", PHASE_A)
-            fleet.at(A_END_S + 0.05)
-        finally:
-            for a in work:
-                a.resume()
-        fleet.note("phase A ended (epilogs written while the agents were stopped)")
-        for job in PHASE_A:
-            wait_for(functools.partial(fleet.ended, job), 20,
-                     f"agent {job.node} to end {job.job_id}")
-        for a in work:
-            a.load.set_util(dict.fromkeys(range(GPUS), 0))
-        _hooks(fleet, "start", PHASE_B)
-        fleet.note("phase B prologs written")
-
-    for at, job, add in plan.energy:
-        actions.append((at, f"energy {job.job_id}", add_energy(job, add)))
+    # as in test_kill.py, but only the work nodes' agents are SIGSTOPped across the end second
+    actions = workload_actions(fleet, plan, WORK_NODES)
     for node, gpu, xid in XIDS:
         actions.append((plan.xid_at_s[node], f"xid {node}", inject(node, gpu, xid)))
     for at, down in kills:
         actions.append((at, "kill the active controller", fleet.kill_active(down)))
-    actions.append((A_END_S - 0.7, "end phase A", end_phase_a))
-    for end_s in sorted({j.end_s for j in PHASE_B}):
-        jobs = tuple(j for j in PHASE_B if j.end_s == end_s)
-        actions.append((end_s + 0.01, f"epilog {end_s}",
-                        functools.partial(_hooks, fleet, "end", jobs)))
-    actions.sort(key=lambda a: a[0])
 
     ctl_a, ctl_b = fleet.controllers["a"], fleet.controllers["b"]
     agents = list(fleet.agents.values())
@@ -417,27 +353,14 @@ def run_workload(base: Path, dsn: str, plan: Plan,  # noqa: PLR0912 - one run's 
         wait_for(lambda: health(fleet.health["a"]) == "SERVING", 30, "controller a active")
         ctl_b.start()
         assert fleet.roles(30) == ("a", "b")
-        for job in PHASE_A:
-            for g in job.gpus:
-                fleet.agents[job.node].load.util_pct[g] = job.util_pct
-        for a in agents:
-            a.load.write()
-            a.start()
+        start_agents(fleet)
         fleet.probe.start()
         wait_for(lambda: len(pg_rows(dsn, "SELECT name FROM nodes")) == len(agents) + 1, 30,
                  "all agents and the probe connected")
-        fleet.t0 = float(math.ceil(time.time()) + 3)
-        _hooks(fleet, "start", PHASE_A)
-        assert time.time() < fleet.t0 - 0.3, "phase A prologs took too long"
+        begin(fleet)
         seq_t0 = sum(int(r[0]) for r in pg_rows(dsn, "SELECT last_seq FROM nodes"))
         rate_t0 = time.monotonic()
-        for at, label, act in actions:
-            fleet.at(at)
-            try:
-                act()
-            except AssertionError as e:
-                raise AssertionError(f"{label} at +{at:.2f} s: {e}\n" + "\n".join(fleet.log)
-                                     ) from e
+        run_actions(fleet, actions)
         want = expected()
         try:
             wait_for(lambda: all(k in (got := pg_ledger(dsn)) and got[k].ended for k in want),
@@ -525,9 +448,7 @@ def runs(pg: PgServer, tmp_path_factory: pytest.TempPathFactory
     """The workload on two controllers once without kills and once killing the active one
     KILLS times."""
     if faketime_lib() is None:
-        if IN_CI:  # .ci/setup installs it: missing is a failure
-            pytest.fail("libfaketime (Debian faketime) missing", pytrace=False)
-        pytest.skip("libfaketime (Debian faketime) missing")
+        unavailable("libfaketime (Debian faketime) is missing")
     base = tmp_path_factory.mktemp("standby-kill")
     plan = make_plan(with_kills=False)  # energy steps and Xid times only; no agent kills
     dsns = [pg.create_database(), pg.create_database()]

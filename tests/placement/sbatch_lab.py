@@ -23,7 +23,7 @@ from tests.slurm.harness import SlurmLab
 GPUFLEET = str(Path(sys.executable).with_name("gpufleet"))
 LUA = Path(__file__).parents[2] / "scheduler/gpufleet/scheduler/data/cli_filter.lua"
 # NVLink islands of a bridged PCIe box: pairs (0,1) (2,3) (4,5) (6,7)
-_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
+PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
 
 
 def _inventory(node: str) -> bytes:
@@ -34,7 +34,7 @@ def _inventory(node: str) -> bytes:
                                  pcie_relation=fleet_pb2.PCIE_RELATION_PIX)
     for a in range(8):
         for b in range(a + 1, 8):
-            nv = 4 if (a, b) in _PAIRS else 0
+            nv = 4 if (a, b) in PAIRS else 0
             inv.gpu_links.add(gpu_a=a, gpu_b=b, nvlink_count=nv,
                               pcie_relation=fleet_pb2.PCIE_RELATION_SYS)
     return inv.SerializeToString()

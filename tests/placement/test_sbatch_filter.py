@@ -27,11 +27,9 @@ from gpufleet.scheduler.store import SqliteStore
 
 from tests.scheduler.fakes import FakeSlurm
 from tests.security.helpers import make_pki
-from tests.security.munge_server import NOBODY_UID, MungeServer, munge_installed, started_munged
+from tests.security.munge_server import NOBODY_UID, MungeServer, needs_munge, started_munged
 
 NODES = ["n1", "n2", "n3", "n4"]
-needs_munge = pytest.mark.skipif(not munge_installed() and os.environ.get("CI") != "true",
-                                 reason="munge is not installed")
 
 
 def _view() -> ClusterView:

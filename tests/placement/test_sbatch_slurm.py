@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from gpufleet.scheduler.placement import parse_gres_detail
 
-from tests.placement.sbatch_lab import _PAIRS, GPUFLEET, Placed
+from tests.placement.sbatch_lab import GPUFLEET, PAIRS, Placed
 from tests.slurm.harness import SlurmLab
 
 pytestmark = pytest.mark.slurm
@@ -88,7 +88,7 @@ def test_two_gpu_job_gets_two_gpus_sharing_nvlink(placed: Callable[..., Placed])
     assert job["nodes"] == "n2"
     got = parse_gres_detail(str(job["gres_detail"]))
     assert got == {2, 3}
-    assert any(set(pair) == got for pair in _PAIRS)
+    assert any(set(pair) == got for pair in PAIRS)
 
 
 def test_never_pinned_where_slurm_must_judge(placed: Callable[..., Placed]) -> None:

@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.support.net import free_port
 
 ANSIBLE_DIR = REPO / "ansible"
 pytestmark = [
@@ -39,11 +39,6 @@ pytestmark = [
     pytest.mark.slow,  # two playbook runs: minutes
 ]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _base_python() -> str:
@@ -79,7 +74,7 @@ def rollout(tmp_path_factory: pytest.TempPathFactory,
     prefix = tmp / "prefix"
     for host in ("head1", "gpu01"):
         _stage_venv(prefix / host / "opt" / "gpufleet" / "venv")
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     rules = tmp / "extra-alerts.yml"
     rules.write_text(
         "groups:\n  - name: site\n    rules:\n      - alert: GpufleetSiteTest\n"

@@ -18,7 +18,12 @@ import psycopg
 import pytest
 from gpufleet.scheduler.store import StateStore, open_store
 
+from tests.support.alertmanager import alertmanager, recorder
+
 from .pg_server import PgServer, started_pg_server
+
+# the Alertmanager fixtures (tests/support/alertmanager.py), for every test here
+__all__ = ["alertmanager", "recorder"]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+
+from tests.support.ci import unavailable
+from tests.support.net import free_port
 
 DEBIAN_PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
@@ -43,11 +45,6 @@ def find_pg_bin() -> Path:
         "apt-get install postgresql, or set GPUFLEET_PG_BIN"
     )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgServer:
@@ -141,9 +138,7 @@ class PgServer:
 def started_pg_server(prefix: str) -> Iterator[PgServer]:
     """A PostgreSQL for a test session: started, yielded, stopped by PID, removed. Under
     CI=true one that cannot start FAILS the tests; elsewhere they skip with the reason."""
-    import pytest
 
-    from tests.conftest import IN_CI
 
     # not under pytest's tmp_path: that is mode 0700 root, and the server runs as `postgres`
     base = Path(tempfile.mkdtemp(prefix=prefix))
@@ -152,9 +147,7 @@ def started_pg_server(prefix: str) -> Iterator[PgServer]:
         server.start()
     except PgServerError as e:
         shutil.rmtree(base, ignore_errors=True)
-        if IN_CI:
-            pytest.fail(f"CI=true and the test PostgreSQL could not start: {e}", pytrace=False)
-        pytest.skip(f"PostgreSQL could not start: {e}")
+        unavailable(f"the test PostgreSQL could not start: {e}")
     try:
         yield server
     finally:

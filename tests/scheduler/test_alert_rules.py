@@ -5,42 +5,17 @@ controller's registry."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
-from gpufleet.agent.metrics import AgentCollector
-from gpufleet.scheduler.observability.metrics import ControllerMetrics
-from prometheus_client import CollectorRegistry
 
-from tests.conftest import IN_CI, REPO
+from tests.support.prometheus import MONITORING, known_series_names, metric_names, promtool
 
-MONITORING = REPO / "scheduler" / "gpufleet" / "scheduler" / "monitoring"
 RULES = MONITORING / "gpufleet-alerts.yml"
 RULE_TESTS = MONITORING / "gpufleet-alerts.test.yml"
 DASHBOARD = MONITORING / "gpufleet-cluster-dashboard.json"
-
-# Series Prometheus makes itself for every scrape target.
-PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
-PROMQL_WORDS = {
-    "sum", "avg", "min", "max", "count", "topk", "bottomk", "rate", "irate", "increase",
-    "delta", "changes", "absent", "histogram_quantile", "vector", "by", "without", "or",
-    "and", "unless", "on", "ignoring", "group_left", "group_right", "bool", "offset",
-    "clamp_min", "clamp_max", "time", "abs", "label_replace", "max_over_time",
-    "min_over_time", "avg_over_time", "quantile", "inf", "nan",
-}
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if IN_CI:
-            pytest.fail("CI=true: promtool (Debian package prometheus) must be installed")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    return path
 
 
 def test_promtool_check_rules() -> None:
@@ -80,29 +55,6 @@ def test_broken_rule_tests_fail(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode != 0
     assert "GpufleetNodeFatal" in done.stdout + done.stderr
-
-
-def known_series_names() -> set[str]:
-    names = set(PROMETHEUS_SYNTHETIC)
-    families = list(AgentCollector().describe())
-    families += list(ControllerMetrics(CollectorRegistry()).registry.collect())
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum",
-                                                                  "_created"),
-                "gauge": ("",), "info": ("_info",), "summary": ("_count", "_sum")}
-    for f in families:
-        names.update(f.name + s for s in suffixes.get(f.type, ("",)))
-        names.update(s.name for s in f.samples)
-    return names
-
-
-def metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression (label matchers, groupings, ranges, strings out)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    expr = re.sub(r"\{[^}]*\}", "", expr)
-    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)
-    expr = re.sub(r"\[[^\]]*\]", "", expr)
-    tokens = re.findall(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)", expr)
-    return {t for t in tokens if t.lower() not in PROMQL_WORDS and not t.startswith("$")}
 
 
 def test_metric_name_extraction() -> None:

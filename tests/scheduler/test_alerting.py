@@ -4,15 +4,10 @@ on loopback, and (where Debian's prometheus-alertmanager is installed) a real Al
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,66 +20,7 @@ from gpufleet.scheduler.observability.alerting import (
     format_alertmanager_text,
 )
 
-from tests.conftest import IN_CI
-
-
-class Recorder:
-    """A loopback HTTP endpoint that records JSON bodies; answers `fail_first` times with 500."""
-
-    def __init__(self, fail_first: int = 0, status: int = 200) -> None:
-        self.bodies: list[tuple[str, Any]] = []
-        self.fail_first = fail_first
-        self.status = status
-        self.hits = 0
-        rec = self
-
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                rec.hits += 1
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                code = 500 if rec.hits <= rec.fail_first else rec.status
-                if code == 200:
-                    rec.bodies.append((self.path, json.loads(body)))
-                self.send_response(code)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def recorder() -> Iterator[Callable[..., Recorder]]:
-    made: list[Recorder] = []
-
-    def make(**kw: Any) -> Recorder:
-        made.append(Recorder(**kw))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
+from tests.support import wait_for
 
 
 def fatal(node: str = "n3") -> Alert:
@@ -98,7 +34,7 @@ def test_sender_posts_v2_alerts_and_slack_text(recorder) -> None:
     s.start()
     try:
         assert s.fire(fatal())
-        assert wait_for(lambda: am.bodies and hook.bodies)
+        wait_for(lambda: am.bodies and hook.bodies)
         path, body = am.bodies[0]
         assert path == "/api/v2/alerts"
         (alert,) = body
@@ -109,7 +45,7 @@ def test_sender_posts_v2_alerts_and_slack_text(recorder) -> None:
         path, body = hook.bodies[0]
         assert path == "/hook" and body["text"] == "[FIRING] n3: GPU node health is fatal"
         assert s.resolve("GpufleetNodeFatal", "n3")
-        assert wait_for(lambda: len(am.bodies) == 2)
+        wait_for(lambda: len(am.bodies) == 2)
         assert "endsAt" in am.bodies[1][1][0]
     finally:
         s.stop()
@@ -140,7 +76,7 @@ def test_sender_retries_5xx_then_delivers(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        assert wait_for(lambda: am.bodies)
+        wait_for(lambda: am.bodies)
         assert am.hits == 3 and s.sent == 1 and s.failed == 0
     finally:
         s.stop()
@@ -152,11 +88,11 @@ def test_sender_gives_up_after_bounded_retries_and_goes_on(recorder) -> None:
     s.start()
     try:
         s.fire(fatal("n1"))
-        assert wait_for(lambda: s.failed == 1)
+        wait_for(lambda: s.failed == 1)
         assert am.hits == 3  # one try + 2 retries, then it stops
         am.fail_first = 0
         s.fire(fatal("n2"))
-        assert wait_for(lambda: am.bodies)
+        wait_for(lambda: am.bodies)
         assert am.bodies[0][1][0]["labels"]["node"] == "n2"
     finally:
         s.stop()
@@ -168,7 +104,7 @@ def test_sender_does_not_retry_a_4xx(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        assert wait_for(lambda: s.failed == 1)
+        wait_for(lambda: s.failed == 1)
         assert am.hits == 1
     finally:
         s.stop()
@@ -187,7 +123,7 @@ def test_fire_never_blocks_when_alertmanager_hangs() -> None:
         results = [s.fire(fatal(f"n{i}")) for i in range(50)]
         assert time.monotonic() - t0 < 0.1
         assert results.count(False) >= 40 and s.dropped == results.count(False)
-        assert wait_for(lambda: s.failed >= 1, 5)
+        wait_for(lambda: s.failed >= 1, 5)
     finally:
         s.stop()
         sock.close()
@@ -199,7 +135,7 @@ def test_sender_resends_firing_alerts(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        assert wait_for(lambda: len(am.bodies) >= 3, 5)  # first send + resends
+        wait_for(lambda: len(am.bodies) >= 3, 5)  # first send + resends
         s.resolve("GpufleetNodeFatal", "n3")
         time.sleep(0.3)
         n = len(am.bodies)
@@ -279,56 +215,6 @@ def test_relay_forwards_text_and_reports_failures(recorder) -> None:
         relay.shutdown()
 
 
-# ----------------------------------------------------------------------------- real Alertmanager
-
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def alertmanager(tmp_path: Path, recorder) -> Iterator[tuple[str, Recorder]]:
-    """A real Alertmanager routing every alert to an AlertRelay that posts to a chat recorder."""
-    if ALERTMANAGER is None:
-        if IN_CI:
-            pytest.fail("CI=true: Debian's prometheus-alertmanager must be installed")
-        pytest.skip("prometheus-alertmanager not installed "
-                    "(apt-get install prometheus-alertmanager)")
-    chat = recorder()
-    relay = AlertRelay("127.0.0.1:0", chat.url + "/chat", backoff_s=0.05).start()
-    cfg = tmp_path / "alertmanager.yml"
-    cfg.write_text(
-        "route:\n  receiver: relay\n  group_by: [alertname]\n  group_wait: 0s\n"
-        "  group_interval: 1s\n  repeat_interval: 1h\n"
-        "receivers:\n  - name: relay\n    webhook_configs:\n"
-        f"      - url: http://127.0.0.1:{relay.port}/\n        send_resolved: true\n"
-    )
-    port = _free_port()
-    proc = subprocess.Popen(
-        [ALERTMANAGER, f"--config.file={cfg}", f"--storage.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-         "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "am.log").open("w"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(url + "/-/ready", timeout=1) as r:  # noqa: S310
-                    return r.status == 200
-            except OSError:
-                return False
-
-        assert wait_for(ready, 20), (tmp_path / "am.log").read_text()
-        yield url, chat
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        relay.shutdown()
 
 
 def test_controller_alert_through_real_alertmanager_reaches_chat(alertmanager) -> None:
@@ -337,7 +223,7 @@ def test_controller_alert_through_real_alertmanager_reaches_chat(alertmanager) -
     s.start()
     try:
         s.fire(fatal("n3"))
-        assert wait_for(lambda: bool(chat.bodies), 20), "Alertmanager never called the relay"
+        wait_for(lambda: bool(chat.bodies), 20, "Alertmanager to call the relay")
         text = chat.bodies[0][1]["text"]
         assert text.startswith("[FIRING:1] GpufleetNodeFatal")
         assert "n3: GPU node health is fatal (page)" in text
@@ -346,8 +232,7 @@ def test_controller_alert_through_real_alertmanager_reaches_chat(alertmanager) -
             listed = json.loads(r.read())
         assert [a["labels"]["node"] for a in listed] == ["n3"]
         s.resolve("GpufleetNodeFatal", "n3")
-        assert wait_for(lambda: any(b["text"].startswith("[RESOLVED")
-                                    for _, b in chat.bodies), 20)
+        wait_for(lambda: any(b["text"].startswith("[RESOLVED") for _, b in chat.bodies), 20)
     finally:
         s.stop()
 

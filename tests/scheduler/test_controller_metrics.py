@@ -22,7 +22,8 @@ from gpufleet.scheduler.store import SqliteStore
 from prometheus_client import CollectorRegistry
 
 from tests.scheduler.fakes import FakeSlurm
-from tests.scheduler.test_loop import make_agent, wait_for
+from tests.support import wait_for
+from tests.support.agents import make_agent
 
 
 @pytest.fixture
@@ -54,8 +55,8 @@ def test_ingest_counts_reports_agents_and_nodes_by_health(controller, tmp_path) 
     t.start()
     try:
         # the first sample, then heartbeats (no verdict changes)
-        assert wait_for(lambda: (value(ctl, "gpufleet_controller_reports_received_total",
-                                       {"kind": "heartbeat"}) or 0) >= 2)
+        wait_for(lambda: (value(ctl, "gpufleet_controller_reports_received_total",
+                                {"kind": "heartbeat"}) or 0) >= 2)
         assert (value(ctl, "gpufleet_controller_reports_received_total", {"kind": "sample"})
                 or 0) >= 1
         assert value(ctl, "gpufleet_controller_connected_agents") == 1
@@ -67,8 +68,8 @@ def test_ingest_counts_reports_agents_and_nodes_by_health(controller, tmp_path) 
                 == value(ctl, "gpufleet_controller_report_lag_seconds_count"))
 
         nvml_sim.inject({"kind": "xid", "gpu": 3, "xid": 79})
-        assert wait_for(lambda: value(ctl, "gpufleet_controller_nodes",
-                                      {"health": "fatal"}) == 1)
+        wait_for(lambda: value(ctl, "gpufleet_controller_nodes",
+                               {"health": "fatal"}) == 1)
         assert value(ctl, "gpufleet_controller_reports_received_total", {"kind": "event"}) >= 1
         assert value(ctl, "gpufleet_controller_xid_events_total", {"node": "n3"}) == 1
         assert value(ctl, "gpufleet_controller_nodes", {"health": "ok"}) == 0
@@ -80,7 +81,7 @@ def test_ingest_counts_reports_agents_and_nodes_by_health(controller, tmp_path) 
     finally:
         agent.stop.set()
         t.join(5)
-    assert wait_for(lambda: value(ctl, "gpufleet_controller_connected_agents") == 0)
+    wait_for(lambda: value(ctl, "gpufleet_controller_connected_agents") == 0)
 
 
 def test_a_replayed_report_counts_as_duplicate_not_as_report(controller, tmp_path) -> None:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from gpufleet.agent import nvml_sim
-from gpufleet.agent.config import AgentConfig
-from gpufleet.agent.nvml import NvmlBackend, load_library
-from gpufleet.agent.runner import Agent
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.health.actions import ActionQueue
 from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
@@ -19,15 +16,8 @@ from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
 
 from tests.scheduler.fakes import FakeSlurm
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
+from tests.support import wait_for
+from tests.support.agents import make_agent
 
 
 @pytest.fixture
@@ -39,13 +29,6 @@ def controller(tmp_path) -> Iterator[tuple[Controller, FakeSlurm]]:
     yield ctl, slurm
     ctl.stop()
     store.close()
-
-
-def make_agent(tmp_path, port: int, node: str = "n1", profile: str = "dgx-h100") -> Agent:
-    cfg = AgentConfig(node_name=node, controller=f"127.0.0.1:{port}", gpu_backend="simulated",
-                      sim_profile=profile, state_dir=str(tmp_path / node), interval_s=0.1,
-                      heartbeat_interval_s=0.2, metrics_listen="")
-    return Agent(cfg, NvmlBackend(load_library("simulated", profile, None, node), "sim"))
 
 
 def test_once_registers_the_node(controller, tmp_path) -> None:
@@ -62,10 +45,10 @@ def test_xid79_drains_once_with_gpufleet_reason(controller, tmp_path, report_fig
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
-        assert wait_for(lambda: bool(ctl.store.nodes()))
+        wait_for(lambda: bool(ctl.store.nodes()))
         t0 = time.monotonic()
         nvml_sim.inject({"kind": "xid", "gpu": 3, "xid": 79})
-        assert wait_for(lambda: slurm.state["n3"][0] == "IDLE+DRAIN")
+        wait_for(lambda: slurm.state["n3"][0] == "IDLE+DRAIN")
         elapsed_ms = (time.monotonic() - t0) * 1000
         _state, reason = slurm.state["n3"]
         assert reason.startswith("gpufleet:xid79 GPU 3 (0000:5d:00.0)")
@@ -102,10 +85,10 @@ def test_slurm_down_queues_and_retries(tmp_path) -> None:
     q.start()
     try:
         q.submit("n1", "drain", "gpufleet:xid79 x", 1)
-        assert wait_for(lambda: store.actions()[0].attempts >= 2, 5)
+        wait_for(lambda: store.actions()[0].attempts >= 2, 5)
         assert store.actions()[0].status == "queued"
         slurm.down = False
-        assert wait_for(lambda: store.actions()[0].status == "done", 5)
+        wait_for(lambda: store.actions()[0].status == "done", 5)
         assert slurm.state["n1"][0] == "IDLE+DRAIN"
     finally:
         q.stop()

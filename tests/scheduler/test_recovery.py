@@ -21,8 +21,9 @@ from gpufleet.scheduler.recovery.manager import (
 )
 from gpufleet.scheduler.store import CheckpointRow, RecoveryRow, SqliteStore, VerdictRow, now_ms
 
+from tests.support import wait_for
+
 from .fakes import FakeSlurm
-from .test_loop import wait_for
 
 NODES = ["n1", "n2", "n3", "n4"]
 GRACE_S = 0.3
@@ -50,7 +51,7 @@ class Fleet:
         before, after = self.store.set_verdict(
             VerdictRow(node, "xid", 0, "", "fatal", "xid79", "GPU 0 Xid 79", fault))
         self.policy.on_health_change(node, before, after, "xid79", "GPU 0 Xid 79", fault)
-        assert wait_for(self.recovery.idle, 10.0), "recovery did not finish"
+        wait_for(self.recovery.idle, 10.0, "the recovery to finish")
         assert self.actions.wait_idle(5.0)
         return fault
 

@@ -13,7 +13,7 @@ from gpufleet.scheduler.repair.metrics import RepairCollector
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.scheduler.fakes import FakeSlurm
-from tests.scheduler.test_alert_rules import MONITORING, known_series_names, metric_names, promtool
+from tests.support.prometheus import MONITORING, known_series_names, metric_names, promtool
 
 RULES = MONITORING / "gpufleet-repair-alerts.yml"
 RULE_TESTS = MONITORING / "gpufleet-repair-alerts.test.yml"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +22,7 @@ from gpufleet.scheduler.store import SqliteStore
 from prometheus_client import generate_latest
 
 from tests.scheduler.fakes import FakeSlurm
-from tests.scheduler.test_alerting import alertmanager, recorder  # noqa: F401 - fixtures
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.support import wait_for
 
 
 class Rebooter:
@@ -79,17 +70,17 @@ def test_xid95_reset_diag_pass_resumes(lab, tmp_path: Path, report_figure) -> No
     ctl, slurm, journal = lab
     agent, t = start_agent(tmp_path, ctl.port, "n1")
     try:
-        assert wait_for(lambda: bool(ctl.store.nodes()))
+        wait_for(lambda: bool(ctl.store.nodes()))
         t0 = time.monotonic()
         nvml_sim.inject({"kind": "xid", "gpu": 2, "xid": 95})
-        assert wait_for(lambda: slurm.state["n1"][0] == "IDLE+DRAIN")
-        assert wait_for(lambda: slurm.state["n1"] == ("IDLE", ""))
+        wait_for(lambda: slurm.state["n1"][0] == "IDLE+DRAIN")
+        wait_for(lambda: slurm.state["n1"] == ("IDLE", ""))
         elapsed = time.monotonic() - t0
         assert ctl.repair is not None and ctl.repair.cases["n1"].step == Step.RESUMED
         assert steps(journal, "n1") == ["fault", "remediating", "reset_done", "diagnosing",
                                         "diag_passed", "resumed"]
         # the reset cleared the sticky XID verdict: the controller sees the node healthy
-        assert wait_for(lambda: ctl.store.node("n1").health == "ok")  # type: ignore[union-attr]
+        wait_for(lambda: ctl.store.node("n1").health == "ok")  # type: ignore[union-attr]
         assert slurm.calls == [("drain", "n1"), ("resume", "n1")]
         text = generate_latest(ctl.metrics.registry).decode()
         assert 'gpufleet_controller_repairs_total{outcome="resumed"} 1.0' in text
@@ -106,12 +97,12 @@ def test_failed_diag_stays_drained_with_the_check_in_the_reason(lab, tmp_path: P
     ctl, slurm, journal = lab
     agent, t = start_agent(tmp_path, ctl.port, "n2")
     try:
-        assert wait_for(lambda: bool(ctl.store.nodes()))
+        wait_for(lambda: bool(ctl.store.nodes()))
         nvml_sim.inject({"kind": "xid", "gpu": 1, "xid": 119})
-        assert wait_for(lambda: slurm.state["n2"][0] == "IDLE+DRAIN")
+        wait_for(lambda: slurm.state["n2"][0] == "IDLE+DRAIN")
         # a row remap that fails now is not something a reset fixes: the diag says so
         nvml_sim.inject({"kind": "row_remap_failure", "gpu": 1})
-        assert wait_for(lambda: slurm.state["n2"][1] == "gpufleet:diag-failed row_remap")
+        wait_for(lambda: slurm.state["n2"][1] == "gpufleet:diag-failed row_remap")
         assert ctl.repair is not None and ctl.repair.cases["n2"].step == Step.ESCALATED
         time.sleep(1.0)  # past the policy's quiet period: still drained
         assert slurm.state["n2"][0] == "IDLE+DRAIN"
@@ -126,7 +117,7 @@ def test_failed_diag_stays_drained_with_the_check_in_the_reason(lab, tmp_path: P
 
 
 def test_rma_fault_stays_drained_and_reaches_real_alertmanager(
-        alertmanager, tmp_path: Path) -> None:  # noqa: F811 - the imported fixture
+        alertmanager, tmp_path: Path) -> None:
     import json
     import urllib.request
 
@@ -151,10 +142,10 @@ def test_rma_fault_stays_drained_and_reaches_real_alertmanager(
                     if a["labels"]["alertname"] == "GpufleetRepairEscalated"]
 
     try:
-        assert wait_for(lambda: bool(ctl.store.nodes()))
+        wait_for(lambda: bool(ctl.store.nodes()))
         nvml_sim.inject({"kind": "row_remap_failure", "gpu": 6})
-        assert wait_for(lambda: slurm.state["n1"][0] == "IDLE+DRAIN")
-        assert wait_for(lambda: bool(listed()), 20), "the escalation never reached Alertmanager"
+        wait_for(lambda: slurm.state["n1"][0] == "IDLE+DRAIN")
+        wait_for(lambda: bool(listed()), 20, "the escalation to reach Alertmanager")
         [alert] = listed()
         assert alert["labels"]["node"] == "n1" and alert["labels"]["severity"] == "page"
         assert "contact_support" in alert["annotations"]["summary"]

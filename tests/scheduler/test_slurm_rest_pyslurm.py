@@ -2,7 +2,7 @@
 against a stand-in shaped like pyslurm 25.11's documented API.
 
 slurmrestd: an HTTP server answering /openapi/v3 with the paths a version serves and GET
-nodes with that version's real document (slurm_docs/), recording what the client POSTs.
+nodes with that version's real document (tests/slurm/captured/), recording what the client POSTs.
 23.02+ (v0.0.39..) has POST /slurm/vX/node/{name}: drain, resume, weight and features go
 there, with the JWT headers; 22.05 (v0.0.38) has no node update, so they go to scontrol
 (the update client) and nothing is POSTed.
@@ -32,7 +32,9 @@ from gpufleet.scheduler.slurm import SlurmError, make_slurm_client
 from gpufleet.scheduler.slurm.pyslurm_client import PyslurmClient
 from gpufleet.scheduler.slurm.rest import RestSlurmClient
 
-DOCS = Path(__file__).resolve().parent / "slurm_docs"
+from tests.slurm.capture import CAPTURED
+
+DOCS = CAPTURED  # one copy of real Slurm output, per version
 TOKEN = "jwt-of-the-test"  # noqa: S105 - a stand-in server's token
 
 

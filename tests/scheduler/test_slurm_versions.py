@@ -1,8 +1,8 @@
 """Each Slurm version's reader over what that version really prints, and over what it does not.
 
-The documents in slurm_docs/<version>/ are real output of Slurm 22.05.8 (Debian bookworm),
+The documents in tests/slurm/captured/<version>/ are real output of Slurm 22.05.8 (Debian bookworm),
 24.11.5 (trixie root) and 26.05.5 (sid root), captured from a live lab by
-tests/slurm/capture.py (see slurm_docs/README.md): node n8 drained with a `gpufleet:` reason,
+tests/slurm/capture.py (see the README.md there): node n8 drained with a `gpufleet:` reason,
 job 1 COMPLETED, job 2 FAILED (`exit 3`), job 3 RUNNING on n[1-2] with gpu:2 each.
 
 The clients run here over those documents instead of the commands (`_run` answers from the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +25,9 @@ from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError, SlurmVersion, r
 from gpufleet.scheduler.slurm.rest import RestSlurmClient, api_version_from_openapi
 from gpufleet.scheduler.slurm.sacct import SacctParseError, parse_sacct_json
 
-DOCS = Path(__file__).resolve().parent / "slurm_docs"
+from tests.slurm.capture import CAPTURED
+
+DOCS = CAPTURED  # one copy of real Slurm output, per version
 VERSIONS = ("22.05", "24.11", "26.05")
 DATA_PARSER = {"22.05": None, "24.11": "v0.0.42", "26.05": "v0.0.45"}
 REASON = "gpufleet: Xid 79 (GPU fell off the bus) on GPU 0"

@@ -21,8 +21,10 @@ from gpufleet.scheduler.store import (
     open_store,
 )
 
+from tests.support.net import free_port
+
 from .conftest import Backend
-from .pg_server import PgServer, free_port
+from .pg_server import PgServer
 
 
 def _migrations(backend: Backend) -> list[str]:

@@ -4,7 +4,6 @@ munged not running), each as a clear error."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +18,11 @@ from tests.security.munge_server import (
     DAEMON_UID,
     NOBODY_UID,
     MungeServer,
-    munge_installed,
+    needs_munge,
     started_munged,
 )
 
-# under CI=true (which installs munge) a missing munge fails instead of skipping
-pytestmark = pytest.mark.skipif(not munge_installed() and os.environ.get("CI") != "true",
-                                reason="munge is not installed")
+pytestmark = needs_munge
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,10 @@ from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.service.leader import LEADER_LOCK_KEY
 
-from tests.scheduler.pg_server import PgServer, free_port
+from tests.scheduler.pg_server import PgServer
 from tests.security.helpers import hello, sample, stream
+from tests.support import wait_for
+from tests.support.net import free_port
 
 
 def _start_controller(dsn: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
@@ -33,15 +35,6 @@ def _start_controller(dsn: str, port: int, log_path: Path) -> subprocess.Popen[b
              "--metrics-listen", "", "-v"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _lock_holders(dsn: str) -> int:
@@ -63,7 +56,7 @@ def two_controllers(pg: PgServer, tmp_path: Path) -> Iterator[tuple[str, list[tu
             port = free_port()
             procs.append((_start_controller(dsn, port, tmp_path / f"ctl-{name}.log"), port))
             if name == "a":  # a first, so it is the active one
-                _wait(lambda p=port: _status(p) == grpc.StatusCode.OK, 20, "controller a")
+                wait_for(lambda p=port: _status(p) == grpc.StatusCode.OK, 20, "controller a")
         yield dsn, procs
     finally:
         for proc, _ in procs:
@@ -87,7 +80,7 @@ def test_standby_takes_over_when_active_is_killed(
         report_figure: Callable[[str], None]) -> None:
     dsn, [(active, port_a), (standby, port_b)] = two_controllers
     # the standby answers, but refuses to serve: agents move on to the active one
-    _wait(lambda: _status(port_b) == grpc.StatusCode.UNAVAILABLE, 20, "standby up")
+    wait_for(lambda: _status(port_b) == grpc.StatusCode.UNAVAILABLE, 20, "standby up")
     assert _lock_holders(dsn) == 1
 
     outbox = Outbox(uuid.uuid4().hex)
@@ -105,13 +98,13 @@ def test_standby_takes_over_when_active_is_killed(
     for t in threads:
         t.start()
     try:
-        _wait(lambda: outbox.acked_seq >= 5, 20, "acks from the active controller")
+        wait_for(lambda: outbox.acked_seq >= 5, 20, "acks from the active controller")
         assert client.target == f"127.0.0.1:{port_a}"  # went past the standby listed first
 
         os.kill(active.pid, signal.SIGKILL)
         t0 = time.monotonic()
         marker = outbox.put_sample(pb.NodeSample(timestamp_ms=int(time.time() * 1000)))
-        _wait(lambda: outbox.acked_seq >= marker, 30, "the standby to ack")
+        wait_for(lambda: outbox.acked_seq >= marker, 30, "the standby to ack")
         takeover_s = time.monotonic() - t0
         assert client.target == f"127.0.0.1:{port_b}"
         assert standby.poll() is None

@@ -11,7 +11,6 @@ the controller asked with that user's MUNGE credential.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,12 +36,11 @@ from tests.security.munge_server import (
     NOBODY_UID,
     MungeServer,
     munge_as_user,
-    munge_installed,
+    needs_munge,
     started_munged,
 )
 
-pytestmark = pytest.mark.skipif(not munge_installed() and os.environ.get("CI") != "true",
-                                reason="munge is not installed")
+pytestmark = needs_munge
 
 NODES = ["n1", "n2", "n3", "n4"]
 NOW_MS = int(time.time() * 1000)

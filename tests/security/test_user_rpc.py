@@ -41,13 +41,12 @@ from tests.security.munge_server import (
     NOBODY_UID,
     MungeServer,
     munge_as_user,
-    munge_installed,
+    needs_munge,
     started_munged,
 )
+from tests.support import wait_for
 
-# under CI=true (which installs munge) a missing munge fails instead of skipping
-pytestmark = pytest.mark.skipif(not munge_installed() and os.environ.get("CI") != "true",
-                                reason="munge is not installed")
+pytestmark = needs_munge
 
 BIN_UID = 2  # "bin", gid 2: the admin group in these tests is "bin"
 ADMIN_GROUP = "bin"
@@ -413,15 +412,6 @@ def _health(target: str, service: str = "") -> int:
             health_pb2.HealthCheckRequest(service=service), timeout=5).status)
 
 
-def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def test_standby_is_not_serving_and_refuses_user_calls(pg: PgServer, munged: MungeServer) -> None:
     from gpufleet.scheduler.store import PostgresStore
 
@@ -433,7 +423,7 @@ def test_standby_is_not_serving_and_refuses_user_calls(pg: PgServer, munged: Mun
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     try:
         ctls[0].start()
-        _wait(lambda: ctls[0].active, 10, "the first controller to become active")
+        wait_for(lambda: ctls[0].active, 10, "the first controller to become active")
         ctls[1].start(elect_wait_s=0.5)
         assert not ctls[1].active
         active, standby = (_target(x) for x in ctls)
@@ -450,8 +440,8 @@ def test_standby_is_not_serving_and_refuses_user_calls(pg: PgServer, munged: Mun
         assert code == grpc.StatusCode.OK
         # the active one goes away: the standby takes over and says so
         ctls[0].stop(grace_s=0.2)
-        _wait(lambda: ctls[1].active, 20, "the standby to take over")
-        _wait(lambda: _health(standby) == serving, 5, "health SERVING after takeover")
+        wait_for(lambda: ctls[1].active, 20, "the standby to take over")
+        wait_for(lambda: _health(standby) == serving, 5, "health SERVING after takeover")
         code, reply, _ = _call(ctls[1], munged, "WhoAmI", pb.WhoAmIRequest())
         assert code == grpc.StatusCode.OK and reply.admin
     finally:

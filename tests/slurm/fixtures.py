@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ci import IN_CI, unavailable
+
 from .harness import SlurmLab, SlurmLabConfig, SlurmLabError, write_gpufleet_hooks
 from .roots import HOST_VERSION, HOST_VIEW, RootMissing, find_root, requested_versions
 
@@ -46,10 +48,6 @@ TEST_NODE_PORT0 = TEST_CTLD_PORT + 10183
 # One lab per process even if this module's fixture is registered twice (e.g. re-exported by
 # tests/slurm/conftest.py and by tests/conftest.py): both registrations share it.
 _shared: dict[str, SlurmLab | BaseException] = {}
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 def _version_params() -> list[str]:
@@ -67,9 +65,7 @@ def slurm_version(request: pytest.FixtureRequest) -> str:
     try:
         find_root(version)
     except RootMissing as exc:
-        if _in_ci():
-            pytest.fail(f"CI=true and Slurm {version} is not available: {exc}", pytrace=False)
-        pytest.skip(f"Slurm {version} not available: {exc}")
+        unavailable(f"Slurm {version} is not available: {exc}")
     return version
 
 
@@ -118,7 +114,7 @@ def _get_lab(version: str) -> SlurmLab:
 
 
 def _need_root() -> None:
-    if os.geteuid() != 0 and not _in_ci():
+    if os.geteuid() != 0 and not IN_CI:
         pytest.skip("real Slurm lab needs root (slurmd/slurmctld/munged); run as root or CI=true")
 
 
@@ -130,10 +126,7 @@ def slurm_lab(slurm_version: str) -> Iterator[SlurmLab]:
     try:
         lab = _get_lab(slurm_version)
     except SlurmLabError as exc:
-        if _in_ci():
-            pytest.fail(f"CI=true and the Slurm {slurm_version} lab could not start: {exc}",
-                        pytrace=False)
-        pytest.skip(f"Slurm {slurm_version} lab could not start: {exc}")
+        unavailable(f"the Slurm {slurm_version} lab could not start: {exc}")
     yield lab
     lab.stop()  # idempotent: a second registration's teardown is a no-op
     remove_lab_dir(lab)
@@ -180,9 +173,7 @@ def slurm_acct_lab(slurm_version: str) -> Iterator[SlurmLab]:
     try:
         lab.start(timeout_s=180)
     except SlurmLabError as exc:
-        if _in_ci():
-            pytest.fail(f"CI=true and the accounting lab could not start: {exc}", pytrace=False)
-        pytest.skip(f"accounting lab could not start: {exc}")
+        unavailable(f"the accounting lab could not start: {exc}")
     try:
         yield lab
     finally:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from tests.support.ci import unavailable
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TOOLS = ("ibsim", "ibsim-run", "ibnetdiscover")
@@ -86,11 +86,8 @@ def require_tools() -> None:
     """Skip (locally) or fail (CI, where .ci/setup installs them) without ibsim."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        msg = (f"{', '.join(missing)} not installed (Debian: apt-get install ibsim-utils "
-               "infiniband-diags)")
-        if IN_CI:
-            pytest.fail(msg + "; CI=true: .ci/setup installs them")
-        pytest.skip(msg)
+        unavailable(f"{', '.join(missing)} not installed (Debian: apt-get install ibsim-utils "
+                    "infiniband-diags)")
 
 
 @contextmanager

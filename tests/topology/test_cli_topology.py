@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from gpufleet.scheduler.cli.topology import topology
 from gpufleet.scheduler.store import SqliteStore
 
+from tests.support.inventory import sim_inventory_pb
 from tests.topology.fabricgen import fat_tree, inventory_pb
-from tests.topology.test_gputopo import sim_inventory_pb
 
 HOSTS = [f"n{i}" for i in range(1, 9)]
 

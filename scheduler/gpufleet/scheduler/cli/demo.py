@@ -9,7 +9,6 @@ agents are started as the `gpufleet-agent` program.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+from gpufleet.scheduler.cli.simfleet import SimFleet, agent_argv
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmClient, SlurmError
 from gpufleet.scheduler.store import ActionRow, SqliteStore, StateStore
@@ -26,11 +26,6 @@ from gpufleet.scheduler.store import ActionRow, SqliteStore, StateStore
 # the agent simulator's profiles (gpufleet.agent.nvml_sim.PROFILES; the controller does not
 # import the agent: tests/test_cli_bad_input.py checks the two agree)
 DEMO_PROFILES = ("dgx-h100", "hgx-a100", "l40s-pcie", "a100-pcie-bridged")
-
-
-def _agent_argv() -> list[str]:
-    exe = shutil.which("gpufleet-agent", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "gpufleet.agent"]
 
 
 def _pick_slurm(mode: str, names: list[str]) -> tuple[SlurmClient | None, str]:
@@ -73,44 +68,27 @@ def run_demo(
         raise click.UsageError(f"--fault-node {fault_node!r} is not one of n1..n{node_count}")
     slurm, how = _pick_slurm(slurm_mode, names)
     work = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
-    store = SqliteStore(work / "state.db")
-    ctl = Controller(store, slurm, listen="127.0.0.1:0")
-    port = ctl.start()
-    click.echo(f"controller: 127.0.0.1:{port}, store {work / 'state.db'}")
-    click.echo(f"slurm: {how}")
-    agents = [
-        subprocess.Popen(
-            [*_agent_argv(), "run", "--gpu-backend", "simulated", "--sim-profile", profile,
-             "--node-name", name, "--controller", f"127.0.0.1:{port}",
-             "--state-dir", str(work / name), "--metrics-listen", ""],
-            stdin=subprocess.DEVNULL,
-        )
-        for name in names
-    ]
+    ctl = Controller(SqliteStore(work / "state.db"), slurm, listen="127.0.0.1:0")
     try:
-        if not _wait(lambda: len(store.nodes()) == node_count, 30):
-            click.echo(f"error: only {len(store.nodes())} of {node_count} agents registered",
-                       err=True)
-            return 1
-        time.sleep(1.2)  # let every agent send a sample
-        click.echo(f"\n{node_count} simulated nodes ({profile}) reporting:")
-        _print_nodes(store)
-        return _fault_and_drain(store, slurm, fault_node, work, keep_drained)
+        with SimFleet(ctl, names, work, agent_args=lambda _: ("--sim-profile", profile)) as fleet:
+            store = fleet.store
+            click.echo(f"controller: 127.0.0.1:{ctl.port}, store {work / 'state.db'}")
+            click.echo(f"slurm: {how}")
+            if not _wait(fleet.registered, 30):
+                click.echo(f"error: only {len(store.nodes())} of {node_count} agents registered",
+                           err=True)
+                return 1
+            time.sleep(1.2)  # let every agent send a sample
+            click.echo(f"\n{node_count} simulated nodes ({profile}) reporting:")
+            _print_nodes(store)
+            return _fault_and_drain(store, slurm, fault_node, fleet.faults_path(fault_node),
+                                    keep_drained)
     finally:
-        for p in agents:
-            p.terminate()
-        for p in agents:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        ctl.stop()
-        store.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _fault_and_drain(
-    store: StateStore, slurm: SlurmClient | None, node: str, work: Path, keep_drained: bool
+    store: StateStore, slurm: SlurmClient | None, node: str, faults_path: Path, keep_drained: bool
 ) -> int:
     say = click.echo
     if slurm is not None:
@@ -121,7 +99,7 @@ def _fault_and_drain(
     say(f"\ninjecting Xid 79 (GPU fallen off the bus) on {node} GPU 3 ...")
     t_fault = time.time()
     subprocess.run(
-        [*_agent_argv(), "sim", "inject", "--faults-path", str(work / node / "sim-faults.json"),
+        [*agent_argv(), "sim", "inject", "--faults-path", str(faults_path),
          "--gpu", "3", "xid", "--xid", "79"],
         check=True, capture_output=True,
     )
