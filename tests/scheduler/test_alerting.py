@@ -121,7 +121,8 @@ def test_sender_retries_5xx_then_delivers(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        assert wait_for(lambda: am.bodies)
+        # the endpoint records the body before its answer reaches the sender: wait for both
+        assert wait_for(lambda: am.bodies and s.sent == 1)
         assert am.hits == 3 and s.sent == 1 and s.failed == 0
     finally:
         s.stop()
