@@ -28,8 +28,6 @@ from tests.slurm.fixtures import remove_lab_dir
 from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError
 from tests.topology import fabricgen
 
-pytestmark = pytest.mark.slurm
-
 PODS, LEAVES, HOSTS = 4, 2, 1  # 8 leaves of one host: the harness's 8 nodes n1..n8
 
 
@@ -88,6 +86,7 @@ def block_lab(slurm_version: str) -> Iterator[tuple[SlurmLab, str]]:
         remove_lab_dir(lab)
 
 
+@pytest.mark.slurm
 def test_slurmctld_aggregates_are_the_fabrics_pods(block_lab: tuple[SlurmLab, str]) -> None:
     lab, _conf_text = block_lab
     log = lab.log_file("slurmctld").read_text(errors="replace")
@@ -103,6 +102,7 @@ def test_slurmctld_aggregates_are_the_fabrics_pods(block_lab: tuple[SlurmLab, st
         assert sum(pod <= four for pod in POD_HOSTS) == 2, sorted(four)
 
 
+@pytest.mark.slurm
 def test_two_node_job_lands_in_one_pod(block_lab: tuple[SlurmLab, str]) -> None:
     """Slurm's block scheduling uses the aggregates: a 2-node job gets one pod's two nodes
     (not n[1-2], which a topology-blind first fit gives)."""
