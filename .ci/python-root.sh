@@ -18,11 +18,15 @@
 # --without-pip and pip is bootstrapped from its wheel, downloaded from PyPI. Needs root.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-suite="${1:?usage: python-root.sh trixie|sid [PYTEST ARGS...]}"
-shift
+suite="${1:-}"
+case "$suite" in
+  trixie|sid|forky) shift ;;
+  *) echo "python-root: unknown suite '$suite' (usage: python-root.sh trixie|sid|forky [PYTEST ARGS...])" >&2
+     exit 2 ;;
+esac
 [ $# -gt 0 ] || set -- -m "not slurm and not slow" -q -p no:cacheprovider
-root="$(bash "$repo/.ci/slurm-root.sh" --path "$suite")" \
-  || { echo "python-root: build the $suite root first: bash .ci/slurm-root.sh $suite" >&2; exit 1; }
+# never builds a root; slurm-root.sh says how when there is none
+root="$(bash "$repo/.ci/slurm-root.sh" --path "$suite")" || exit 1
 py=python3
 pyver="$(chroot "$root" "$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
   || { echo "python-root: the $suite root at $root has no working $py" >&2; exit 1; }
