@@ -11,8 +11,8 @@
 #
 # Everything runs in a private mount namespace (unshare -m): the bind mounts below vanish
 # with it, and the labs that share the root (tests/slurm/roots.py) never see them. Mounted at
-# the same path inside as outside: this checkout, the venv, /tmp, and the real-world corpus
-# when it is there; /proc, /dev and /sys as usual. Nothing is started inside (no munged,
+# the same path inside as outside: this checkout, the venv cache, /tmp, and the real-world
+# corpus when it is there; /proc, /dev and /sys as usual; the host's promtool on PATH. Nothing is started inside (no munged,
 # PostgreSQL or Slurm daemon): tests that need one are marked `slurm` or `slow`, or skip.
 # Debian's root has no ensurepip (python3-venv is not installed), so the venv is made
 # --without-pip and pip is bootstrapped from its wheel, downloaded from PyPI. Needs root.
@@ -81,7 +81,7 @@ if [ ! -f "$venv/.gpufleet-venv" ]; then
   "$hostpy" -m pip download --disable-pip-version-check -q --no-deps -d "$wheels" pip >"$logf" 2>&1 \
     || { tail -5 "$logf" >&2; echo "python-root: could not download pip's wheel; read $logf" >&2; exit 1; }
   # pip inside trusts what the host trusts (the root has no ca-certificates; a site's proxy
-  # may have its own CA): the host's bundle, copied beside the venv
+  # may have its own CA): the host's bundle, copied into the cache for the build
   ca="${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
   pipcert=""
   if [ -f "$ca" ]; then cp "$ca" "$wheels/ca.crt"; pipcert="PIP_CERT='$wheels/ca.crt'"; fi
