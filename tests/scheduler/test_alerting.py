@@ -76,7 +76,8 @@ def test_sender_retries_5xx_then_delivers(recorder) -> None:
     s.start()
     try:
         s.fire(fatal())
-        wait_for(lambda: am.bodies)
+        # the endpoint records the body before its answer reaches the sender: wait for both
+        wait_for(lambda: am.bodies and s.sent == 1)
         assert am.hits == 3 and s.sent == 1 and s.failed == 0
     finally:
         s.stop()

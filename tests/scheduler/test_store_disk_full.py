@@ -55,7 +55,9 @@ def _tmpfs(path: Path, size: str, owner: str | None = None) -> Iterator[Path]:
 
 def _fill(path: Path) -> Path:
     filler = path / "filler"
-    with filler.open("wb") as f:
+    # unbuffered: every write reaches the file system inside the suppress below (Python 3.14
+    # buffers 128 KiB by default, and the last partial buffer would fail at close instead)
+    with filler.open("wb", buffering=0) as f:
         block = b"\0" * 65536
         with contextlib.suppress(OSError):  # ENOSPC: full
             while True:

@@ -1,9 +1,12 @@
-"""Writes ibnetdiscover text for a two-level fat tree, as the real tool prints it, and the
-agent inventories that go with it. Hosts get a vendor-default node description when
-`default_descriptions` is set, so only their GUIDs can name them."""
+"""Writes ibnetdiscover text, as the real tool prints it, for a two-level fat tree
+(`fat_tree`) or a three-level one of pods (`three_level`), and the agent inventories that go
+with it. Hosts get a vendor-default node description when `default_descriptions` is set, so
+only their GUIDs can name them."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet.rpc.v1 import fleet_pb2
@@ -17,6 +20,8 @@ class GenFabric:
     host_guid: dict[str, str] = field(default_factory=dict)  # host -> node GUID (0x...)
     host_leaf: dict[str, str] = field(default_factory=dict)  # host -> "S-<guid>"
     spines: list[str] = field(default_factory=list)
+    leaf_pod: dict[str, int] = field(default_factory=dict)  # "S-<guid>" -> pod (three_level)
+    host_pod: dict[str, int] = field(default_factory=dict)  # host -> pod (three_level)
 
 
 def _g(kind: int, n: int) -> str:
@@ -72,6 +77,83 @@ def fat_tree(hosts: list[str], per_leaf: int, spines: int, speed: str = "NDR",
                 f'[1]({hg}) \t"S-{leaf_ids[li]}"[{hi % per_leaf + 1}]\t\t# lid {3000 + hi} '
                 f'lmc 0 "MF0;leaf-{li}:MQM9790/U1" lid {2000 + li} 4x{speed}', ""]
     gen.text = "\n".join(out) + "\n"
+    return gen
+
+
+def three_level(  # noqa: PLR0912 - one loop per part of the fabric reads best in one place
+    pods: int, leaves: int, hosts: int, spines: int = 2, cores: int = 2,
+    host_name: Callable[[int, int, int], str] | None = None,
+) -> GenFabric:
+    """A three-level fat tree: `pods` pods of `leaves` leaves and `spines` spines each (every
+    leaf to every spine of its pod), `cores` cores (core c to spine c of every pod, so
+    cores <= spines), `hosts` hosts per leaf. Leaf GUIDs are numbered leaf-major (pod 0 leaf 0,
+    pod 1 leaf 0, ...), so sorting the leaves by GUID interleaves the pods.
+
+    `host_name(pod, leaf, h)` names the hosts; default n001.. pod by pod.
+    """
+    if cores > spines:
+        raise ValueError(f"cores ({cores}) > spines ({spines}): core c links spine c")
+    if host_name is None:
+        def host_name(p: int, i: int, h: int) -> str:
+            return f"n{(p * leaves + i) * hosts + h + 1:03d}"
+    ports: dict[str, list[tuple[str, int, str]]] = defaultdict(list)  # sw -> (peer, pport, d)
+    desc: dict[str, str] = {}
+    leaf = {(p, i): "S-" + _g(1, i * pods + p) for p in range(pods) for i in range(leaves)}
+    spine = {(p, j): "S-" + _g(2, p * spines + j) for p in range(pods) for j in range(spines)}
+    core = {c: "S-" + _g(4, c) for c in range(cores)}
+    for (p, i), s in leaf.items():
+        desc[s] = f"MF0;pod{p}-leaf{i}:MQM9790/U1"
+    for (p, j), s in spine.items():
+        desc[s] = f"MF0;pod{p}-spine{j}:MQM9790/U1"
+    for c, s in core.items():
+        desc[s] = f"MF0;core{c}:MQM9790/U1"
+    lids = {s: 1000 + n for n, s in enumerate([*leaf.values(), *spine.values(),
+                                               *core.values()])}
+
+    def link(a: str, b: str) -> None:
+        pa, pb = len(ports[a]) + 1, len(ports[b]) + 1
+        ports[a].append((b, pb, desc.get(b, "")))
+        ports[b].append((a, pa, desc.get(a, "")))
+
+    gen = GenFabric("")
+    placed: list[tuple[str, str, str, int]] = []  # name, guid, leaf, leaf port
+    for (p, i), lf in sorted(leaf.items()):
+        for h in range(hosts):
+            name = host_name(p, i, h)
+            g = _g(3, len(placed))
+            ports[lf].append(("H-" + g, 1, f"{name} mlx5_0"))
+            placed.append((name, g, lf, len(ports[lf])))
+            gen.host_guid[name] = "0x" + g
+            gen.host_leaf[name] = lf
+            gen.host_pod[name] = p
+    for (p, _i), lf in leaf.items():
+        for j in range(spines):
+            link(lf, spine[(p, j)])
+    for c, cs in core.items():
+        for p in range(pods):
+            link(spine[(p, c)], cs)
+    out = ["#", "# Topology file: three-level test fabric (tests/topology/fabricgen.py)", "#",
+           ""]
+    for s in [*core.values(), *spine.values(), *leaf.values()]:
+        g = s[2:]
+        out += ["vendid=0x2c9", "devid=0xd2f2", f"switchguid=0x{g}({g})",
+                f'Switch\t{len(ports[s])}\t"{s}"\t\t# "{desc[s]}" enhanced port 0 lid '
+                f"{lids[s]} lmc 0"]
+        for n, (peer, pport, pdesc) in enumerate(ports[s], 1):
+            if peer.startswith("H-"):
+                out.append(f'[{n}]\t"{peer}"[1]({peer[2:]}) \t\t# "{pdesc}" lid '
+                           f"{3000 + n} 4xNDR")
+            else:
+                out.append(f'[{n}]\t"{peer}"[{pport}]\t\t# "{pdesc}" lid {lids[peer]} 4xNDR')
+        out.append("")
+    for hi, (name, g, lf, lport) in enumerate(placed):
+        out += ["vendid=0x2c9", "devid=0x1021", f"sysimgguid=0x{g}", f"caguid=0x{g}",
+                f'Ca\t1 "H-{g}"\t\t# "{name} mlx5_0"',
+                f'[1]({g}) \t"{lf}"[{lport}]\t\t# lid {3000 + hi} lmc 0 "{desc[lf]}" lid '
+                f"{lids[lf]} 4xNDR", ""]
+    gen.text = "\n".join(out) + "\n"
+    gen.spines = [*spine.values(), *core.values()]
+    gen.leaf_pod = {s: p for (p, _), s in leaf.items()}
     return gen
 
 

@@ -89,10 +89,17 @@ def diagnose(  # noqa: PLR0911 - one return per cause, in the order they can hap
             # TLS 1.3: the controller checks OUR certificate after the handshake; its verdict
             # (an alert, or its HTTP/2 settings) comes with the first bytes it sends
             s.settimeout(min(timeout_s, 2.0))
-            s.sendall(H2_PREFACE)
+            # a controller that refused us may have closed already (seen with Debian trixie's
+            # Python 3.13 and OpenSSL 3.5: EPIPE here); its alert, if still readable, says why
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(H2_PREFACE)
             first = b"-"  # nothing within the timeout: a controller that waits is fine
-            with contextlib.suppress(TimeoutError):
+            try:
                 first = s.recv(9)
+            except TimeoutError:
+                pass
+            except (ssl.SSLEOFError, BrokenPipeError, ConnectionResetError):
+                first = b""  # closed (or reset) right after the handshake, no alert read
             if not first:  # closed right after the handshake, without an alert
                 return Diagnosis(False, "refused-by-peer",
                                  f"{host}:{port} closed the connection right after the handshake: "
