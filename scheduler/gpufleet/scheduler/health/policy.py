@@ -142,14 +142,17 @@ class HealthPolicy:
     # ------------------------------------------------------------ periodic (own thread)
 
     def tick(self, now: int | None = None) -> None:
-        """Liveness and recovery; cheap enough to run every second on 10,000 nodes."""
+        """Liveness and recovery; cheap enough to run every second on 10,000 nodes: the store
+        returns only the nodes whose reachability is due to change (a full read of every
+        node, each second, was ~10 % of a core and held the store 0.4 s at 10,000 nodes),
+        and only the nodes policy may have something to undo are read one by one."""
         now = now_ms() if now is None else now
         cfg = self.config
         silent_ms = int(cfg.unreachable_after_s * 1000)
         quiet_ms = int(cfg.resume_quiet_s * 1000)
         with self._lock:
-            candidates = set(self._to_undo)
-        for n in self.store.nodes():
+            candidates = sorted(self._to_undo)
+        for n in self.store.liveness_changes(now - silent_ms):
             silent = now - n.last_seen_ms > silent_ms
             if silent and n.reachable:
                 if self.store.set_reachable(n.name, False, now):
@@ -168,13 +171,15 @@ class HealthPolicy:
                 log.warning("node %s reachable again", n.name)
                 with self._lock:
                     self._healthy_since_ms[n.name] = now
-            if n.name not in candidates or silent or n.health not in HEALTHY:
+        for name in candidates:
+            row = self.store.node(name)
+            if row is None or now - row.last_seen_ms > silent_ms or row.health not in HEALTHY:
                 continue
             with self._lock:
-                since = self._healthy_since_ms.setdefault(n.name, self._started_ms)
+                since = self._healthy_since_ms.setdefault(name, self._started_ms)
             if now - since < quiet_ms:
                 continue
-            self._undo(n.name)
+            self._undo(name)
 
     def _undo(self, node: str) -> None:
         """Quiet period over: restore what policy changed, then resume a policy drain."""
