@@ -78,6 +78,8 @@ class HealthPolicy:
         # node counts as healthy since the start: it waits one full quiet period, never less.
         self._healthy_since_ms: dict[str, int] = {}
         self._started_ms = started
+        # when this policy started acting (start()): silence before it is not counted
+        self._acting_since_ms = 0
         # nodes where gpufleet may have something to undo (drained or degraded by policy)
         self._to_undo: set[str] = set()
         for a in store.actions():
@@ -152,8 +154,16 @@ class HealthPolicy:
         quiet_ms = int(cfg.resume_quiet_s * 1000)
         with self._lock:
             candidates = sorted(self._to_undo)
+        # A controller that has just started (a restart, a standby taking over) cannot tell
+        # a dead node from one whose agent has not reconnected yet: after a restart every
+        # stored last-seen time is old, and thousands of agents reconnect at once. Silence
+        # is counted from when this policy started acting, so every node gets one full
+        # unreachable_after_s to come back before it is called unreachable.
+        settling = now - self._acting_since_ms <= silent_ms
         for n in self.store.liveness_changes(now - silent_ms):
             silent = now - n.last_seen_ms > silent_ms
+            if silent and n.reachable and settling:
+                continue
             if silent and n.reachable:
                 if self.store.set_reachable(n.name, False, now):
                     log.warning("node %s unreachable: no report for %.0f s", n.name,
@@ -236,6 +246,7 @@ class HealthPolicy:
         return queued
 
     def start(self) -> None:
+        self._acting_since_ms = now_ms()
         self._thread = threading.Thread(target=self._run, name="health-policy", daemon=True)
         self._thread.start()
         self._reassert_thread = threading.Thread(target=self._run_reassert,
