@@ -328,8 +328,9 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
             # at steady state each goes on from its own last heartbeat: starting them over at
             # a spread offset left gaps of up to two periods (a heartbeat just before the
             # phase, the next up to a period into it), and ~15 % of the nodes rightly went
-            # unreachable with unreachable_after_s 8 (the "false" unreachables of earlier runs)
-            next_t = (last_write + period if mode == "steady"
+            # unreachable with unreachable_after_s 8 (the "false" unreachables of earlier runs);
+            # one overdue (its ack came late while the others connected) sends now, once
+            next_t = (max(last_write + period, time.time()) if mode == "steady"
                       else t_start + ((i * 7919) % args.agents / args.agents) * period)
             node = _node_name(i)
             fault_t = (t_start + (0.3 + 0.4 * sorted(faults).index(i) / max(1, len(faults)))
