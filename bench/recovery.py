@@ -34,6 +34,7 @@ from gpufleet.scheduler.health.policy import PolicyConfig  # noqa: E402
 from gpufleet.scheduler.recovery.manager import RecoveryConfig  # noqa: E402
 from gpufleet.scheduler.service.server import Controller  # noqa: E402
 from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError  # noqa: E402
+from gpufleet.scheduler.slurm.rest import RestSlurmClient  # noqa: E402
 from gpufleet.scheduler.store import RecoveryRow, SqliteStore  # noqa: E402
 
 from tests.slurm.harness import SlurmLab, SlurmLabConfig  # noqa: E402
@@ -114,13 +115,22 @@ def _cancel(lab: SlurmLab, job_id: str) -> None:
         CliSlurmClient(env=lab.env()).cancel(job_id)
 
 
+def _client(lab: SlurmLab, slurm: str) -> CliSlurmClient | RestSlurmClient:
+    if slurm == "rest":  # the lab's slurmrestd must be up (lab.start_restd())
+        return RestSlurmClient(socket_path=lab.rest_socket, token=lab.jwt_token(),
+                               env=lab.env())
+    return CliSlurmClient(env=lab.env())
+
+
 def run(lab: SlurmLab, work: Path, ckpt_every_s: float = 1.0, grace_s: float = 3.0,
-        run_before_fault_s: float = 3.0) -> Result:
-    """One recovery on `lab` (running, clean); agents and controller live in `work`."""
+        run_before_fault_s: float = 3.0, slurm: str = "cli") -> Result:
+    """One recovery on `lab` (running, clean); agents and controller live in `work`.
+    `slurm`: the controller's client, cli or rest (jobs read from the lab's slurmrestd,
+    which the caller starts)."""
     work.mkdir(parents=True, exist_ok=True)
     ckpt_dir, sock = work / "ckpt", work / "n2-job.sock"
     store = SqliteStore(work / "state.db")
-    ctl = Controller(store, CliSlurmClient(env=lab.env()), listen="127.0.0.1:0",
+    ctl = Controller(store, _client(lab, slurm), listen="127.0.0.1:0",
                      policy=PolicyConfig(), recovery=RecoveryConfig(poll_s=0.1))
     ctl.start()
     agents: list[subprocess.Popen[bytes]] = []

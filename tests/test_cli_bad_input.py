@@ -169,6 +169,10 @@ def test_the_walk_covers_both_trees() -> None:
     (["controller", "--metrics-listen", "x:y:z"], "expected HOST:PORT"),
     (["controller", "--resume-quiet-s", "nan"], "not a finite number"),
     (["controller", "--unreachable-after-s", "inf"], "inf"),
+    (["controller", "--insecure", "--db", ":memory:", "--alertmanager-url", "am:9093"],
+     "'am:9093': want http(s)://HOST:PORT"),
+    (["controller", "--insecure", "--db", ":memory:", "--alert-webhook-url", "ftp://x/"],
+     "--alert-webhook-url"),
     (["events", "--since", "99999999999999999999d"], "goes back past 1970"),
     (["certs", "init", "--days", "99999999"], "99999999"),
 ])

@@ -294,6 +294,7 @@ def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_pa
     from gpufleet.agent.outbox import Outbox
     from gpufleet.scheduler.accounting.ledger import UsageQuery
     from gpufleet.scheduler.health.actions import ActionQueue
+    from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
     from gpufleet.scheduler.service.ingest import Ingestor
 
     _fake_proc(tmp_path / "proc", 900, PROC_V1.format(uid=0, job=77))
@@ -317,7 +318,7 @@ def test_proc_attribution_reaches_the_ledger_once(store_backend: Backend, tmp_pa
         step()
     store = store_backend.open()
     store.upsert_node("n1", "h1", 8, b"", "inst-1", T0)
-    ing = Ingestor(store, ActionQueue(store, None))
+    ing = Ingestor(store, HealthPolicy(store, ActionQueue(store, None), PolicyConfig()))
     for m in list(box._pending):
         ing.handle("n1", m)
     (job,) = store.usage(UsageQuery(group_by="job"))

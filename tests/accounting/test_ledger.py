@@ -13,6 +13,7 @@ from gpufleet.agent.telemetry import GpuSample
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.accounting.ledger import UsageQuery
 from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
 from gpufleet.scheduler.observability.metrics import ControllerMetrics
 from gpufleet.scheduler.service.ingest import Ingestor
 
@@ -56,7 +57,8 @@ JOBS = [("101", [0, 1], "phys", 0, 150), ("102", [2, 3, 4], "chem", 10, 200),
 def _ingestor(store: object, metrics: ControllerMetrics | None = None) -> Ingestor:
     if store.node("n1") is None:  # type: ignore[attr-defined]
         store.upsert_node("n1", "h1", 8, b"", "inst-1", T0)  # type: ignore[attr-defined]
-    return Ingestor(store, ActionQueue(store, None), metrics=metrics)  # type: ignore[arg-type]
+    policy = HealthPolicy(store, ActionQueue(store, None), PolicyConfig())  # type: ignore[arg-type]
+    return Ingestor(store, policy, metrics=metrics)  # type: ignore[arg-type]
 
 
 def test_ledger_totals_are_exact_and_replays_count_once(store_backend: Backend,

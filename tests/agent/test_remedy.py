@@ -90,5 +90,6 @@ def test_repeated_request_runs_once(backend: NvmlBackend, tmp_path: Path) -> Non
     r = _runner(backend, tmp_path, [])
     r.submit(_cmd(pb.Command.KIND_RUN_DIAG))
     r.submit(_cmd(pb.Command.KIND_RUN_DIAG))
-    r.submit(pb.Command(kind=pb.Command.KIND_RESEND_INVENTORY, request_id="x"))
+    # a kind this agent does not run (an older or newer controller's): ignored, not queued
+    r.submit(pb.Command(kind=pb.Command.Kind.ValueType(1), request_id="x"))
     assert r._q.qsize() == 1

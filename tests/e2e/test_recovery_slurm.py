@@ -16,13 +16,21 @@ pytestmark = pytest.mark.slurm
 RUNNING_AGAIN_TARGET_S = 10.0
 
 
+@pytest.mark.parametrize("slurm", ["cli", "rest"])
 def test_xid79_under_a_job_requeues_it_and_it_resumes_from_its_checkpoint(
-    clean_slurm_lab: SlurmLab, tmp_path: Path, report_figure,
+    clean_slurm_lab: SlurmLab, tmp_path: Path, report_figure, slurm: str,
 ) -> None:
-    res = run(clean_slurm_lab, tmp_path, ckpt_every_s=1.0, grace_s=3.0)
+    """`slurm`: the controller's client; with rest the jobs are read from slurmrestd."""
+    if slurm == "rest":
+        clean_slurm_lab.start_restd()
+    try:
+        res = run(clean_slurm_lab, tmp_path, ckpt_every_s=1.0, grace_s=3.0, slurm=slurm)
+    finally:
+        if slurm == "rest":
+            clean_slurm_lab.stop_restd()
     r = res.recovery
     for line in res.lines():
-        report_figure("recovery e2e: " + line)
+        report_figure(f"recovery e2e ({slurm}): " + line)
 
     assert FAULT_NODE in res.nodes_before
     assert res.nodes_after and FAULT_NODE not in res.nodes_after, res.nodes_after

@@ -115,6 +115,25 @@ def test_sender_posts_v2_alerts_and_slack_text(recorder) -> None:
         s.stop()
 
 
+def test_a_resolved_alert_keeps_the_firing_ones_labels(recorder) -> None:
+    """Alertmanager matches a resolution on every label: resolve() does not know the
+    severity, so the sender takes it from the alert it fired."""
+    am = recorder()
+    s = AlertSender(am.url, backoff_s=0.01)
+    s.start()
+    try:
+        s.fire(Alert("GpufleetNodeUnreachable", "n4", "warning", "n4: silent"))
+        assert wait_for(lambda: len(am.bodies) == 1)
+        s.resolve("GpufleetNodeUnreachable", "n4")
+        assert wait_for(lambda: len(am.bodies) == 2)
+        fired, resolved = am.bodies[0][1][0], am.bodies[1][1][0]
+        assert resolved["labels"] == fired["labels"]
+        assert resolved["labels"]["severity"] == "warning"
+        assert resolved["startsAt"] == fired["startsAt"] and "endsAt" in resolved
+    finally:
+        s.stop()
+
+
 def test_sender_retries_5xx_then_delivers(recorder) -> None:
     am = recorder(fail_first=2)
     s = AlertSender(am.url, retries=3, backoff_s=0.01)
@@ -331,3 +350,63 @@ def test_controller_alert_through_real_alertmanager_reaches_chat(alertmanager) -
                                     for _, b in chat.bodies), 20)
     finally:
         s.stop()
+
+
+def _listed(url: str) -> list[dict[str, Any]]:
+    """Alertmanager's API v2: the alerts it holds active now."""
+    with urllib.request.urlopen(url + "/api/v2/alerts", timeout=5) as r:  # noqa: S310
+        return list(json.loads(r.read()))
+
+
+def test_controller_delivers_its_own_alerts_to_a_real_alertmanager(alertmanager,
+                                                                   tmp_path: Path) -> None:
+    """`gpufleet controller --alertmanager-url`: a node that turns fatal and a node that goes
+    silent reach Alertmanager from the controller itself (no Prometheus in between); the
+    fatal one is resolved there when the node is healthy again."""
+    from gpufleet.rpc.v1 import fleet_pb2 as pb
+    from gpufleet.scheduler.health.policy import PolicyConfig
+    from gpufleet.scheduler.service.server import Controller
+    from gpufleet.scheduler.store import SqliteStore, now_ms
+
+    from tests.scheduler.fakes import FakeSlurm
+
+    url, _chat = alertmanager
+    store = SqliteStore(tmp_path / "state.db")
+    ctl = Controller(store, FakeSlurm(["n1", "n2"]), listen="127.0.0.1:0",
+                     policy=PolicyConfig(unreachable_after_s=1.0, tick_s=0.1),
+                     alerts=AlertSender(url, backoff_s=0.05))
+    ctl.start()
+    seq = 0
+
+    def report(node: str, severity: int) -> None:
+        nonlocal seq
+        seq += 1
+        ctl.ingest.handle(node, pb.AgentMessage(seq=seq, agent_instance="i1", sample=pb.NodeSample(
+            verdicts=[pb.Verdict(check="xid", severity=severity, reason_code="xid79",  # type: ignore[arg-type]
+                                 evidence="GPU 3 Xid 79", since_ms=now_ms())])))
+
+    def names(node: str) -> set[str]:
+        return {a["labels"]["alertname"] for a in _listed(url)
+                if a["labels"]["node"] == node
+                and a["labels"].get("source") == "gpufleet-controller"}
+
+    try:
+        for node in ("n1", "n2"):
+            ctl.ingest.hello(pb.AgentMessage(seq=0, agent_instance="i1", hello=pb.Hello(
+                inventory=pb.NodeInventory(node_name=node))))
+        report("n1", pb.SEVERITY_FATAL)
+        assert wait_for(lambda: "GpufleetNodeFatal" in names("n1"), 20), _listed(url)
+        (fatal_alert,) = [a for a in _listed(url) if a["labels"]["node"] == "n1"
+                          and a["labels"]["alertname"] == "GpufleetNodeFatal"]
+        assert fatal_alert["labels"]["severity"] == "page"
+        assert "xid79" in fatal_alert["annotations"]["summary"]
+        assert fatal_alert["annotations"]["description"] == "GPU 3 Xid 79"
+        report("n1", pb.SEVERITY_OK)
+        # n1 keeps reporting; n2 said nothing since its hello: silent after 1 s
+        assert wait_for(lambda: (report("n1", pb.SEVERITY_OK) or True)
+                        and "GpufleetNodeFatal" not in names("n1")
+                        and "GpufleetNodeUnreachable" in names("n2"), 20), _listed(url)
+        assert "GpufleetNodeUnreachable" not in names("n1")
+    finally:
+        ctl.stop()
+        store.close()

@@ -13,6 +13,7 @@ from gpufleet.agent.nvml import NvmlBackend, load_library
 from gpufleet.agent.runner import Agent
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
 from gpufleet.scheduler.service.ingest import IngestError, Ingestor
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore
@@ -128,7 +129,7 @@ def _hello(node: str = "n1", instance: str = "i1") -> pb.AgentMessage:
 
 def test_replayed_report_is_not_applied_twice(tmp_path) -> None:
     store = SqliteStore(tmp_path / "s.db")
-    ingest = Ingestor(store, ActionQueue(store, None))
+    ingest = Ingestor(store, HealthPolicy(store, ActionQueue(store, None), PolicyConfig()))
     node = ingest.hello(_hello())
     ev = pb.AgentMessage(seq=1, agent_instance="i1", event=pb.HealthEvent(
         timestamp_ms=5, kind=pb.EVENT_KIND_XID, xid=13,
@@ -149,7 +150,7 @@ def test_replayed_report_is_not_applied_twice(tmp_path) -> None:
 )
 def test_bad_hello_is_refused(tmp_path, msg: pb.AgentMessage, error: str) -> None:
     store = SqliteStore(tmp_path / "s.db")
-    ingest = Ingestor(store, ActionQueue(store, None))
+    ingest = Ingestor(store, HealthPolicy(store, ActionQueue(store, None), PolicyConfig()))
     with pytest.raises(IngestError, match=error):
         ingest.hello(msg)
     assert store.nodes() == []
@@ -157,7 +158,7 @@ def test_bad_hello_is_refused(tmp_path, msg: pb.AgentMessage, error: str) -> Non
 
 def test_unknown_severity_is_refused_and_nothing_changes(tmp_path) -> None:
     store = SqliteStore(tmp_path / "s.db")
-    ingest = Ingestor(store, ActionQueue(store, None))
+    ingest = Ingestor(store, HealthPolicy(store, ActionQueue(store, None), PolicyConfig()))
     node = ingest.hello(_hello())
     bad = pb.AgentMessage(seq=1, agent_instance="i1", sample=pb.NodeSample(
         verdicts=[pb.Verdict(check="x", severity=77, reason_code="x")]))  # type: ignore[arg-type]
@@ -174,7 +175,7 @@ def _ckpt(seq: int, job_id: str, step: int, path: str = "/scratch/ck/step") -> p
 
 def test_checkpoint_registrations_are_kept_per_job(tmp_path) -> None:
     store = SqliteStore(tmp_path / "s.db")
-    ingest = Ingestor(store, ActionQueue(store, None))
+    ingest = Ingestor(store, HealthPolicy(store, ActionQueue(store, None), PolicyConfig()))
     node = ingest.hello(_hello())
     assert ingest.handle(node, _ckpt(1, "4711", 300)) == 1
     assert ingest.handle(node, _ckpt(2, "4711", 200)) == 2  # older step: acked, not kept
@@ -190,7 +191,7 @@ def test_checkpoint_registrations_are_kept_per_job(tmp_path) -> None:
 def test_bad_checkpoint_registration_is_refused(tmp_path, msg: pb.AgentMessage,
                                                 error: str) -> None:
     store = SqliteStore(tmp_path / "s.db")
-    ingest = Ingestor(store, ActionQueue(store, None))
+    ingest = Ingestor(store, HealthPolicy(store, ActionQueue(store, None), PolicyConfig()))
     node = ingest.hello(_hello())
     with pytest.raises(IngestError, match=error):
         ingest.handle(node, msg)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from gpufleet.scheduler.health.actions import ActionQueue
 from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
+from gpufleet.scheduler.observability.alerting import Alert
 from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
 
 from .fakes import FakeSlurm
@@ -17,16 +18,26 @@ QUIET_S = 300.0
 NODES = ["n1", "n2", "n3"]
 
 
+def queue_for(config: PolicyConfig, store: SqliteStore, slurm: FakeSlurm,
+              shadow: bool = False) -> ActionQueue:
+    """The action queue as the controller builds it: degrading as `config` says."""
+    return ActionQueue(store, slurm, shadow=shadow, retry_initial_s=0.01,
+                       degraded_weight=config.degraded_weight,
+                       degraded_feature=config.degraded_feature)
+
+
 class Cluster:
-    def __init__(self, tmp_path: Path, shadow: bool = False, **config: object) -> None:
+    def __init__(self, tmp_path: Path, shadow: bool = False, alerts: object = None,
+                 **config: object) -> None:
         self.store = SqliteStore(tmp_path / "state.db")
         self.slurm = FakeSlurm(NODES)
         for n in NODES:
             self.store.upsert_node(n, n, 8, b"", "i1", now_ms())
-        self.actions = ActionQueue(self.store, self.slurm, shadow=shadow, retry_initial_s=0.01)
-        self.actions.start()
         self.config = PolicyConfig(resume_quiet_s=QUIET_S, **config)  # type: ignore[arg-type]
-        self.policy = HealthPolicy(self.store, self.actions, self.config)
+        self.actions = queue_for(self.config, self.store, self.slurm, shadow=shadow)
+        self.actions.start()
+        self.policy = HealthPolicy(self.store, self.actions, self.config,
+                                   alerts=alerts)  # type: ignore[arg-type]
 
     def verdict(self, node: str, severity: str, code: str = "x", check: str = "xid") -> None:
         """What ingest does with a verdict: store it, tell the policy about the transition."""
@@ -169,7 +180,7 @@ def test_after_a_controller_restart_it_waits_a_full_quiet_period(tmp_path: Path)
     c.verdict("n1", "ok")
     c.actions.stop()
     # a new controller process on the same store: it must still know it drained n1
-    c.actions = ActionQueue(c.store, c.slurm, retry_initial_s=0.01)
+    c.actions = queue_for(c.config, c.store, c.slurm)
     c.actions.start()
     c.policy = HealthPolicy(c.store, c.actions, c.config)
     try:
@@ -260,3 +271,50 @@ def test_a_node_resumed_behind_gpufleets_back_is_drained_on_a_new_fault(cluster:
     cluster.verdict("n2", "fatal", "xid79")
     assert "DRAIN" in cluster.slurm.state["n2"][0]
     assert cluster.slurm.calls.count(("drain", "n2")) == 2
+
+
+class AlertLog:
+    """What AlertSender is asked to send (its delivery is tested in test_alerting.py)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str, str]] = []
+
+    def fire(self, alert: Alert) -> bool:
+        self.sent.append(("fire", alert.name, alert.node, alert.severity))
+        return True
+
+    def resolve(self, name: str, node: str, summary: str = "") -> bool:
+        self.sent.append(("resolve", name, node, ""))
+        return True
+
+
+def test_fatal_and_silent_nodes_are_alerted_and_resolved(tmp_path: Path) -> None:
+    alerts = AlertLog()
+    c = Cluster(tmp_path, alerts=alerts)
+    try:
+        c.verdict("n1", "fatal", "xid79")
+        c.verdict("n1", "fatal", "gpu_lost")  # still fatal: no second alert
+        assert alerts.sent == [("fire", "GpufleetNodeFatal", "n1", "page")]
+        c.verdict("n1", "ok")
+        assert alerts.sent[1:] == [("resolve", "GpufleetNodeFatal", "n1", "")]
+        c.verdict("n2", "degraded", "thermal")  # degraded is Prometheus's (for: 5m), not ours
+        assert len(alerts.sent) == 2
+        del alerts.sent[:]
+        later = now_ms() + 60_000
+        c.store.touch_node("n1", "i1", 0, later)
+        c.store.touch_node("n2", "i1", 0, later)  # n3 stays silent
+        c.policy.tick(later)
+        assert alerts.sent == [("fire", "GpufleetNodeUnreachable", "n3", "warning")]
+        c.policy.tick(later)  # still silent: alerted once
+        c.store.touch_node("n3", "i1", 0, later + 1000)
+        c.policy.tick(later + 1000)
+        assert alerts.sent[1:] == [("resolve", "GpufleetNodeUnreachable", "n3", "")]
+    finally:
+        c.close()
+
+
+def test_the_queue_and_the_policy_must_agree_on_what_degrade_does(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    queue = ActionQueue(store, None, degraded_weight=5)
+    with pytest.raises(ValueError, match=r"weight=5 .* weight=1000"):
+        HealthPolicy(store, queue, PolicyConfig())

@@ -37,13 +37,13 @@ class Fleet:
             self.store.upsert_node(n, n, 8, b"", "i1", now_ms())
         self.actions = ActionQueue(self.store, self.slurm, shadow=shadow, retry_initial_s=0.01)
         self.actions.start()
-        self.policy = HealthPolicy(self.store, self.actions, PolicyConfig())
         self.metrics = ControllerMetrics(process_metrics=False)
         config = RecoveryConfig(**{"grace_s": GRACE_S, "poll_s": 0.01,  # type: ignore[arg-type]
                                    "running_timeout_s": 5.0, **cfg})
         self.recovery = RecoveryManager(self.store, self.slurm, config, shadow=shadow,
                                         metrics=self.metrics)
-        self.policy.recovery = self.recovery
+        self.policy = HealthPolicy(self.store, self.actions, PolicyConfig(),
+                                   recovery=self.recovery)
 
     def fatal(self, node: str) -> int:
         fault = now_ms()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,11 +63,17 @@ class _UpdateRecorder:
 
 
 class FakeRestd:
-    """slurmrestd answering /openapi/v3 with a real version's paths, GET nodes of one API
-    version with that version's real document, and POST node/{name} (recorded)."""
+    """slurmrestd answering /openapi/v3 with a real version's paths, GET nodes and
+    node/{name} of one API version with that version's real document, POST node/{name}
+    (recorded), and GET jobs / job/{id} from `jobs` (job id -> that version's job object,
+    put in its real document `jobs_doc`), which a test may change between calls."""
 
-    def __init__(self, api: str, nodes_doc: str, paths_txt: str) -> None:
+    def __init__(self, api: str, nodes_doc: str, paths_txt: str,
+                 jobs_doc: dict[str, Any] | None = None) -> None:
         self.api, self.nodes_doc = api, nodes_doc
+        self.jobs_doc = jobs_doc or {}
+        self.jobs: dict[str, dict[str, Any]] = {
+            str(j["job_id"]): j for j in self.jobs_doc.get("jobs", [])}
         # the real slurmrestd's paths ('METHODS path' lines, captured), and one it does not know
         self.paths = {line.split()[-1]: {} for line in paths_txt.splitlines()
                       if line.strip() and not line.startswith("#")}
@@ -93,6 +100,21 @@ class FakeRestd:
                     self._reply(200, {"openapi": "3.0.3", "paths": fake.paths})
                 elif self.path == f"/slurm/{fake.api}/nodes":
                     self._reply(200, json.loads(fake.nodes_doc))
+                elif self.path == f"/slurm/{fake.api}/jobs":
+                    self._reply(200, {**fake.jobs_doc, "jobs": list(fake.jobs.values())})
+                elif self.path.startswith(f"/slurm/{fake.api}/job/"):
+                    job_id = self.path.rsplit("/", 1)[1]
+                    if job_id not in fake.jobs:  # what 24.11+ answer
+                        self._reply(404, {"errors": [{"description": "Unable to query "
+                                                      f"JobId={job_id}"}]})
+                    else:
+                        self._reply(200, {**fake.jobs_doc, "jobs": [fake.jobs[job_id]]})
+                elif self.path.startswith(f"/slurm/{fake.api}/node/") and \
+                        not self.path.endswith("/n99"):
+                    name = self.path.rsplit("/", 1)[1]
+                    doc = json.loads(fake.nodes_doc)
+                    self._reply(200, {**doc, "nodes": [n for n in doc.get("nodes", [])
+                                                       if n.get("name") == name]})
                 elif self.path == f"/slurm/{fake.api}/node/n99":
                     # what a real 24.11/26.05 slurmrestd answers for an unknown node
                     self._reply(200, {"nodes": [], "errors": [{
@@ -191,6 +213,102 @@ def test_rest_refuses_a_document_of_another_version(restd: FakeRestd) -> None:
 def test_rest_unknown_api_version_is_refused_at_once() -> None:
     with pytest.raises(SlurmError, match=r"data_parser 'v0\.0\.99' is not one gpufleet reads"):
         RestSlurmClient(url="http://127.0.0.1:9", token=TOKEN, api_version="v0.0.99")
+
+
+class _JobActions:
+    """Job actions (scancel/scontrol in production), acting on the stand-in's jobs as Slurm
+    would: a requeued job is PENDING, one moved off the bad node RUNNING elsewhere."""
+
+    def __init__(self, restd: FakeRestd) -> None:
+        self.restd = restd
+        self.calls: list[tuple[str, ...]] = []
+
+    def jobs_on_node(self, node: str) -> list[Any]:
+        raise AssertionError("jobs are read from slurmrestd")
+
+    def job(self, job_id: str) -> Any:
+        raise AssertionError("jobs are read from slurmrestd")
+
+    def signal_job(self, job_id: str, signal: str, scope: str) -> None:
+        self.calls.append(("signal", job_id, signal, scope))
+
+    def requeue(self, job_id: str) -> None:
+        self.calls.append(("requeue", job_id))
+        job = self.restd.jobs[job_id]
+        job["job_state"], job["restart_cnt"] = ["PENDING"], job["restart_cnt"] + 1
+
+    def update_job(self, job_id: str, *, start_now_plus_s: int | None = None,
+                   excluded_nodes: tuple[str, ...] | None = None) -> None:
+        self.calls.append(("update", job_id, str(start_now_plus_s),
+                           ",".join(excluded_nodes or ())))
+        job = self.restd.jobs[job_id]
+        job["job_state"], job["nodes"] = ["RUNNING"], "n[3-4]"
+
+
+@pytest.mark.parametrize("restd", [("v0.0.42", "24.11")], indirect=True)
+def test_controller_recovers_jobs_with_the_rest_client(restd: FakeRestd,
+                                                       tmp_path: Path) -> None:
+    """--slurm rest with recovery: the node is drained through slurmrestd, the job on it is
+    read from slurmrestd (a real 24.11 document), signalled, requeued without the node and
+    seen running again."""
+    from gpufleet.rpc.v1 import fleet_pb2 as pb
+    from gpufleet.scheduler.recovery.manager import RecoveryConfig
+    from gpufleet.scheduler.service.server import Controller
+    from gpufleet.scheduler.store import SqliteStore, now_ms
+
+    restd.jobs_doc = json.loads((DOCS / "24.11" / "job-running.json").read_text())
+    restd.jobs = {"3": {**restd.jobs_doc["jobs"][0], "comment": "train gpufleet-ckpt"}}
+    actions = _JobActions(restd)
+    rest = RestSlurmClient(url=restd.url, token=TOKEN, job_action_client=actions)
+    store = SqliteStore(tmp_path / "state.db")
+    ctl = Controller(store, rest, listen="127.0.0.1:0", recovery=RecoveryConfig(
+        grace_s=0.05, poll_s=0.01, running_timeout_s=10.0))
+    ctl.start()
+    try:
+        ctl.ingest.hello(pb.AgentMessage(seq=0, agent_instance="i1", hello=pb.Hello(
+            inventory=pb.NodeInventory(node_name="n1"))))
+        ctl.ingest.handle("n1", pb.AgentMessage(seq=1, agent_instance="i1", sample=pb.NodeSample(
+            verdicts=[pb.Verdict(check="xid", severity=pb.SEVERITY_FATAL, reason_code="xid79",
+                                 evidence="GPU 0 Xid 79", since_ms=now_ms())])))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (
+                store.recoveries("3") and store.recoveries("3")[0].status == "running_again"):
+            time.sleep(0.02)
+        (row,) = store.recoveries("3")
+        assert row.status == "running_again" and row.restart == 1, row
+        assert [c[0] for c in actions.calls] == ["signal", "requeue", "update"]
+        assert actions.calls[2] == ("update", "3", "0", "n1,n2")
+        assert ("n1", {"state": ["DRAIN"], "reason": "gpufleet:xid79 GPU 0 Xid 79"}) in [
+            (node, body) for node, body, _ in restd.posts]
+    finally:
+        ctl.stop()
+        store.close()
+
+
+def test_the_controller_command_turns_recovery_on_with_slurm_rest(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`gpufleet controller --slurm rest` hands the controller a recovery config (it was
+    silently off with anything but --slurm cli); --slurm none has no jobs to recover."""
+    from click.testing import CliRunner
+    from gpufleet.scheduler.cli.main import main
+    from gpufleet.scheduler.service import server
+
+    built: list[dict[str, Any]] = []
+
+    class Stub:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(kwargs)
+
+        def start(self) -> None:
+            raise OSError("stub: not listening")
+
+    monkeypatch.setattr(server, "Controller", Stub)
+    for kind, extra in (("rest", ["--slurm-rest-url", "http://127.0.0.1:9"]), ("none", [])):
+        result = CliRunner().invoke(main, [
+            "controller", "--db", str(tmp_path / "s.db"), "--insecure", "--metrics-listen", "",
+            "--slurm", kind, *extra])
+        assert "stub: not listening" in result.output, result.output
+    assert [b["recovery"] is not None for b in built] == [True, False]
 
 
 # ------------------------------------------------------------------ pyslurm

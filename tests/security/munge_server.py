@@ -23,6 +23,17 @@ NOBODY_UID = 65534
 DAEMON_UID = 1
 
 
+def munge_as_user(bindir: Path, uid: int) -> dict[str, str]:
+    """Environment with a `munge` on PATH that makes credentials as `uid`: a client in this
+    root process is then, for the controller's munged, that plain user on a login node."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    wrapper = bindir / "munge"
+    wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid={uid} --regid={uid} --clear-groups "
+                       f"/usr/bin/munge \"$@\"\n")
+    wrapper.chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
 def munge_installed() -> bool:
     return all(shutil.which(t) for t in ("munged", "munge", "unmunge", "mungekey"))
 

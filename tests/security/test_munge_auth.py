@@ -133,13 +133,13 @@ def test_authenticator_admin_by_uid0_and_group(munged: MungeServer) -> None:
 
 def _ingestor(tmp_path: Path, munged: MungeServer) -> Any:
     from gpufleet.scheduler.health.actions import ActionQueue
+    from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
     from gpufleet.scheduler.service.ingest import Ingestor
     from gpufleet.scheduler.store import SqliteStore
 
     store = SqliteStore(tmp_path / "state.db")
-    ingest = Ingestor(store, ActionQueue(store, None))
-    ingest.munge_socket = munged.socket  # type: ignore[attr-defined]  # as Controller sets it
-    return ingest
+    policy = HealthPolicy(store, ActionQueue(store, None), PolicyConfig())
+    return Ingestor(store, policy, munge_socket=munged.socket)  # as Controller passes it
 
 
 def _ckpt(job: str, step: int, cred: bytes, uid: int | None) -> pb.CheckpointRegistered:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.security.munge_server import (
     DAEMON_UID,
     NOBODY_UID,
     MungeServer,
+    munge_as_user,
     munge_installed,
     started_munged,
 )
@@ -389,11 +389,8 @@ def test_any_user_gets_a_placement(ctl: tuple[Controller, FakeSlurm, Path],
 
 def test_grpc_placement_source(ctl: tuple[Controller, FakeSlurm, Path], munged: MungeServer,
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpufleet.scheduler.placement import (
-        GrpcPlacementSource,
-        PlacementRequest,
-        PlacementUnavailable,
-    )
+    from gpufleet.scheduler.placement import PlacementRequest, PlacementUnavailable
+    from gpufleet.scheduler.service.user_remote import GrpcPlacementSource
 
     c, _, _ = ctl
     monkeypatch.setenv("GPUFLEET_MUNGE_SOCKET", munged.socket)
@@ -468,15 +465,7 @@ def test_standby_is_not_serving_and_refuses_user_calls(pg: PgServer, munged: Mun
 # ---------------------------------------------------------------- TLS and the CLI
 
 def _as_user(tmp_path: Path, uid: int) -> dict[str, str]:
-    """PATH with a `munge` that makes credentials as `uid` (the CLI runs in this root
-    process; munged then vouches for that plain user exactly as on a login node)."""
-    bindir = tmp_path / f"bin-{uid}"
-    bindir.mkdir(exist_ok=True)
-    wrapper = bindir / "munge"
-    wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid={uid} --regid={uid} --clear-groups "
-                       f"/usr/bin/munge \"$@\"\n")
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    return munge_as_user(tmp_path / f"bin-{uid}", uid)
 
 
 def test_acct_cli_through_the_controller(ctl: tuple[Controller, FakeSlurm, Path],
@@ -502,6 +491,26 @@ def test_acct_cli_through_the_controller(ctl: tuple[Controller, FakeSlurm, Path]
     res = CliRunner().invoke(gpufleet_main, [*base[:4], "--munge-socket",
                                              str(tmp_path / "none.sock")])
     assert res.exit_code == 1 and "none.sock" in res.output
+
+
+def test_whoami_cli_says_who_the_controller_takes_you_for(
+        ctl: tuple[Controller, FakeSlurm, Path], munged: MungeServer, tmp_path: Path) -> None:
+    c, _, _ = ctl
+    base = ["whoami", "--controller", _target(c), "--insecure", "--munge-socket", munged.socket]
+    res = CliRunner().invoke(gpufleet_main, base)  # root
+    assert res.exit_code == 0, res.output
+    assert res.output == f"root (uid 0), admin at {_target(c)}\n"
+    res = CliRunner().invoke(gpufleet_main, [*base, "--json"],
+                             env=_as_user(tmp_path, NOBODY_UID))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == {"user": "nobody", "uid": NOBODY_UID, "admin": False}
+    res = CliRunner().invoke(gpufleet_main, ["whoami"], env={"GPUFLEET_CONTROLLER": ""})
+    assert res.exit_code == 2 and "pass --controller HOST:PORT" in res.output
+    # a controller that is not there: one line naming it, no traceback
+    res = CliRunner().invoke(gpufleet_main, ["whoami", "--controller", "127.0.0.1:9",
+                                             "--insecure", "--munge-socket", munged.socket])
+    assert res.exit_code == 1 and "127.0.0.1:9" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_drain_resume_and_jobs_cli_over_mtls(tmp_path: Path, munged: MungeServer) -> None:

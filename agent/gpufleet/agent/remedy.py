@@ -18,9 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from gpufleet.agent import diag
+from gpufleet.agent.telemetry import GpuBackend
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def _ms() -> int:
 class CommandRunner:
     def __init__(
         self,
-        backend: Any,
+        backend: GpuBackend,
         send: Callable[[pb.CommandResult], object],
         run_diag: Callable[[int], diag.DiagReport],
         clear_xids: Callable[[Sequence[int]], None],

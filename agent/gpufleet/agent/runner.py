@@ -89,9 +89,9 @@ class Agent:
         self._health_lock = threading.Lock()
         self._last_cached: tuple[int, str] | None = None
         self._cache_written_ms = 0
-        # the /proc safety net asks the backend which processes use each GPU (when it can)
+        # the /proc safety net asks the backend which processes use each GPU
         self.accounting = Accountant(cfg.state_dir, self.node_name,
-                                     processes=getattr(backend, "compute_pids", None))
+                                     processes=backend.compute_pids)
         # XID verdicts are sticky for the life of the boot, not of this process: a restarted
         # agent (crash, upgrade, rollout) must not report a node healthy that an Xid took
         # out, or the controller would resume it after its quiet period. Restored verdicts
@@ -190,9 +190,8 @@ class Agent:
         except OSError as e:
             log.error("job spool %s unreadable: %s", self.accounting.spool, e)
             return False
-        expire = getattr(self.backend, "expire_counters", None)
-        if changed and expire is not None:
-            expire()
+        if changed:
+            self.backend.expire_counters()
         return changed
 
     def _account(self, gpus: list[GpuSample], now_ms: int, job_change: bool) -> None:
@@ -441,11 +440,10 @@ class Agent:
         expect = diag.Expectations(gpu_count=self.cfg.expected_gpu_count,
                                    ib_rate_gbps=self.cfg.expected_ib_rate_gbps,
                                    ib_hcas=self.cfg.ib_hcas)
-        retired = getattr(self.backend, "retired_pages_pending", None)
         # its own sysfs reader: the sampling thread's keeps per-port state
         return diag.run_own(self.backend, level, expect,
                             ib_sample=IbSysfs(Path(self.cfg.sysfs_root)).sample,
-                            retired_pending=retired)
+                            retired_pending=self.backend.retired_pages_pending)
 
     def clear_xids(self, gpus: Sequence[int]) -> None:
         """A GPU reset cleared these GPUs: drop their sticky XID verdicts and tell the

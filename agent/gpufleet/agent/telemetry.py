@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -90,7 +91,9 @@ class GpuBackendError(Exception):
 
 
 class GpuBackend(Protocol):
-    """What the agent needs from the GPUs; implemented over real or simulated NVML."""
+    """Every call the agent makes to the GPUs; implemented over real or simulated NVML
+    (nvml.NvmlBackend). A backend that cannot answer one of the per-GPU questions leaves
+    that GPU out of the answer (or says None) rather than guessing."""
 
     name: str
 
@@ -107,6 +110,18 @@ class GpuBackend(Protocol):
     def sample(self) -> list[GpuSample]: ...
 
     def wait_xid(self, timeout_ms: int) -> XidEvent | None: ...
+
+    def compute_pids(self, gpus: Iterable[int]) -> dict[int, tuple[int, ...]]:
+        """Pids of the compute processes per GPU; a GPU that cannot tell is left out."""
+        ...
+
+    def retired_pages_pending(self) -> dict[int, bool | None]:
+        """Per GPU: retired pages waiting for a reset (None: not supported)."""
+        ...
+
+    def expire_counters(self) -> None:
+        """Make the next sample read every counter afresh (a job started or ended)."""
+        ...
 
     def close(self) -> None: ...
 

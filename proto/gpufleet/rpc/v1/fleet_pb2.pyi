@@ -1177,7 +1177,6 @@ class Command(_message.Message):
     class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Command._Kind.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: Command._Kind.ValueType  # 0
-        KIND_RESEND_INVENTORY: Command._Kind.ValueType  # 1
         KIND_RESET_GPU: Command._Kind.ValueType  # 20
         """repair (numbered from 20, leaving room to other kinds): the agent answers each with a
         CommandResult carrying the same request_id
@@ -1188,7 +1187,6 @@ class Command(_message.Message):
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Command.Kind.ValueType  # 0
-    KIND_RESEND_INVENTORY: Command.Kind.ValueType  # 1
     KIND_RESET_GPU: Command.Kind.ValueType  # 20
     """repair (numbered from 20, leaving room to other kinds): the agent answers each with a
     CommandResult carrying the same request_id
@@ -1635,6 +1633,7 @@ class AcctRow(_message.Message):
     END_MS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     ACCOUNT_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     jobs: _builtins.int
     gpus: _builtins.int
@@ -1646,6 +1645,8 @@ class AcctRow(_message.Message):
     end_ms: _builtins.int
     user: _builtins.str
     account: _builtins.str
+    runs: _builtins.int
+    """group_by job: the job's runs (a requeued job ran again)"""
     def __init__(
         self,
         *,
@@ -1660,10 +1661,11 @@ class AcctRow(_message.Message):
         end_ms: _builtins.int | None = ...,
         user: _builtins.str = ...,
         account: _builtins.str = ...,
+        runs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_start_ms", b"_start_ms", "end_ms", b"end_ms", "start_ms", b"start_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_start_ms", b"_start_ms", "account", b"account", "allocated_ms", b"allocated_ms", "busy_ms", b"busy_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "gpus", b"gpus", "jobs", b"jobs", "key", b"key", "lost_ms", b"lost_ms", "start_ms", b"start_ms", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms", "_start_ms", b"_start_ms", "account", b"account", "allocated_ms", b"allocated_ms", "busy_ms", b"busy_ms", "end_ms", b"end_ms", "energy_mj", b"energy_mj", "gpus", b"gpus", "jobs", b"jobs", "key", b"key", "lost_ms", b"lost_ms", "runs", b"runs", "start_ms", b"start_ms", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__end_ms: _TypeAlias = _typing.Literal["end_ms"]  # noqa: Y015
     _WhichOneofArgType__end_ms: _TypeAlias = _typing.Literal["_end_ms", b"_end_ms"]  # noqa: Y015
@@ -1811,6 +1813,7 @@ class ShowJobReply(_message.Message):
     CHECKPOINT_PATH_FIELD_NUMBER: _builtins.int
     CHECKPOINT_MS_FIELD_NUMBER: _builtins.int
     RECOVERIES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_NODE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     user: _builtins.str
     """the job's owner, as the controller knows it"""
@@ -1818,6 +1821,8 @@ class ShowJobReply(_message.Message):
     """newest registered complete checkpoint"""
     checkpoint_path: _builtins.str
     checkpoint_ms: _builtins.int
+    checkpoint_node: _builtins.str
+    """where that checkpoint was registered ("" = not known)"""
     @_builtins.property
     def recoveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecovery]: ...
     def __init__(
@@ -1829,10 +1834,11 @@ class ShowJobReply(_message.Message):
         checkpoint_path: _builtins.str = ...,
         checkpoint_ms: _builtins.int | None = ...,
         recoveries: _abc.Iterable[Global___JobRecovery] | None = ...,
+        checkpoint_node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms", "_checkpoint_step", b"_checkpoint_step", "checkpoint_ms", b"checkpoint_ms", "checkpoint_step", b"checkpoint_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms", "_checkpoint_step", b"_checkpoint_step", "checkpoint_ms", b"checkpoint_ms", "checkpoint_path", b"checkpoint_path", "checkpoint_step", b"checkpoint_step", "job_id", b"job_id", "recoveries", b"recoveries", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms", "_checkpoint_step", b"_checkpoint_step", "checkpoint_ms", b"checkpoint_ms", "checkpoint_node", b"checkpoint_node", "checkpoint_path", b"checkpoint_path", "checkpoint_step", b"checkpoint_step", "job_id", b"job_id", "recoveries", b"recoveries", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpoint_ms: _TypeAlias = _typing.Literal["checkpoint_ms"]  # noqa: Y015
     _WhichOneofArgType__checkpoint_ms: _TypeAlias = _typing.Literal["_checkpoint_ms", b"_checkpoint_ms"]  # noqa: Y015

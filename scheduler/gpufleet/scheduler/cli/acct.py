@@ -4,9 +4,10 @@ Filters work like sacct's: a job is selected whole when it ran at any moment ins
 [-S, -E); `--clip` instead counts only the usage inside the window (from the per-minute
 rollups; user and account grouping only). Reads the store; never changes it.
 
-Two ways in: `--db` reads the store directly (root on the head node), `--controller HOST:PORT`
-asks the controller over gRPC with the caller's MUNGE credential; there a plain user sees
-only their own usage (naming another user is refused) and admins see everything.
+Two ways in, one answer (cli/userapi.py): `--db` reads the store directly (root on the head
+node), `--controller HOST:PORT` asks the controller over gRPC with the caller's MUNGE
+credential; there a plain user sees only their own usage (naming another user is refused) and
+admins see everything.
 """
 
 from __future__ import annotations
@@ -17,23 +18,15 @@ import json
 import re
 import sys
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import click
 from gpufleet.scheduler.accounting.ledger import GROUP_BY, UsageQuery, UsageTotal
 from gpufleet.scheduler.cli.settings import DEFAULT_DB
-from gpufleet.scheduler.service.user_client import (
-    UserClient,
-    UserClientError,
-    click_error,
-    connect,
-    controller_options,
-)
-from gpufleet.scheduler.store import StoreError, open_store
+from gpufleet.scheduler.cli.userapi import ask, user_api
+from gpufleet.scheduler.service.user_client import controller_options
+from gpufleet.scheduler.userapi.model import JOB_ID, NAME
 
-_JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
-_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,64}$")
 _RELATIVE = re.compile(r"^now(?:-([0-9]+)(s|min|h|d|days?|weeks?))?$")
 _UNIT_S = {"s": 1, "min": 60, "h": 3600, "d": 86400, "day": 86400, "days": 86400,
            "week": 604800, "weeks": 604800}
@@ -130,57 +123,16 @@ def acct(ctx: click.Context, db: str, users: str | None, accounts: str | None, j
         return  # the subcommand has its own options
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
-    job_ids = _split(jobs, "-j/--jobs", _JOB_ID, "Slurm job id")
+    job_ids = _split(jobs, "-j/--jobs", JOB_ID, "Slurm job id")
     since, until = parse_window(start, end, bool(job_ids))
-    q = UsageQuery(users=_split(users, "-u/--user", _NAME, "user name"),
-                   accounts=_split(accounts, "-A/--account", _NAME, "account name"),
+    q = UsageQuery(users=_split(users, "-u/--user", NAME, "user name"),
+                   accounts=_split(accounts, "-A/--account", NAME, "account name"),
                    jobs=job_ids, since_ms=since, until_ms=until, group_by=group_by)
     if clip and (group_by not in ("user", "account") or q.users or q.accounts or q.jobs):
         raise click.UsageError("--clip works with --group-by user|account and no -u/-A/-j")
-    if controller:
-        rows = _usage_from_controller(
-            connect(controller, tls_ca, tls_cert, tls_key, insecure, munge_socket), q, clip)
-    else:
-        rows = _usage_from_store(db, q, clip)
+    with user_api(db, controller, tls_ca, tls_cert, tls_key, insecure, munge_socket) as api:
+        rows = ask(lambda: api.usage(q, clip))
     _render(rows, group_by, since, until, as_json, as_csv)
-
-
-def _usage_from_controller(client: UserClient, q: UsageQuery, clip: bool) -> list[UsageTotal]:
-    from gpufleet.rpc.v1 import fleet_pb2 as pb
-
-    req = pb.AcctRequest(users=q.users, accounts=q.accounts, jobs=q.jobs, group_by=q.group_by,
-                         clip=clip)
-    if q.since_ms is not None:
-        req.since_ms = q.since_ms
-    if q.until_ms is not None:
-        req.until_ms = q.until_ms
-    try:
-        with client:
-            reply = client.acct(req)
-    except UserClientError as e:
-        raise click_error(e) from e
-    return [UsageTotal(r.key, r.jobs, r.gpus, r.allocated_ms, r.busy_ms, r.energy_mj,
-                       r.lost_ms, r.start_ms if r.HasField("start_ms") else None,
-                       r.end_ms if r.HasField("end_ms") else None, r.user, r.account)
-            for r in reply.rows]
-
-
-def _usage_from_store(db: str, q: UsageQuery, clip: bool) -> list[UsageTotal]:
-    since, until, group_by = q.since_ms, q.until_ms, q.group_by
-    if "://" not in db and not Path(db).exists():
-        raise click.ClickException(f"no gpufleet store at {db}: pass --db or GPUFLEET_DB")
-    try:
-        store = open_store(db)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from e
-    try:
-        if clip:
-            rows = store.usage_by_minute(since or 0, until or 2**62, group_by)
-        else:
-            rows = store.usage(q)
-    finally:
-        store.close()
-    return rows
 
 
 def _render(rows: list[UsageTotal], group_by: str, since: int | None, until: int | None,

@@ -96,8 +96,8 @@ from gpufleet.scheduler.store import StoreError, open_store
               help="serve plaintext without client certificates (demo only: any client can "
               "claim any node)")
 @click.option("--recover/--no-recover", default=True, show_default=True,
-              help="signal and requeue checkpointing jobs on a node that turns fatal (cli Slurm "
-              "client only)")
+              help="signal and requeue checkpointing jobs on a node that turns fatal (every "
+              "Slurm client; off with --slurm none)")
 @click.option("--recovery-grace-s", type=FiniteRange(0, 3600), default=5.0,
               show_default=True, help="default time a job gets to checkpoint after the signal")
 @click.option("--recovery-max-restarts", type=click.IntRange(0, 1000), default=3,
@@ -161,7 +161,7 @@ def controller(
     except StoreError as e:
         raise click.ClickException(str(e)) from e
     recovery = None
-    if recover and slurm == "cli":
+    if recover and slurm != "none":  # none: no jobs to read, nothing to requeue
         from gpufleet.scheduler.recovery.manager import RecoveryConfig
 
         recovery = RecoveryConfig(signal=recovery_signal, grace_s=recovery_grace_s,

@@ -1,8 +1,10 @@
 """`gpufleet jobs show JOBID`: a job's recoveries (fault -> drain -> signal -> requeue -> running
-again, lost work) and its last registered checkpoint, read from the controller's store.
+again, lost work) and its last registered checkpoint, as the controller's store has them.
 
-Read only: it never talks to Slurm and never changes the store. With `--controller HOST:PORT`
-it asks the controller (MUNGE-authenticated): a user may read their own jobs, admins any.
+Read only: it never talks to Slurm and never changes the store. Two ways in, one answer
+(cli/userapi.py): `--db` reads the store, `--controller HOST:PORT` asks the controller
+(MUNGE-authenticated): a user may read their own jobs, admins any. A job nothing is recorded
+about is an error (exit 1) either way.
 """
 
 from __future__ import annotations
@@ -10,38 +12,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import click
 from gpufleet.scheduler.cli.settings import DEFAULT_DB
-from gpufleet.scheduler.service.user_client import (
-    UserClientError,
-    click_error,
-    connect,
-    controller_options,
-)
-from gpufleet.scheduler.store import CheckpointRow, RecoveryRow, StateStore, StoreError, open_store
+from gpufleet.scheduler.cli.userapi import ask, user_api
+from gpufleet.scheduler.service.user_client import controller_options
+from gpufleet.scheduler.userapi.model import JobRecovery, JobReport
 
 STEPS = (("drain", "drain_ms"), ("signal", "signal_ms"), ("requeue", "requeue_ms"),
          ("running again", "running_ms"))
-
-
-def _open(db: str) -> StateStore:
-    if "://" not in db and not Path(db).exists():
-        raise click.ClickException(
-            f"no gpufleet store at {db}: is the controller running, or pass --db/GPUFLEET_DB")
-    try:
-        return open_store(db)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from e
 
 
 def _ts(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def format_recovery(r: RecoveryRow, n: int) -> list[str]:
+def format_recovery(r: JobRecovery, n: int) -> list[str]:
     """Human-readable lines of one recovery: each step as seconds after the fault."""
     lines = [f"recovery {n}: node {r.node}, status {r.status}, restart {r.restart}"]
     base = r.fault_ms if r.fault_ms is not None else r.created_ms
@@ -77,68 +64,27 @@ def jobs_show(job_id: str, db: str, as_json: bool, controller: str | None,
     """One job's recoveries, step by step, and its last registered checkpoint."""
     if not job_id.isdigit():
         raise click.BadParameter(f"{job_id!r}: a Slurm job id is digits", param_hint="JOBID")
-    if controller:
-        client = connect(controller, tls_ca, tls_cert, tls_key, insecure, munge_socket)
-        try:
-            with client:
-                reply = client.show_job(job_id)
-        except UserClientError as e:
-            raise click_error(e) from e
-        got_recs, got_ckpt, owner = _from_reply(reply)
-        _show(job_id, got_recs, got_ckpt, as_json, owner)
-        return
-    store = _open(db)
-    try:
-        recs = store.recoveries(job_id)
-        ckpt: CheckpointRow | None = store.checkpoint(job_id)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from e
-    finally:
-        store.close()
-    if not recs and ckpt is None:
-        raise click.ClickException(
-            f"job {job_id}: no recovery and no checkpoint recorded in the store at {db}")
-    _show(job_id, recs, ckpt, as_json)
+    with user_api(db, controller, tls_ca, tls_cert, tls_key, insecure, munge_socket) as api:
+        job = ask(lambda: api.show_job(job_id))
+    _show(job, as_json)
 
 
-def _from_reply(reply: Any) -> tuple[list[RecoveryRow], CheckpointRow | None, str]:
-    """The controller's ShowJobReply as the rows the store would have given."""
-    def opt(msg: Any, name: str) -> Any:
-        return getattr(msg, name) if msg.HasField(name) else None
-
-    ckpt = None
-    if reply.HasField("checkpoint_step"):
-        ckpt = CheckpointRow(reply.job_id, "", reply.checkpoint_step, reply.checkpoint_path,
-                             opt(reply, "checkpoint_ms") or 0, None, 0)
-    recs = [RecoveryRow(0, reply.job_id, r.node, r.status, r.detail, r.restart,
-                        opt(r, "fault_ms"), opt(r, "drain_ms"), opt(r, "signal_ms"),
-                        opt(r, "requeue_ms"), opt(r, "running_ms"), opt(r, "checkpoint_step"),
-                        opt(r, "checkpoint_ms"), opt(r, "lost_work_ms"), r.created_ms)
-            for r in reply.recoveries]
-    return recs, ckpt, reply.user
-
-
-def _show(job_id: str, recs: list[RecoveryRow], ckpt: CheckpointRow | None, as_json: bool,
-          owner: str | None = None) -> None:
+def _show(job: JobReport, as_json: bool) -> None:
     if as_json:
-        doc: dict[str, Any] = {
-            "job_id": job_id,
-            "checkpoint": asdict(ckpt) if ckpt else None,
-            "recoveries": [asdict(r) for r in recs],
-        }
-        if owner is not None:
-            doc["user"] = owner
+        doc: dict[str, Any] = asdict(job)
+        doc["recoveries"] = list(doc["recoveries"])
         click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(f"job {job_id}" + (f" (user {owner})" if owner else ""))
+    click.echo(f"job {job.job_id}" + (f" (user {job.user})" if job.user else ""))
+    ckpt = job.checkpoint
     if ckpt is not None:
-        where = f" on {ckpt.node}" if ckpt.node else ""  # the controller's reply has no node
+        where = f" on {ckpt.node}" if ckpt.node else ""
         click.echo(f"  last checkpoint: step {ckpt.step} at {_ts(ckpt.time_ms)}{where} "
                    f"({ckpt.path})")
     else:
         click.echo("  last checkpoint: none registered")
-    if not recs:
+    if not job.recoveries:
         click.echo("  no recoveries")
-    for n, r in enumerate(recs, 1):
+    for n, r in enumerate(job.recoveries, 1):
         for line in format_recovery(r, n):
             click.echo(line)

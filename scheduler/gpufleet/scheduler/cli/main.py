@@ -59,6 +59,7 @@ def _register_command_groups() -> None:
     _add("gpufleet.scheduler.cli.place", "place_cmd", "place", "Where a job would be placed")
     _add("gpufleet.scheduler.cli.place", "sbatch_cmd", "sbatch", "sbatch with gpufleet placement")
     _add("gpufleet.scheduler.cli.jobs", "jobs", "jobs", "Job checkpoints and recoveries")
+    _add("gpufleet.scheduler.cli.whoami", "whoami", "whoami", "Who the controller takes you for")
     acct = _add("gpufleet.scheduler.cli.acct", "acct", "acct", "GPU accounting")
     if isinstance(acct, click.Group):
         from gpufleet.scheduler.cli.acct_reconcile import reconcile

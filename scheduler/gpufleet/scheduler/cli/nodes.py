@@ -1,13 +1,19 @@
-"""`gpufleet nodes|drain|resume|events`: the admin's view of nodes and hands on them."""
+"""`gpufleet nodes|drain|resume|events`: the admin's view of nodes and hands on them.
+
+drain and resume are user-API calls (cli/userapi.py): the same answer on the head node
+(store + scontrol) and through the controller (--controller, MUNGE, admins only)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import click
 from gpufleet.scheduler.cli.settings import db_option, open_existing_store
+from gpufleet.scheduler.cli.userapi import ask, user_api
 from gpufleet.scheduler.service.user_client import controller_options
+from gpufleet.scheduler.slurm import SlurmClient
 from gpufleet.scheduler.store import now_ms
 
 
@@ -121,12 +127,15 @@ def nodes_show(node: str, db: str, as_json: bool) -> None:
                    f"{e.actor:<8} {e.text}")
 
 
-def _slurm_for_admin(slurm: str) -> Any:
-    from gpufleet.scheduler.slurm import CliSlurmClient
+def _slurm_for_admin(slurm: str) -> Callable[[], SlurmClient]:
+    def make() -> SlurmClient:
+        from gpufleet.scheduler.slurm import CliSlurmClient
 
-    if slurm == "none":
-        raise click.UsageError("drain/resume act on Slurm: --slurm none cannot do that")
-    return CliSlurmClient()
+        if slurm == "none":
+            raise click.UsageError("drain/resume act on Slurm: --slurm none cannot do that")
+        return CliSlurmClient()
+
+    return make
 
 
 slurm_option = click.option(
@@ -139,28 +148,23 @@ slurm_option = click.option(
 )
 
 
-def _node_action_via_controller(action: str, node_expr: str, reason: str,
-                                 options: dict[str, Any]) -> None:
-    """drain/resume through the controller's FleetUser service (MUNGE-authenticated; admins
-    only). NODE may be a hostlist (n[1-4]) there."""
-    from gpufleet.scheduler.service.user_client import UserClientError, click_error, connect
+def _node_action(action: str, node_expr: str, reason: str, db: str, slurm: str,
+                 options: dict[str, Any]) -> None:
+    """drain/resume, on this host's store and Slurm or through the controller (admins only
+    there: root or the admin group); NODE may be a hostlist (n[1-4]) either way."""
     from gpufleet.scheduler.slurm import SlurmError, expand_hostlist
 
     try:
         nodes = expand_hostlist(node_expr)
     except SlurmError as e:
         raise click.BadParameter(str(e), param_hint="NODE") from e
-    client = connect(**options)
-    try:
-        with client:
-            reply = (client.drain(nodes, reason) if action == "drain"
-                     else client.resume(nodes))
-    except UserClientError as e:
-        raise click_error(e) from e
-    for n in reply.changed:
+    with user_api(db, slurm=_slurm_for_admin(slurm), **options) as api:
+        result = ask(lambda: api.drain(nodes, reason) if action == "drain"
+                     else api.resume(nodes))
+    for n in result.changed:
         click.echo(f"{action} {n}: done")
-    state = "drained" if action == "drain" else "not drained"
-    for n in reply.unchanged:
+    state = "drained for that reason" if action == "drain" else "not drained"
+    for n in result.unchanged:
         click.echo(f"{action} {n}: unchanged (already {state})")
 
 
@@ -170,25 +174,11 @@ def _node_action_via_controller(action: str, node_expr: str, reason: str,
 @db_option
 @slurm_option
 @controller_options
-def drain(node: str, reason: str, db: str, slurm: str, controller: str | None,
-          **options: Any) -> None:
-    """Drain NODE by hand. gpufleet never resumes a node drained this way.
+def drain(node: str, reason: str, db: str, slurm: str, **options: Any) -> None:
+    """Drain NODE (a hostlist: n[1-4]) by hand. gpufleet never resumes a node drained this way.
 
     With --controller it asks the controller (admins only: root or the admin group)."""
-    from gpufleet.scheduler.health.admin import AdminError, caller_name
-    from gpufleet.scheduler.health.admin import drain as do_drain
-
-    if controller:
-        _node_action_via_controller("drain", node, reason, {"controller": controller,
-                                                           **options})
-        return
-    store = open_existing_store(db)
-    try:
-        click.echo(do_drain(store, _slurm_for_admin(slurm), node, reason, caller_name()))
-    except AdminError as e:
-        raise click.ClickException(str(e)) from e
-    finally:
-        store.close()
+    _node_action("drain", node, reason, db, slurm, options)
 
 
 @click.command()
@@ -196,23 +186,11 @@ def drain(node: str, reason: str, db: str, slurm: str, controller: str | None,
 @db_option
 @slurm_option
 @controller_options
-def resume(node: str, db: str, slurm: str, controller: str | None, **options: Any) -> None:
-    """Resume NODE by hand, whoever drained it (recorded with your name).
+def resume(node: str, db: str, slurm: str, **options: Any) -> None:
+    """Resume NODE (a hostlist: n[1-4]) by hand, whoever drained it (recorded with your name).
 
     With --controller it asks the controller (admins only: root or the admin group)."""
-    from gpufleet.scheduler.health.admin import AdminError, caller_name
-    from gpufleet.scheduler.health.admin import resume as do_resume
-
-    if controller:
-        _node_action_via_controller("resume", node, "", {"controller": controller, **options})
-        return
-    store = open_existing_store(db)
-    try:
-        click.echo(do_resume(store, _slurm_for_admin(slurm), node, caller_name()))
-    except AdminError as e:
-        raise click.ClickException(str(e)) from e
-    finally:
-        store.close()
+    _node_action("resume", node, "", db, slurm, options)
 
 
 @click.command()

@@ -29,7 +29,8 @@ journal_option = click.option(
 
 
 def repair_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The `controller` command's repair options (names as in controller.toml)."""
+    """The `controller` command's repair options and its alert destinations (names as in
+    controller.toml)."""
     options = [
         click.option("--repair/--no-repair", "repair", default=False, show_default=True,
                      help="remediate, diagnose and resume (or escalate) nodes gpufleet "
@@ -50,9 +51,10 @@ def repair_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="record what the repair loop would do; do nothing (also on with "
                      "--shadow)"),
         click.option("--alertmanager-url", envvar="GPUFLEET_ALERTMANAGER_URL",
-                     help="Alertmanager base URL (http://HOST:9093) for escalations"),
+                     help="Alertmanager base URL (http://HOST:9093): the controller's own "
+                     "alerts (node fatal, node silent) and repair escalations go there"),
         click.option("--alert-webhook-url", envvar="GPUFLEET_ALERT_WEBHOOK_URL",
-                     help="also post escalations to this chat webhook ({\"text\": ...})"),
+                     help="also post those alerts to this chat webhook ({\"text\": ...})"),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -91,6 +93,11 @@ def alert_sender(opts: dict[str, Any]) -> Any:
     am, hook = opts.pop("alertmanager_url"), opts.pop("alert_webhook_url")
     if not am and not hook:
         return None
+    from urllib.parse import urlsplit
+
+    for flag, url in (("--alertmanager-url", am), ("--alert-webhook-url", hook)):
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise click.BadParameter(f"{url!r}: want http(s)://HOST:PORT", param_hint=flag)
     from gpufleet.scheduler.observability.alerting import AlertSender
 
     return AlertSender(am or None, hook or None)

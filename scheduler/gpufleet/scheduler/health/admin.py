@@ -16,6 +16,7 @@ from datetime import datetime
 from gpufleet.scheduler.access import audit
 from gpufleet.scheduler.slurm import SlurmClient, SlurmError, check_node_name
 from gpufleet.scheduler.store import HealthStore, now_ms
+from gpufleet.scheduler.store.values import ActionKind, ActionStatus
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -71,7 +72,8 @@ def drain(store: HealthStore, slurm: SlurmClient, node: str, reason: str, actor:
         raise AdminError("--reason is empty: say why the node is drained")
     if len(reason) > 200:
         raise AdminError(f"--reason is {len(reason)} characters: keep it under 200")
-    return _act(store, node, "drain", reason, actor, lambda: slurm.drain(node, reason), source)
+    return _act(store, node, ActionKind.DRAIN, reason, actor, lambda: slurm.drain(node, reason),
+                source)
 
 
 def resume(store: HealthStore, slurm: SlurmClient, node: str, actor: str,
@@ -85,8 +87,8 @@ def resume(store: HealthStore, slurm: SlurmClient, node: str, actor: str,
     if not before.drained:
         raise AdminError(f"{node} is not drained ({before.state}); nothing to resume")
     detail = f"was {before.state} reason {before.reason!r}"
-    return _act(store, node, "resume", f"by hand ({detail})", actor, lambda: slurm.resume(node),
-                source)
+    return _act(store, node, ActionKind.RESUME, f"by hand ({detail})", actor,
+                lambda: slurm.resume(node), source)
 
 
 def _check(node: str) -> None:
@@ -97,21 +99,21 @@ def _check(node: str) -> None:
 
 
 def _act(
-    store: HealthStore, node: str, kind: str, reason: str, actor: str, call: Callable[[], None],
-    source: str | None = None,
+    store: HealthStore, node: str, kind: ActionKind, reason: str, actor: str,
+    call: Callable[[], None], source: str | None = None,
 ) -> str:
     """`source`: where the admin is (a gRPC peer); None: this host's command line."""
-    action_id = store.add_action(node, kind, reason, actor, "queued", None, now_ms())
+    action_id = store.add_action(node, kind, reason, actor, ActionStatus.QUEUED, None, now_ms())
     source = source or f"cli@{socket.gethostname()}"
     try:
         call()
     except SlurmError as e:
-        store.update_action(action_id, "failed", str(e), 1, now_ms())
-        audit.record(actor, kind, node, source, "failed", reason=reason, error=str(e),
+        store.update_action(action_id, ActionStatus.FAILED, str(e), 1, now_ms())
+        audit.record(actor, kind, node, source, ActionStatus.FAILED, reason=reason, error=str(e),
                      action_id=action_id)
         raise AdminError(f"{kind} {node} failed: {e}") from e
-    store.update_action(action_id, "done", "", 1, now_ms())
-    audit.record(actor, kind, node, source, "done", reason=reason, action_id=action_id)
+    store.update_action(action_id, ActionStatus.DONE, "", 1, now_ms())
+    audit.record(actor, kind, node, source, ActionStatus.DONE, reason=reason, action_id=action_id)
     return f"{kind} {node}: done (recorded as action {action_id}, actor {actor})"
 
 

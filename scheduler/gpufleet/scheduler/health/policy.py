@@ -11,6 +11,13 @@
 - silent           -> `unreachable` after `unreachable_after_s` with an alert; drained on
                       silence alone only when `drain_unreachable` is set.
 
+With an `AlertSender` (the controller's --alertmanager-url / --alert-webhook-url) the
+controller's own alerts go out the moment the policy sees them: `GpufleetNodeFatal` when a
+node turns fatal (resolved when it is healthy again) and `GpufleetNodeUnreachable` when it
+goes silent (resolved when it reports again), labelled `source="gpufleet-controller"`.
+They need no Prometheus in between; the rules in monitoring/ raise the same names from
+metrics, a minute or two later.
+
 Decisions are made here; ActionQueue applies them off the ingest path, retries and records
 them. Shadow mode is the ActionQueue's: everything below is still decided and recorded.
 """
@@ -23,16 +30,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gpufleet.scheduler.health.actions import REASON_PREFIX, ActionQueue
+from gpufleet.scheduler.observability.alerting import Alert
 from gpufleet.scheduler.slurm import SlurmError
 from gpufleet.scheduler.store import StateStore, now_ms
+from gpufleet.scheduler.store.values import HEALTHY, ActionKind, ActionStatus, Severity
 
 if TYPE_CHECKING:
+    from gpufleet.scheduler.observability.alerting import AlertSender
     from gpufleet.scheduler.recovery.manager import RecoveryManager
     from gpufleet.scheduler.repair import RepairManager
 
 log = logging.getLogger(__name__)
 
-HEALTHY = ("ok", "warn")
+ALERT_FATAL = "GpufleetNodeFatal"
+ALERT_UNREACHABLE = "GpufleetNodeUnreachable"
 
 
 @dataclass(frozen=True)
@@ -66,12 +77,26 @@ class PolicyConfig:
 class HealthPolicy:
     """Turns node health transitions and silence into queued Slurm actions."""
 
-    def __init__(self, store: StateStore, actions: ActionQueue, config: PolicyConfig) -> None:
+    def __init__(self, store: StateStore, actions: ActionQueue, config: PolicyConfig, *,
+                 recovery: RecoveryManager | None = None, repair: RepairManager | None = None,
+                 alerts: AlertSender | None = None) -> None:
+        """`actions` must do what `config` says a degrade is (ActionQueue's degraded_weight
+        and degraded_feature). `recovery`: fatal nodes get their jobs requeued; `repair`:
+        drained nodes are remediated, diagnosed and resumed by it (the quiet-period resume
+        leaves its nodes alone); `alerts`: the controller's own alerts go out through it.
+        Each None: that part is off."""
         self.store = store
         self.actions = actions
         self.config = config.validate()
-        actions.degraded_weight = config.degraded_weight
-        actions.degraded_feature = config.degraded_feature
+        if (actions.degraded_weight, actions.degraded_feature) != (
+                config.degraded_weight, config.degraded_feature):
+            raise ValueError(
+                f"the action queue degrades with weight={actions.degraded_weight} feature="
+                f"{actions.degraded_feature!r}, the policy says weight={config.degraded_weight}"
+                f" feature={config.degraded_feature!r}: build both from one PolicyConfig")
+        self.recovery = recovery
+        self.repair = repair
+        self.alerts = alerts
         self._lock = threading.Lock()
         started = now_ms()
         # When each node last became healthy. After a controller restart nobody knows, so a
@@ -83,16 +108,11 @@ class HealthPolicy:
         # nodes where gpufleet may have something to undo (drained or degraded by policy)
         self._to_undo: set[str] = set()
         for a in store.actions():
-            if a.actor == "policy" and a.action in ("drain", "degrade"):
+            if a.actor == "policy" and a.action in (ActionKind.DRAIN, ActionKind.DEGRADE):
                 self._to_undo.add(a.node)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reassert_thread: threading.Thread | None = None
-        # set by the controller when job recovery is on: fatal nodes get their jobs requeued
-        self.recovery: RecoveryManager | None = None
-        # set by the controller when the repair loop is on: drained nodes are remediated,
-        # diagnosed and resumed by it, and the quiet-period resume leaves its nodes alone
-        self.repair: RepairManager | None = None
 
     # ------------------------------------------------------------ transitions (ingest path)
 
@@ -108,7 +128,13 @@ class HealthPolicy:
                 self._healthy_since_ms[node] = now_ms()
             else:
                 self._healthy_since_ms.pop(node, None)
-        if after == "fatal":
+        if self.alerts is not None and before == Severity.FATAL:
+            self.alerts.resolve(ALERT_FATAL, node, f"{node}: no longer fatal ({after})")
+        if after == Severity.FATAL:
+            if self.alerts is not None:
+                self.alerts.fire(Alert(ALERT_FATAL, node, "page",
+                                       f"{node}: GPU node health is fatal ({reason_code})",
+                                       evidence))
             if self._drain_stands(node):
                 # e.g. a restarted agent reports the same fault afresh (its hello reset the
                 # node's verdicts): the node is gpufleet's drained one already
@@ -116,16 +142,16 @@ class HealthPolicy:
                          evidence)
                 return
             reason = f"{REASON_PREFIX}{reason_code} {evidence}".strip()
-            if self.actions.submit(node, "drain", reason, fault_ms) is not None:
+            if self.actions.submit(node, ActionKind.DRAIN, reason, fault_ms) is not None:
                 log.warning("node %s fatal: %s -> drain", node, evidence)
                 if self.repair is not None:
                     self.repair.node_fatal(node, reason_code, evidence, fault_ms)
             self._mark_undo(node)
             if self.recovery is not None:  # returns at once: the work runs on its own pool
                 self.recovery.node_fatal(node, fault_ms)
-        elif after == "degraded" and before in (*HEALTHY, "unknown"):
+        elif after == Severity.DEGRADED and before in (*HEALTHY, Severity.UNKNOWN):
             reason = f"{REASON_PREFIX}{reason_code} {evidence}".strip()
-            if self.actions.submit(node, "degrade", reason, fault_ms) is not None:
+            if self.actions.submit(node, ActionKind.DEGRADE, reason, fault_ms) is not None:
                 log.warning("node %s degraded: %s -> weight/feature", node, evidence)
             self._mark_undo(node)
 
@@ -134,8 +160,10 @@ class HealthPolicy:
         mode. One that reached Slurm ("done") is not trusted here: an admin may have resumed
         the node with scontrol since; ActionQueue reads Slurm and skips a standing drain."""
         last = next((a for a in reversed(self.store.actions(node))
-                     if a.actor == "policy" and a.action in ("drain", "resume")), None)
-        return last is not None and last.action == "drain" and last.status in ("queued", "shadow")
+                     if a.actor == "policy" and a.action in (ActionKind.DRAIN, ActionKind.RESUME)),
+                    None)
+        return last is not None and last.action == ActionKind.DRAIN \
+            and last.status in (ActionStatus.QUEUED, ActionStatus.SHADOW)
 
     def _mark_undo(self, node: str) -> None:
         with self._lock:
@@ -170,9 +198,14 @@ class HealthPolicy:
                                 (now - n.last_seen_ms) / 1000)
                     with self._lock:
                         self._healthy_since_ms.pop(n.name, None)
+                    if self.alerts is not None:
+                        self.alerts.fire(Alert(
+                            ALERT_UNREACHABLE, n.name, "warning",
+                            f"{n.name}: GPU node silent, no agent report for "
+                            f"{(now - n.last_seen_ms) // 1000} s"))
                     if cfg.drain_unreachable:
                         self.actions.submit(
-                            n.name, "drain",
+                            n.name, ActionKind.DRAIN,
                             f"{REASON_PREFIX}unreachable no report for "
                             f"{(now - n.last_seen_ms) // 1000} s", n.last_seen_ms,
                         )
@@ -181,6 +214,8 @@ class HealthPolicy:
                 log.warning("node %s reachable again", n.name)
                 with self._lock:
                     self._healthy_since_ms[n.name] = now
+                if self.alerts is not None:
+                    self.alerts.resolve(ALERT_UNREACHABLE, n.name, f"{n.name}: reports again")
         for name in candidates:
             row = self.store.node(name)
             if row is None or now - row.last_seen_ms > silent_ms or row.health not in HEALTHY:
@@ -197,21 +232,23 @@ class HealthPolicy:
             return  # the repair loop resumes it after a diagnostic, or keeps it drained
         undone = True
         if self.store.policy_state(node) is not None:
-            self.actions.submit(node, "restore", "healthy again", None)
+            self.actions.submit(node, ActionKind.RESTORE, "healthy again", None)
             undone = False  # come back next tick to check the restore went through
         # a skipped drain changed nothing in Slurm (someone else's drain, or gpufleet's own
         # standing one): what counts is the last drain or resume that did something
         last = next(
             (a for a in reversed(self.store.actions(node))
-             if a.actor == "policy" and a.action in ("drain", "resume")
-             and not (a.action == "drain" and a.status == "skipped")),
+             if a.actor == "policy" and a.action in (ActionKind.DRAIN, ActionKind.RESUME)
+             and not (a.action == ActionKind.DRAIN and a.status == ActionStatus.SKIPPED)),
             None,
         )
-        if last is not None and last.action == "drain" and last.status == "done":
-            self.actions.submit(node, "resume", f"healthy for {self.config.resume_quiet_s:g} s",
-                                None)
+        if last is not None and last.action == ActionKind.DRAIN \
+                and last.status == ActionStatus.DONE:
+            self.actions.submit(node, ActionKind.RESUME,
+                                f"healthy for {self.config.resume_quiet_s:g} s", None)
             undone = False
-        elif last is not None and last.action == "drain" and last.status == "queued":
+        elif last is not None and last.action == ActionKind.DRAIN \
+                and last.status == ActionStatus.QUEUED:
             undone = False  # the drain has not reached Slurm yet
         if undone:
             with self._lock:
@@ -238,7 +275,7 @@ class HealthPolicy:
             node = shown.get(name)
             if node is None or not self.actions.degraded_but_lost(node):
                 continue
-            if self.actions.submit(name, "reassert",
+            if self.actions.submit(name, ActionKind.REASSERT,
                                    "Slurm lost gpufleet's degraded weight/feature", None):
                 log.warning("node %s: Slurm lost its degraded weight/feature (slurmctld "
                             "restarted?): putting them back", name)

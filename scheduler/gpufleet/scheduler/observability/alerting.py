@@ -1,11 +1,12 @@
 """Alerts out of the controller, and Alertmanager's alerts into a chat channel.
 
-- `AlertSender` posts the controller's own alerts (a node turned fatal, a node went silent)
-  to Alertmanager's API v2 (`POST /api/v2/alerts`) and/or a generic webhook (JSON with a
-  Slack-compatible `text`). It runs on its own thread: `fire`/`resolve` only put the alert on
-  a bounded queue, so a slow or dead Alertmanager never delays ingest. Each POST has a
-  timeout and a bounded number of retries with backoff; firing alerts are re-sent every
-  `resend_interval_s` so Alertmanager does not resolve them on its own (its resolve_timeout).
+- `AlertSender` posts the controller's own alerts (a node turned fatal, a node went silent:
+  health/policy.py; a repair escalation: repair/link.py) to Alertmanager's API v2
+  (`POST /api/v2/alerts`) and/or a generic webhook (JSON with a Slack-compatible `text`).
+  It runs on its own thread: `fire`/`resolve` only put the alert on a bounded queue, so a
+  slow or dead Alertmanager never delays ingest. Each POST has a timeout and a bounded
+  number of retries with backoff; firing alerts are re-sent every `resend_interval_s` so
+  Alertmanager does not resolve them on its own (its resolve_timeout).
 - `AlertRelay` is an HTTP receiver for Alertmanager's webhook (payload version 4) that turns
   the group into a short text and posts `{"text": ...}` to a chat webhook (Slack, Mattermost,
   Rocket.Chat and most others accept that shape). It answers 502 when the chat endpoint
@@ -175,8 +176,10 @@ class AlertSender:
                     self._active[a.key] = a
                 else:
                     was = self._active.pop(a.key, None)
-                    if was is not None:  # the same alert, ended: Alertmanager matches on it
-                        a.starts_at_s = was.starts_at_s
+                    if was is not None:
+                        # the same alert, ended: Alertmanager matches on every label, so the
+                        # severity must be the firing one's (resolve() cannot know it)
+                        a.starts_at_s, a.severity = was.starts_at_s, was.severity
             if not batch:  # a resend of what still fires
                 next_resend = time.monotonic() + self.resend_interval_s
                 batch = list(self._active.values())

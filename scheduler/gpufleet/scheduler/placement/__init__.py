@@ -1,9 +1,11 @@
 """Topology-aware placement of researchers' jobs: which healthy nodes and GPUs, and the sbatch
 flags that make Slurm use them. The engine is pure; builders read Slurm and the store; nothing
-here submits a job (that is cli_place.py's `gpufleet sbatch`).
+here submits a job (that is `gpufleet sbatch`, cli/place.py), and nothing here speaks gRPC
+or protobuf (the controller's placement over gRPC is service/user_remote.py).
 """
 
 from gpufleet.scheduler.placement.engine import min_leaves, place, resolve_shape
+from gpufleet.scheduler.placement.layout import GpuLayout, gpu_layout
 from gpufleet.scheduler.placement.model import (
     ClusterView,
     NicAffinity,
@@ -14,7 +16,7 @@ from gpufleet.scheduler.placement.model import (
     PlacementRequest,
 )
 from gpufleet.scheduler.placement.sources import (
-    GrpcPlacementSource,
+    InventorySource,
     LocalPlacementSource,
     PlacementSource,
     PlacementUnavailable,
@@ -27,7 +29,8 @@ from gpufleet.scheduler.placement.sources import (
 
 __all__ = [
     "ClusterView",
-    "GrpcPlacementSource",
+    "GpuLayout",
+    "InventorySource",
     "LocalPlacementSource",
     "NicAffinity",
     "NodeChoice",
@@ -38,6 +41,7 @@ __all__ = [
     "PlacementSource",
     "PlacementUnavailable",
     "apply_store",
+    "gpu_layout",
     "min_leaves",
     "parse_gres_detail",
     "parse_time_min",

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gpufleet.scheduler.placement.engine import place
+from gpufleet.scheduler.placement.layout import GpuLayout, gpu_layout
 from gpufleet.scheduler.placement.model import (
     ClusterView,
-    NicAffinity,
-    NodeChoice,
     NodeView,
     Placement,
     PlacementError,
@@ -30,9 +29,10 @@ from gpufleet.scheduler.slurm import CliSlurmClient, SlurmError, SlurmJob
 from gpufleet.scheduler.slurm.gres import gpu_count, parse_gres_detail
 from gpufleet.scheduler.slurm.topology_conf import TopologyConfError
 from gpufleet.scheduler.slurm.topology_conf import parse_topology_conf as parse_topology_text
+from gpufleet.scheduler.topology.inventory import NodeInventory
 
 __all__ = [
-    "GrpcPlacementSource",
+    "InventorySource",
     "LocalPlacementSource",
     "PlacementSource",
     "PlacementUnavailable",
@@ -45,8 +45,6 @@ __all__ = [
 
 # states in which a job holds its GPUs
 _HOLDING_STATES = frozenset({"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STOPPED"})
-# Same names as NVML's topology levels, by the wire contract's PcieRelation enum numbers
-_PCIE_NAMES = {1: "X", 2: "PIX", 3: "PXB", 4: "PHB", 5: "NODE", 6: "SYS"}
 # A store whose newest agent report is older than this means the controller (or every agent)
 # is away: its health is no basis for a placement.
 DEFAULT_STALE_AFTER_S = 120.0
@@ -152,42 +150,15 @@ class HealthStore(Protocol):
 
     def verdicts(self, node: str) -> Sequence[Any]: ...
 
-    def inventory(self, name: str) -> bytes | None: ...
+
+# node -> its inventory (None: none stored); the caller converts what the store keeps
+InventorySource = Callable[[str], NodeInventory | None]
 
 
-def _islands_and_nics(inventory: bytes) -> tuple[tuple[frozenset[int], ...],
-                                                 dict[int, NicAffinity]]:
-    from gpufleet.rpc.v1 import fleet_pb2
-
-    inv = fleet_pb2.NodeInventory()
-    inv.ParseFromString(inventory)
-    root = {g.index: g.index for g in inv.gpus}
-
-    def find(x: int) -> int:
-        while root[x] != x:
-            root[x] = root[root[x]]
-            x = root[x]
-        return x
-
-    for link in inv.gpu_links:
-        if link.nvlink_count > 0 and link.gpu_a in root and link.gpu_b in root:
-            root[find(link.gpu_a)] = find(link.gpu_b)
-    groups: dict[int, set[int]] = {}
-    for g in root:
-        groups.setdefault(find(g), set()).add(g)
-    islands = tuple(sorted((frozenset(s) for s in groups.values()), key=min))
-    nics: dict[int, NicAffinity] = {}
-    for aff in inv.gpu_nic_affinity:
-        rel = _PCIE_NAMES.get(int(aff.pcie_relation), "SYS")
-        old = nics.get(aff.gpu_index)
-        order = list(_PCIE_NAMES.values())
-        if old is None or order.index(rel) < order.index(old.relation):
-            nics[aff.gpu_index] = NicAffinity(aff.hca, rel)
-    return (islands if inv.gpu_links else ()), nics
-
-
-def apply_store(view: ClusterView, store: HealthStore) -> ClusterView:
-    """The view with gpufleet's health, per-GPU verdicts, NVLink islands and NIC affinity."""
+def apply_store(view: ClusterView, store: HealthStore,
+                inventories: InventorySource | None = None) -> ClusterView:
+    """The view with gpufleet's health, per-GPU verdicts and, from the nodes' `inventories`,
+    NVLink islands and NIC affinity."""
     nodes = dict(view.nodes)
     for row in store.nodes():
         node = nodes.get(row.name)
@@ -198,10 +169,11 @@ def apply_store(view: ClusterView, store: HealthStore) -> ClusterView:
         for v in store.verdicts(row.name):
             if v.gpu_index is not None and v.severity in {"degraded", "fatal"}:
                 bad[int(v.gpu_index)] = f"{v.severity} {v.reason_code}"
-        inv = store.inventory(row.name)
-        islands, nics = _islands_and_nics(inv) if inv else ((), {})
+        inv = inventories(row.name) if inventories is not None else None
+        layout = gpu_layout(inv) if inv is not None else GpuLayout()
         nodes[row.name] = replace(node, health=health, health_reason=row.health_reason,
-                                  unhealthy_gpus=bad, nvlink_islands=islands, gpu_nic=nics)
+                                  unhealthy_gpus=bad, nvlink_islands=layout.islands,
+                                  gpu_nic=layout.nics)
     return replace(view, nodes=nodes, sources=[*view.sources, "gpufleet store"])
 
 
@@ -219,6 +191,8 @@ class LocalPlacementSource:
 
     The store stands for the controller: missing, unreadable, or with no agent report newer
     than `stale_after_s`, it means the controller is away -> PlacementUnavailable.
+    `inventories_from`: the opened store -> each node's inventory (e.g.
+    gpufleet.scheduler.service.convert.stored_inventories); None: islands and NICs not known.
     """
 
     store_path: str | None
@@ -228,6 +202,7 @@ class LocalPlacementSource:
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     slurm: CliSlurmClient | None = None
     now_s: Callable[[], float] = field(default=time.time)
+    inventories_from: Callable[[Any], InventorySource] | None = None
 
     def view(self) -> ClusterView:
         t0 = time.monotonic()
@@ -240,7 +215,10 @@ class LocalPlacementSource:
         slurm = self.slurm or CliSlurmClient(env=self.env, timeout_s=self.timeout_s)
         view = view_from_slurm(slurm, self.timeout_s, topo)
         if self.store_path is not None:
-            view = apply_store(view, self._open_store())
+            store = self._open_store()
+            inventories = (self.inventories_from(store) if self.inventories_from is not None
+                           else None)
+            view = apply_store(view, store, inventories)
         if time.monotonic() - t0 > self.timeout_s:
             raise PlacementUnavailable(f"reading the cluster took over {self.timeout_s} s")
         return view
@@ -266,49 +244,3 @@ class LocalPlacementSource:
 
     def place(self, request: PlacementRequest) -> Placement:
         return place(self.view(), request)
-
-
-@dataclass
-class GrpcPlacementSource:
-    """Asks the controller's FleetUser.Place (MUNGE-authenticated; any user may ask).
-
-    TLS settings and the munged socket come from `env` (default: this process's
-    environment): GPUFLEET_TLS_CA / _CERT / _KEY or GPUFLEET_INSECURE, GPUFLEET_MUNGE_SOCKET.
-    Anything that stops an answer (controller away, slow, no munge here, refused) is
-    PlacementUnavailable, so `gpufleet sbatch` submits as plain sbatch with one warning; a
-    request the controller calls invalid is a PlacementError.
-    """
-
-    address: str
-    timeout_s: float = 2.0
-    env: Mapping[str, str] | None = None
-
-    def place(self, request: PlacementRequest) -> Placement:
-        import grpc
-        from gpufleet.rpc.v1 import fleet_pb2 as pb
-        from gpufleet.scheduler.service.user_client import UserClient, UserClientError, tls_from_env
-
-        msg = pb.PlaceRequest(partition=request.partition or "",
-                              constraints=list(request.constraints),
-                              exclude=sorted(request.exclude))
-        for name in ("nodes", "gpus_per_node", "total_gpus", "time_limit_min"):
-            value = getattr(request, name)
-            if value is not None:
-                setattr(msg, name, value)
-        # None: munge.socket_path reads GPUFLEET_MUNGE_SOCKET from this process's environment
-        sock = None if self.env is None else self.env.get("GPUFLEET_MUNGE_SOCKET")
-        try:
-            client = UserClient(self.address, tls_from_env(self.env), sock,
-                                timeout_s=self.timeout_s)
-            with client:
-                reply = client.place(msg)
-        except UserClientError as e:
-            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise PlacementError(str(e)) from e
-            raise PlacementUnavailable(str(e)) from e
-        return Placement(
-            ok=reply.ok, request=request,
-            nodes=[NodeChoice(n.node, n.leaf, tuple(n.gpus), n.nvlink_islands, n.nic_rank,
-                              n.free_gpus_left) for n in reply.nodes],
-            flags=list(reply.flags), score=reply.score, cost=dict(reply.cost),
-            explanation=list(reply.explanation), env=dict(reply.env))

@@ -40,6 +40,9 @@ charged (under-counted, never double).
 Every step is timed and stored (`recoveries` table; `gpufleet jobs show JOBID`) and observed in
 Prometheus. All of it runs on a worker pool: never on the ingest path, never blocking it.
 Shadow mode records what would be done and does nothing.
+
+One module (~500 lines): a recovery is one timeline (signal, grace, requeue, running again)
+per job, and its steps share the same clock, retries and idempotence rules.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from gpufleet.scheduler.store import (
     StoreError,
     now_ms,
 )
+from gpufleet.scheduler.store.values import ActionKind, ActionStatus
 
 if TYPE_CHECKING:
     from gpufleet.scheduler.observability.metrics import ControllerMetrics
@@ -309,7 +313,8 @@ class RecoveryManager:
         since = row.created_ms - _ENDED_SLACK_MS
         try:
             drains = [a for a in self.store.actions(row.node, since_ms=since)
-                      if a.action == "drain" and a.status == "done" and a.done_ms is not None]
+                      if a.action == ActionKind.DRAIN and a.status == ActionStatus.DONE
+                      and a.done_ms is not None]
         except StoreError:
             return None
         return drains[-1].done_ms if drains else None

@@ -3,6 +3,9 @@ what domain packages need (topology, placement, repair)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.topology.inventory import Gpu, GpuLink, GpuNic, IbPort, NodeInventory
 
@@ -34,3 +37,16 @@ def inventory_from_blob(blob: bytes) -> NodeInventory:
     inv = pb.NodeInventory()
     inv.ParseFromString(blob)
     return inventory_from_pb(inv)
+
+
+class _InventoryStore(Protocol):
+    def inventory(self, name: str) -> bytes | None: ...
+
+
+def stored_inventories(store: _InventoryStore) -> Callable[[str], NodeInventory | None]:
+    """node -> its inventory as the store keeps it (None: none stored), for placement."""
+    def inventory(node: str) -> NodeInventory | None:
+        blob = store.inventory(node)
+        return inventory_from_blob(blob) if blob else None
+
+    return inventory

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.accounting.ledger import UsageRow
-from gpufleet.scheduler.health.actions import REASON_PREFIX, ActionQueue
 from gpufleet.scheduler.health.policy import HealthPolicy
 from gpufleet.scheduler.observability.metrics import ControllerMetrics
 from gpufleet.scheduler.store import CheckpointRow, StateStore, VerdictRow, now_ms
+from gpufleet.scheduler.store.values import Severity
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # a Slurm job id, or an array/het element: 1234, 1234_7, 1234+1
 _JOB_ID = re.compile(r"^[0-9]{1,12}([_+][0-9]{1,9})?$")
 SEVERITY_NAMES = {
-    pb.SEVERITY_OK: "ok",
-    pb.SEVERITY_WARN: "warn",
-    pb.SEVERITY_DEGRADED: "degraded",
-    pb.SEVERITY_FATAL: "fatal",
+    pb.SEVERITY_OK: Severity.OK,
+    pb.SEVERITY_WARN: Severity.WARN,
+    pb.SEVERITY_DEGRADED: Severity.DEGRADED,
+    pb.SEVERITY_FATAL: Severity.FATAL,
 }
 MAX_GPUS_PER_NODE = 64
 STORE_SEQ_MAX = 2**63 - 1  # nodes.last_seq: SQLite INTEGER, PostgreSQL BIGINT
@@ -76,13 +76,19 @@ class Ingestor:
     for hello(), which the servicer runs on one worker thread (it only adds to `_nodes`;
     every pass over `_nodes` iterates a copy)."""
 
-    def __init__(self, store: StateStore, actions: ActionQueue,
-                 metrics: ControllerMetrics | None = None, touch_interval_s: float = 1.0,
-                 policy: HealthPolicy | None = None) -> None:
+    def __init__(self, store: StateStore, policy: HealthPolicy,
+                 metrics: ControllerMetrics | None = None, touch_interval_s: float = 1.0, *,
+                 munge_socket: str | None = None,
+                 on_command_result: Callable[[str, pb.CommandResult], None] | None = None
+                 ) -> None:
+        """`policy` gets every change of a node's health; `munge_socket`: the munged that
+        checks checkpoint registrations' credentials (None: MUNGE's default socket);
+        `on_command_result`: where agents' command results go (the repair loop's; None:
+        they are dropped)."""
         self.store = store
-        self.actions = actions
         self.policy = policy
         self.metrics = metrics
+        self.munge_socket = munge_socket
         self.counters = Counters()
         self.touch_interval_s = touch_interval_s
         self._nodes: dict[str, _NodeSeq] = {}
@@ -90,7 +96,7 @@ class Ingestor:
         # 10,000 nodes every second (that pass, and the 10,000 tuples it made, were ~10 % of
         # the event loop's time at 10,000 nodes)
         self._dirty: set[str] = set()
-        self.on_command_result: Callable[[str, pb.CommandResult], None] | None = None
+        self.on_command_result = on_command_result
         self._next_flush = time.monotonic() + touch_interval_s
         # one worker: batches are written in order, and never two at once
         self._flusher: ThreadPoolExecutor | None = None
@@ -238,8 +244,7 @@ class Ingestor:
                 owner_uid = None  # a user this host does not know: the uid check still holds
             try:
                 cred = munge.verify_checkpoint(c.munge_credential, c.job_id, c.step,
-                                               claimed_uid, owner_uid,
-                                               getattr(self, "munge_socket", None))
+                                               claimed_uid, owner_uid, self.munge_socket)
             except munge.MungeError as e:
                 raise IngestError(
                     f"checkpoint of job {c.job_id} step {c.step} from {node}: {e}") from e
@@ -359,20 +364,10 @@ class Ingestor:
             VerdictRow(node, v.check, v.gpu_index if v.HasField("gpu_index") else None,
                        v.subject, severity, v.reason_code, v.evidence, v.since_ms)
         )
-        if self.policy is not None:
-            self.policy.on_health_change(node, before, after, v.reason_code, v.evidence,
-                                         v.since_ms)
-            return
-        # no policy (tests driving ingest alone): act on the transition into fatal; the first
-        # fatal verdict names the cause, later ones (the GPU-lost check after an Xid 79) add
-        # evidence, not another drain
-        if severity == "fatal" and before != "fatal":
-            reason = f"{REASON_PREFIX}{v.reason_code} {v.evidence}"
-            if self.actions.submit(node, "drain", reason, v.since_ms) is not None:
-                log.warning("node %s fatal: %s -> drain", node, v.evidence)
+        self.policy.on_health_change(node, before, after, v.reason_code, v.evidence, v.since_ms)
 
 
-def _severity(value: int) -> str:
+def _severity(value: int) -> Severity:
     try:
         return SEVERITY_NAMES[value]  # type: ignore[index]
     except KeyError as e:

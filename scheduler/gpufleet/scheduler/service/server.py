@@ -4,6 +4,9 @@ health checking and reflection.
 grpc.aio: one event loop holds every agent stream, so 10,000 idle-most-of-the-time streams
 cost no threads. The servicer validates, calls the domain, maps domain errors to status
 codes; nothing else.
+
+One module (~530 lines): the `Connect` servicer and the Controller that builds and wires
+every part (metrics, actions, recovery, repair, policy, ingest) in one visible order.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from gpufleet.scheduler.service.user_service import (
     FleetUserServicer,
     ViewSource,
 )
-from gpufleet.scheduler.slurm import SlurmClient
+from gpufleet.scheduler.slurm import SlurmClient, SlurmJobClient
 from gpufleet.scheduler.store import StateStore, StoreError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -240,8 +243,9 @@ class Controller:
     gRPC server on its own loop.
 
     `metrics_listen` ("HOST:PORT", e.g. "0.0.0.0:9836") serves Prometheus /metrics; None
-    serves none (the metrics are still kept, in `self.metrics`). Without `policy` the
-    controller only drains on fatal (the foundation's behaviour, which tests rely on).
+    serves none (the metrics are still kept, in `self.metrics`). `policy`: the health
+    policy's settings, PolicyConfig()'s defaults when None. `alerts`: the controller's own
+    alerts (node fatal, node silent) and the repair loop's escalations go out through it.
 
     `tls`: serve mTLS and bind each stream to the node in its client certificate; None
     serves plaintext (the CLI allows that only with --insecure). `elect`: take the leader
@@ -286,36 +290,43 @@ class Controller:
         self.user_servicer = FleetUserServicer(
             store, slurm, Authenticator(munge_socket, admin_group),
             active=self._active.is_set, view_source=user_view_source)
-        self.actions = ActionQueue(store, slurm, shadow=shadow)
+        # one PolicyConfig says what a degrade is to both the queue and the policy
+        policy = policy if policy is not None else PolicyConfig()
         self.metrics = metrics if metrics is not None else ControllerMetrics(
-            nodes_by_health=self.nodes_by_health, queue_depth=self.actions.depth,
+            # late-bound: the queue below is built with these metrics
+            nodes_by_health=self.nodes_by_health,
+            queue_depth=lambda: self.actions.depth(),  # noqa: PLW0108 - self.actions not set yet
         )
-        if hasattr(self.actions, "metrics"):  # the action queue reports finished actions
-            self.actions.metrics = self.metrics
-        self.policy = HealthPolicy(store, self.actions, policy) if policy is not None else None
+        self.actions = ActionQueue(store, slurm, shadow=shadow,
+                                   degraded_weight=policy.degraded_weight,
+                                   degraded_feature=policy.degraded_feature,
+                                   metrics=self.metrics)
         # job recovery (signal, requeue, resume) hangs off the policy's fatal transition and
-        # needs a Slurm client that can requeue (the CLI one); None: off
+        # needs a Slurm client with the job calls (cli, rest and pyslurm all have them)
         self.recovery: RecoveryManager | None = None
         if recovery is not None:
-            if self.policy is None:
-                raise ValueError("job recovery needs the health policy: pass policy= too")
-            if slurm is not None and not hasattr(slurm, "requeue"):
-                raise ValueError(f"job recovery needs a Slurm client that can requeue jobs "
-                                 f"(--slurm cli), not {type(slurm).__name__}")
-            self.recovery = RecoveryManager(store, slurm,  # type: ignore[arg-type]
-                                            recovery, shadow=self.actions.shadow,
+            if slurm is not None and not isinstance(slurm, SlurmJobClient):
+                raise ValueError(f"job recovery needs a Slurm client that can requeue jobs, "
+                                 f"not {type(slurm).__name__}")
+            self.recovery = RecoveryManager(store, slurm, recovery, shadow=self.actions.shadow,
                                             metrics=self.metrics)
-            self.policy.recovery = self.recovery
-        self.ingest = Ingestor(store, self.actions, self.metrics, policy=self.policy)
         self.alerts = alerts
         # the repair loop (remediate, diagnose, resume or escalate) hangs off the policy's
         # drains and needs Slurm; None: off
         self.commands: AgentCommands | None = None
         self.repair: RepairManager | None = None
         if repair is not None:
-            self._make_repair(slurm, repair, repair_journal, rebooter, partition_of)
+            self.commands, self.repair = self._make_repair(slurm, repair, repair_journal,
+                                                           rebooter, partition_of)
+        self.policy = HealthPolicy(store, self.actions, policy, recovery=self.recovery,
+                                   repair=self.repair, alerts=alerts)
+        on_result = None
+        if self.repair is not None:
+            repair_loop = self.repair
+            on_result = lambda node, r: repair_loop.on_result(result_from_wire(node, r))  # noqa: E731 - one line of glue
         # checkpoint registrations' MUNGE credentials are checked with the same munged
-        self.ingest.munge_socket = munge_socket  # type: ignore[attr-defined]
+        self.ingest = Ingestor(store, self.policy, self.metrics, munge_socket=munge_socket,
+                               on_command_result=on_result)
         self.metrics_listen = metrics_listen
         self.metrics_server: MetricsHttpServer | None = None
         self.listen = listen
@@ -330,24 +341,23 @@ class Controller:
 
     def _make_repair(self, slurm: SlurmClient | None, cfg: RepairConfig,
                      journal: str | None, rebooter: Rebooter | None,
-                     partition_of: Callable[[str], str] | None) -> None:
+                     partition_of: Callable[[str], str] | None
+                     ) -> tuple[AgentCommands, RepairManager]:
         from gpufleet.scheduler.repair.metrics import RepairCollector
         from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 
-        if self.policy is None or slurm is None:
-            raise ValueError("the repair loop needs the health policy and a Slurm client")
+        if slurm is None:
+            raise ValueError("the repair loop needs a Slurm client")
         if not journal:
             raise ValueError("the repair loop needs a journal path (repair_journal=)")
-        self.commands = AgentCommands(self.store)
+        commands = AgentCommands(self.store)
         repair = RepairManager(
             slurm, Journal(journal), replace(cfg, shadow=cfg.shadow or self.actions.shadow),
-            self.commands, rebooter if rebooter is not None else CliRebooter(),
+            commands, rebooter if rebooter is not None else CliRebooter(),
             Escalator(self.alerts),
             partition_of if partition_of is not None else CliPartitions())
-        self.repair = self.policy.repair = repair
-        self.ingest.on_command_result = (
-            lambda node, r: repair.on_result(result_from_wire(node, r)))
         self.metrics.registry.register(RepairCollector(repair))
+        return commands, repair
 
     async def _serve(self) -> None:
         server = grpc.aio.server(options=[
@@ -416,8 +426,7 @@ class Controller:
 
     def _become_active(self) -> None:
         self.actions.start()
-        if self.policy is not None:
-            self.policy.start()
+        self.policy.start()
         if self.alerts is not None:
             self.alerts.start()
         if self.repair is not None:
@@ -508,8 +517,7 @@ class Controller:
         except StoreError as e:
             log.error("store failed writing the last report times at stop: %s", e)
         if was_active:
-            if self.policy is not None:
-                self.policy.stop()
+            self.policy.stop()
             if self.recovery is not None:
                 self.recovery.stop()
             if self.repair is not None:

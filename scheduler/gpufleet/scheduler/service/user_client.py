@@ -1,8 +1,8 @@
 """Client side of FleetUser: the channel to the controller (mTLS or, for a demo, plaintext),
 a fresh MUNGE credential on every call, and gRPC errors turned into one clear line.
 
-Used by `gpufleet acct|jobs show|drain|resume --controller` and by `gpufleet sbatch
---gpufleet-controller` (placement). It never sends a user name: the controller learns who
+Used by RemoteUserApi (user_remote.py: `gpufleet acct|jobs show|drain|resume --controller`,
+and placement). It never sends a user name: the controller learns who
 is calling from the credential, which the local munged makes for this process's uid.
 """
 
@@ -29,9 +29,11 @@ class UserClientError(Exception):
     """A call to the controller failed; `code` is the gRPC status (None: it never left this
     host, e.g. no munge or bad TLS files). The message is for the person at the terminal."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None,
+                 details: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.details = details or message  # the controller's own words, without framing
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _describe(address: str, e: grpc.RpcError) -> UserClientError:
         msg = f"not authenticated: {details}"
     else:
         msg = f"controller {address}: {details}"
-    return UserClientError(msg, code)
+    return UserClientError(msg, code, details)
 
 
 class UserClient:

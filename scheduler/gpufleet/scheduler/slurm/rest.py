@@ -45,6 +45,7 @@ from gpufleet.scheduler.slurm.types import (
     SlurmClient,
     SlurmError,
     SlurmJob,
+    SlurmJobClient,
     SlurmNode,
     check_features,
     check_job_id,
@@ -107,6 +108,7 @@ class RestSlurmClient:
         timeout_s: float = 5.0,
         update_client: SlurmClient | None = None,
         env: dict[str, str] | None = None,
+        job_action_client: SlurmJobClient | None = None,
     ) -> None:
         if (socket_path is None) == (url is None):
             raise SlurmError("RestSlurmClient needs exactly one of socket_path or url",
@@ -128,8 +130,10 @@ class RestSlurmClient:
         # 22.05: updates via scontrol (see the module docstring)
         self.update_client = update_client or CliSlurmClient(env=env, timeout_s=timeout_s)
         # job actions via scancel/scontrol on every version (module docstring)
-        self.job_action_client = (update_client if isinstance(update_client, CliSlurmClient)
-                                  else CliSlurmClient(env=env, timeout_s=timeout_s))
+        self.job_action_client: SlurmJobClient = (
+            job_action_client if job_action_client is not None
+            else update_client if isinstance(update_client, CliSlurmClient)
+            else CliSlurmClient(env=env, timeout_s=timeout_s))
 
     @property
     def api_version(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 SLURM_KINDS = ("cli", "rest", "pyslurm", "none")
 
@@ -91,10 +91,12 @@ class SlurmClient(Protocol):
     def ping(self) -> bool: ...
 
 
+@runtime_checkable
 class SlurmJobClient(Protocol):
-    """What recovery needs from Slurm besides nodes. The CLI client has it; the REST client
-    reads jobs from slurmrestd and acts through scancel/scontrol; the pyslurm client does not
-    have it yet."""
+    """What recovery needs from Slurm besides nodes. All three clients have it: the CLI
+    client; the REST client reads jobs from slurmrestd and acts through scancel/scontrol;
+    the pyslurm client through pyslurm's Job. Runtime-checkable so the controller refuses a
+    client without it when recovery is asked for, at start, not at the first fault."""
 
     def jobs_on_node(self, node: str) -> list[SlurmJob]: ...
 
