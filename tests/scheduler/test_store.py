@@ -278,6 +278,24 @@ def test_reachability_changes_once_and_keeps_when_it_went_silent(store_backend: 
     assert s.node("ghost") is None
 
 
+def test_liveness_changes_are_the_nodes_due_to_change_and_touches_never_go_back(
+        store_backend: Backend) -> None:
+    s = store_backend.open()
+    for name, seen in (("quiet", 1000), ("fresh", 9000), ("back", 9500), ("gone", 2000)):
+        s.upsert_node(name, name, 8, b"", "a", seen)
+    s.set_reachable("back", False, 3000)
+    s.set_reachable("gone", False, 3000)
+    # reachable but silent since before 5000, and unreachable but seen since: nothing else
+    assert [n.name for n in s.liveness_changes(5000)] == ["back", "quiet"]
+    # one batch (executemany): time and sequence move forward only, other instances untouched
+    s.touch_nodes([("quiet", "a", 7, 8000), ("fresh", "a", 3, 100), ("gone", "other", 9, 9999)])
+    assert {n.name: n.last_seen_ms for n in s.nodes()} == {
+        "back": 9500, "fresh": 9000, "gone": 2000, "quiet": 8000}
+    assert s.last_seq("quiet") == ("a", 7)
+    assert s.last_seq("gone") == ("a", 0)
+    assert [n.name for n in s.liveness_changes(5000)] == ["back"]
+
+
 def test_policy_state_remembers_what_to_undo(store_backend: Backend) -> None:
     s = store_backend.open()
     assert s.policy_state("n1") is None

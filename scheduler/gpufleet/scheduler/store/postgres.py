@@ -50,6 +50,11 @@ class _PgConn:
         # the shared SQL has no '%' and no '?' inside literals (checked by the test suite)
         return self.conn.execute(sql.replace("?", "%s"), params or None)
 
+    def executemany(self, sql: str, params: Any) -> None:
+        # psycopg 3 pipelines the rows: one round trip for the batch, not one per row
+        with self.conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), params)
+
 
 
 class PostgresStore(SqlStore):
