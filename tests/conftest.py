@@ -9,7 +9,7 @@ only by the conformance suite, tests/conformance/ (marker `conformance`).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +55,13 @@ __all__ = [
     "IN_CI", "REPO", "clean_slurm_lab", "report_figure", "slurm_lab",
     "slurm_version",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_nvml_simulator() -> Iterator[None]:
+    """The simulated NVML is process-global, as NVML is: a test that leaves it initialised
+    with one profile would hand the next test's agent that profile's GPUs."""
+    yield
+    from gpufleet.agent import nvml_sim
+
+    nvml_sim.nvmlShutdown()

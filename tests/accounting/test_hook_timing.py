@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 from gpufleet.agent import runner
-from gpufleet.agent.accounting import Accountant, write_hook_file
+from gpufleet.agent.accounting import Accountant, GpuUsage, JobPhase, write_hook_file
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.nvml import NvmlBackend, load_library
 from gpufleet.agent.runner import Agent
 from gpufleet.agent.telemetry import GpuSample
-from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 T0 = 1_700_000_000_000  # ms
 GPUS = (0, 1, 2, 3)
@@ -73,10 +72,10 @@ def test_an_end_written_while_the_agent_is_paused_mid_sample_clips_busy_exactly(
 
     monkeypatch.setattr(agent.accounting, "poll_spool", scan_then_maybe_pause)
     monkeypatch.setattr(runner, "_now_ms", clock_then_maybe_pause)
-    rows: list[pb.JobGpuUsage] = []
+    rows: list[GpuUsage] = []
     on_sample = agent.accounting.on_sample
 
-    def keep_rows(*args: Any, **kwargs: Any) -> list[pb.JobGpuUsage]:
+    def keep_rows(*args: Any, **kwargs: Any) -> list[GpuUsage]:
         out = on_sample(*args, **kwargs)
         rows.extend(out)
         return out
@@ -95,7 +94,7 @@ def test_an_end_written_while_the_agent_is_paused_mid_sample_clips_busy_exactly(
     clock.now_ms += 1000
     agent.sample()
 
-    ended = [r for r in rows if r.phase == pb.JOB_PHASE_ENDED]
+    ended = [r for r in rows if r.phase == JobPhase.ENDED]
     assert sorted(r.gpu_index for r in ended) == list(GPUS)
     for r in ended:
         assert (r.start_ms, r.end_ms) == (START_MS, END_MS)
@@ -110,7 +109,7 @@ def test_an_end_stamped_after_the_sample_waits_one_sample_only(tmp_path: Path) -
     anyway: a job is never kept open waiting for its end's time."""
     acc = Accountant(tmp_path, "n1")
 
-    def sample(now_ms: int) -> list[pb.JobGpuUsage]:
+    def sample(now_ms: int) -> list[GpuUsage]:
         acc.poll_spool()
         return acc.on_sample([GpuSample(index=0, energy_mj=0, utilization_gpu_pct=50.0)],
                              now_ms)
@@ -120,16 +119,16 @@ def test_an_end_stamped_after_the_sample_waits_one_sample_only(tmp_path: Path) -
     sample(T0)
     sample(T0 + 1000)
     write_hook_file(tmp_path, "end", job, T0 + 1500)
-    assert not [r for r in sample(T0 + 1200) if r.phase == pb.JOB_PHASE_ENDED]
-    [row] = [r for r in sample(T0 + 2200) if r.phase == pb.JOB_PHASE_ENDED]
+    assert not [r for r in sample(T0 + 1200) if r.phase == JobPhase.ENDED]
+    [row] = [r for r in sample(T0 + 2200) if r.phase == JobPhase.ENDED]
     assert (row.end_ms, row.allocated_ms, row.busy_ms) == (T0 + 1500, 1500, 750)
 
     job2 = {**job, "job_id": "10"}
     write_hook_file(tmp_path, "start", job2, T0 + 3000)
     sample(T0 + 3000)
     write_hook_file(tmp_path, "end", job2, T0 + 9000)  # its Epilog's clock ahead
-    assert not [r for r in sample(T0 + 4000) if r.phase == pb.JOB_PHASE_ENDED]
-    [row] = [r for r in sample(T0 + 5000) if r.phase == pb.JOB_PHASE_ENDED]
+    assert not [r for r in sample(T0 + 4000) if r.phase == JobPhase.ENDED]
+    [row] = [r for r in sample(T0 + 5000) if r.phase == JobPhase.ENDED]
     assert (row.end_ms, row.allocated_ms, row.busy_ms) == (T0 + 9000, 6000, 1000)
 
 
@@ -143,7 +142,7 @@ def test_an_end_file_that_turns_up_late_takes_back_the_busy_time_past_the_end(
         util = {"pct": 75.0}
 
         def sample(now_ms: int, acc: Accountant = acc, util: dict[str, float] = util
-                   ) -> list[pb.JobGpuUsage]:
+                   ) -> list[GpuUsage]:
             acc.poll_spool()
             return acc.on_sample([GpuSample(index=0, energy_mj=0,
                                             utilization_gpu_pct=util["pct"])], now_ms)
@@ -160,6 +159,6 @@ def test_an_end_file_that_turns_up_late_takes_back_the_busy_time_past_the_end(
             t += step_ms
         write_hook_file(tmp_path / str(step_ms), "end", job, T0 + 8000)  # 1.5 s late
         rows = sample(t)
-        [row] = [r for r in rows if r.phase == pb.JOB_PHASE_ENDED]
+        [row] = [r for r in rows if r.phase == JobPhase.ENDED]
         assert (row.start_ms, row.end_ms, row.allocated_ms) == (T0 + 250, T0 + 8000, 7750)
         assert row.busy_ms == (6000 - 250) * 3 // 4 + 2000 // 4 == 4812, (step_ms, row.busy_ms)
