@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from gpufleet.scheduler.service.placecall import varint
 
 BENCH = Path(__file__).resolve()
 REPO = BENCH.parent.parent
@@ -52,20 +53,8 @@ REPO = BENCH.parent.parent
 # ----------------------------------------------------------------------------- messages
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def real_messages(profile: str) -> tuple[bytes, bytes]:
@@ -108,8 +97,8 @@ class MessageMaker:
 
     def heartbeat(self, seq: int, timestamp_ms: int) -> bytes:
         # field 15 heartbeat { field 1 timestamp_ms }
-        return (b"\x08" + _varint(seq) + self._instance_field
-                + _field_bytes(15, b"\x08" + _varint(timestamp_ms)))
+        return (b"\x08" + varint(seq) + self._instance_field
+                + _field_bytes(15, b"\x08" + varint(timestamp_ms)))
 
     def xid79(self, seq: int, timestamp_ms: int) -> bytes:
         """A fatal Xid 79 event on GPU 3, as the agent pushes it."""
@@ -123,8 +112,8 @@ class MessageMaker:
 
     def report(self, seq: int, timestamp_ms: int) -> bytes:
         # field 1 seq (varint), field 2 instance, field 11 sample (+ timestamp_ms, field 1)
-        ts = b"\x08" + _varint(timestamp_ms)
-        return (b"\x08" + _varint(seq) + self._instance_field + self._sample_field
+        ts = b"\x08" + varint(timestamp_ms)
+        return (b"\x08" + varint(seq) + self._instance_field + self._sample_field
                 + _field_bytes(11, ts))
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 import uuid
-from collections.abc import Callable
 
 import grpc
 from gpufleet.rpc.v1 import fleet_pb2 as pb
@@ -23,18 +21,10 @@ from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.store import SqliteStore, now_ms
 
 from tests.scheduler.fakes import FakeSlurm
+from tests.support.waiting import wait_for
 
 AGENTS = 100
 DOWNTIME_MS = 3_600_000  # the controller was away an hour
-
-
-def _wait_for(cond: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _hello(node: str, instance: str) -> bytes:
@@ -118,14 +108,15 @@ def test_reconnect_storm_after_a_restart_marks_no_live_node_unreachable(tmp_path
     agents = Agents(port, live, period_s=0.5)
     agents.start()
     try:
-        assert _wait_for(lambda: len(agents.acked) == AGENTS or bool(agents.errors), 120), (
+        assert wait_for(lambda: len(agents.acked) == AGENTS or bool(agents.errors), 120), (
             f"{len(agents.acked)}/{AGENTS} agents reconnected")
         assert not agents.errors
         # the liveness clock does run: the node whose agent never came back goes unreachable
-        assert _wait_for(lambda: dead in marked, 60), "the dead node was never marked"
+        wait_for(lambda: dead in marked, 60, "the dead node to be marked unreachable")
         seen = dict(agents.acked)
         # and the live ones kept reporting through it
-        assert _wait_for(lambda: all(agents.acked[n] > seen[n] for n in live), 60)
+        wait_for(lambda: all(agents.acked[n] > seen[n] for n in live), 60,
+                 "every live agent to be acked again")
     finally:
         agents.stop()
         ctl.stop()

@@ -27,6 +27,7 @@ same session as `slurm_lab`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -116,6 +117,24 @@ def _get_lab(version: str) -> SlurmLab:
 def _need_root() -> None:
     if os.geteuid() != 0 and not IN_CI:
         pytest.skip("real Slurm lab needs root (slurmd/slurmctld/munged); run as root or CI=true")
+
+
+@contextlib.contextmanager
+def running_lab(cfg: SlurmLabConfig) -> Iterator[SlurmLab]:
+    """A lab of its own (a test's special slurm.conf or topology), started, then stopped and
+    its folder removed; not starting is a failure under CI, a skip elsewhere."""
+    _need_root()
+    lab = SlurmLab(cfg)
+    try:
+        lab.start()
+    except SlurmLabError as e:
+        lab.stop()
+        unavailable(f"Slurm lab did not start: {e}")
+    try:
+        yield lab
+    finally:
+        lab.stop()
+        remove_lab_dir(lab)
 
 
 @pytest.fixture(scope="session")

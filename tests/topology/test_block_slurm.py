@@ -23,9 +23,8 @@ from gpufleet.scheduler.topology.fabric import build_fabric
 from gpufleet.scheduler.topology.hostmap import map_hosts
 from gpufleet.scheduler.topology.ibnetdiscover import parse_ibnetdiscover
 
-from tests.conftest import IN_CI
-from tests.slurm.fixtures import remove_lab_dir
-from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError
+from tests.slurm.fixtures import running_lab
+from tests.slurm.harness import SlurmLab, SlurmLabConfig
 from tests.topology import fabricgen
 
 PODS, LEAVES, HOSTS = 4, 2, 1  # 8 leaves of one host: the harness's 8 nodes n1..n8
@@ -63,27 +62,14 @@ def test_the_fabric_defeats_guid_and_name_order() -> None:
 def block_lab(slurm_version: str) -> Iterator[tuple[SlurmLab, str]]:
     if slurm_version == "22.05":
         pytest.skip("topology/block needs Slurm 23.11+")
-    if os.geteuid() != 0 and not IN_CI:
-        pytest.skip("real Slurm needs root")
     conf = _conf()
     port = int(os.environ.get("GPUFLEET_SLURM_TEST_PORT", "8317"))
-    lab = SlurmLab(SlurmLabConfig(
+    with running_lab(SlurmLabConfig(
         lab_dir=Path(os.environ.get("GPUFLEET_SLURM_TEST_LAB", "/tmp/gf-lab-block3")),
         ctld_port=port, node_port0=port + 10183, topology="block", topology_conf=conf,
         # the aggregates are logged at debug level
-        extra_conf="SlurmctldDebug=debug\n", version=slurm_version))
-    try:
-        lab.start()
-    except SlurmLabError as e:
-        lab.stop()
-        if IN_CI:
-            raise
-        pytest.skip(f"Slurm lab did not start: {e}")
-    try:
+        extra_conf="SlurmctldDebug=debug\n", version=slurm_version)) as lab:
         yield lab, conf
-    finally:
-        lab.stop()
-        remove_lab_dir(lab)
 
 
 @pytest.mark.slurm

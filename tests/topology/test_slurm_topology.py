@@ -13,9 +13,8 @@ from gpufleet.scheduler.topology.fabric import build_fabric
 from gpufleet.scheduler.topology.hostmap import map_hosts
 from gpufleet.scheduler.topology.ibnetdiscover import parse_ibnetdiscover
 
-from tests.conftest import IN_CI
-from tests.slurm.fixtures import remove_lab_dir
-from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError
+from tests.slurm.fixtures import running_lab
+from tests.slurm.harness import SlurmLab, SlurmLabConfig
 from tests.topology.fabricgen import fat_tree, inventory
 
 pytestmark = pytest.mark.slurm
@@ -33,25 +32,12 @@ def _generated_conf() -> str:
 
 @pytest.fixture(scope="module")
 def topo_lab(slurm_version: str) -> Iterator[tuple[SlurmLab, str]]:
-    if os.geteuid() != 0 and not IN_CI:
-        pytest.skip("real Slurm needs root")
     conf = _generated_conf()
     port = int(os.environ.get("GPUFLEET_SLURM_TEST_PORT", "7917"))
-    lab = SlurmLab(SlurmLabConfig(
+    with running_lab(SlurmLabConfig(
         lab_dir=Path(os.environ.get("GPUFLEET_SLURM_TEST_LAB", "/tmp/gf-lab-topo")),
-        ctld_port=port, node_port0=port + 10183, topology_conf=conf, version=slurm_version))
-    try:
-        lab.start()
-    except SlurmLabError as e:
-        lab.stop()
-        if IN_CI:
-            raise
-        pytest.skip(f"Slurm lab did not start: {e}")
-    try:
+        ctld_port=port, node_port0=port + 10183, topology_conf=conf, version=slurm_version)) as lab:
         yield lab, conf
-    finally:
-        lab.stop()
-        remove_lab_dir(lab)
 
 
 def test_slurmctld_shows_the_generated_tree(topo_lab: tuple[SlurmLab, str]) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
+from gpufleet.agent.job import _fsync_dir
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -308,11 +309,3 @@ def _write_all(fd: int, data: bytes) -> None:
 def _check_read(chunk: bytes, size: int, path: Path, offset: int) -> None:
     if len(chunk) != size:
         raise OSError(errno.EIO, f"{path}: short read at {offset}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -61,7 +61,7 @@ class PlaceReply:
 
 # ---------------------------------------------------------------- protobuf wire format
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -75,20 +75,20 @@ def _varint(n: int) -> bytes:
 
 def _str_field(num: int, text: str) -> bytes:
     data = text.encode()
-    return _varint(num << 3 | 2) + _varint(len(data)) + data
+    return varint(num << 3 | 2) + varint(len(data)) + data
 
 
 def encode_request(r: PlaceRequest) -> bytes:
     out = bytearray()
     for num, value in ((1, r.nodes), (2, r.gpus_per_node), (3, r.total_gpus)):
         if value is not None:
-            out += _varint(num << 3) + _varint(value)
+            out += varint(num << 3) + varint(value)
     if r.partition:
         out += _str_field(4, r.partition)
     for c in r.constraints:
         out += _str_field(5, c)
     if r.time_limit_min is not None:
-        out += _varint(6 << 3) + _varint(r.time_limit_min)
+        out += varint(6 << 3) + varint(r.time_limit_min)
     for n in r.exclude:
         out += _str_field(7, n)
     return bytes(out)
