@@ -27,6 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,8 +137,15 @@ def test_skewed_agents(tmp_path: Path) -> None:  # noqa: PLR0912 - one scenario,
         # acked as rejected (Ack.rejected), each report once: not refused and resent forever
         refused = re.findall(r"rejected report (\d+) \(\w+\) from ahead8d", logs)
         assert refused and len(refused) == len(set(refused)), refused
-        dead = [json.loads(line) for line in
-                (agents["ahead8d"].state_dir / "rejected.jsonl").read_text().splitlines()]
+        def dead_letters() -> list[dict[str, Any]]:
+            path = agents["ahead8d"].state_dir / "rejected.jsonl"
+            return [json.loads(line) for line in path.read_text().splitlines()]
+
+        # the controller logs a rejection before its ack reaches the agent, which writes the
+        # dead letter then: wait for the ones logged so far to arrive
+        wait_for(lambda: {str(d["seq"]) for d in dead_letters()} >= set(refused), 10,
+                 "the +8 d agent's dead letters for every rejection logged")
+        dead = dead_letters()
         print(f"+8 d agent: {len(refused)} reports rejected, each once; dead-letter file: "
               f"{len(dead)} lines, first reason {dead[0]['reason']!r}")
         assert {str(d["seq"]) for d in dead} >= set(refused)

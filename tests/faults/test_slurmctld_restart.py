@@ -94,7 +94,10 @@ def test_slurmctld_restarts_mid_run(lab: SlurmLab, tmp_path: Path) -> None:
         print(f"\nslurmctld outage 1: {outage_s:.1f} s; states {states}; reasons {reasons}; "
               f"actions {acts}")
     assert "DRAIN" not in states["n1"] and acts["n1"] == []
-    assert "DRAIN" in states["n2"] and reasons["n2"].startswith("gpufleet:xid79"), reasons
+    # Xid 79 is a GPU fallen off the bus: the agent may find the GPU gone from NVML (gpu_lost)
+    # before it reads the Xid line; the first of the two names the drain, either is this fault
+    assert "DRAIN" in states["n2"], states
+    assert reasons["n2"].startswith(("gpufleet:xid79", "gpufleet:gpu_lost GPU 3")), reasons
     assert acts["n2"] == [("drain", "done")]
     # degraded once; after slurmctld's restart dropped the weight, put back (reassert) -
     # never drained, never restored while still degraded

@@ -268,3 +268,29 @@ def test_unreadable_controller_config_does_not_stop_user_commands(
     assert "Traceback" not in res.output
 
 
+
+
+def test_only_known_unhealthy_nodes_are_avoided(tmp_path: Path) -> None:
+    """A node whose agent went silent (unreachable) is not excluded from Slurm's choice: its
+    health is unknown, Slurm handles dead nodes itself, and with every agent silent (agents or
+    controller down a while) excluding them would refuse every job plain sbatch runs."""
+    from gpufleet.scheduler.placement.model import PlacementRequest
+    from gpufleet.scheduler.userapi.local import LocalUserApi
+    from gpufleet.scheduler.userapi.model import Caller
+
+    def view() -> ClusterView:
+        v = _view()
+        health = {"n1": "unreachable", "n2": "unreachable", "n3": "fatal", "n4": "degraded"}
+        nodes = {n: NodeView(n, 8, frozenset(range(8)), partitions=frozenset({"gpu"}),
+                             health=health[n]) for n in NODES}
+        return ClusterView(nodes=nodes, leaf_of=v.leaf_of, parent=v.parent,
+                           default_partition="gpu", sources=["test"])
+
+    store = SqliteStore(tmp_path / "state.db")
+    api = LocalUserApi(store, None, Caller(0, 0, "root", True), view_source=view)
+    try:
+        answer = api.place(PlacementRequest(nodes=1, gpus_per_node=8))
+    finally:
+        api.close()
+    assert answer.avoid == ("n3", "n4")
+    assert not answer.placement.ok  # nothing known healthy to pin: Slurm places it

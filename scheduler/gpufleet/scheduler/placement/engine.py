@@ -32,7 +32,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ClusterShell.NodeSet import NodeSet
 from gpufleet.scheduler.placement.model import (
     PCIE_RANK,
     UNKNOWN_PCIE_RANK,
@@ -434,6 +433,8 @@ def _hostlist(names: list[str]) -> str:
         else:
             groups.setdefault((m.group(1), len(m.group(2))), []).append(m.group(2))
     parts = [f"{prefix}[{','.join(nums)}]" for (prefix, _w), nums in groups.items()]
+    from ClusterShell.NodeSet import NodeSet  # here: `gpufleet --help` loads without it
+
     return str(NodeSet(",".join([*parts, *plain])))
 
 

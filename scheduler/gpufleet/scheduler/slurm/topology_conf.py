@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ClusterShell.NodeSet import NodeSet, NodeSetException
 from gpufleet.scheduler.slurm.types import SlurmError
+
+if TYPE_CHECKING:
+    from ClusterShell.NodeSet import NodeSet
 
 _KV = re.compile(r"(\w+)\s*=\s*(\S+)")
 _KEYS = {"switchname", "switches", "nodes", "linkspeed", "level", "blockname", "blocksizes",
@@ -102,10 +105,14 @@ def _nodeset(text: str) -> NodeSet:  # the size guard first
     if size > MAX_HOSTLIST_NODES:
         raise ValueError(f"hostlist {text[:80]!r} names {size} nodes, more than "
                          f"{MAX_HOSTLIST_NODES}")
+    from ClusterShell.NodeSet import NodeSet  # here: the CLI loads without ClusterShell
+
     return NodeSet(text)
 
 
 def _hostlist(value: str, source: str, i: int, raw: str) -> set[str]:
+    from ClusterShell.NodeSet import NodeSetException
+
     try:
         return set(_nodeset(value))
     except (NodeSetException, ValueError) as e:

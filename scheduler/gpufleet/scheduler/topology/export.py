@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ClusterShell.NodeSet import NodeSet
 from gpufleet.scheduler.slurm.topology_conf import SlurmTopology, TopologyConfError
 from gpufleet.scheduler.slurm.topology_conf import parse_topology_conf as _parse_topology_conf
 from gpufleet.scheduler.topology.fabric import Fabric
@@ -34,6 +33,8 @@ QUARANTINE = "gpufleet-quarantine"
 
 def fold(names: Iterable[str]) -> str:
     """Slurm hostlist of names ('n1,n2,n3' -> 'n[1-3]')."""
+    from ClusterShell.NodeSet import NodeSet  # here: the CLI loads without ClusterShell
+
     return str(NodeSet.fromlist(sorted(set(names))))
 
 

@@ -58,6 +58,9 @@ def slurm_view_source(timeout_s: float = PLACE_TIMEOUT_S) -> ViewSource:
     return SlurmViewSource(None, timeout_s)
 
 
+KNOWN_UNHEALTHY = frozenset({"degraded", "fatal"})
+
+
 class LocalUserApi:
     """`store`: read (and, for drain/resume, written: the actions); `slurm`: what drain and
     resume act on (None: they fail); `caller`: who asks; `view_source`: the cluster before
@@ -145,7 +148,12 @@ class LocalUserApi:
             view = apply_store(self.view_source(), self.store, self.inventories)
             if self.handed_out is not None:
                 view = self.handed_out.apply(view)
-            avoid = tuple(sorted(n.name for n in view.nodes.values() if not n.healthy))
+            # excluded from Slurm's choice: nodes gpufleet KNOWS are unhealthy. A silent agent
+            # (unreachable) says nothing about the node, and Slurm handles dead nodes itself:
+            # excluding silent nodes would refuse every job while agents or the controller's
+            # view are down, where plain sbatch runs them (never worse than plain sbatch)
+            avoid = tuple(sorted(n.name for n in view.nodes.values()
+                                 if n.health in KNOWN_UNHEALTHY))
             result = place(view, request)
             if self.handed_out is not None:  # pending until Slurm starts it: not free now
                 self.handed_out.add(result)
