@@ -5,6 +5,7 @@ tomllib's imports out of every submission."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import tomllib
@@ -88,7 +89,10 @@ def test_fast_helper_imports_no_heavy_module(tmp_path: Path) -> None:
                        capture_output=True, text=True, check=False,
                        env={"GPUFLEET_CLIENT_CONFIG": str(conf), "GPUFLEET_FILTER_VERBOSE": "1",
                             "PATH": "/usr/bin:/bin"})
-    assert "no placement (controller 127.0.0.1:1" in p.stderr  # it got as far as the call
+    # as far as the call: the controller is not there (a host with munged), or, where no
+    # munged answers (the trixie root's Python in CI), the credential just before the call
+    reached = re.search(r"no placement \((controller 127\.0\.0\.1:1|.*munge)", p.stderr)
+    assert reached, p.stderr[-500:]
     imported = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line}
     assert "gpufleet.scheduler.service.placecall" in imported
