@@ -21,9 +21,9 @@ from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 from gpufleet.scheduler.store import SqliteStore
 
-from tests.slurm.harness import SlurmLab, SlurmLabConfig, SlurmLabError
+from tests.slurm.fixtures import running_lab
+from tests.slurm.harness import SlurmLab, SlurmLabConfig
 from tests.support import wait_for
-from tests.support.ci import unavailable
 
 pytestmark = pytest.mark.slurm
 
@@ -32,21 +32,13 @@ pytestmark = pytest.mark.slurm
 def repair_lab() -> Iterator[SlurmLab]:
     """Its own 3-node lab (own directory and ports): the shared lab's directory is also used
     by other suites' version labs."""
-    import os
-
-    if os.geteuid() != 0 and os.environ.get("CI") != "true":
-        pytest.skip("real Slurm lab needs root")
     # RebootProgram: slurmd runs it on `scontrol reboot`; /bin/true reboots nothing (the lab
     # cannot), it lets slurmctld accept the request as on a site that defines one
-    lab = SlurmLab(SlurmLabConfig(lab_dir=Path("/tmp/gf-lab-repair-test"), nodes=3, leaves=1,
-                                  ctld_port=9937, node_port0=20301,
-                                  extra_conf="RebootProgram=/bin/true\nResumeTimeout=600\n"))
-    try:
-        lab.start()
-    except SlurmLabError as e:
-        unavailable(f"the repair Slurm lab could not start: {e}")
-    yield lab
-    lab.stop()
+    with running_lab(SlurmLabConfig(lab_dir=Path("/tmp/gf-lab-repair-test"), nodes=3, leaves=1,
+                                    ctld_port=9937, node_port0=20301,
+                                    extra_conf="RebootProgram=/bin/true\nResumeTimeout=600\n")
+                     ) as lab:
+        yield lab
 
 
 @pytest.fixture

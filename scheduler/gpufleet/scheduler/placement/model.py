@@ -16,6 +16,9 @@ from typing import Any
 # view alone): allowed, and the explanation says so.
 USABLE_HEALTH = frozenset({"ok", "warn", "unknown"})
 BLOCKED_HEALTH = frozenset({"degraded", "fatal", "unreachable"})
+# what gpufleet KNOWS is wrong (a silent agent says nothing about its node): excluded from
+# Slurm's choice when gpufleet falls back to Slurm's placement
+KNOWN_UNHEALTHY = BLOCKED_HEALTH - {"unreachable"}
 # Slurm node state words (base state or flag) that mean "no new job lands here"
 UNSCHEDULABLE_STATES = frozenset({
     "DOWN", "DRAIN", "DRAINED", "DRAINING", "FAIL", "FAILING", "MAINT", "NOT_RESPONDING",

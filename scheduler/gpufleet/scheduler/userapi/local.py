@@ -19,7 +19,12 @@ from gpufleet.scheduler.health import admin
 from gpufleet.scheduler.health.actions import REASON_PREFIX
 from gpufleet.scheduler.placement.engine import place
 from gpufleet.scheduler.placement.handed_out import HandedOut
-from gpufleet.scheduler.placement.model import ClusterView, PlacementError, PlacementRequest
+from gpufleet.scheduler.placement.model import (
+    KNOWN_UNHEALTHY,
+    ClusterView,
+    PlacementError,
+    PlacementRequest,
+)
 from gpufleet.scheduler.placement.sources import (
     InventorySource,
     PlacementUnavailable,
@@ -56,9 +61,6 @@ def slurm_view_source(timeout_s: float = PLACE_TIMEOUT_S) -> ViewSource:
     """The cluster as Slurm sees it now (sinfo/squeue on this host on every call; partitions
     and the switch tree kept 30 s: SlurmViewSource)."""
     return SlurmViewSource(None, timeout_s)
-
-
-KNOWN_UNHEALTHY = frozenset({"degraded", "fatal"})
 
 
 class LocalUserApi:
