@@ -46,7 +46,7 @@ from gpufleet.scheduler.service.user_service import (
     FleetUserServicer,
     ViewSource,
 )
-from gpufleet.scheduler.slurm import SlurmClient, SlurmJobClient
+from gpufleet.scheduler.slurm import SlurmClient, SlurmJobClient, SlurmQueueClient
 from gpufleet.scheduler.store import StateStore, StoreError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -350,12 +350,16 @@ class Controller:
             raise ValueError("the repair loop needs a Slurm client")
         if not journal:
             raise ValueError("the repair loop needs a journal path (repair_journal=)")
+        queue = slurm if isinstance(slurm, SlurmQueueClient) else None
+        if cfg.routine_every_s > 0 and queue is None:
+            raise ValueError(f"routine diagnostics need a Slurm client that lists nodes and "
+                             f"pending jobs (cli or rest), not {type(slurm).__name__}")
         commands = AgentCommands(self.store)
         repair = RepairManager(
             slurm, Journal(journal), replace(cfg, shadow=cfg.shadow or self.actions.shadow),
             commands, rebooter if rebooter is not None else CliRebooter(),
             Escalator(self.alerts),
-            partition_of if partition_of is not None else CliPartitions())
+            partition_of if partition_of is not None else CliPartitions(), queue=queue)
         self.metrics.registry.register(RepairCollector(repair))
         return commands, repair
 
