@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from gpufleet.scheduler.cli.main import main
-from gpufleet.scheduler.repair import RepairConfig, RepairManager
+from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import (
     ROUTINE_REASON,
     ROUTINE_SCAN_MS,
@@ -22,6 +22,7 @@ from gpufleet.scheduler.repair.metrics import RepairCollector
 from gpufleet.scheduler.slurm import SlurmJob
 from prometheus_client import CollectorRegistry
 
+from tests.scheduler.fakes import FakeSlurm
 from tests.scheduler.test_repair import Lab
 
 HOUR_S = 3600
@@ -369,3 +370,44 @@ def test_controller_options_and_toml(tmp_path: Path) -> None:
                                   str(tmp_path / "s.db")])
     assert r.exit_code == 2 and "routine-diag-batch" in r.output.lower()
     assert "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------------------- over the wire
+
+
+@pytest.mark.slow  # ~5 s: a controller and a simulated agent over loopback; CI runs it
+def test_routine_diag_over_the_agents_stream(tmp_path: Path) -> None:
+    """A controller (gRPC, health policy, repair loop) and a simulated agent: the idle node
+    is drained for the routine diag, the agent runs it and answers on its stream, and the
+    node is back in Slurm with nothing else touched."""
+    from gpufleet.scheduler.health.policy import PolicyConfig
+    from gpufleet.scheduler.service.server import Controller
+    from gpufleet.scheduler.store import SqliteStore
+    from prometheus_client import generate_latest
+
+    from tests.scheduler.test_repair_loop import Rebooter, start_agent, steps
+    from tests.support import wait_for
+
+    slurm = FakeSlurm(["n1", "n2"])
+    store = SqliteStore(tmp_path / "state.db")
+    journal = Journal(tmp_path / "repair.jsonl")
+    ctl = Controller(store, slurm, listen="127.0.0.1:0",
+                     policy=PolicyConfig(tick_s=0.1, resume_quiet_s=0.5),
+                     repair=RepairConfig(tick_s=0.1, routine_every_s=DAY_S,
+                                         routine_idle_s=0.0),
+                     repair_journal=str(journal.path), rebooter=Rebooter(),
+                     partition_of=lambda _n: "gpu", metrics_listen=None)
+    ctl.start()
+    agent, t = start_agent(tmp_path, ctl.port, "n1")
+    try:
+        wait_for(lambda: "resumed" in steps(journal, "n1"), 20, "n1's routine diag")
+        assert steps(journal, "n1") == ["routine", "diagnosing", "diag_passed", "resumed"]
+        assert slurm.calls == [("drain", "n1"), ("resume", "n1")]  # n2 has no agent: untouched
+        assert slurm.state["n1"] == ("IDLE", "")
+        text = generate_latest(ctl.metrics.registry).decode()
+        assert 'gpufleet_controller_routine_diags_total{result="passed"} 1.0' in text
+    finally:
+        agent.stop.set()
+        t.join(5)
+        ctl.stop()
+        store.close()

@@ -317,7 +317,12 @@ class Reader2205(Reader):
                          split_features(n.text("features")), n.num("weight"))
         return SlurmNodeInfo(node, n.text("gres"), tuple(n.strings("partitions")),
                              split_features(n.text("active_features")), n.num("cpus"),
-                             n.num("alloc_cpus"), n.num("last_busy") or None)
+                             n.num("alloc_cpus"), self._last_busy(n))
+
+    def _last_busy(self, n: _Obj) -> int | None:
+        # a number (0: never busy). Missing is None rather than an error: placement reads
+        # these nodes too, and must not fail for a field only routine diagnostics use
+        return (n.num("last_busy") or None) if "last_busy" in n.obj else None
 
     def _job(self, j: _Obj) -> SlurmJob:
         state = j.get("job_state")
