@@ -321,6 +321,9 @@ def test_metrics_count_routine_results_apart(tmp_path: Path) -> None:
     drained = reg.get_sample_value("gpufleet_controller_repair_drained_seconds_total",
                                    {"cause": "routine-diag"})
     assert drained is not None and drained > 0
+    # n2 failed: it stays drained, held by the repair loop
+    assert reg.get_sample_value("gpufleet_controller_repair_drained_nodes",
+                                {"cause": "routine-diag"}) == 1
 
 
 def test_repair_list_and_history_show_routine_diags(tmp_path: Path) -> None:
