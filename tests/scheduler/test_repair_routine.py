@@ -14,7 +14,6 @@ from gpufleet.scheduler.cli.main import main
 from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import (
     ROUTINE_REASON,
-    ROUTINE_SCAN_MS,
     Step,
     could_start_on,
 )
@@ -41,7 +40,7 @@ def idle_lab(tmp_path: Path, nodes: int = 4, idle_s: float = 2 * HOUR_S,
 
 def scan(lab: Lab) -> None:
     """One tick past the scan interval: idle nodes and the queue are read again."""
-    lab.tick(ROUTINE_SCAN_MS / 1000 + 1)
+    lab.tick(RepairConfig().routine_scan_s + 1)
 
 
 def in_diag(lab: Lab) -> list[str]:
@@ -397,7 +396,7 @@ def test_routine_diag_over_the_agents_stream(tmp_path: Path) -> None:
     ctl = Controller(store, slurm, listen="127.0.0.1:0",
                      policy=PolicyConfig(tick_s=0.1, resume_quiet_s=0.5),
                      repair=RepairConfig(tick_s=0.1, routine_every_s=DAY_S,
-                                         routine_idle_s=0.0),
+                                         routine_idle_s=0.0, routine_scan_s=0.2),
                      repair_journal=str(journal.path), rebooter=Rebooter(),
                      partition_of=lambda _n: "gpu", metrics_listen=None)
     ctl.start()

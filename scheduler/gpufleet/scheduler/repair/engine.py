@@ -69,7 +69,6 @@ RESET_RETRY_MS = 30_000  # a GPU a process still holds: ask again this much late
 _BUSY_STATES = {"ALLOCATED", "MIXED", "COMPLETING"}
 ROUTINE_CODE = "routine-diag"
 ROUTINE_REASON = f"{REASON_PREFIX}{ROUTINE_CODE}"
-ROUTINE_SCAN_MS = 60_000  # how often idle nodes and the queue are read for routine diags
 # pending jobs that wait for something other than nodes: they are not held back by a diag
 _NOT_WAITING_FOR_NODES = frozenset({"JobHeldUser", "JobHeldAdmin", "Dependency",
                                     "DependencyNeverSatisfied"})
@@ -122,6 +121,7 @@ class RepairConfig:
     routine_batch: int = 1  # nodes of one partition in a routine diagnostic at once
     routine_level: int = 1
     routine_timeout_s: float = 600.0  # never held out of scheduling longer than this
+    routine_scan_s: float = 60.0  # how often idle nodes and the queue are read for new ones
 
     def validate(self) -> RepairConfig:
         for cls, pol in self.policy.items():
@@ -141,7 +141,7 @@ class RepairConfig:
         if self.routine_batch < 1:
             raise ValueError(f"routine_batch={self.routine_batch}: must be >= 1")
         for name in ("fail_window_s", "reset_timeout_s", "reboot_timeout_s", "diag_timeout_s",
-                     "tick_s", "routine_timeout_s"):
+                     "tick_s", "routine_timeout_s", "routine_scan_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         for name in ("routine_every_s", "routine_idle_s"):
@@ -712,7 +712,7 @@ class RepairManager:
         self._close(c, Step.RELEASED, f"{why}: {done}", routine_result=result)
 
     def _routine(self, now: int) -> None:
-        """Release held nodes a pending job could use; every ROUTINE_SCAN_MS, start new
+        """Release held nodes a pending job could use; every routine_scan_s, start new
         routine diagnostics on idle nodes."""
         assert self.queue is not None  # noqa: S101 - tick calls this only with a queue
         held = [c for c in self.cases.values() if c.routine and c.step in OPEN]
@@ -727,7 +727,7 @@ class RepairManager:
                                   f"{','.join(job.partitions) or 'its partition'}")
         if self.config.routine_every_s <= 0 or now < self._next_scan_ms:
             return
-        self._next_scan_ms = now + ROUTINE_SCAN_MS
+        self._next_scan_ms = now + int(self.config.routine_scan_s * 1000)
         infos = self.queue.node_infos()
         if pending is None:
             pending = self.queue.pending_jobs()
