@@ -293,7 +293,9 @@ def test_routine_needs_a_queue_client_and_valid_settings(tmp_path: Path) -> None
     for bad, msg in (({"routine_batch": 0}, "routine_batch"),
                      ({"routine_level": 4}, "routine_level"),
                      ({"routine_timeout_s": 0.0}, "routine_timeout_s"),
-                     ({"routine_idle_s": -1.0}, "routine_idle_s")):
+                     ({"routine_idle_s": -1.0}, "routine_idle_s"),
+                     ({"routine_every_s": float("nan")}, "routine_every_s"),
+                     ({"routine_scan_s": float("inf")}, "routine_scan_s")):
         with pytest.raises(ValueError, match=msg):
             RepairConfig(**bad).validate()  # type: ignore[arg-type]
 
@@ -363,6 +365,9 @@ def test_controller_options_and_toml(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--routine-diag-every-s needs --repair" in r.output
     assert "Traceback" not in r.output
     toml = tmp_path / "controller.toml"
+    r = CliRunner().invoke(main, ["controller", "--insecure", "--db", str(tmp_path / "s.db"),
+                                  "--repair", "--routine-diag-every-s", "nan"])
+    assert r.exit_code == 2 and "--routine-diag-every-s" in r.output  # nan would mean off
     toml.write_text("insecure = true\nrouting_diag_every_s = 86400\n")
     r = CliRunner().invoke(main, ["--config", str(toml), "controller", "--db",
                                   str(tmp_path / "s.db")])

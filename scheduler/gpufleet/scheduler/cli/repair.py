@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gpufleet.rpc.settings import FiniteRange
 from gpufleet.scheduler.repair.catalog import Resolution
 from gpufleet.scheduler.repair.engine import OPEN, POLICIES, RepairConfig, Step
 from gpufleet.scheduler.repair.journal import Journal, JournalError
@@ -50,11 +51,11 @@ def repair_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--repair-shadow", is_flag=True,
                      help="record what the repair loop would do; do nothing (also on with "
                      "--shadow)"),
-        click.option("--routine-diag-every-s", type=click.FloatRange(0), default=0.0,
+        click.option("--routine-diag-every-s", type=FiniteRange(0, 366 * 86400), default=0.0,
                      show_default=True,
                      help="diagnose each idle node at most once per this period (with "
                      "--repair; 0: no routine diagnostics)"),
-        click.option("--routine-diag-idle-s", type=click.FloatRange(0), default=3600.0,
+        click.option("--routine-diag-idle-s", type=FiniteRange(0, 366 * 86400), default=3600.0,
                      show_default=True,
                      help="only nodes idle in Slurm at least this long (LastBusyTime)"),
         click.option("--routine-diag-batch", type=click.IntRange(1), default=1,
@@ -63,7 +64,7 @@ def repair_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      "--repair-max-per-partition)"),
         click.option("--routine-diag-level", type=click.IntRange(1, 3), default=1,
                      show_default=True, help="gpufleet-agent diag --level for routine checks"),
-        click.option("--routine-diag-timeout-s", type=click.FloatRange(1), default=600.0,
+        click.option("--routine-diag-timeout-s", type=FiniteRange(1, 86400), default=600.0,
                      show_default=True,
                      help="a node is never held out of scheduling longer than this"),
         click.option("--alertmanager-url", envvar="GPUFLEET_ALERTMANAGER_URL",

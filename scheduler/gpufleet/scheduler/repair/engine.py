@@ -38,6 +38,7 @@ quarantine, routine diagnostics) and its safety caps are one set of transitions.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -142,11 +143,11 @@ class RepairConfig:
             raise ValueError(f"routine_batch={self.routine_batch}: must be >= 1")
         for name in ("fail_window_s", "reset_timeout_s", "reboot_timeout_s", "diag_timeout_s",
                      "tick_s", "routine_timeout_s", "routine_scan_s"):
-            if getattr(self, name) <= 0:
+            if not 0 < getattr(self, name) < math.inf:  # nan fails too
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         for name in ("routine_every_s", "routine_idle_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+            if not 0 <= getattr(self, name) < math.inf:  # nan fails too
+                raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
         return self
 
 
