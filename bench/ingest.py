@@ -596,6 +596,21 @@ def run_multi(args: argparse.Namespace, seconds: float) -> dict[str, Any]:  # no
                 for key in ("fault_sent", "silenced", "last_report"):
                     result[key].update(res[key])
             det = _detections(workdir / "x", result, args, t_start, t_stop, times_paths)
+            # where the time goes: fault -> the leader queued its drain (ingest at the
+            # non-leader, the store, the leader's poll), and queued -> Slurm drain called
+            import psycopg
+
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                created = {str(n): int(c) / 1000 for n, c in conn.execute(
+                    "SELECT node, min(created_ms) FROM actions WHERE action = 'drain' "
+                    "GROUP BY node").fetchall()}
+            drained = {}
+            for p in times_paths:
+                drained.update(json.loads(p.read_text())["drained"])
+            det["fault_to_queued_s"] = [created[n] - t for n, t in result["fault_sent"].items()
+                                        if n in created]
+            det["queued_to_drain_s"] = [drained[n] - created[n] for n in result["fault_sent"]
+                                        if n in created and n in drained]
             wall = m1 - m0
             rows = []
             for j in range(n_proc):
@@ -649,6 +664,10 @@ def print_multi(args: argparse.Namespace, f: dict[str, Any]) -> None:
     print(f"fault -> drain, faults at a non-leader, drained by the leader through the store: "
           f"{len(d)}/{f['faults_sent']} drained, p50 {1000 * _pct(d, 0.5):.0f} ms, p99 "
           f"{1000 * _pct(d, 0.99):.0f} ms")
+    q, a = f["fault_to_queued_s"], f["queued_to_drain_s"]
+    print(f"  of which fault -> the leader queued the drain: p50 {1000 * _pct(q, 0.5):.0f} ms, "
+          f"p99 {1000 * _pct(q, 0.99):.0f} ms; queued -> Slurm called: p50 "
+          f"{1000 * _pct(a, 0.5):.0f} ms, p99 {1000 * _pct(a, 0.99):.0f} ms")
     v, lr = f["silent_to_unreachable_s"], f["last_report_to_unreachable_s"]
     print(f"liveness: {len(v)}/{f['silenced_n']} dead agents at a non-leader marked "
           f"unreachable by the leader, {_pct(v, 0.5):.1f} s median, "
