@@ -674,7 +674,8 @@ def print_multi(args: argparse.Namespace, f: dict[str, Any]) -> None:
           f"{max(v) if v else float('nan'):.1f} s max after they died "
           f"({max(lr) if lr else float('nan'):.1f} s max after their last report; "
           f"unreachable_after_s {args.unreachable_after_s:g}); {f['false_unreachable']} live "
-          f"nodes wrongly marked unreachable")
+          f"nodes wrongly marked unreachable ({f['false_unreachable_connecting']} of them "
+          f"before the phase, while the agents connected)")
     hb = args.heartbeat_s
     for j, r in enumerate(f["processes"]):
         per_node = r["core_pct"] / 100 / max(1, r["agents"])
