@@ -222,3 +222,14 @@ def test_leader_killed_the_other_takes_over_and_still_drains(dsn: str, tmp_path:
             other.stop(0.2)
         if store is not None:
             store.close()
+
+
+def test_standby_ingests_refuses_a_store_it_cannot_share(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from gpufleet.scheduler.cli.main import main
+
+    r = CliRunner().invoke(main, ["controller", "--db", str(tmp_path / "s.db"), "--insecure",
+                                  "--standby-ingests"])
+    assert r.exit_code == 2
+    assert "--standby-ingests needs a PostgreSQL store" in r.output
+    assert "Traceback" not in r.output
