@@ -23,7 +23,15 @@ every channel to one target on one shared connection), and the agents are spread
 The messages are real: the inventory and a steady-state sample (8 GPUs, no verdict changes)
 from the agent's own code over the simulated DGX H100.
 
+Several processes (`--processes 2 --store postgres`): that many controller processes on one
+throw-away PostgreSQL, all started with standby_ingests; the first leads and alone acts in
+Slurm, the agents are split evenly, and the faults and dead agents are all at the processes
+that do not lead, so every drain and unreachable mark goes through the store. Prints each
+process's CPU (% of one core, us per report, us per node per second) and RSS, PostgreSQL's
+CPU, and fault -> drain p50/p99 split at the leader's queued action. Steady phase only.
+
     .venv/bin/python bench/ingest.py [--agents 10000] [--seconds 30] [--drivers 4]
+    .venv/bin/python bench/ingest.py --agents 4000 --seconds 30 --processes 2 --store postgres
     .venv/bin/python bench/ingest.py --agents 200 --seconds 5 --saturate-seconds 3  # CI size
 """
 
