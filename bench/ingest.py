@@ -222,6 +222,17 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
         return changed
 
     store.set_reachable = set_reachable  # type: ignore[method-assign]
+    # when a non-leader stored a health change for the leader (several processes)
+    published: dict[str, float] = {}
+    real_set_verdict = store.set_verdict
+
+    def set_verdict(v: Any, *, publish: bool = False) -> tuple[str, str]:
+        moved = real_set_verdict(v, publish=publish)
+        if publish and moved[0] != moved[1]:
+            published.setdefault(v.node, time.time())
+        return moved
+
+    store.set_verdict = set_verdict  # type: ignore[method-assign]
     policy = PolicyConfig(unreachable_after_s=args.unreachable_after_s, resume_quiet_s=3600)
     ctl = Controller(store, slurm, listen="127.0.0.1:0", policy=policy,
                      standby_ingests=args.store == "postgres")
@@ -236,7 +247,8 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
     while not stop.wait(0.25):
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"drained": drained, "unreachable": unreachable,
-                                   "gc_s": gc_s, "gc_n": gc_n, "active": ctl.active}))
+                                   "gc_s": gc_s, "gc_n": gc_n, "active": ctl.active,
+                                   "published": published}))
         tmp.replace(out)
     ctl.stop(0.5)
     store.close()
@@ -613,9 +625,13 @@ def run_multi(args: argparse.Namespace, seconds: float) -> dict[str, Any]:  # no
                 created = {str(n): int(c) / 1000 for n, c in conn.execute(
                     "SELECT node, min(created_ms) FROM actions WHERE action = 'drain' "
                     "GROUP BY node").fetchall()}
-            drained = {}
+            drained, published = {}, {}
             for p in times_paths:
-                drained.update(json.loads(p.read_text())["drained"])
+                one = json.loads(p.read_text())
+                drained.update(one["drained"])
+                published.update(one.get("published", {}))
+            det["fault_to_published_s"] = [published[n] - t for n, t in
+                                           result["fault_sent"].items() if n in published]
             det["fault_to_queued_s"] = [created[n] - t for n, t in result["fault_sent"].items()
                                         if n in created]
             det["queued_to_drain_s"] = [drained[n] - created[n] for n in result["fault_sent"]
@@ -673,7 +689,10 @@ def print_multi(args: argparse.Namespace, f: dict[str, Any]) -> None:
     print(f"fault -> drain, faults at a non-leader, drained by the leader through the store: "
           f"{len(d)}/{f['faults_sent']} drained, p50 {1000 * _pct(d, 0.5):.0f} ms, p99 "
           f"{1000 * _pct(d, 0.99):.0f} ms")
-    q, a = f["fault_to_queued_s"], f["queued_to_drain_s"]
+    q, a, pub = f["fault_to_queued_s"], f["queued_to_drain_s"], f["fault_to_published_s"]
+    if pub:
+        print(f"  of which fault -> stored for the leader by the non-leader: p50 "
+              f"{1000 * _pct(pub, 0.5):.0f} ms, p99 {1000 * _pct(pub, 0.99):.0f} ms")
     print(f"  of which fault -> the leader queued the drain: p50 {1000 * _pct(q, 0.5):.0f} ms, "
           f"p99 {1000 * _pct(q, 0.99):.0f} ms; queued -> Slurm called: p50 "
           f"{1000 * _pct(a, 0.5):.0f} ms, p99 {1000 * _pct(a, 0.99):.0f} ms")
