@@ -73,9 +73,10 @@ class Agent:
             t.join(5)
 
 
-def _controller(dsn: str, slurm: FakeSlurm, **kw: object) -> tuple[Controller, PostgresStore]:
+def _controller(dsn: str, slurm: FakeSlurm, resume_quiet_s: float = 3600,
+                **kw: object) -> tuple[Controller, PostgresStore]:
     store = PostgresStore(dsn)
-    policy = PolicyConfig(resume_quiet_s=3600, unreachable_after_s=1.5)
+    policy = PolicyConfig(resume_quiet_s=resume_quiet_s, unreachable_after_s=1.5)
     ctl = Controller(store, slurm, listen="127.0.0.1:0", policy=policy, **kw)  # type: ignore[arg-type]
     return ctl, store
 
@@ -151,6 +152,38 @@ def test_fault_at_the_non_leader_is_drained_once_by_the_leader(dsn: str) -> None
     finally:
         for a in agents:
             a.close()
+        other.stop(0.2)
+        leader.stop(0.2)
+        s2.close()
+        s1.close()
+
+
+def test_new_leader_resumes_what_the_old_one_drained(dsn: str) -> None:
+    """The process that takes over was built before the old leader drained n1: it must still
+    know the drain is gpufleet's to undo once n1 is healthy again."""
+    slurm = FakeSlurm(list(NODES))
+    leader, s1 = _controller(dsn, slurm, resume_quiet_s=0.5)
+    other, s2 = _controller(dsn, slurm, resume_quiet_s=0.5, standby_ingests=True)
+    agent: Agent | None = None
+    try:
+        leader.start()
+        wait_for(lambda: leader.active, 10, "the first controller to lead")
+        other.start(elect_wait_s=0.5)
+        agent = Agent("n1", f"127.0.0.1:{other.port}")
+        wait_for(lambda: agent is not None and agent.outbox.acked_seq >= 1, 20, "acks")
+        agent.xid79()
+        wait_for(lambda: slurm.state["n1"][0] == "IDLE+DRAIN", 10, "the leader to drain n1")
+        wait_for(lambda: any(a.status == "done" for a in s2.actions("n1")), 10, "drain done")
+        leader.stop(0.2)
+        wait_for(lambda: other.active, 20, "the other process to take over")
+        now = int(time.time() * 1000)
+        agent.outbox.put_sample(pb.NodeSample(timestamp_ms=now, verdicts=[pb.Verdict(
+            check="xid", severity=pb.SEVERITY_OK, gpu_index=1, since_ms=now)]))
+        wait_for(lambda: slurm.state["n1"][0] == "IDLE", 15, "the new leader to resume n1")
+        assert slurm.calls == [("drain", "n1"), ("resume", "n1")]
+    finally:
+        if agent is not None:
+            agent.close()
         other.stop(0.2)
         leader.stop(0.2)
         s2.close()
