@@ -256,7 +256,6 @@ _HEALTH_CHANGES = _dialects("""
     """)
 
 
-
 MIGRATIONS: list[str] = [
     # 1: see _COMMON
     _COMMON[1][0],
