@@ -8,16 +8,36 @@ only by the conformance suite, tests/conformance/ (marker `conformance`).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.support.ci import IN_CI
-
 REPO = Path(__file__).resolve().parent.parent
 
+
+def _keep_bytecode() -> None:
+    """Where the shell exports PYTHONDONTWRITEBYTECODE (this project's shared machines do),
+    every run compiles every module again, pytest rewrites every test module's asserts again
+    (~8 s of CPU at collection), and every `gpufleet` the tests start compiles the package
+    again. The test session and the processes it starts keep their bytecode under
+    .pytest_cache/pycache instead (git-ignored), so the source tree stays free of it."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return
+    prefix = str(REPO / ".pytest_cache" / "pycache")
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    sys.pycache_prefix = prefix
+    sys.dont_write_bytecode = False
+
+
+_keep_bytecode()  # before the imports below: they compile most of the package
+
+import pytest  # noqa: E402
+
+from tests.scheduler.pg_server import PgServer, started_pg_server  # noqa: E402
+from tests.support.ci import IN_CI  # noqa: E402
+from tests.support.fuzzing import BUDGET, QUICK_BUDGET  # noqa: E402
 
 _FIGURES: list[str] = []
 
@@ -48,12 +68,30 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL for the whole session (initdb and start cost seconds): each test
+    takes a fresh database of its own from it (`create_database`), never a shared one."""
+    with started_pg_server("gf-pg-") as server:
+        yield server
+
+
+@pytest.fixture(params=[
+    pytest.param(QUICK_BUDGET, id="quick"),
+    pytest.param(BUDGET, id="full", marks=pytest.mark.slow),
+])
+def fuzz_budget(request: pytest.FixtureRequest) -> int:
+    """Hypothesis examples per fuzz target: each fuzz test runs twice, a quick pass in the fast
+    set and the full budget under `slow` (CI runs both; the inputs are derandomized)."""
+    return int(request.param)
+
+
 # The real-Slurm fixtures (tests/slurm/fixtures.py), for tests outside tests/slurm too.
 from tests.slurm.fixtures import clean_slurm_lab, slurm_lab, slurm_version  # noqa: E402
 
 __all__ = [
-    "IN_CI", "REPO", "clean_slurm_lab", "report_figure", "slurm_lab",
-    "slurm_version",
+    "IN_CI", "REPO", "clean_slurm_lab", "fuzz_budget", "pg_server", "report_figure",
+    "slurm_lab", "slurm_version",
 ]
 
 

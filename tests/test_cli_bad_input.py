@@ -11,6 +11,7 @@ needs a user that is not root: those cases run the real commands as `nobody`.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -211,16 +212,26 @@ def test_agent_settings_are_checked(sandbox: dict[str, Any]) -> None:
     assert not (sandbox["tmp"] / "f.json").exists()  # no fault for a GPU that does not exist
 
 
-def _as_nobody() -> list[str]:
+@functools.cache
+def _nobody_prefix() -> tuple[list[str], str]:
+    """(the command prefix, "") or ([], why not): probed once per session, since the probe
+    imports the whole command line as nobody."""
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv to run a command as nobody")
+        return [], "needs root and setpriv to run a command as nobody"
     prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
     probe = subprocess.run([*prefix, sys.executable, "-c", "import gpufleet.scheduler.cli.main"],
                            capture_output=True, text=True, timeout=60, check=False, cwd="/")
     if probe.returncode != 0:  # a checkout under a 0700 home: nobody cannot run it at all
-        pytest.skip(f"nobody cannot run {sys.executable}: {probe.stderr.strip()[-200:]}")
-    return prefix
+        return [], f"nobody cannot run {sys.executable}: {probe.stderr.strip()[-200:]}"
+    return prefix, ""
+
+
+def _as_nobody() -> list[str]:
+    prefix, why_not = _nobody_prefix()
+    if why_not:
+        pytest.skip(why_not)
+    return list(prefix)
 
 
 @pytest.mark.parametrize("argv", [

@@ -1,4 +1,5 @@
-"""Fixtures for the state store tests: a real PostgreSQL (started here) and SQLite.
+"""Fixtures for the state store tests: a real PostgreSQL (tests/conftest.py's `pg_server`, one per
+session, a fresh database per test) and SQLite.
 
 `store_backend` parametrises a test over both backends. Under CI=true a PostgreSQL that
 cannot start FAILS the PostgreSQL half (a CI job must not go green by skipping it); elsewhere
@@ -20,16 +21,10 @@ from gpufleet.scheduler.store import StateStore, open_store
 
 from tests.support.alertmanager import alertmanager, recorder
 
-from .pg_server import PgServer, started_pg_server
+from .pg_server import PgServer
 
 # the Alertmanager fixtures (tests/support/alertmanager.py), for every test here
 __all__ = ["alertmanager", "recorder"]
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    with started_pg_server("gf-pg-") as server:
-        yield server
 
 
 @dataclass

@@ -143,7 +143,8 @@ class FakeRestd:
                 self._reply(200, {"errors": [], "warnings": []})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       kwargs={"poll_interval": 0.02})  # a quick close()
         self.thread.start()
 
     @property

@@ -385,7 +385,8 @@ def test_postgres_reconnects_after_the_server_dropped_it(pg_server: PgServer) ->
     s.upsert_node("n1", "h", 8, b"", "a", 1)
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                      "WHERE application_name = 'gpufleet-controller'")
+                      "WHERE application_name = 'gpufleet-controller' "
+                      "AND datname = current_database()")  # the session's server is shared
     # the call that meets the dead connection fails cleanly, naming the server ...
     with pytest.raises(StoreError, match=r"postgresql://postgres@127\.0\.0\.1"):
         s.nodes()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.scheduler.pg_server import PgServer, started_pg_server
+from tests.scheduler.pg_server import PgServer
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[PgServer]:
-    with started_pg_server("gf-sec-pg-") as server:
-        yield server
+@pytest.fixture
+def pg(pg_server: PgServer) -> PgServer:
+    """The session's PostgreSQL (tests/conftest.py); a test takes its own database from it."""
+    return pg_server

@@ -2,13 +2,12 @@
 config files. The controller never crashes, answers with a clear status, and what it stored
 stays consistent; config parsing fails only with the parser's own error.
 
-Fixed budget per target (GPUFLEET_FUZZ_EXAMPLES overrides); each prints how many inputs it
-tried.
+Fixed budget per target (GPUFLEET_FUZZ_EXAMPLES overrides) under `slow`, a quick one in the
+fast set (tests/conftest.py's `fuzz_budget`); each prints how many inputs it tried.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -28,10 +27,13 @@ from gpufleet.scheduler.store import SqliteStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-BUDGET = int(os.environ.get("GPUFLEET_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=BUDGET, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+
+def fuzz(budget: int) -> settings:
+    return settings(max_examples=budget, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
 # a clear answer: served (bad reports rejected in their acks), or the stream refused as bad
 # input; never UNKNOWN/INTERNAL (a crash)
 CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
@@ -141,13 +143,13 @@ def _fails_limits(msg: pb.AgentMessage) -> bool:
     return False
 
 
-def test_fuzz_servicer_streams(controller: Controller,
-                               report_figure: Callable[[str], None]) -> None:
+def test_fuzz_servicer_streams(controller: Controller, report_figure: Callable[[str], None],
+                               fuzz_budget: int) -> None:
     tried = {"n": 0, "refused": 0, "rejected": 0, "valid_hello": 0}
     channel = grpc.insecure_channel(f"127.0.0.1:{controller.port}")
     event_kinds = set(pb.EventKind.keys())
 
-    @FUZZ
+    @fuzz(fuzz_budget)
     @given(sessions())
     def one(messages: list[pb.AgentMessage]) -> None:
         tried["n"] += 1
@@ -188,7 +190,7 @@ def test_fuzz_servicer_streams(controller: Controller,
     report_figure(f"fuzz servicer Connect: {tried['n']} message sequences tried, "
                   f"{tried['rejected']} reports rejected (acked with a reason, stream kept), "
                   f"{tried['refused']} streams refused with INVALID_ARGUMENT, 0 crashes")
-    assert tried["n"] >= min(BUDGET, 50)
+    assert tried["n"] >= min(fuzz_budget, 50)
     assert tried["rejected"] > 0, "the fuzzer never produced a rejected report"
 
 
@@ -216,11 +218,12 @@ def toml_docs(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
-def test_fuzz_agent_config_file(tmp_path: Path, report_figure: Callable[[str], None]) -> None:
+def test_fuzz_agent_config_file(tmp_path: Path, report_figure: Callable[[str], None],
+                                fuzz_budget: int) -> None:
     tried = {"n": 0, "ok": 0}
     path = tmp_path / "agent.toml"
 
-    @FUZZ
+    @fuzz(fuzz_budget)
     @given(toml_docs())
     def one(doc: str) -> None:
         tried["n"] += 1
@@ -244,13 +247,14 @@ def test_fuzz_agent_config_file(tmp_path: Path, report_figure: Callable[[str], N
                   f"{tried['ok']} accepted, the rest refused with ConfigError/TypeError")
 
 
-def test_fuzz_controller_toml(tmp_path: Path, report_figure: Callable[[str], None]) -> None:
+def test_fuzz_controller_toml(tmp_path: Path, report_figure: Callable[[str], None],
+                              fuzz_budget: int) -> None:
     tried = {"n": 0}
     path = tmp_path / "controller.toml"
     runner = CliRunner()
     keys = ["listen", "db", "slurm", "shadow", "insecure", "tls_ca", "metrics_listen", "nope"]
 
-    @FUZZ
+    @fuzz(fuzz_budget)
     @given(st.one_of(
         st.text(max_size=200),
         st.lists(st.tuples(st.sampled_from(keys), toml_values), max_size=5).map(

@@ -6,9 +6,11 @@ JSON in tests/fixtures/slurm-22.05, kernel-log lines) plus plain random text. Th
 over the real-world corpus runs in tests/conformance/test_fuzz_real.py.
 
 Fixed budget per target (GPUFLEET_FUZZ_EXAMPLES overrides; derandomized, so CI runs the same
-inputs every time). Each target records one line "fuzz <target>: N inputs tried, P parsed,
-E clear errors" through tests/conftest.py's `report_figure`, printed in the "measured figures"
-section at the end of the pytest run (and so in `bash .ci/run`'s output).
+inputs every time), under `slow`; the fast set runs each target with the quick budget
+(GPUFLEET_FUZZ_QUICK_EXAMPLES, tests/conftest.py's `fuzz_budget`). Each target records one
+line "fuzz <target>: N inputs tried, P parsed, E clear errors" through tests/conftest.py's
+`report_figure`, printed in the "measured figures" section at the end of the pytest run (and
+so in `bash .ci/run`'s output).
 
 Fuzzed elsewhere, not repeated here: the agent config file and the controller's TOML
 (tests/security/test_fuzz.py), the servicer streams (same file).
@@ -38,18 +40,17 @@ from gpufleet.scheduler.topology.fabric import build_fabric
 from gpufleet.scheduler.topology.gputopo import from_inventory, render_topo_m
 from gpufleet.scheduler.topology.hostmap import map_hosts
 from gpufleet.scheduler.topology.ibnetdiscover import parse_ibnetdiscover
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.conftest import REPO
 from tests.support.fuzzing import (
-    BUDGET,
-    FUZZ,
     Report,
     Tally,
     edits,
     fuzz_ibnetdiscover,
     fuzz_kmsg_xid_lines,
+    fuzz_settings,
     fuzz_topo_m,
     fuzz_topology_conf,
     mutate,
@@ -79,8 +80,8 @@ def _ib_seeds() -> list[tuple[str, str]]:
             ("slow", fat_tree(hosts[:8], per_leaf=4, spines=2, slow_uplink=(1, 0)).text)]
 
 
-def test_fuzz_ibnetdiscover(report_figure: Report) -> None:
-    fuzz_ibnetdiscover(_ib_seeds(), report_figure, "generated fat trees")
+def test_fuzz_ibnetdiscover(report_figure: Report, fuzz_budget: int) -> None:
+    fuzz_ibnetdiscover(_ib_seeds(), report_figure, "generated fat trees", fuzz_budget)
 
 
 # ------------------------------------------------------------------ nvidia-smi topo -m
@@ -92,8 +93,8 @@ def _topo_seeds() -> list[tuple[str, str]]:
             for profile in sorted(nvml_sim.PROFILES)]
 
 
-def test_fuzz_nvidia_smi_topo_m(report_figure: Report) -> None:
-    fuzz_topo_m(_topo_seeds(), report_figure, "rendered simulated profiles")
+def test_fuzz_nvidia_smi_topo_m(report_figure: Report, fuzz_budget: int) -> None:
+    fuzz_topo_m(_topo_seeds(), report_figure, "rendered simulated profiles", fuzz_budget)
 
 
 # ------------------------------------------------------------------ topology.conf
@@ -116,8 +117,9 @@ def _topology_conf_seeds() -> list[tuple[str, str]]:
     return seeds
 
 
-def test_fuzz_topology_conf(report_figure: Report) -> None:
-    fuzz_topology_conf(_topology_conf_seeds(), report_figure, "exported and written files")
+def test_fuzz_topology_conf(report_figure: Report, fuzz_budget: int) -> None:
+    fuzz_topology_conf(_topology_conf_seeds(), report_figure, "exported and written files",
+                       fuzz_budget)
 
 
 # ------------------------------------------------------------------ Slurm JSON
@@ -236,12 +238,12 @@ SLURM_CALLS = {"sinfo --json": "sinfo.json", "squeue --json": "squeue.json",
 
 
 @pytest.mark.parametrize("kind", sorted(SLURM_CALLS))
-def test_fuzz_slurm_json(kind: str, report_figure: Report) -> None:
+def test_fuzz_slurm_json(kind: str, report_figure: Report, fuzz_budget: int) -> None:
     seed = json.loads(_lab(SLURM_CALLS[kind]))
     _slurm_call(kind, json.dumps(seed))  # the real document parses
-    tally = Tally()
+    tally = Tally(max(1, fuzz_budget // 2))
 
-    @settings(FUZZ, max_examples=max(1, BUDGET // 2))
+    @fuzz_settings(tally.budget)
     @given(json_texts(seed))
     @example('{"nodes": [{"name": "n1", "weight": "heavy"}]}')
     @example('{"jobs": [{"job_id": 7, "nodes": "n1", "exit_code": {"status": "x"}}]}')
@@ -264,12 +266,12 @@ def test_fuzz_slurm_json(kind: str, report_figure: Report) -> None:
     report_figure(tally.line(f"Slurm JSON, {kind} (mutated 22.05-shaped documents)"))
 
 
-def test_fuzz_sacct_json(report_figure: Report) -> None:
+def test_fuzz_sacct_json(report_figure: Report, fuzz_budget: int) -> None:
     seed = json.loads(_lab("sacct.json"))
     parse_sacct_json(json.dumps(seed))
-    tally = Tally()
+    tally = Tally(fuzz_budget)
 
-    @FUZZ
+    @fuzz_settings(fuzz_budget)
     @given(json_texts(seed))
     def one(text: str) -> None:
         msg = ""
@@ -300,8 +302,8 @@ KMSG_FORMS = [  # the forms drivers print (dmesg -T, /dev/kmsg records, syslog)
 ]
 
 
-def test_fuzz_kmsg_xid_lines(report_figure: Report) -> None:
-    fuzz_kmsg_xid_lines(KMSG_FORMS, report_figure, "driver line forms")
+def test_fuzz_kmsg_xid_lines(report_figure: Report, fuzz_budget: int) -> None:
+    fuzz_kmsg_xid_lines(KMSG_FORMS, report_figure, "driver line forms", fuzz_budget)
 
 
 # ------------------------------------------------------------------ agent job spool and /proc
@@ -316,10 +318,10 @@ def _hook_doc() -> st.SearchStrategy[str]:
 
 
 def test_fuzz_agent_job_spool(tmp_path_factory: pytest.TempPathFactory,
-                              report_figure: Report) -> None:
-    tally = Tally()
+                              report_figure: Report, fuzz_budget: int) -> None:
+    tally = Tally(fuzz_budget)
 
-    @FUZZ
+    @fuzz_settings(fuzz_budget)
     @given(_hook_doc(), st.sampled_from(["start-42.json", "end-42.json", "start-x.json"]))
     @example('{"job_id": "1", "kind": "start", "time_ms": 1, "gpus": ["0-9999999999"]}',
              "start-1.json")
@@ -344,15 +346,15 @@ def test_fuzz_agent_job_spool(tmp_path_factory: pytest.TempPathFactory,
                              "'error' = moved aside as .bad)"))
 
 
-def test_fuzz_agent_hook_environment(report_figure: Report) -> None:
-    tally = Tally()
+def test_fuzz_agent_hook_environment(report_figure: Report, fuzz_budget: int) -> None:
+    tally = Tally(fuzz_budget)
     keys = ["SLURM_JOB_ID", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_USER",
             "SLURM_JOB_ACCOUNT"]
     values = st.one_of(st.sampled_from(["42", "0,1", "0-3", "3-1", "0-999", "GPU-1f2e3d4c-0000",
                                         "alice", "", ",", "1_2", "7+0"]),
                        st.text(max_size=16))
 
-    @FUZZ
+    @fuzz_settings(fuzz_budget)
     @given(st.one_of(
         st.dictionaries(st.sampled_from(keys), values),
         # mostly a real job id, so the GPU lists and names behind it are reached too
@@ -376,14 +378,14 @@ def test_fuzz_agent_hook_environment(report_figure: Report) -> None:
     report_figure(tally.line("agent prolog/epilog environment (job_from_env)"))
 
 
-def test_fuzz_proc_cgroup_and_environ(report_figure: Report) -> None:
-    tally = Tally()
+def test_fuzz_proc_cgroup_and_environ(report_figure: Report, fuzz_budget: int) -> None:
+    tally = Tally(fuzz_budget)
     forms = ["12:memory:/slurm/uid_1000/job_4242/step_0/task_0\n"
              "0::/system.slice/slurmd.service",
              "0::/system.slice/slurmstepd.scope/job_4243/step_batch/user/task_0",
              "4:devices:/slurm_n17/uid_1001/job_18/step_extern/task_0"]
 
-    @FUZZ
+    @fuzz_settings(fuzz_budget)
     @given(st.one_of(st.builds(mutate, st.sampled_from(forms), edits), st.text(max_size=120)),
            st.binary(max_size=120))
     def one(cgroup: str, environ: bytes) -> None:

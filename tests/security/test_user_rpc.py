@@ -11,7 +11,6 @@ uid with setpriv (nobody 65534, daemon 1); `bin` (uid 2) is an admin through the
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +51,6 @@ BIN_UID = 2  # "bin", gid 2: the admin group in these tests is "bin"
 ADMIN_GROUP = "bin"
 NODES = ["n1", "n2", "n3", "n4"]
 NOW_MS = int(time.time() * 1000)
-BUDGET = int(os.environ.get("GPUFLEET_FUZZ_EXAMPLES", "200"))
 
 
 @pytest.fixture(scope="module")
@@ -544,9 +542,15 @@ def test_drain_resume_and_jobs_cli_over_mtls(tmp_path: Path, munged: MungeServer
 
 # ---------------------------------------------------------------- fuzzing
 
-FUZZ = settings(max_examples=BUDGET, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+
+def fuzz(budget: int) -> settings:
+    """`budget` examples: tests/conftest.py's `fuzz_budget` (quick in the fast set, full under
+    `slow`)."""
+    return settings(max_examples=budget, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
 # a clear answer: served, or refused for a stated reason; never UNKNOWN/INTERNAL (a crash)
 CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION}
@@ -589,14 +593,15 @@ requests = st.one_of(
 
 def test_fuzz_every_fleetuser_method(ctl: tuple[Controller, FakeSlurm, Path],
                                      munged: MungeServer,
-                                     report_figure: Callable[[str], None]) -> None:
+                                     report_figure: Callable[[str], None],
+                                     fuzz_budget: int) -> None:
     c, slurm, _ = ctl
     tried: dict[str, int] = {}
     codes: dict[str, int] = {}
     channel = grpc.insecure_channel(_target(c))
     stub = pb_grpc.FleetUserStub(channel)
 
-    @FUZZ
+    @fuzz(fuzz_budget)
     @given(requests, st.sampled_from([None, NOBODY_UID]))
     def one(call: tuple[str, Any], uid: int | None) -> None:
         method, req = call
@@ -623,5 +628,5 @@ def test_fuzz_every_fleetuser_method(ctl: tuple[Controller, FakeSlurm, Path],
     report_figure(f"fuzz FleetUser (root and nobody, valid credentials): {total} requests "
                   f"tried ({', '.join(f'{k} {v}' for k, v in sorted(tried.items()))}); "
                   f"answers {dict(sorted(codes.items()))}; 0 crashes")
-    assert total >= min(BUDGET, 50)
+    assert total >= min(fuzz_budget, 50)
     assert set(tried) == {"WhoAmI", "Place", "Acct", "ShowJob", "Drain", "Resume"}

@@ -168,11 +168,12 @@ def _reports(draw: st.DrawFn) -> tuple[int, str, Any]:
     return seq, body, draw(_messages(field.message_type))
 
 
-def test_no_report_ends_a_stream_but_with_an_ack(controller: Controller) -> None:
+def test_no_report_ends_a_stream_but_with_an_ack(controller: Controller,
+                                                 fuzz_budget: int) -> None:
     """Any report (any numbers in any field) of the stream's own agent for its own node: the
     stream goes on, and the report is acked, stored or rejected with a reason."""
 
-    @settings(max_examples=150, deadline=None,
+    @settings(max_examples=max(1, fuzz_budget * 3 // 4), deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(_reports())
     def one(report: tuple[int, str, Any]) -> None:

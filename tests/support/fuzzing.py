@@ -17,12 +17,20 @@ from gpufleet.scheduler.topology.ibnetdiscover import IbParseError, parse_ibnetd
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+# The full budget runs under the `slow` marker (CI); the fast set runs the quick one
+# (tests/conftest.py's `fuzz_budget` runs each fuzz test once with each).
 BUDGET = int(os.environ.get("GPUFLEET_FUZZ_EXAMPLES", "200"))
+QUICK_BUDGET = min(BUDGET, int(os.environ.get("GPUFLEET_FUZZ_QUICK_EXAMPLES", "30")))
 
 
 FUZZ = settings(max_examples=BUDGET, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def fuzz_settings(budget: int) -> settings:
+    """FUZZ with `budget` examples."""
+    return settings(FUZZ, max_examples=budget)
 
 
 Report = Callable[[str], None]
@@ -31,13 +39,14 @@ Report = Callable[[str], None]
 class Tally:
     """Inputs tried per outcome class, for the printed line."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = BUDGET) -> None:
+        self.budget = budget
         self.parsed = 0
         self.errors = 0
 
     def line(self, target: str) -> str:
         return (f"fuzz {target}: {self.parsed + self.errors} inputs tried, {self.parsed} "
-                f"parsed, {self.errors} clear errors, 0 crashes (budget {BUDGET})")
+                f"parsed, {self.errors} clear errors, 0 crashes (budget {self.budget})")
 
 
 JUNK = ["", " ", "\t", "0", "-1", "99999999999999999999", "0x", "0xZZ", "#", '"', "[", "]",
@@ -103,10 +112,11 @@ def real_ib_seeds(root: Path) -> list[tuple[str, str]]:
     return seeds
 
 
-def fuzz_ibnetdiscover(seeds: list[tuple[str, str]], report_figure: Report, what: str) -> None:
-    tally = Tally()
+def fuzz_ibnetdiscover(seeds: list[tuple[str, str]], report_figure: Report, what: str,
+                       budget: int = BUDGET) -> None:
+    tally = Tally(budget)
 
-    @FUZZ
+    @fuzz_settings(budget)
     @given(st.integers(0, len(seeds) - 1), edits, st.booleans())
     def one(which: int, ops: list[tuple[str, float, str]], cut: bool) -> None:
         name, text = seeds[which]
@@ -140,10 +150,11 @@ def real_topo_seeds(root: Path) -> list[tuple[str, str]]:
     return seeds
 
 
-def fuzz_topo_m(seeds: list[tuple[str, str]], report_figure: Report, what: str) -> None:
-    tally = Tally()
+def fuzz_topo_m(seeds: list[tuple[str, str]], report_figure: Report, what: str,
+                budget: int = BUDGET) -> None:
+    tally = Tally(budget)
 
-    @FUZZ
+    @fuzz_settings(budget)
     @given(st.integers(0, len(seeds) - 1), edits)
     @example(0, [("insert", 0.0, "\tGPU0\tCPU Affinity\n")])
     def one(which: int, ops: list[tuple[str, float, str]]) -> None:
@@ -174,10 +185,11 @@ def real_topology_conf_seeds(root: Path) -> list[tuple[str, str]]:
     return seeds
 
 
-def fuzz_topology_conf(seeds: list[tuple[str, str]], report_figure: Report, what: str) -> None:
-    tally = Tally()
+def fuzz_topology_conf(seeds: list[tuple[str, str]], report_figure: Report, what: str,
+                       budget: int = BUDGET) -> None:
+    tally = Tally(budget)
 
-    @FUZZ
+    @fuzz_settings(budget)
     @given(st.integers(0, len(seeds) - 1), edits)
     def one(which: int, ops: list[tuple[str, float, str]]) -> None:
         name, text = seeds[which]
@@ -194,14 +206,15 @@ def fuzz_topology_conf(seeds: list[tuple[str, str]], report_figure: Report, what
     report_figure(tally.line(f"topology.conf (mutated {what})"))
 
 
-def fuzz_kmsg_xid_lines(lines: list[str], report_figure: Report, what: str) -> None:
+def fuzz_kmsg_xid_lines(lines: list[str], report_figure: Report, what: str,
+                        budget: int = BUDGET) -> None:
     forms = [ln for ln in lines if "Xid" in ln] + [
         "6,1234,5678901,-;NVRM: Xid (PCI:0000:3b:00): 48, An uncorrectable",
         "<4>NVRM: Xid (0000:3b:00.1): 13, Graphics Exception",
         "14,9,9,-;NVRM: Xid (PCI:0000:9b:00): 79, from userspace"]
-    tally = Tally()
+    tally = Tally(budget)
 
-    @FUZZ
+    @fuzz_settings(budget)
     @given(st.one_of(st.builds(mutate, st.sampled_from(forms), edits),
                      st.text(max_size=200)))
     def one(line: str) -> None:
