@@ -51,7 +51,7 @@ from tests.support.alertmanager import alertmanager, recorder
 pytestmark = pytest.mark.slurm
 __all__ = ["alertmanager", "recorder"]  # the real Alertmanager fixture, for the RMA test
 
-LAB_DIR = Path("/tmp/gf-lab-repair-test")  # noqa: S108 - the lab's own fixed place
+LAB_DIR = Path("/tmp/gf-lab-repair-test")  # the lab's own fixed place
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,13 @@ def test_xid79_reboot_diag_resume_on_real_slurm(repair_lab: SlurmLab, fleet, slu
 
     # Slurm: the node is back, idle, with no reason left; slurmd is a new process
     wait_for(lambda: lab.node_state("n2") == "IDLE", 20, lambda: lab.node_state("n2"))
-    assert lab.node_reason("n2") == ""
+    if lab.version == "24.11":
+        # 24.11.5 keeps the last reason on a resumed, IDLE node (tests/slurm/test_harness.py
+        # test_drain_then_resume): the state says it is back
+        assert lab.node_reason("n2") in ("", "gpufleet:reboot xid79 : reboot issued : "
+                                         "reboot complete")
+    else:
+        assert lab.node_reason("n2") == ""
     assert lab.status()["slurmd-n2"] not in (None, slurmd_before)
     # the node's agent came back once, from the new boot
     assert f.agents.starts["n2"] == 2
