@@ -249,7 +249,8 @@ def test_rma_fault_stays_drained_and_reaches_real_alertmanager(
     assert "DRAIN" in lab.node_state("n4")
     assert lab.node_reason("n4").startswith("gpufleet:xid54 GPU 5")
     steps = [r["step"] for r in f.journal.history("n4") if r.get("type") == "step"]
-    assert steps == ["fault", "escalated"], steps
+    # ("waiting" may come between: the drain had not reached Slurm at the first tick)
+    assert [s for s in steps if s != "waiting"] == ["fault", "escalated"], steps
 
 
 def test_partition_cap_holds_when_five_nodes_fault_at_once(repair_lab: SlurmLab, fleet,
