@@ -192,6 +192,11 @@ class _Obj:
         return _Obj(self.get(key), f"{self.what}: field {key!r}", self.schema)
 
 
+def _gres_used(n: _Obj) -> str:
+    """`gres_used` ("gpu:5") where the document has it (22.05 to 26.05 do); "" otherwise."""
+    return n.text("gres_used") if "gres_used" in n.obj else ""
+
+
 def json_object(text: str, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(text)
@@ -314,7 +319,7 @@ class Reader2205(Reader):
                          split_features(n.text("features")), n.num("weight"))
         return SlurmNodeInfo(node, n.text("gres"), tuple(n.strings("partitions")),
                              split_features(n.text("active_features")), n.num("cpus"),
-                             n.num("alloc_cpus"))
+                             n.num("alloc_cpus"), _gres_used(n))
 
     def _job(self, j: _Obj) -> SlurmJob:
         state = j.get("job_state")
@@ -340,7 +345,7 @@ class ReaderV39(Reader):
                          tuple(n.strings("features")), n.num("weight"))
         return SlurmNodeInfo(node, n.text("gres"), tuple(n.strings("partitions")),
                              tuple(n.strings("active_features")), n.num("cpus"),
-                             n.num("alloc_cpus"))
+                             n.num("alloc_cpus"), _gres_used(n))
 
     def _job(self, j: _Obj) -> SlurmJob:
         state = j.get("job_state")

@@ -46,6 +46,9 @@ class SlurmNodeInfo:
     active_features: tuple[str, ...]
     cpus: int | None
     alloc_cpus: int | None
+    # what the node's jobs hold now ("gpu:5": a count, no indices on any version); "" when
+    # the document has no such field
+    gres_used: str = ""
 
 
 @dataclass(frozen=True)
