@@ -4,9 +4,10 @@ One run, five kinds of submission interleaved round-robin (so load noise hits al
 plain `sbatch`, `gpufleet sbatch --gpufleet-no-place` (the wrapper alone) and `gpufleet sbatch`
 (cli_filter.lua -> gpufleet-sbatch-filter -> the controller's FleetUser.Place over loopback
 gRPC with MUNGE -> a pin), the last two both through pip's console script and through the
-site-less launcher the login-node role installs (gpufleet.scheduler.cli.entry.launcher). All use the same client slurm.conf with cli_filter/lua enabled. The
-partition is DOWN so every job stays pending and the cluster looks the same to each
-submission. Prints the median and p90 wall time of each and the median added over plain.
+site-less launcher the login-node role installs (gpufleet.scheduler.cli.entry.launcher).
+All use the same client slurm.conf with cli_filter/lua enabled. The partition is DOWN so
+every job stays pending and the cluster looks the same to each submission. Prints the
+median and p90 wall time of each and the median added over plain.
 
     flock /tmp/gpufleet-slurm.lock .venv/bin/python bench/sbatch_overhead.py --rounds 30
 (root: the lab starts slurmctld/slurmd; lab in /tmp/gpufleet-bench-sbatch, port 7317)
