@@ -79,6 +79,10 @@ def test_what_may_be_pinned() -> None:
                                "time": "60", "wrap": "x", "argv": []}, 0)
     assert plain is not None and plain.pin and plain.nodes == 2 and plain.gpus_per_node == 8
     assert plain.time_limit_min == 60
+    # 23.02 on (24.11, 26.05 seen in their cli_filter/lua) spell it gres/gpu:N
+    for gres, n in (("gres/gpu:2", 2), ("gres/gpu:h100:4", 4), ("gres/gpu", 1)):
+        p = plan_from_options({"nodes": "1", "gres": gres}, 0)
+        assert p is not None and p.gpus_per_node == n, gres
     for opts, why in (({"array": "0-3"}, "array"), ({"cpus-per-task": "4"}, "cpus-per-task"),
                       ({"mem": "4G"}, "mem"), ({"nodes": "1-4"}, "node range"),
                       ({"ntasks": "8"}, "ntasks"), ({"licenses": "x"}, "licenses"),

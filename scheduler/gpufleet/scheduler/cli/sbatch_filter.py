@@ -399,7 +399,8 @@ def plan_from_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0912 
     gpn = total = None
     if "gres" in o:
         for raw in o["gres"].split(","):
-            item = raw.removeprefix("gres:")
+            # 22.05 spells it gres:gpu:2, 23.02 on gres/gpu:2 (tres_per_node's new form)
+            item = raw.removeprefix("gres:").removeprefix("gres/")
             if item == "gpu" or item.startswith("gpu:"):
                 gpn = (_count(item) if ":" in item else 1) or 1
     if "gpus-per-node" in o:
