@@ -119,6 +119,14 @@ def test_jobs_read_again_when_a_nodes_gpu_count_changed() -> None:
     view = source()
     assert sorted(_asked(client)) == ["sinfo --json", "squeue --json"]
     assert view.nodes["n1"].free_gpus == frozenset(range(8))
+    # jobs are starting and ending: the next calls read them beside the nodes (not after)
+    client.asked.clear()
+    clock.t += 1
+    source()
+    reading = source._reading  # the read started beside the nodes (not waited for: they fit)
+    assert reading is not None
+    reading.result(timeout=30)
+    assert sorted(_asked(client)) == ["sinfo --json", "squeue --json"]
 
 
 def test_jobs_read_again_when_older_than_their_max_age() -> None:

@@ -135,7 +135,9 @@ class SlurmViewSource:
     are kept and used while they still fit the fresh node read (gpu_counts_agree: the same
     GPU count in use on every node) and are younger than `jobs_max_age_s`; they are re-read
     in the background once older than `jobs_refresh_s`, and waited for when they do not fit
-    (a job started or ended since): then the call costs what reading both always cost.
+    (a job started or ended since): then the call costs what reading both always cost, and
+    for the next `jobs_refresh_s` every call reads the jobs beside the nodes again, so a busy
+    cluster never waits for the two reads one after the other.
     Partitions and the switch tree (`scontrol show partition|topology`) change only when an
     admin edits slurm.conf and reconfigures, so they are kept for `static_ttl_s` (0: read
     every time). A stale tree or time limit costs at most a worse choice of nodes or a pin
@@ -158,6 +160,7 @@ class SlurmViewSource:
         # (when the read started, node -> GPU indices the holding jobs had)
         self._used: tuple[float, dict[str, set[int]]] | None = None
         self._reading: Future[dict[str, set[int]]] | None = None
+        self._churn_until = float("-inf")  # until then, jobs are read beside the nodes
 
     def _cached_static(self) -> tuple[list[SlurmPartition], str, str] | None:
         with self._lock:
@@ -204,7 +207,10 @@ class SlurmViewSource:
             # caller's deadline is for all of them
             c = self.slurm.with_timeout(max(deadline - self.clock(), 0.05))
             reading = None
-            if cached is None or self.clock() - cached[0] >= self.jobs_refresh_s:
+            # while jobs start and end (a recent call found the kept indices stale), read them
+            # beside the nodes as every call did before: never slower than reading both
+            if (cached is None or self.clock() - cached[0] >= self.jobs_refresh_s
+                    or self.clock() < self._churn_until):
                 reading = self._read_used(c)
             with ThreadPoolExecutor(max_workers=3, thread_name_prefix="slurm-read") as pool:
                 f_infos = pool.submit(c.node_infos)
@@ -224,6 +230,9 @@ class SlurmViewSource:
             if cached is not None and gpu_counts_agree(infos, cached[1]):
                 used = cached[1]
             else:  # none kept, or a job started or ended since: wait for the jobs
+                if cached is not None:
+                    with self._lock:
+                        self._churn_until = self.clock() + self.jobs_refresh_s
                 reading = reading or self._read_used(c)
                 used = reading.result(timeout=max(deadline - self.clock(), 0.05))
         except SlurmError as e:
