@@ -128,6 +128,8 @@ class RunResult:
     how: str
     jobs: list[JobResult]
     gpus_total: int
+    # gpufleet sbatch only: submissions the helper sent on as plain sbatch, and why
+    fallbacks: list[str] = field(default_factory=list)
 
     @property
     def utilisation(self) -> float:
@@ -196,12 +198,16 @@ def leaves_of(lab: SlurmLab) -> dict[str, str]:
     return out
 
 
-def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path) -> str:
-    argv = [GPUFLEET, "sbatch", "--parsable", *args]
+def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path,
+                     fallbacks: list[str]) -> str:
+    """Submit with --gpufleet-verbose; a submission the helper sent on as plain sbatch (no
+    answer from Place in time, or an error) is added to `fallbacks` with the reason."""
+    argv = [GPUFLEET, "sbatch", "--gpufleet-verbose", "--parsable", *args]
     p = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False,
                        timeout=60)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()}")
+    fallbacks.extend(line for line in p.stderr.splitlines() if "no placement (" in line)
     return p.stdout.strip().split(";")[0]
 
 
@@ -216,12 +222,14 @@ def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResu
     placed = Placed(lab, tmp / "gpufleet", degraded=(trace.degraded_at_start,))
     try:
         env = placed.env()
+        fallbacks: list[str] = []
         gf = replay(lab, trace,
-                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir),
+                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir, fallbacks),
                     lambda _t: degrade(placed.store, trace.fault_node), leaf_of)
     finally:
         placed.close()
-    return RunResult("plain sbatch", plain, gpus), RunResult("gpufleet sbatch", gf, gpus)
+    return (RunResult("plain sbatch", plain, gpus),
+            RunResult("gpufleet sbatch", gf, gpus, fallbacks))
 
 
 def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
@@ -247,6 +255,10 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
         lines.append(f"{r.how:24} {r.total('leaves'):15.0f} {multi:17d} {r.total('wait_s'):7.0f} "
                      f"{r.total('wait_s') / len(r.jobs):11.2f} {r.utilisation:8.1%} "
                      f"{r.total('on_unhealthy'):12.0f} {bad:13d}")
+    reasons = sorted({f.split("no placement (", 1)[1].split(")")[0][:60] for f in gf.fallbacks})
+    lines.append(f"gpufleet sbatch: {len(gf.fallbacks)} of {len(gf.jobs)} submission(s) went "
+                 f"on as plain sbatch (no placement){': ' if reasons else ''}"
+                 + "; ".join(reasons))
     return "\n".join(lines)
 
 
