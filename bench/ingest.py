@@ -23,7 +23,15 @@ every channel to one target on one shared connection), and the agents are spread
 The messages are real: the inventory and a steady-state sample (8 GPUs, no verdict changes)
 from the agent's own code over the simulated DGX H100.
 
+Several processes (`--processes 2 --store postgres`): that many controller processes on one
+throw-away PostgreSQL, all started with standby_ingests; the first leads and alone acts in
+Slurm, the agents are split evenly, and the faults and dead agents are all at the processes
+that do not lead, so every drain and unreachable mark goes through the store. Prints each
+process's CPU (% of one core, us per report, us per node per second) and RSS, PostgreSQL's
+CPU, and fault -> drain p50/p99 split at the leader's queued action. Steady phase only.
+
     .venv/bin/python bench/ingest.py [--agents 10000] [--seconds 30] [--drivers 4]
+    .venv/bin/python bench/ingest.py --agents 4000 --seconds 30 --processes 2 --store postgres
     .venv/bin/python bench/ingest.py --agents 200 --seconds 5 --saturate-seconds 3  # CI size
 """
 
@@ -172,7 +180,7 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
     sys.path.insert(0, str(REPO))
     from gpufleet.scheduler.health.policy import PolicyConfig
     from gpufleet.scheduler.service.server import Controller
-    from gpufleet.scheduler.store import SqliteStore
+    from gpufleet.scheduler.store import PostgresStore, SqliteStore
 
     from tests.scheduler.fakes import FakeSlurm
 
@@ -203,7 +211,8 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
         drained.setdefault(name, time.time())
 
     slurm.drain = drain  # type: ignore[method-assign]
-    store = SqliteStore(args.db)
+    # several processes on one PostgreSQL store: each ingests, the leader alone acts
+    store = PostgresStore(args.db) if args.store == "postgres" else SqliteStore(args.db)
     real_set_reachable = store.set_reachable
 
     def set_reachable(name: str, reachable: bool, now_ms: int) -> bool:
@@ -213,17 +222,33 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
         return changed
 
     store.set_reachable = set_reachable  # type: ignore[method-assign]
+    # when a non-leader stored a health change for the leader (several processes)
+    published: dict[str, float] = {}
+    real_set_verdict = store.set_verdict
+
+    def set_verdict(v: Any, *, publish: bool = False) -> tuple[str, str]:
+        moved = real_set_verdict(v, publish=publish)
+        if publish and moved[0] != moved[1]:
+            published.setdefault(v.node, time.time())
+        return moved
+
+    store.set_verdict = set_verdict  # type: ignore[method-assign]
     policy = PolicyConfig(unreachable_after_s=args.unreachable_after_s, resume_quiet_s=3600)
-    ctl = Controller(store, slurm, listen="127.0.0.1:0", policy=policy)
+    ctl = Controller(store, slurm, listen="127.0.0.1:0", policy=policy,
+                     standby_ingests=args.store == "postgres")
     port = ctl.start()
-    os.write(ready_fd, f"{port}\n".encode())
+    if ctl.leader is not None:  # the lock is taken before the process says it leads
+        ctl.leader.acquired.wait(2.0)
+        time.sleep(0.2)
+    os.write(ready_fd, f"{port} {'leader' if ctl.active else 'ingest'}\n".encode())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    out = Path(args.db).with_suffix(".times.json")
+    out = Path(args.times) if args.times else Path(args.db).with_suffix(".times.json")
     while not stop.wait(0.25):
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"drained": drained, "unreachable": unreachable,
-                                   "gc_s": gc_s, "gc_n": gc_n}))
+                                   "gc_s": gc_s, "gc_n": gc_n, "active": ctl.active,
+                                   "published": published}))
         tmp.replace(out)
     ctl.stop(0.5)
     store.close()
@@ -367,7 +392,8 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
 
     tasks = [asyncio.create_task(agent(i)) for i in range(lo, hi)]
     loop = asyncio.get_running_loop()
-    await asyncio.wait_for(all_up.wait(), timeout=120 + (hi - lo) / 20)
+    # generous: a loaded 2-core VM took minutes to take in 10,000 hellos over PostgreSQL
+    await asyncio.wait_for(all_up.wait(), timeout=120 + (hi - lo) / 8)
     print(json.dumps({"ready": hi - lo, "errors": errors}), flush=True)
     line = await loop.run_in_executor(None, sys.stdin.readline)
     t_start, t_stop = (float(x) for x in line.split())
@@ -418,7 +444,7 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
               if mode == "steady" else [])
     try:
         with os.fdopen(r) as ready:
-            port = int(ready.readline().strip())
+            port = int(ready.readline().split()[0])
         sp = psutil.Process(server.pid)
         k = args.drivers
         bounds = [(args.agents * j // k, args.agents * (j + 1) // k) for j in range(k)]
@@ -493,6 +519,198 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
             server.wait()
 
 
+def run_multi(args: argparse.Namespace, seconds: float) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 - one run, in order
+    """--processes P --store postgres: P controller processes on one throw-away PostgreSQL
+    (the tests' own server: tests/scheduler/pg_server.py), each started with
+    standby_ingests; process 0 starts first and leads (it alone acts in the in-memory
+    Slurm), the others only ingest. Agents are split into P equal blocks, block j on
+    process j; the faults and the silenced agents are in the non-leaders' blocks, so every
+    drain and every unreachable mark goes through the store. Steady phase only."""
+    sys.path.insert(0, str(REPO))
+    from tests.scheduler.pg_server import started_pg_server
+
+    n_proc = args.processes
+    with started_pg_server("gf-bench-pg-") as pg:
+        dsn = pg.create_database()
+        workdir = Path(pg.base_dir)
+        servers: list[subprocess.Popen[bytes]] = []
+        drivers: list[tuple[int, subprocess.Popen[str]]] = []
+        times_paths = [workdir / f"ctl{j}.times.json" for j in range(n_proc)]
+        blocks = [(args.agents * j // n_proc, args.agents * (j + 1) // n_proc)
+                  for j in range(n_proc)]
+        # faults and silenced agents: spread over the non-leaders' agents
+        others = list(range(blocks[0][1] if n_proc > 1 else 0, args.agents))
+        step_f = max(1, len(others) // max(1, args.faults))
+        faulted = others[::step_f][:args.faults]
+        silent = [i + step_f // 2 for i in others[::step_f]][:args.silence]
+        silent = [i for i in silent if i < args.agents and i not in faulted]
+        try:
+            ports: list[int] = []
+            roles: list[str] = []
+            for j in range(n_proc):  # one after the other: the first takes the lock
+                r, w = os.pipe()
+                servers.append(subprocess.Popen(
+                    [sys.executable, str(BENCH), "--role", "serve-controller", "--ready-fd",
+                     str(w), "--db", dsn, "--store", "postgres", "--times",
+                     str(times_paths[j]), "--agents", str(args.agents),
+                     "--unreachable-after-s", str(args.unreachable_after_s)],
+                    pass_fds=(w,)))
+                os.close(w)
+                with os.fdopen(r) as ready:
+                    port, role = ready.readline().split()
+                ports.append(int(port))
+                roles.append(role)
+            if roles.count("leader") != 1 or roles[0] != "leader":
+                raise RuntimeError(f"expected process 0 alone to lead, got {roles}")
+            procs = [psutil.Process(p.pid) for p in servers]
+            per_block = max(1, args.drivers // n_proc)
+            t_connect = time.monotonic()
+            for j, (blo, bhi) in enumerate(blocks):
+                n = bhi - blo
+                for k in range(per_block):
+                    lo, hi = blo + n * k // per_block, blo + n * (k + 1) // per_block
+                    drivers.append((j, subprocess.Popen(
+                        [sys.executable, str(BENCH), "--role", "drive", "--target",
+                         f"127.0.0.1:{ports[j]}", "--agents", str(args.agents), "--lo", str(lo),
+                         "--hi", str(hi), "--mode", "steady", "--seconds", str(seconds),
+                         "--window", "1", "--heartbeat-s", str(args.heartbeat_s),
+                         "--profile", args.profile,
+                         "--faults-at", json.dumps([i for i in faulted if lo <= i < hi]),
+                         "--silence-at", json.dumps([i for i in silent if lo <= i < hi])],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)))
+            connect_errors: dict[str, int] = {}
+            for _, d in drivers:
+                assert d.stdout is not None
+                line = d.stdout.readline()
+                if not line:
+                    raise RuntimeError("multi: a driver died while its agents connected")
+                for key, n in json.loads(line)["errors"].items():
+                    connect_errors[key] = connect_errors.get(key, 0) + n
+            connect_s = time.monotonic() - t_connect
+            if connect_errors:
+                raise RuntimeError(f"multi: agents failed to connect: {connect_errors}")
+            t_start = time.time() + 1.0
+            t_stop = t_start + seconds
+            for _, d in drivers:
+                assert d.stdin is not None
+                d.stdin.write(f"{t_start} {t_stop}\n")
+                d.stdin.flush()
+            time.sleep(max(0.0, t_start - time.time()))
+            cpu0, m0 = [_cpu_s(p) for p in procs], time.monotonic()
+            pg_procs = _pg_processes(pg.pid)
+            pg_cpu0 = sum(_cpu_s(p) for p in pg_procs)
+            time.sleep(max(0.0, t_stop - time.time()))
+            cpu1, m1 = [_cpu_s(p) for p in procs], time.monotonic()
+            pg_cpu1 = sum(_cpu_s(p) for p in _pg_processes(pg.pid, pg_procs))
+            rss = [p.memory_info().rss / 2**20 for p in procs]
+            acked = [0] * n_proc
+            result: dict[str, Any] = {"fault_sent": {}, "silenced": {}, "last_report": {},
+                                      "errors": {}}
+            driver_cpu = 0.0
+            for j, d in drivers:
+                out, _ = d.communicate(timeout=300)
+                if d.returncode != 0:
+                    raise RuntimeError(f"multi: a driver failed (exit {d.returncode})")
+                res = json.loads(out.strip().splitlines()[-1])
+                acked[j] += res["acked"]
+                driver_cpu += res["driver_cpu_s"]
+                for key in ("fault_sent", "silenced", "last_report"):
+                    result[key].update(res[key])
+            det = _detections(workdir / "x", result, args, t_start, t_stop, times_paths)
+            # where the time goes: fault -> the leader queued its drain (ingest at the
+            # non-leader, the store, the leader's poll), and queued -> Slurm drain called
+            import psycopg
+
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                created = {str(n): int(c) / 1000 for n, c in conn.execute(
+                    "SELECT node, min(created_ms) FROM actions WHERE action = 'drain' "
+                    "GROUP BY node").fetchall()}
+            drained, published = {}, {}
+            for p in times_paths:
+                one = json.loads(p.read_text())
+                drained.update(one["drained"])
+                published.update(one.get("published", {}))
+            det["fault_to_published_s"] = [published[n] - t for n, t in
+                                           result["fault_sent"].items() if n in published]
+            det["fault_to_queued_s"] = [created[n] - t for n, t in result["fault_sent"].items()
+                                        if n in created]
+            det["queued_to_drain_s"] = [drained[n] - created[n] for n in result["fault_sent"]
+                                        if n in created and n in drained]
+            wall = m1 - m0
+            rows = []
+            for j in range(n_proc):
+                cpu = cpu1[j] - cpu0[j]
+                rows.append({"role": roles[j], "agents": blocks[j][1] - blocks[j][0],
+                             "reports_per_s": acked[j] / seconds,
+                             "cpu_us_per_report": cpu * 1e6 / max(1, acked[j]),
+                             "core_pct": 100.0 * cpu / wall, "rss_mib": rss[j]})
+            return {"processes": rows, "connect_s": connect_s, "wall_s": seconds,
+                    "postgres_core_pct": 100.0 * (pg_cpu1 - pg_cpu0) / wall,
+                    "driver_core_pct": 100.0 * driver_cpu / seconds, **det}
+        finally:
+            for _, d in drivers:
+                if d.poll() is None:
+                    d.kill()
+            for srv in servers:
+                srv.send_signal(signal.SIGTERM)
+            for srv in servers:
+                try:
+                    srv.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    srv.kill()
+                    srv.wait()
+            pg.drop_database(dsn)
+
+
+def _pg_processes(postmaster: int | None, known: list[psutil.Process] | None = None
+                  ) -> list[psutil.Process]:
+    """The PostgreSQL server's processes (postmaster and backends): their CPU is the store's
+    cost. Backends that ended between two readings are left out of both."""
+    if postmaster is None:
+        return []
+    if known is not None:
+        return [p for p in known if p.is_running()]
+    try:
+        root = psutil.Process(postmaster)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def print_multi(args: argparse.Namespace, f: dict[str, Any]) -> None:
+    print(f"{'process':<10} {'role':<7} {'agents':>7} {'reports/s':>9} {'CPU us/rep':>10} "
+          f"{'% core':>7} {'RSS MiB':>8}")
+    for j, r in enumerate(f["processes"]):
+        print(f"{j:<10} {r['role']:<7} {r['agents']:>7} {r['reports_per_s']:>9.0f} "
+              f"{r['cpu_us_per_report']:>10.1f} {r['core_pct']:>7.1f} {r['rss_mib']:>8.1f}")
+    print(f"PostgreSQL server (all its processes): {f['postgres_core_pct']:.1f} % of one core; "
+          f"drivers {f['driver_core_pct']:.1f} %; connect {f['connect_s']:.1f} s")
+    d = f["fault_to_drain_s"]
+    print(f"fault -> drain, faults at a non-leader, drained by the leader through the store: "
+          f"{len(d)}/{f['faults_sent']} drained, p50 {1000 * _pct(d, 0.5):.0f} ms, p99 "
+          f"{1000 * _pct(d, 0.99):.0f} ms")
+    q, a, pub = f["fault_to_queued_s"], f["queued_to_drain_s"], f["fault_to_published_s"]
+    if pub:
+        print(f"  of which fault -> stored for the leader by the non-leader: p50 "
+              f"{1000 * _pct(pub, 0.5):.0f} ms, p99 {1000 * _pct(pub, 0.99):.0f} ms")
+    print(f"  of which fault -> the leader queued the drain: p50 {1000 * _pct(q, 0.5):.0f} ms, "
+          f"p99 {1000 * _pct(q, 0.99):.0f} ms; queued -> Slurm called: p50 "
+          f"{1000 * _pct(a, 0.5):.0f} ms, p99 {1000 * _pct(a, 0.99):.0f} ms")
+    v, lr = f["silent_to_unreachable_s"], f["last_report_to_unreachable_s"]
+    print(f"liveness: {len(v)}/{f['silenced_n']} dead agents at a non-leader marked "
+          f"unreachable by the leader, {_pct(v, 0.5):.1f} s median, "
+          f"{max(v) if v else float('nan'):.1f} s max after they died "
+          f"({max(lr) if lr else float('nan'):.1f} s max after their last report; "
+          f"unreachable_after_s {args.unreachable_after_s:g}); {f['false_unreachable']} live "
+          f"nodes wrongly marked unreachable ({f['false_unreachable_connecting']} of them "
+          f"before the phase, while the agents connected)")
+    hb = args.heartbeat_s
+    for j, r in enumerate(f["processes"]):
+        per_node = r["core_pct"] / 100 / max(1, r["agents"])
+        print(f"process {j} ({r['role']}): {1e6 * per_node:.1f} us of CPU per node per second "
+              f"(heartbeat {hb:g} s): one core holds ~{1 / per_node:,.0f} nodes")
+
+
 def _gc_figures(db: Path) -> tuple[list[float], list[int]] | None:
     try:
         times = json.loads(db.with_suffix(".times.json").read_text())
@@ -502,17 +720,22 @@ def _gc_figures(db: Path) -> tuple[list[float], list[int]] | None:
 
 
 def _detections(db: Path, result: dict[str, Any], args: argparse.Namespace,
-                t_start: float, t_stop: float) -> dict[str, Any]:
+                t_start: float, t_stop: float, times_paths: list[Path] | None = None
+                ) -> dict[str, Any]:
     """Wait (up to unreachable_after_s + 15 s) for the controller to drain every faulted node
     and mark every silenced one unreachable; the times it recorded against the drivers'.
     A node not silenced marked unreachable before the phase ended is a false one (after it,
-    every agent has gone)."""
-    times_path = db.with_suffix(".times.json")
+    every agent has gone). `times_paths`: several controller processes' records, merged."""
+    paths = times_paths or [db.with_suffix(".times.json")]
     deadline = time.monotonic() + args.unreachable_after_s + 15
     times: dict[str, dict[str, float]] = {"drained": {}, "unreachable": {}}
     while time.monotonic() < deadline:
-        if times_path.exists():
-            times = json.loads(times_path.read_text())
+        if all(p.exists() for p in paths):
+            times = {"drained": {}, "unreachable": {}}
+            for p in paths:
+                one = json.loads(p.read_text())
+                times["drained"].update(one["drained"])
+                times["unreachable"].update(one["unreachable"])
             if (set(result["fault_sent"]) <= set(times["drained"])
                     and set(result["silenced"]) <= set(times["unreachable"])):
                 break
@@ -576,12 +799,19 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
                     help="LABELLED: the controller without limits.check (what the rest costs)")
     ap.add_argument("--only", choices=("bare", "controller"),
                     help="run one server only (profiling; prints no efficiency ratio)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="controller processes on one PostgreSQL store (with --store postgres): "
+                         "the first leads, the others only ingest; agents split evenly")
+    ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite",
+                    help="the controller's store (postgres: a throw-away server, as the tests "
+                         "start one)")
     ap.add_argument("--profile", default="dgx-h100", help="simulated hardware of the agents")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     ap.add_argument("--role", default="main", help=argparse.SUPPRESS)
     ap.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
+    ap.add_argument("--times", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="steady", help=argparse.SUPPRESS)
     ap.add_argument("--lo", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--hi", type=int, default=0, help=argparse.SUPPRESS)
@@ -602,6 +832,11 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
         print(json.dumps(asyncio.run(drive(args))), flush=True)
         return
 
+    if args.processes < 1:
+        sys.exit(f"--processes {args.processes}: must be at least 1")
+    if args.processes > 1 and args.store != "postgres":
+        sys.exit(f"--processes {args.processes}: several processes share only a PostgreSQL "
+                 "store (add --store postgres)")
     if args.window <= 0:
         args.window = max(1, min(4, 8000 // max(1, args.agents)))
     if args.drivers <= 0:
@@ -614,6 +849,16 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
           f"each, {args.drivers} driver processes, {os.cpu_count()} CPUs, "
           f"{sys.version.split()[0]}" + ("; controller WITHOUT limits.check" if args.no_limits
                                          else ""))
+    if args.store == "postgres":
+        args.drivers = max(args.drivers, args.processes)
+        print(f"{args.processes} controller process(es) on one PostgreSQL store, faults and "
+              f"silenced agents at the non-leader(s); steady phase {args.seconds:g} s",
+              flush=True)
+        multi = run_multi(args, args.seconds)
+        print_multi(args, multi)
+        if args.json:
+            print(json.dumps(multi, indent=1))
+        return
     phases = [("steady", args.seconds)]
     if args.samples_seconds > 0:
         phases.append(("samples", args.samples_seconds))

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import replace
 
-from gpufleet.scheduler.slurm import SlurmError, SlurmJob, SlurmNode
+from gpufleet.scheduler.slurm import SlurmError, SlurmJob, SlurmNode, SlurmNodeInfo
 
 
 class FakeSlurm:
@@ -23,6 +23,9 @@ class FakeSlurm:
         self.job_calls: list[tuple[str, ...]] = []
         self.on_signal: dict[str, SlurmJob] = {}  # job id -> its state after the signal
         self.requeue_fails: set[str] = set()
+        # routine diagnostics read these: each node's partitions and LastBusyTime (Unix s)
+        self.partitions: dict[str, tuple[str, ...]] = dict.fromkeys(names, ("gpu",))
+        self.last_busy: dict[str, int | None] = dict.fromkeys(names, None)
 
     def _check(self) -> None:
         if self.down:
@@ -41,6 +44,25 @@ class FakeSlurm:
             raise SlurmError(f"Node {name} not found", transient=False)
         state, reason = self.state[name]
         return SlurmNode(name, state, reason, self.features[name], self.weight[name])
+
+    def node_infos(self) -> dict[str, SlurmNodeInfo]:
+        self._check()
+        return {n: SlurmNodeInfo(self.node(n), "gpu:8", self.partitions[n], self.features[n],
+                                 64, 0, self.last_busy[n]) for n in self.state}
+
+    def pending_jobs(self) -> list[SlurmJob]:
+        self._check()
+        with self.lock:
+            self.job_calls.append(("pending_jobs",))
+            return [j for j in self.jobs.values() if j.state == "PENDING"]
+
+    def add_pending(self, job_id: str, partitions: tuple[str, ...] = ("gpu",), *,
+                    reason: str = "Resources", excluded: tuple[str, ...] = (),
+                    required: tuple[str, ...] = ()) -> SlurmJob:
+        job = SlurmJob(job_id, "PENDING", (), True, True, "", 0, None, 0, excluded, 0, reason,
+                       0, (), partitions, required)
+        self.jobs[job_id] = job
+        return job
 
     def drain(self, name: str, reason: str) -> None:
         self._check()

@@ -36,6 +36,9 @@ class Agents:
     def boot_id(self, node: str) -> str | None:
         return self.boot.get(node, "boot-0")
 
+    def has_stream(self, node: str) -> bool:
+        return node not in self.offline
+
     def last(self, node: str) -> AgentCommand:
         return [c for c in self.sent if c.node == node][-1]
 
@@ -72,7 +75,8 @@ class Lab:
     def manager(self) -> RepairManager:
         return RepairManager(self.slurm, Journal(self.journal.path), self.cfg, self.agents,
                              self.rebooter, lambda *a: self.alerts.append(a),
-                             partition_of=lambda n: "gpu", clock=self.clock)
+                             partition_of=lambda n: "gpu", clock=self.clock,
+                             queue=self.slurm)
 
     def fault(self, node: str, code: str, evidence: str = "", gpu: int | None = 2) -> None:
         # what the health policy does: drain with gpufleet's reason, then tell repair

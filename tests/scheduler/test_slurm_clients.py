@@ -270,3 +270,35 @@ def test_rest_job_reads_agree_with_squeue(rest_lab: SlurmLab) -> None:
         assert rest_lab.wait_job_state(jobid, ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING"))
     finally:
         rest_lab.run("scancel", str(jobid), check=False)
+
+
+@pytest.mark.slurm
+def test_routine_diag_reads_agree_with_squeue(rest_lab: SlurmLab) -> None:
+    """What routine diagnostics read, from the real Slurm of each version, the same through
+    the CLI and slurmrestd: each node's LastBusyTime and partitions, and the pending jobs
+    with their partitions, reasons, required and excluded nodes."""
+    from gpufleet.scheduler.repair.engine import could_start_on
+
+    rest_lab.reset()
+    cli = CliSlurmClient(env=rest_lab.env())
+    rest = RestSlurmClient(socket_path=rest_lab.rest_socket, token=rest_lab.jwt_token(),
+                           env=rest_lab.env())
+    held = rest_lab.sbatch("--hold", "-w", "n2", "--wrap", "sleep 1")
+    later = rest_lab.sbatch("--begin=now+1hour", "-x", "n3", "--wrap", "sleep 1")
+    try:
+        pending = {j.job_id: j for j in cli.pending_jobs()}
+        assert pending == {j.job_id: j for j in rest.pending_jobs()}
+        h, b = pending[str(held)], pending[str(later)]
+        assert (h.state, h.state_reason, h.required_nodes, h.partitions) == (
+            "PENDING", "JobHeldUser", ("n2",), ("main",))
+        assert (b.state_reason, b.excluded_nodes, b.partitions) == ("BeginTime", ("n3",),
+                                                                    ("main",))
+        assert not could_start_on(h, "n2", ("main",))  # held: waits for a person, not a node
+        assert not could_start_on(b, "n3", ("main",)) and could_start_on(b, "n4", ("main",))
+        infos, by_rest = cli.node_infos(), rest.node_infos()
+        assert {n: i.last_busy_s for n, i in infos.items()} == \
+            {n: i.last_busy_s for n, i in by_rest.items()}
+        assert all(i.last_busy_s is not None and i.last_busy_s > 1_700_000_000
+                   and "main" in i.partitions for i in infos.values())
+    finally:
+        rest_lab.run("scancel", str(held), str(later), check=False)

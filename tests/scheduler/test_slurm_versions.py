@@ -124,6 +124,54 @@ def test_jobs_of_each_version(version: str) -> None:
     assert "3" in {j.job_id for j in on_n1} and all("n1" in j.nodes for j in on_n1)
 
 
+def _pending_queue(version: str) -> str:
+    """The captured queue with job 3 made pending: in two partitions, pinned to n[3-4],
+    excluding n5 (what a routine diagnostic must not hold back)."""
+    doc = json.loads(_doc(version, "squeue.json"))
+    job = next(j for j in doc["jobs"] if j["job_id"] == 3)
+    job.update(job_state="PENDING" if version == "22.05" else ["PENDING"], nodes="",
+               partition="main,debug", required_nodes="n[3-4]", excluded_nodes="n5",
+               state_reason="Resources")
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_routine_diag_reads_of_each_version(version: str) -> None:
+    """Each node's LastBusyTime and partitions; the pending jobs with theirs."""
+    c = client_of(version)
+    infos = c.node_infos()
+    assert all(i.last_busy_s is not None and i.last_busy_s > 1_700_000_000
+               for i in infos.values())
+    assert infos["n1"].partitions == ("main",)
+    assert c.pending_jobs() == []  # the captured queue: nothing pending
+    c.answers[("squeue", "--json")] = _pending_queue(version)
+    [job] = c.pending_jobs()
+    assert (job.job_id, job.partitions, job.required_nodes, job.excluded_nodes) == (
+        "3", ("main", "debug"), ("n3", "n4"), ("n5",))
+    assert c.asked.count(("squeue", "--json")) == 2  # filtered here: 23.02+ ignores -t
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rest_routine_diag_reads_of_each_version(version: str) -> None:
+    api = DATA_PARSER[version] or "v0.0.38"
+    answers = {f"/slurm/{api}/nodes": _nodes_doc(version),
+               f"/slurm/{api}/jobs": _pending_queue(version)}
+
+    class R(RestSlurmClient):
+        def _send(self, method: str, full: str, data: dict[str, Any] | None,
+                  what: str) -> dict[str, Any]:
+            assert method == "GET"
+            doc: dict[str, Any] = json.loads(answers[full])
+            return doc
+
+    r = R(url="http://slurmrestd.invalid:6820", token="t", api_version=api)  # noqa: S106
+    infos = r.node_infos()
+    assert infos["n8"].node.drained and infos["n8"].last_busy_s is not None
+    [job] = r.pending_jobs()
+    assert (job.job_id, job.partitions, job.required_nodes) == ("3", ("main", "debug"),
+                                                                ("n3", "n4"))
+
+
 @pytest.mark.parametrize("version", ["24.11", "26.05"])
 def test_ended_jobs_of_data_parser_versions(version: str) -> None:
     """`scontrol show job --json` (the same job schema as squeue's): exit codes as objects."""
@@ -265,6 +313,7 @@ NODE_EDITS: list[tuple[str, Edit, str]] = [
     ("features renamed", lambda n: _rename(n, "features", "available_features"), "features"),
     ("name missing", lambda n: n.pop("name"), "name"),
     ("gres missing", lambda n: n.pop("gres"), "gres"),
+    ("last_busy a string", lambda n: n.update(last_busy="yesterday"), "last_busy"),
 ]
 
 
@@ -288,6 +337,9 @@ JOB_EDITS: list[tuple[str, Edit, str]] = [
     ("job_id a string", lambda j: j.update(job_id="3"), "job_id"),
     ("restart_cnt missing", lambda j: j.pop("restart_cnt"), "restart_cnt"),
     ("nodes missing", lambda j: j.pop("nodes"), "nodes"),
+    ("partition missing", lambda j: j.pop("partition"), "partition"),
+    ("required_nodes renamed", lambda j: _rename(j, "required_nodes", "nodelist"),
+     "required_nodes"),
 ]
 
 

@@ -115,6 +115,10 @@ from gpufleet.scheduler.store import StoreError, open_store
 @click.option("--audit-log", type=click.Path(dir_okay=False), envvar="GPUFLEET_AUDIT_LOG",
               help="also append audit records (JSON lines) to this file [default: the "
               "gpufleet.audit logger only]")
+@click.option("--standby-ingests", is_flag=True, envvar="GPUFLEET_STANDBY_INGESTS",
+              help="while not the leader (PostgreSQL store), still take agents' streams and "
+              "store their reports; only the leader acts in Slurm (several ingest processes: "
+              "docs/scaling.md). Default: a standby refuses agents")
 @repair_options
 @click.option("-v", "--verbose", count=True)
 def controller(
@@ -125,7 +129,7 @@ def controller(
     degraded_feature: str, metrics_listen: str, tls_ca: str | None, tls_cert: str | None,
     tls_key: str | None, insecure: bool, recover: bool, recovery_grace_s: float,
     recovery_max_restarts: int, recovery_signal: str, munge_socket: str, admin_group: str,
-    audit_log: str | None, verbose: int, **repair_opts: Any,
+    audit_log: str | None, standby_ingests: bool, verbose: int, **repair_opts: Any,
 ) -> None:
     """Run the controller (the systemd service runs this).
 
@@ -156,6 +160,9 @@ def controller(
         ).validate()
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    if standby_ingests and not db.startswith(("postgresql://", "postgres://")):
+        raise click.UsageError("--standby-ingests needs a PostgreSQL store (--db "
+                               "postgresql://...): only it can be shared by several processes")
     try:
         store = open_store(db)
     except StoreError as e:
@@ -175,7 +182,8 @@ def controller(
             store, _make_slurm(slurm, slurm_rest_socket, slurm_rest_url, slurm_jwt_file),
             listen, shadow, policy=policy, metrics_listen=metrics_listen or None, tls=tls,
             recovery=recovery, munge_socket=munge_socket, admin_group=admin_group or None,
-            repair=repair, repair_journal=journal, alerts=alert_sender(repair_opts))
+            repair=repair, repair_journal=journal, alerts=alert_sender(repair_opts),
+            standby_ingests=standby_ingests)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:
@@ -185,7 +193,8 @@ def controller(
     click.echo(
         f"gpufleet controller listening on {listen} ({'plaintext' if tls is None else 'mTLS'}), "
         f"store {db}{', shadow mode' if shadow or slurm == 'none' else ''}"
-        f"{'' if ctl.active else ', standby'}",
+        f"{'' if ctl.active else ', standby'}"
+        f"{', ingesting as standby' if ctl.standby_ingests and not ctl.active else ''}",
         err=True,
     )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gpufleet.rpc.settings import FiniteRange
 from gpufleet.scheduler.repair.catalog import Resolution
 from gpufleet.scheduler.repair.engine import OPEN, POLICIES, RepairConfig, Step
 from gpufleet.scheduler.repair.journal import Journal, JournalError
@@ -50,6 +51,22 @@ def repair_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--repair-shadow", is_flag=True,
                      help="record what the repair loop would do; do nothing (also on with "
                      "--shadow)"),
+        click.option("--routine-diag-every-s", type=FiniteRange(0, 366 * 86400), default=0.0,
+                     show_default=True,
+                     help="diagnose each idle node at most once per this period (with "
+                     "--repair; 0: no routine diagnostics)"),
+        click.option("--routine-diag-idle-s", type=FiniteRange(0, 366 * 86400), default=3600.0,
+                     show_default=True,
+                     help="only nodes idle in Slurm at least this long (LastBusyTime)"),
+        click.option("--routine-diag-batch", type=click.IntRange(1), default=1,
+                     show_default=True,
+                     help="nodes of one partition in a routine diagnostic at once (within "
+                     "--repair-max-per-partition)"),
+        click.option("--routine-diag-level", type=click.IntRange(1, 3), default=1,
+                     show_default=True, help="gpufleet-agent diag --level for routine checks"),
+        click.option("--routine-diag-timeout-s", type=FiniteRange(1, 86400), default=600.0,
+                     show_default=True,
+                     help="a node is never held out of scheduling longer than this"),
         click.option("--alertmanager-url", envvar="GPUFLEET_ALERTMANAGER_URL",
                      help="Alertmanager base URL (http://HOST:9093): the controller's own "
                      "alerts (node fatal, node silent) and repair escalations go there"),
@@ -81,7 +98,15 @@ def repair_config(opts: dict[str, Any]) -> RepairConfig | None:
         max_per_partition=opts.pop("repair_max_per_partition"),
         fail_limit=opts.pop("repair_fail_limit"),
         fail_window_s=opts.pop("repair_fail_window_s"),
-        diag_level=opts.pop("repair_diag_level"))
+        diag_level=opts.pop("repair_diag_level"),
+        routine_every_s=opts.pop("routine_diag_every_s"),
+        routine_idle_s=opts.pop("routine_diag_idle_s"),
+        routine_batch=opts.pop("routine_diag_batch"),
+        routine_level=opts.pop("routine_diag_level"),
+        routine_timeout_s=opts.pop("routine_diag_timeout_s"))
+    if cfg.routine_every_s > 0 and not on:
+        raise click.UsageError("--routine-diag-every-s needs --repair (routine diagnostics "
+                               "run in the repair loop)")
     try:
         cfg.validate()
     except ValueError as e:
@@ -168,7 +193,8 @@ def list_cmd(repair_journal: str, show_all: bool, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in sorted(rows, key=lambda r: r["node"]):
-        click.echo(f"{r['node']:<16} {r['step']:<12} {r.get('resolution', ''):<16} "
+        what = "routine-diag" if r.get("routine") else r.get("resolution", "")
+        click.echo(f"{r['node']:<16} {r['step']:<12} {what:<16} "
                    f"{_when(r['ts_ms'])}  {r.get('detail', '')}")
 
 

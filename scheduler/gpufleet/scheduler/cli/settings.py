@@ -28,6 +28,8 @@ CONFIG_KEYS = {
     # the repair loop (gpufleet.scheduler.cli.repair)
     "repair", "repair_journal", "repair_policy", "repair_max_per_partition",
     "repair_fail_limit", "repair_fail_window_s", "repair_diag_level", "repair_shadow",
+    "routine_diag_every_s", "routine_diag_idle_s", "routine_diag_batch", "routine_diag_level",
+    "routine_diag_timeout_s",
     "alertmanager_url", "alert_webhook_url",
 }
 _ADMIN_KEYS = {"db", "slurm"}

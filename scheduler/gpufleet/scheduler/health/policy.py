@@ -107,9 +107,7 @@ class HealthPolicy:
         self._acting_since_ms = 0
         # nodes where gpufleet may have something to undo (drained or degraded by policy)
         self._to_undo: set[str] = set()
-        for a in store.actions():
-            if a.actor == "policy" and a.action in (ActionKind.DRAIN, ActionKind.DEGRADE):
-                self._to_undo.add(a.node)
+        self._read_to_undo()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reassert_thread: threading.Thread | None = None
@@ -282,7 +280,15 @@ class HealthPolicy:
                 queued += 1
         return queued
 
+    def _read_to_undo(self) -> None:
+        found = {a.node for a in self.store.actions()
+                 if a.actor == "policy" and a.action in (ActionKind.DRAIN, ActionKind.DEGRADE)}
+        with self._lock:
+            self._to_undo |= found
+
     def start(self) -> None:
+        # again: a standby built long ago takes over what the old leader drained since
+        self._read_to_undo()
         self._acting_since_ms = now_ms()
         self._thread = threading.Thread(target=self._run, name="health-policy", daemon=True)
         self._thread.start()

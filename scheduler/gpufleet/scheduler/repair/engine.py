@@ -15,18 +15,30 @@ and it ends as one of:
   cancelled    an admin took over; stays drained, gpufleet keeps its hands off
   left         not gpufleet's drain (an admin's, NHC's): never touched
   shadow       shadow mode: what would have been done is recorded, nothing is done
+  released     a routine diagnostic let go before its result: resumed at once (a job
+               waits for the node, no answer in time, the diag could not run)
+
+Routine diagnostics (off while routine_every_s is 0): a node IDLE in Slurm with no reason,
+idle at least routine_idle_s (Slurm's LastBusyTime), not diagnosed within routine_every_s,
+whose agent is connected, in a partition where no pending job could start on it and no
+repair is open, is drained with reason `gpufleet:routine-diag` (at most routine_batch per
+partition, within the partition cap) and diagnosed like a repaired node: resumed on a pass,
+kept drained and escalated on a fail. A pending job that could use it, or no answer within
+routine_timeout_s, resumes it at once; a fault that arrives meanwhile turns it into a repair.
 
 Never: resumes a drain that is not gpufleet's; reboots or resets a node Slurm shows a job on;
-remediates more nodes of one partition at once than the cap; retries an RMA-class fault.
+remediates more nodes of one partition at once than the cap; retries an RMA-class fault;
+drains a node for a routine diagnostic that a waiting job could use.
 Slurm, the agents, Alertmanager and the clock come in through the constructor.
 
-One module (~600 lines): the repair state machine (remediate, diagnose, resume, escalate,
-quarantine) and its safety caps are one set of transitions.
+One module (~850 lines): the repair state machine (remediate, diagnose, resume, escalate,
+quarantine, routine diagnostics) and its safety caps are one set of transitions.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -39,7 +51,14 @@ from typing import Any, Protocol
 from gpufleet.scheduler.access import audit
 from gpufleet.scheduler.repair.catalog import Resolution, resolve
 from gpufleet.scheduler.repair.journal import Journal, JournalError
-from gpufleet.scheduler.slurm import SlurmClient, SlurmError, SlurmNode
+from gpufleet.scheduler.slurm import (
+    SlurmClient,
+    SlurmError,
+    SlurmJob,
+    SlurmNode,
+    SlurmNodeInfo,
+    SlurmQueueClient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +68,11 @@ POLICIES = ("auto", "ask", "never")
 _GPU_RE = re.compile(r"^GPU (\d+)\b")
 RESET_RETRY_MS = 30_000  # a GPU a process still holds: ask again this much later
 _BUSY_STATES = {"ALLOCATED", "MIXED", "COMPLETING"}
+ROUTINE_CODE = "routine-diag"
+ROUTINE_REASON = f"{REASON_PREFIX}{ROUTINE_CODE}"
+# pending jobs that wait for something other than nodes: they are not held back by a diag
+_NOT_WAITING_FOR_NODES = frozenset({"JobHeldUser", "JobHeldAdmin", "Dependency",
+                                    "DependencyNeverSatisfied"})
 
 
 class Step(StrEnum):
@@ -62,6 +86,7 @@ class Step(StrEnum):
     CANCELLED = "cancelled"
     LEFT = "left"
     SHADOW = "shadow"
+    RELEASED = "released"
 
 
 OPEN = frozenset({Step.WAITING, Step.APPROVAL, Step.REMEDIATING, Step.DIAGNOSING})
@@ -69,6 +94,12 @@ ACTIVE = frozenset({Step.REMEDIATING, Step.DIAGNOSING})  # count against the cap
 # a node whose last case ended so is gpufleet's to keep drained (the health policy must not
 # resume it after its quiet period)
 HOLDING = OPEN | {Step.ESCALATED, Step.QUARANTINED, Step.CANCELLED}
+# a routine diagnostic's result, by the step that closed it (RELEASED names its own)
+ROUTINE_RESULTS = ("passed", "failed", "released", "incomplete", "superseded", "shadow",
+                   "cancelled", "left")
+_ROUTINE_RESULT_OF = {Step.RESUMED: "passed", Step.ESCALATED: "failed",
+                      Step.QUARANTINED: "failed", Step.SHADOW: "shadow",
+                      Step.CANCELLED: "cancelled", Step.LEFT: "left"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +116,13 @@ class RepairConfig:
     reboot_timeout_s: float = 1800.0
     diag_timeout_s: float = 1800.0
     tick_s: float = 2.0
+    # routine diagnostics on idle nodes (docs/repair.md); off while routine_every_s is 0
+    routine_every_s: float = 0.0  # each node at most once per this period
+    routine_idle_s: float = 3600.0  # idle in Slurm at least this long
+    routine_batch: int = 1  # nodes of one partition in a routine diagnostic at once
+    routine_level: int = 1
+    routine_timeout_s: float = 600.0  # never held out of scheduling longer than this
+    routine_scan_s: float = 60.0  # how often idle nodes and the queue are read for new ones
 
     def validate(self) -> RepairConfig:
         for cls, pol in self.policy.items():
@@ -99,10 +137,17 @@ class RepairConfig:
             raise ValueError(f"fail_limit={self.fail_limit}: must be >= 1")
         if self.diag_level not in (1, 2, 3):
             raise ValueError(f"diag_level={self.diag_level}: use 1, 2 or 3")
+        if self.routine_level not in (1, 2, 3):
+            raise ValueError(f"routine_level={self.routine_level}: use 1, 2 or 3")
+        if self.routine_batch < 1:
+            raise ValueError(f"routine_batch={self.routine_batch}: must be >= 1")
         for name in ("fail_window_s", "reset_timeout_s", "reboot_timeout_s", "diag_timeout_s",
-                     "tick_s"):
-            if getattr(self, name) <= 0:
+                     "tick_s", "routine_timeout_s", "routine_scan_s"):
+            if not 0 < getattr(self, name) < math.inf:  # nan fails too
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        for name in ("routine_every_s", "routine_idle_s"):
+            if not 0 <= getattr(self, name) < math.inf:  # nan fails too
+                raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
         return self
 
 
@@ -138,6 +183,10 @@ class AgentLink(Protocol):
         """The boot id in the node's latest inventory (None: never seen)."""
         ...
 
+    def has_stream(self, node: str) -> bool:
+        """Whether the node's agent has a stream now (routine diagnostics ask first)."""
+        ...
+
 
 class Rebooter(Protocol):
     def reboot(self, node: str, reason: str) -> None: ...
@@ -166,6 +215,8 @@ class Case:
     deadline_ms: int = 0
     note: str = ""  # the last "waiting because" written to the journal (not repeated)
     not_before_ms: int = 0  # after a refused reset: not tried again before this
+    routine: bool = False  # a routine diagnostic of an idle node, not a fault's repair
+    partitions: tuple[str, ...] = ()  # routine: the node's partitions (for waiting jobs)
 
 
 def _idle(n: SlurmNode) -> bool:
@@ -174,6 +225,17 @@ def _idle(n: SlurmNode) -> bool:
 
 def _gpufleets(n: SlurmNode) -> bool:
     return n.reason.startswith(REASON_PREFIX)
+
+
+def could_start_on(job: SlurmJob, node: str, partitions: tuple[str, ...]) -> bool:
+    """Whether pending `job` could start on `node` (in `partitions`) were it free. Held jobs
+    and jobs waiting on a dependency cannot; a job that excludes the node or names other
+    nodes cannot. Constraints and GRES are not matched: in doubt, the job could."""
+    if job.state != "PENDING" or job.state_reason in _NOT_WAITING_FOR_NODES:
+        return False
+    if node in job.excluded_nodes or (job.required_nodes and node not in job.required_nodes):
+        return False
+    return not (job.partitions and partitions and not set(job.partitions) & set(partitions))
 
 
 class RepairManager:
@@ -187,6 +249,7 @@ class RepairManager:
         escalate: Escalate,
         partition_of: Callable[[str], str] = lambda _n: "",
         clock: Callable[[], int] = lambda: int(time.time() * 1000),
+        queue: SlurmQueueClient | None = None,
     ) -> None:
         self.slurm = slurm
         self.journal = journal
@@ -196,6 +259,10 @@ class RepairManager:
         self.escalate = escalate
         self.partition_of = partition_of
         self.clock = clock
+        if self.config.routine_every_s > 0 and queue is None:
+            raise ValueError("routine diagnostics need a Slurm client that lists nodes and "
+                             "pending jobs (--slurm cli or rest)")
+        self.queue = queue
         self._lock = threading.RLock()
         self.cases: dict[str, Case] = {}  # node -> its latest case
         self._failures: dict[str, list[int]] = {}
@@ -211,6 +278,13 @@ class RepairManager:
         self.outcomes: dict[str, int] = {}
         self.drained_s_by_cause: dict[str, float] = {}
         self.repair_seconds: list[float] = []  # fault -> resumed, per resumed case
+        self.routine_results: dict[str, int] = {}
+        # routine diagnostics: when each node was last diagnosed (a diag result, or a
+        # routine attempt that got none), first seen idle (where Slurm has no LastBusyTime),
+        # and when idle nodes are next read
+        self._diagnosed_ms: dict[str, int] = {}
+        self._idle_seen_ms: dict[str, int] = {}
+        self._next_scan_ms = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._replay()
@@ -218,18 +292,30 @@ class RepairManager:
     # ------------------------------------------------------------ journal
 
     def _record(self, case: Case, step: str, detail: str = "", **extra: Any) -> None:
-        rec = {"type": "step", "node": case.node, "case": case.id, "step": step,
-               "detail": detail, "resolution": case.resolution.value,
+        # stamped with the loop's own clock: replay compares these with it
+        rec = {"ts_ms": self.clock(), "type": "step", "node": case.node, "case": case.id,
+               "step": step, "detail": detail, "resolution": case.resolution.value,
+               **({"routine": True} if case.routine else {}),
                **{k: v for k, v in extra.items() if v is not None}}
         try:
             rec = self.journal.append(rec)
         except JournalError as e:
             log.error("%s", e)
+        self._note_diagnosed(rec)
         extra = {k: v for k, v in extra.items() if v is not None}
         actor = str(extra.pop("actor", ACTOR))  # an admin's request: the admin acted
         audit.record(actor, f"repair_{step}", case.node, "controller",
                      "shadow" if self.config.shadow else "ok", detail=detail, case=case.id,
                      **extra)
+
+    def _note_diagnosed(self, rec: Mapping[str, Any]) -> None:
+        """A diag result, or a routine attempt that ended without one, counts as the node's
+        diagnosis for the routine period (a job that took the node back does not)."""
+        if rec.get("step") in ("diag_passed", "failure") or \
+                rec.get("routine_result") in ("incomplete", "shadow"):
+            node = str(rec.get("node"))
+            ts = int(rec.get("ts_ms", 0))
+            self._diagnosed_ms[node] = max(self._diagnosed_ms.get(node, 0), ts)
 
     def _replay(self) -> None:  # noqa: PLR0912 - one branch per record kind
         """Rebuild cases, failures and handled requests from the journal."""
@@ -244,12 +330,14 @@ class RepairManager:
                 self._handled_requests.add(str(r.get("request")))
             elif r.get("type") == "request":
                 continue  # handled below when not yet handled
-            elif r.get("type") == "step" and r.get("step") == "fault":
+            elif r.get("type") == "step" and r.get("step") in ("fault", "routine"):
                 self.cases[node] = Case(
                     str(r["case"]), node, str(r.get("reason_code", "")),
                     str(r.get("evidence", "")), Resolution(r.get("resolution", "none")),
                     int(r.get("fault_ms", r["ts_ms"])), r.get("gpu_index"),
-                    step_ms=int(r["ts_ms"]))
+                    step_ms=int(r["ts_ms"]), routine=r.get("step") == "routine",
+                    partitions=tuple(r.get("partitions") or ()),
+                    partition=str(r.get("partition", "")))
             elif r.get("type") == "step" and node in self.cases:
                 c = self.cases[node]
                 step = str(r.get("step"))
@@ -263,6 +351,8 @@ class RepairManager:
                     c.approved = True
                 if step == "quarantined":
                     self._escalated_quarantine.add(node)
+            if r.get("type") == "step":
+                self._note_diagnosed(r)
         now = self.clock()
         for c in self.cases.values():
             # a command in flight when the controller stopped is lost: do that step again
@@ -291,7 +381,16 @@ class RepairManager:
         if gpu_index is None and (m := _GPU_RE.match(evidence)):
             gpu_index = int(m.group(1))  # the policy passes evidence, not the GPU
         old = self.cases.get(node)
-        if old is not None and old.step in OPEN:
+        if old is not None and old.step in OPEN and old.routine:
+            # a fault during a routine diagnostic: the node is a repair case now, and its
+            # Slurm reason says the fault (the policy's drain found it drained already)
+            self._close(old, Step.RELEASED, f"a fault arrived ({reason_code}): handed to the "
+                        "repair loop, stays drained", routine_result="superseded")
+            try:
+                self.slurm.drain(node, f"{REASON_PREFIX}{reason_code} {evidence}".strip())
+            except SlurmError as e:
+                log.warning("repair of %s: cannot set the fault's reason: %s", node, e)
+        elif old is not None and old.step in OPEN:
             self._record(old, "fault_again", f"{reason_code} {evidence}".strip())
             return
         case = Case(uuid.uuid4().hex[:12], node, reason_code, evidence, resolve(reason_code),
@@ -382,6 +481,11 @@ class RepairManager:
                     self._advance(c, now)
                 except SlurmError as e:
                     log.warning("repair of %s waits: Slurm: %s", c.node, e)
+            if self.queue is not None:
+                try:
+                    self._routine(now)
+                except SlurmError as e:
+                    log.warning("routine diagnostics wait: Slurm: %s", e)
 
     def _wait(self, c: Case, why: str) -> None:
         if c.note != why:
@@ -389,7 +493,9 @@ class RepairManager:
             self._record(c, "waiting", why)
 
     def _advance(self, c: Case, now: int) -> None:
-        if c.step in ACTIVE:
+        if c.routine:
+            self._advance_routine(c, now)
+        elif c.step in ACTIVE:
             self._check_active(c, now)
         elif self._may_start(c, now):
             self._start(c, now)
@@ -477,18 +583,22 @@ class RepairManager:
             self._diagnose(c, now)
 
     def _diagnose(self, c: Case, now: int) -> None:
+        cfg = self.config
+        level = cfg.routine_level if c.routine else cfg.diag_level
         c.request_id = uuid.uuid4().hex[:12]
-        if not self.agents.send(AgentCommand(c.node, "diag", c.request_id,
-                                             level=self.config.diag_level)):
+        if not self.agents.send(AgentCommand(c.node, "diag", c.request_id, level=level)):
+            if c.routine:  # not worth holding an idle node for
+                self._release(c, "incomplete", "agent not connected: diag not sent")
+                return
             # stay where we are; the next tick tries again until the step's deadline
             self._wait(c, "agent not connected: diag not sent")
             if c.step != Step.REMEDIATING:
                 c.step, c.approved = Step.WAITING, True
             return
         c.step, c.step_ms, c.remedy = Step.DIAGNOSING, now, ""
-        c.deadline_ms = now + int(self.config.diag_timeout_s * 1000)
-        self._record(c, "diagnosing", f"diag level {self.config.diag_level} sent",
-                     request=c.request_id)
+        timeout_s = cfg.routine_timeout_s if c.routine else cfg.diag_timeout_s
+        c.deadline_ms = now + int(timeout_s * 1000)
+        self._record(c, "diagnosing", f"diag level {level} sent", request=c.request_id)
 
     def _take_result(self, res: CommandResult) -> None:
         c = self.cases.get(res.node)
@@ -512,6 +622,9 @@ class RepairManager:
         if res.ok:
             self._record(c, "diag_passed", res.detail, evidence=res.evidence)
             self._resume(c)
+        elif c.routine and res.could_not_run:
+            # no verdict on a node that was in service: back to it, not escalated
+            self._release(c, "incomplete", f"diag could not run: {res.detail or res.evidence}")
         else:
             check = res.failed_checks[0] if res.failed_checks else (
                 "diag-error" if res.could_not_run else "diag")
@@ -519,13 +632,14 @@ class RepairManager:
 
     def _resume(self, c: Case) -> None:
         node = self.slurm.node(c.node)
-        if not _gpufleets(node):
+        if not _gpufleets(node) or (c.routine and node.reason != ROUTINE_REASON):
             self._close(c, Step.LEFT, f"diag passed, but the node is not gpufleet's any more "
                         f"({node.state}, {node.reason!r}): not resumed")
             return
         self.slurm.resume(c.node)
         now = self.clock()
-        self.repair_seconds.append((now - c.fault_ms) / 1000)
+        if not c.routine:  # MTTR counts repairs, not routine checks of healthy nodes
+            self.repair_seconds.append((now - c.fault_ms) / 1000)
         self._close(c, Step.RESUMED, f"was {node.state}")
 
     def _fail(self, c: Case, check: str, evidence: str) -> None:
@@ -560,12 +674,138 @@ class RepairManager:
 
     def _close(self, c: Case, step: Step, detail: str, **extra: Any) -> None:
         c.step, c.step_ms = step, self.clock()
-        self.outcomes[step.value] = self.outcomes.get(step.value, 0) + 1
+        if c.routine:  # counted apart: a routine diagnostic is not a repair
+            result = str(extra.pop("routine_result", None) or _ROUTINE_RESULT_OF[step])
+            extra["routine_result"] = result
+            self.routine_results[result] = self.routine_results.get(result, 0) + 1
+        else:
+            self.outcomes[step.value] = self.outcomes.get(step.value, 0) + 1
         cause = c.reason_code or "unknown"
         self.drained_s_by_cause[cause] = self.drained_s_by_cause.get(cause, 0.0) + \
             max(0, c.step_ms - c.fault_ms) / 1000
         self._record(c, step.value, detail, **extra)
         log.warning("repair %s: %s: %s", c.node, step.value, detail)
+
+    # ------------------------------------------------------------ routine diagnostics
+
+    def _advance_routine(self, c: Case, now: int) -> None:
+        node = self.slurm.node(c.node)
+        if node.reason != ROUTINE_REASON:
+            # an admin resumed it or drained it for their own reason: theirs now
+            self._close(c, Step.LEFT, f"no longer gpufleet's routine drain ({node.state}, "
+                        f"{node.reason!r}): untouched")
+        elif c.step == Step.DIAGNOSING:
+            if now > c.deadline_ms:
+                self._release(c, "incomplete", "no diag result within "
+                              f"{self.config.routine_timeout_s:g} s")
+        else:  # waiting: the controller restarted mid-diagnostic; ask again
+            self._diagnose(c, now)
+
+    def _release(self, c: Case, result: str, why: str) -> None:
+        """Let a routine diagnostic go: resume the node at once if it still carries the
+        routine reason (an admin's or a fault's reason is left as it is)."""
+        node = self.slurm.node(c.node)
+        if node.reason == ROUTINE_REASON:
+            self.slurm.resume(c.node)
+            done = "resumed"
+        else:
+            done = f"left as it is ({node.state}, {node.reason!r})"
+        self._close(c, Step.RELEASED, f"{why}: {done}", routine_result=result)
+
+    def _routine(self, now: int) -> None:
+        """Release held nodes a pending job could use; every routine_scan_s, start new
+        routine diagnostics on idle nodes."""
+        assert self.queue is not None  # noqa: S101 - tick calls this only with a queue
+        held = [c for c in self.cases.values() if c.routine and c.step in OPEN]
+        pending: list[SlurmJob] | None = None
+        if held:
+            pending = self.queue.pending_jobs()
+            for c in held:
+                job = next((j for j in pending if could_start_on(j, c.node, c.partitions)),
+                           None)
+                if job is not None:
+                    self._release(c, "released", f"job {job.job_id} waits in "
+                                  f"{','.join(job.partitions) or 'its partition'}")
+        if self.config.routine_every_s <= 0 or now < self._next_scan_ms:
+            return
+        self._next_scan_ms = now + int(self.config.routine_scan_s * 1000)
+        infos = self.queue.node_infos()
+        if pending is None:
+            pending = self.queue.pending_jobs()
+        self._routine_scan(now, infos, pending)
+
+    def _idle_for_s(self, info: SlurmNodeInfo, now: int) -> float:
+        """How long the node has been idle: Slurm's LastBusyTime, or (a Slurm that does not
+        print it: 23.02) since this controller first saw it idle."""
+        if info.last_busy_s is not None:
+            self._idle_seen_ms.pop(info.node.name, None)
+            return now / 1000 - info.last_busy_s
+        return (now - self._idle_seen_ms.setdefault(info.node.name, now)) / 1000
+
+    def _routine_scan(self, now: int, infos: Mapping[str, SlurmNodeInfo],
+                      pending: list[SlurmJob]) -> None:
+        cfg = self.config
+        period_ms = int(cfg.routine_every_s * 1000)
+        candidates: list[tuple[int, float, SlurmNodeInfo]] = []
+        for name, info in infos.items():
+            n = info.node
+            if n.state != "IDLE" or n.reason:  # any flag (DRAIN, RESERVED, PLANNED, ...)
+                self._idle_seen_ms.pop(name, None)
+                continue
+            idle_s = self._idle_for_s(info, now)
+            case = self.cases.get(name)
+            if idle_s < cfg.routine_idle_s or (case is not None and case.step in OPEN):
+                continue
+            last = self._diagnosed_ms.get(name)
+            if last is not None and now - last < period_ms:
+                continue
+            if any(could_start_on(j, name, info.partitions) for j in pending):
+                continue
+            candidates.append((last or 0, -idle_s, info))
+        if not candidates:
+            return
+        # partitions with a repair open: repairs first, no routine work beside them
+        repairing = {self.partition_of(c.node) for c in self.cases.values()
+                     if c.step in OPEN and not c.routine}
+        shadow_started: dict[str, int] = {}
+        for _last, neg_idle, info in sorted(candidates, key=lambda t: (t[0], t[1])):
+            name = info.node.name
+            if not self.agents.has_stream(name):
+                continue
+            part = self.partition_of(name)
+            if part in repairing:
+                continue
+            active = sum(1 for o in self.cases.values()
+                         if o.step in ACTIVE and o.partition == part)
+            routine = sum(1 for o in self.cases.values()
+                          if o.routine and o.step in OPEN and o.partition == part)
+            routine += shadow_started.get(part, 0)
+            if active >= cfg.max_per_partition or routine >= cfg.routine_batch:
+                continue
+            self._start_routine(info, part, -neg_idle, now)
+            if cfg.shadow:
+                shadow_started[part] = shadow_started.get(part, 0) + 1
+
+    def _start_routine(self, info: SlurmNodeInfo, part: str, idle_s: float, now: int) -> None:
+        cfg = self.config
+        name = info.node.name
+        c = Case(uuid.uuid4().hex[:12], name, ROUTINE_CODE, "", Resolution.NONE, now,
+                 step_ms=now, routine=True, partitions=info.partitions, partition=part)
+        self.cases[name] = c
+        self._record(c, "routine", f"idle {idle_s:.0f} s, no job waiting in "
+                     f"{','.join(info.partitions) or '(no partition)'}: routine diag level "
+                     f"{cfg.routine_level}", reason_code=ROUTINE_CODE, fault_ms=now,
+                     partitions=list(info.partitions), partition=part)
+        if cfg.shadow:
+            self._close(c, Step.SHADOW, f"shadow mode: would drain ({ROUTINE_REASON}), diag "
+                        f"level {cfg.routine_level}, resume on a pass")
+            return
+        self.slurm.drain(name, ROUTINE_REASON)
+        node = self.slurm.node(name)
+        if not _idle(node):  # a job started between the read and the drain: let it be
+            self._release(c, "released", f"Slurm shows a job on it ({node.state})")
+            return
+        self._diagnose(c, now)
 
     def _recent(self, node: str, now: int) -> list[int]:
         window = int(self.config.fail_window_s * 1000)

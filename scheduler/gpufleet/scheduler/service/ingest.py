@@ -79,14 +79,18 @@ class Ingestor:
     def __init__(self, store: StateStore, policy: HealthPolicy,
                  metrics: ControllerMetrics | None = None, touch_interval_s: float = 1.0, *,
                  munge_socket: str | None = None,
-                 on_command_result: Callable[[str, pb.CommandResult], None] | None = None
+                 on_command_result: Callable[[str, pb.CommandResult], None] | None = None,
+                 acting: Callable[[], bool] = lambda: True,
                  ) -> None:
-        """`policy` gets every change of a node's health; `munge_socket`: the munged that
-        checks checkpoint registrations' credentials (None: MUNGE's default socket);
+        """`policy` gets every change of a node's health while `acting()` (this process acts
+        in Slurm: the leader); otherwise the change is queued in the store, with the
+        verdict, for the leader (health/follow.py). `munge_socket`: the munged that checks
+        checkpoint registrations' credentials (None: MUNGE's default socket);
         `on_command_result`: where agents' command results go (the repair loop's; None:
         they are dropped)."""
         self.store = store
         self.policy = policy
+        self.acting = acting
         self.metrics = metrics
         self.munge_socket = munge_socket
         self.counters = Counters()
@@ -360,11 +364,17 @@ class Ingestor:
 
     def _verdict(self, node: str, v: pb.Verdict) -> None:
         severity = _severity(v.severity)
+        # read once: a process that becomes the leader right after this queued the change,
+        # and reads it back from the queue as the leader
+        acting = self.acting()
         before, after = self.store.set_verdict(
             VerdictRow(node, v.check, v.gpu_index if v.HasField("gpu_index") else None,
-                       v.subject, severity, v.reason_code, v.evidence, v.since_ms)
+                       v.subject, severity, v.reason_code, v.evidence, v.since_ms),
+            publish=not acting,
         )
-        self.policy.on_health_change(node, before, after, v.reason_code, v.evidence, v.since_ms)
+        if acting:
+            self.policy.on_health_change(node, before, after, v.reason_code, v.evidence,
+                                         v.since_ms)
 
 
 def _severity(value: int) -> Severity:

@@ -45,6 +45,10 @@ class AgentCommands:
         return list(q) if q else []
 
     # the repair loop's side (AgentLink)
+    def has_stream(self, node: str) -> bool:
+        with self._lock:
+            return node in self._streams
+
     def send(self, cmd: AgentCommand) -> bool:
         with self._lock:
             if cmd.node not in self._streams:

@@ -26,6 +26,7 @@ from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler.access import audit
 from gpufleet.scheduler.access.tls import ServerTls, peer_node_names
 from gpufleet.scheduler.health.actions import ActionQueue
+from gpufleet.scheduler.health.follow import ChangeFollower
 from gpufleet.scheduler.health.policy import HealthPolicy, PolicyConfig
 from gpufleet.scheduler.observability.alerting import AlertSender
 from gpufleet.scheduler.observability.metrics import (
@@ -46,7 +47,7 @@ from gpufleet.scheduler.service.user_service import (
     FleetUserServicer,
     ViewSource,
 )
-from gpufleet.scheduler.slurm import SlurmClient, SlurmJobClient
+from gpufleet.scheduler.slurm import SlurmClient, SlurmJobClient, SlurmQueueClient
 from gpufleet.scheduler.store import StateStore, StoreError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -90,8 +91,8 @@ USER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FleetUser"].full_name
 
 
 class FleetServicer(pb_grpc.FleetControllerServicer):
-    """`active` says whether this controller may serve (a standby answers UNAVAILABLE, so
-    agents move on to the active one)."""
+    """`active` says whether this controller may serve agents now (a standby that does not
+    ingest answers UNAVAILABLE, so agents move on to the active one)."""
 
     def __init__(self, ingest: Ingestor, metrics: ControllerMetrics | None = None,
                  active: Callable[[], bool] = lambda: True,
@@ -250,7 +251,11 @@ class Controller:
     `tls`: serve mTLS and bind each stream to the node in its client certificate; None
     serves plaintext (the CLI allows that only with --insecure). `elect`: take the leader
     lock before acting (standby until then); None elects when the store is PostgreSQL,
-    the only store two controllers can share.
+    the only store two controllers can share. `standby_ingests`: while not the leader,
+    still take agents' streams and store their reports (several ingest processes on one
+    PostgreSQL store, docs/scaling.md); health changes go to the leader through the store
+    (health/follow.py), which alone acts in Slurm. False: a standby refuses agents.
+    `follow_poll_s`: how often the leader reads those changes.
     """
 
     def __init__(
@@ -273,6 +278,8 @@ class Controller:
         rebooter: Rebooter | None = None,
         partition_of: Callable[[str], str] | None = None,
         alerts: AlertSender | None = None,
+        standby_ingests: bool = False,
+        follow_poll_s: float = 0.05,
     ) -> None:
         self.store = store
         self._health: health.aio.HealthServicer | None = None
@@ -285,6 +292,7 @@ class Controller:
             elect = isinstance(dsn, str) and dsn.startswith(("postgresql://", "postgres://"))
         self.leader = LeaderLock(dsn) if elect and isinstance(dsn, str) else None
         self._active = threading.Event()
+        self.standby_ingests = standby_ingests and self.leader is not None
         # FleetUser (people: acct, jobs, placement, drain/resume): identity from MUNGE only,
         # also when the agents' port is plaintext (--insecure)
         self.user_servicer = FleetUserServicer(
@@ -326,7 +334,10 @@ class Controller:
             on_result = lambda node, r: repair_loop.on_result(result_from_wire(node, r))  # noqa: E731 - one line of glue
         # checkpoint registrations' MUNGE credentials are checked with the same munged
         self.ingest = Ingestor(store, self.policy, self.metrics, munge_socket=munge_socket,
-                               on_command_result=on_result)
+                               on_command_result=on_result, acting=self._active.is_set)
+        # the leader acts on what other ingest processes stored (only a shared store has any)
+        self.follower = (ChangeFollower(store, self.policy, follow_poll_s)
+                         if self.leader is not None else None)
         self.metrics_listen = metrics_listen
         self.metrics_server: MetricsHttpServer | None = None
         self.listen = listen
@@ -350,12 +361,16 @@ class Controller:
             raise ValueError("the repair loop needs a Slurm client")
         if not journal:
             raise ValueError("the repair loop needs a journal path (repair_journal=)")
+        queue = slurm if isinstance(slurm, SlurmQueueClient) else None
+        if cfg.routine_every_s > 0 and queue is None:
+            raise ValueError(f"routine diagnostics need a Slurm client that lists nodes and "
+                             f"pending jobs (cli or rest), not {type(slurm).__name__}")
         commands = AgentCommands(self.store)
         repair = RepairManager(
             slurm, Journal(journal), replace(cfg, shadow=cfg.shadow or self.actions.shadow),
             commands, rebooter if rebooter is not None else CliRebooter(),
             Escalator(self.alerts),
-            partition_of if partition_of is not None else CliPartitions())
+            partition_of if partition_of is not None else CliPartitions(), queue=queue)
         self.metrics.registry.register(RepairCollector(repair))
         return commands, repair
 
@@ -369,7 +384,7 @@ class Controller:
             ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_S),
         ])
         pb_grpc.add_FleetControllerServicer_to_server(
-            FleetServicer(self.ingest, self.metrics, active=self._active.is_set,
+            FleetServicer(self.ingest, self.metrics, active=self._serves_agents,
                           store_state=self._store_state,
                           commands=self.commands), server)
         pb_grpc.add_FleetUserServicer_to_server(self.user_servicer, server)
@@ -397,9 +412,21 @@ class Controller:
         self._server = server
         self._stopping = asyncio.Event()
         self._ready.set()
+        flusher = asyncio.ensure_future(self._flush_touches())
         await self._stopping.wait()
+        flusher.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(self._grace_s)
+
+    async def _flush_touches(self) -> None:
+        """Write batched last-seen times every touch interval also when no report comes to
+        trigger it: heartbeats arrive in bursts (agents that connected together beat
+        together), and a touch left waiting for the next burst made the store's last-seen
+        time lag a whole heartbeat period: with unreachable_after_s under two periods, live
+        nodes were marked unreachable (bench/ingest.py at 200 agents: 193 of them)."""
+        while True:
+            await asyncio.sleep(self.ingest.touch_interval_s)
+            self.ingest.flush_in_background()
 
     def _run_loop(self) -> None:
         loop = asyncio.new_event_loop()
@@ -424,9 +451,14 @@ class Controller:
     def active(self) -> bool:
         return self._active.is_set()
 
+    def _serves_agents(self) -> bool:
+        return self.standby_ingests or self._active.is_set()
+
     def _become_active(self) -> None:
         self.actions.start()
         self.policy.start()
+        if self.follower is not None:
+            self.follower.start()
         if self.alerts is not None:
             self.alerts.start()
         if self.repair is not None:
@@ -447,11 +479,13 @@ class Controller:
         if self._health is None:
             return
         async with self._health_lock:
-            on = (self._active.is_set() if serving is None else serving) and self._store_ok
-            status = (health_pb2.HealthCheckResponse.SERVING if on
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
-            for name in ("", SERVICE_NAME, USER_SERVICE_NAME):
-                await self._health.set(name, status)
+            active = self._active.is_set() if serving is None else serving
+            # a standby that ingests serves agents (FleetController), not people (FleetUser)
+            agents = (active or (self.standby_ingests and serving is None)) and self._store_ok
+            users = active and self._store_ok
+            for name, on in (("", agents), (SERVICE_NAME, agents), (USER_SERVICE_NAME, users)):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if on
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _store_state(self, ok: bool) -> None:
         """On the server's loop, after each write ingest tried: NOT_SERVING (and the
@@ -517,6 +551,8 @@ class Controller:
         except StoreError as e:
             log.error("store failed writing the last report times at stop: %s", e)
         if was_active:
+            if self.follower is not None:
+                self.follower.stop()
             self.policy.stop()
             if self.recovery is not None:
                 self.recovery.stop()

@@ -212,6 +212,12 @@ class CliSlurmClient:
         label = f"`squeue --json` for {what}"
         return self.reader.read_jobs(json_object(self._run(*argv), label), label)
 
+    def pending_jobs(self) -> list[SlurmJob]:
+        """Jobs waiting to start, with their partitions and required/excluded nodes (what
+        routine diagnostics must never hold back). One `squeue --json`: 23.02+ ignores
+        `-t PENDING` with --json, so the state is filtered here on every version."""
+        return [j for j in self._jobs(what="pending jobs") if j.state == "PENDING"]
+
     def jobs_on_node(self, node: str) -> list[SlurmJob]:
         """Jobs in any state slurmctld still holds (MinJobAge) whose allocation has `node`:
         a job the fault already killed is as much recovery's business as a running one."""

@@ -47,6 +47,7 @@ from gpufleet.scheduler.slurm.types import (
     SlurmJob,
     SlurmJobClient,
     SlurmNode,
+    SlurmNodeInfo,
     check_features,
     check_job_id,
     check_node_name,
@@ -251,9 +252,13 @@ class RestSlurmClient:
     def _what(self, path: str) -> str:
         return f"slurmrestd GET /slurm/{self.api_version}/{path} at {self.endpoint}"
 
-    def nodes(self) -> dict[str, SlurmNode]:
+    def node_infos(self) -> dict[str, SlurmNodeInfo]:
+        """Every node with its GPUs, partitions, CPUs and LastBusyTime (GET nodes)."""
         doc = self._request("GET", "nodes")
-        return {i.node.name: i.node for i in self.reader.read_nodes(doc, self._what("nodes"))}
+        return {i.node.name: i for i in self.reader.read_nodes(doc, self._what("nodes"))}
+
+    def nodes(self) -> dict[str, SlurmNode]:
+        return {name: i.node for name, i in self.node_infos().items()}
 
     def node(self, name: str) -> SlurmNode:
         path = f"node/{quote(check_node_name(name))}"
@@ -298,6 +303,12 @@ class RestSlurmClient:
         self._update(name, {"features": value, "features_act": value})
 
     # ------------------------------------------------------------------ jobs (recovery)
+
+    def pending_jobs(self) -> list[SlurmJob]:
+        """Jobs waiting to start (GET jobs, the squeue --json document; filtered here)."""
+        doc = self._request("GET", "jobs")
+        return [j for j in self.reader.read_jobs(doc, self._what("jobs"))
+                if j.state == "PENDING"]
 
     def jobs_on_node(self, node: str) -> list[SlurmJob]:
         """Jobs slurmctld still holds (any state, MinJobAge) whose allocation has `node`.

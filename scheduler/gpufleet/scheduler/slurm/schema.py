@@ -281,6 +281,7 @@ class Reader:
     def _job_common(self, j: _Obj, state: str, exit_status: int | None, exit_signal: int,
                     start: int, end: int) -> SlurmJob:
         nodes_expr, excluded = j.text("nodes"), j.text("excluded_nodes")
+        required = j.text("required_nodes")
         return SlurmJob(
             job_id=str(j.num("job_id")),
             state=state,
@@ -296,6 +297,8 @@ class Reader:
             state_reason=j.text("state_reason"),
             end_time_s=end,
             gres_detail=tuple(j.strings("gres_detail")),
+            partitions=tuple(p for p in j.text("partition").split(",") if p),
+            required_nodes=tuple(expand_hostlist(required)) if required else (),
         )
 
 
@@ -319,7 +322,13 @@ class Reader2205(Reader):
                          split_features(n.text("features")), n.num("weight"))
         return SlurmNodeInfo(node, n.text("gres"), tuple(n.strings("partitions")),
                              split_features(n.text("active_features")), n.num("cpus"),
-                             n.num("alloc_cpus"), _gres_used(n))
+                             n.num("alloc_cpus"), self._last_busy(n),
+                             _gres_used(n))
+
+    def _last_busy(self, n: _Obj) -> int | None:
+        # a number (0: never busy). Missing is None rather than an error: placement reads
+        # these nodes too, and must not fail for a field only routine diagnostics use
+        return (n.num("last_busy") or None) if "last_busy" in n.obj else None
 
     def _job(self, j: _Obj) -> SlurmJob:
         state = j.get("job_state")
@@ -345,7 +354,13 @@ class ReaderV39(Reader):
                          tuple(n.strings("features")), n.num("weight"))
         return SlurmNodeInfo(node, n.text("gres"), tuple(n.strings("partitions")),
                              tuple(n.strings("active_features")), n.num("cpus"),
-                             n.num("alloc_cpus"), _gres_used(n))
+                             n.num("alloc_cpus"), self._last_busy(n),
+                             _gres_used(n))
+
+    def _last_busy(self, n: _Obj) -> int | None:
+        # 23.02's data_parser v0.0.39 skips the node's last_busy (add_skip in its parsers.c):
+        # unknown, and whoever needs it tells idleness another way
+        return None
 
     def _job(self, j: _Obj) -> SlurmJob:
         state = j.get("job_state")
@@ -384,6 +399,14 @@ class ReaderV40(ReaderV39):
     def __init__(self, data_parser: str) -> None:
         self.data_parser = data_parser
         self.schema = f"data_parser {data_parser}"
+
+    def _last_busy(self, n: _Obj) -> int | None:
+        # v0.0.40+: a {set, infinite, number} object (0: never busy since slurmctld started).
+        # Missing is None rather than an error: placement reads these nodes too, and must not
+        # fail for a field only routine diagnostics use
+        if "last_busy" not in n.obj:
+            return None
+        return n.no_val("last_busy") or None
 
     def _job(self, j: _Obj) -> SlurmJob:
         state = compact_job_state(j.flags("job_state"), j, "job_state")

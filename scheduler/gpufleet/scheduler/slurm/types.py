@@ -46,6 +46,8 @@ class SlurmNodeInfo:
     active_features: tuple[str, ...]
     cpus: int | None
     alloc_cpus: int | None
+    # Slurm's LastBusyTime (Unix seconds): when the node last had a job; None: not read
+    last_busy_s: int | None = None
     # what the node's jobs hold now ("gpu:5": a count, no indices on any version); "" when
     # the document has no such field
     gres_used: str = ""
@@ -69,6 +71,8 @@ class SlurmJob:
     state_reason: str = ""
     end_time_s: int = 0  # Unix seconds; for a running job, its time limit's end
     gres_detail: tuple[str, ...] = ()  # per allocated node: "gpu:2(IDX:0-1)"
+    partitions: tuple[str, ...] = ()  # a pending job may name several: "gpu,debug"
+    required_nodes: tuple[str, ...] = ()  # --nodelist, expanded
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,17 @@ class SlurmJobClient(Protocol):
 
     def update_job(self, job_id: str, *, start_now_plus_s: int | None = None,
                    excluded_nodes: tuple[str, ...] | None = None) -> None: ...
+
+
+@runtime_checkable
+class SlurmQueueClient(Protocol):
+    """What routine diagnostics on idle nodes read: every node with its partitions and
+    LastBusyTime, and the jobs waiting to start. The CLI and REST clients have it;
+    runtime-checkable so the controller refuses a client without it at start."""
+
+    def node_infos(self) -> dict[str, SlurmNodeInfo]: ...
+
+    def pending_jobs(self) -> list[SlurmJob]: ...
 
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

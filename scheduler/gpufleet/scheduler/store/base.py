@@ -18,6 +18,7 @@ from .rows import (
     ActionRow,
     CheckpointRow,
     EventRow,
+    HealthChangeRow,
     NodeRow,
     PolicyRow,
     RecoveryRow,
@@ -189,8 +190,12 @@ class SqlStore(AcctStoreMixin):
 
     # ------------------------------------------------------------ verdicts
 
-    def set_verdict(self, v: VerdictRow) -> tuple[str, str]:
-        """Store a verdict; return the node's health (worst current verdict) before and after."""
+    def set_verdict(self, v: VerdictRow, *, publish: bool = False) -> tuple[str, str]:
+        """Store a verdict; return the node's health (worst current verdict) before and after.
+
+        `publish`: when the health moved, also queue the change in `health_changes`, in the
+        same transaction, for the process that acts in Slurm (this one does not): a crash
+        can lose neither the verdict without its change nor the change without the verdict."""
         gpu = -1 if v.gpu_index is None else v.gpu_index
         with self._tx() as db:
             # the row lock (PostgreSQL) serialises two writers of one node's verdicts
@@ -226,7 +231,33 @@ class SqlStore(AcctStoreMixin):
                 "WHERE name = ?",
                 (worst[0], worst[1], worst[2], v.node),
             )
-        return (str(before[0]) if before else "unknown"), str(worst[0])
+            old = str(before[0]) if before else "unknown"
+            if publish and old != worst[0]:
+                db.execute(
+                    "INSERT INTO health_changes (node, before_health, after_health, "
+                    "reason_code, evidence, fault_ms, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (v.node, old, worst[0], v.reason_code, v.evidence, v.since_ms, now_ms()),
+                )
+        return old, str(worst[0])
+
+    def health_changes(self, limit: int = 1000) -> list[HealthChangeRow]:
+        """The oldest `limit` health changes other processes queued (set_verdict's
+        `publish`), oldest first. The leader polls this: on an empty queue it is one index
+        probe, whatever the number of nodes."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT id, node, before_health, after_health, reason_code, evidence, fault_ms, "
+                "created_ms FROM health_changes ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [HealthChangeRow(*r) for r in rows]
+
+    def delete_health_changes(self, ids: Sequence[int]) -> None:
+        """Drop changes the leader has acted on (after acting: a leader that dies in between
+        leaves them to the next, which acts again, idempotently)."""
+        if not ids:
+            return
+        with self._tx() as db:
+            db.executemany("DELETE FROM health_changes WHERE id = ?", [(i,) for i in ids])
 
     def verdicts(self, node: str) -> list[VerdictRow]:
         with self._read() as db:

@@ -238,6 +238,23 @@ _COMMON: dict[int, tuple[str, str]] = {
     7: _dialects(_ACCT_ROLLUPS + ACCT_ROLLUP_BACKFILL),
 }
 
+# 10: health changes an ingest process that does not act in Slurm (not the leader) passes
+# to the one that does: written with the verdict that moved the node's health, read and
+# deleted by the leader (a queue: what a leader read but had not deleted when it died is
+# read again by the next one; the policy's actions are idempotent). See docs/scaling.md.
+_HEALTH_CHANGES = _dialects("""
+    CREATE TABLE health_changes (
+        id            {id},
+        node          TEXT NOT NULL,
+        before_health TEXT NOT NULL,
+        after_health  TEXT NOT NULL,
+        reason_code   TEXT NOT NULL DEFAULT '',
+        evidence      TEXT NOT NULL DEFAULT '',
+        fault_ms      {big},
+        created_ms    {big} NOT NULL
+    )
+    """)
+
 
 MIGRATIONS: list[str] = [
     # 1: see _COMMON
@@ -326,6 +343,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX acct_ledger_node ON acct_ledger(node, start_ms);
     ALTER TABLE acct_jobs ADD COLUMN runs INTEGER NOT NULL DEFAULT 1
     """,
+    # 10: see _HEALTH_CHANGES
+    _HEALTH_CHANGES[0],
 ]
 
 # PostgreSQL: BIGINT for millisecond times (past 2038 and past 2^31 ids), BYTEA, identity ids.
@@ -372,6 +391,8 @@ PG_MIGRATIONS: list[str] = [
     ALTER TABLE acct_ledger ADD PRIMARY KEY (job_id, run, node, gpu_index);
     ALTER TABLE acct_jobs ADD COLUMN runs INTEGER NOT NULL DEFAULT 1
     """,
+    # 10: see _HEALTH_CHANGES
+    _HEALTH_CHANGES[1],
 ]
 
 if len(MIGRATIONS) != len(PG_MIGRATIONS):  # pragma: no cover - caught by any test run

@@ -16,6 +16,7 @@ from .rows import (
     ActionRow,
     CheckpointRow,
     EventRow,
+    HealthChangeRow,
     NodeRow,
     PolicyRow,
     RecoveryRow,
@@ -51,7 +52,11 @@ class NodeStore(Protocol):
 class HealthStore(NodeStore, Protocol):
     """Verdicts, the event timeline, Slurm actions and the degraded policy's own state."""
 
-    def set_verdict(self, v: VerdictRow) -> tuple[str, str]: ...
+    def set_verdict(self, v: VerdictRow, *, publish: bool = False) -> tuple[str, str]: ...
+
+    def health_changes(self, limit: int = 1000) -> list[HealthChangeRow]: ...
+
+    def delete_health_changes(self, ids: Sequence[int]) -> None: ...
 
     def verdicts(self, node: str) -> list[VerdictRow]: ...
 

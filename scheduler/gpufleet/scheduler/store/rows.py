@@ -27,6 +27,21 @@ class NodeRow:
 
 
 @dataclass(frozen=True)
+class HealthChangeRow:
+    """A verdict moved a node's health in an ingest process that does not act in Slurm;
+    the acting one (the leader) reads it from the store (migration 10)."""
+
+    id: int
+    node: str
+    before: str
+    after: str
+    reason_code: str
+    evidence: str
+    fault_ms: int | None
+    created_ms: int
+
+
+@dataclass(frozen=True)
 class ActionRow:
     id: int
     node: str
