@@ -119,7 +119,9 @@ def test_decide_pins_only_what_may_be_pinned() -> None:
     plan = plan_from_options(opts, 0)
     assert plan is not None
     ok_flags = ["--nodes=2", "--nodelist=n[1-2]", "--gres=gpu:8"]
-    assert decide(opts, plan, True, ok_flags, 1, ["n4"]) == {"nodelist": "n[1-2]"}
+    # the unhealthy node stays excluded with the pin: a released pin must not land there
+    assert decide(opts, plan, True, ok_flags, 1, ["n4"]) == {"nodelist": "n[1-2]",
+                                                            "exclude": "n4"}
     opts = {"nodes": "2", "gres": "gres:gpu:8", "mem": "1G", "exclude": "n9"}
     plan = plan_from_options(opts, 0)
     assert plan is not None
@@ -210,7 +212,7 @@ def test_place_options_end_to_end(ctl: Controller, munged: MungeServer, tmp_path
                    f'munge_socket = "{munged.socket}"\n')
     env = {"GPUFLEET_CLIENT_CONFIG": str(cfg), "PATH": os.environ["PATH"]}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env) == {
-        "nodelist": "n[1-2]", "gpufleet-release-after": "60"}
+        "nodelist": "n[1-2]", "exclude": "n4", "gpufleet-release-after": "60"}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0,
                          {**env, "GPUFLEET_PIN_RELEASE_S": "5"})["gpufleet-release-after"] == "5"
     # the same job as a hetjob component 0 (a `:` on sbatch's command line): not pinned
