@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -178,6 +179,7 @@ def main() -> int:
         lab.run("scontrol", "update", "PartitionName=main", "State=UP", check=False)
         placed.close()
         lab.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the store, client etc dir and launcher
     return 0
 
 
