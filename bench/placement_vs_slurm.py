@@ -12,6 +12,7 @@ placed on a node that gpufleet's health called unhealthy when the job was submit
 
     flock /tmp/gpufleet-slurm.lock .venv/bin/python bench/placement_vs_slurm.py \\
         --nodes 32 --leaves 4 --jobs 48
+    ... --nodes 32 --leaves 4 --jobs 96 --fill --gap-s 0.3   # fills the lab, fragmented
 (root: the lab starts slurmctld/slurmd; lab in /tmp/gpufleet-bench-pvs, port 7417). The
 small size runs in CI: tests/placement/test_placement_vs_slurm.py.
 """
@@ -36,6 +37,7 @@ from tests.placement.sbatch_lab import GPUFLEET, Placed, degrade
 from tests.slurm.harness import SlurmLab, SlurmLabConfig
 
 KINDS = ("1-GPU", "1-node", "multi-node")
+PART_NODE = "part-node"  # 2-6 GPUs of one node (make_fill_trace)
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
@@ -81,6 +83,32 @@ def make_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 1.0,
                  fault_node=f"n{max(2, nodes // 4)}", fault_s=round(t / 2, 2))
 
 
+def make_fill_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 0.3) -> Trace:
+    """A seeded trace that fills the lab, fragmented: its first half are 1-GPU and
+    partial-node jobs (2-6 GPUs on one node) arriving fast with long, mixed run times
+    (20-60 s), so by the time the second half arrives most nodes are partly used; the second
+    half is ~60 % whole-node jobs of 2..nodes/4 nodes (6-15 s) among more small jobs (5-30 s)
+    that keep taking the holes the first ones leave. Arrival gaps: exponential, mean gap_s."""
+    rnd = random.Random(seed)
+    out: list[TraceJob] = []
+    t = 0.0
+    widest = max(2, nodes // 4)
+    for i in range(jobs):
+        multi = i >= jobs // 2 and rnd.random() < 0.6
+        if multi:
+            job = TraceJob(f"t{i:03d}", KINDS[2], round(t, 2), round(rnd.uniform(6, 15), 1),
+                           rnd.randint(2, widest), 8)
+        else:
+            one = rnd.random() < 0.55
+            run = rnd.uniform(20, 60) if i < jobs // 2 else rnd.uniform(5, 30)
+            job = TraceJob(f"t{i:03d}", KINDS[0] if one else PART_NODE, round(t, 2),
+                           round(run, 1), 1, 1 if one else rnd.randint(2, 6))
+        out.append(job)
+        t += rnd.expovariate(1 / gap_s)
+    return Trace(out, degraded_at_start=f"n{max(1, nodes // 2 + 2)}",
+                 fault_node=f"n{max(2, nodes // 4)}", fault_s=round(t / 2, 2))
+
+
 @dataclass
 class JobResult:
     job: TraceJob
@@ -100,6 +128,8 @@ class RunResult:
     how: str
     jobs: list[JobResult]
     gpus_total: int
+    # gpufleet sbatch only: submissions the helper sent on as plain sbatch, and why
+    fallbacks: list[str] = field(default_factory=list)
 
     @property
     def utilisation(self) -> float:
@@ -168,12 +198,16 @@ def leaves_of(lab: SlurmLab) -> dict[str, str]:
     return out
 
 
-def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path) -> str:
-    argv = [GPUFLEET, "sbatch", "--parsable", *args]
+def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path,
+                     fallbacks: list[str]) -> str:
+    """Submit with --gpufleet-verbose; a submission the helper sent on as plain sbatch (no
+    answer from Place in time, or an error) is added to `fallbacks` with the reason."""
+    argv = [GPUFLEET, "sbatch", "--gpufleet-verbose", "--parsable", *args]
     p = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False,
                        timeout=60)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()}")
+    fallbacks.extend(line for line in p.stderr.splitlines() if "no placement (" in line)
     return p.stdout.strip().split(";")[0]
 
 
@@ -188,12 +222,14 @@ def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResu
     placed = Placed(lab, tmp / "gpufleet", degraded=(trace.degraded_at_start,))
     try:
         env = placed.env()
+        fallbacks: list[str] = []
         gf = replay(lab, trace,
-                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir),
+                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir, fallbacks),
                     lambda _t: degrade(placed.store, trace.fault_node), leaf_of)
     finally:
         placed.close()
-    return RunResult("plain sbatch", plain, gpus), RunResult("gpufleet sbatch", gf, gpus)
+    return (RunResult("plain sbatch", plain, gpus),
+            RunResult("gpufleet sbatch", gf, gpus, fallbacks))
 
 
 def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
@@ -219,6 +255,10 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
         lines.append(f"{r.how:24} {r.total('leaves'):15.0f} {multi:17d} {r.total('wait_s'):7.0f} "
                      f"{r.total('wait_s') / len(r.jobs):11.2f} {r.utilisation:8.1%} "
                      f"{r.total('on_unhealthy'):12.0f} {bad:13d}")
+    reasons = sorted({f.split("no placement (", 1)[1].split(")")[0][:60] for f in gf.fallbacks})
+    lines.append(f"gpufleet sbatch: {len(gf.fallbacks)} of {len(gf.jobs)} submission(s) went "
+                 f"on as plain sbatch (no placement){': ' if reasons else ''}"
+                 + "; ".join(reasons))
     return "\n".join(lines)
 
 
@@ -229,6 +269,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=48)
     ap.add_argument("--gap-s", type=float, default=1.0, help="mean gap between arrivals")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fill", action="store_true",
+                    help="a trace that fills the lab, fragmented (make_fill_trace): small "
+                         "jobs first, then multi-node jobs among more small ones")
     ap.add_argument("--lab", type=Path, default=Path("/tmp/gpufleet-bench-pvs"))  # noqa: S108 - the harness's lab dirs live in /tmp
     ap.add_argument("--port", type=int, default=7417)
     a = ap.parse_args()
@@ -242,7 +285,8 @@ def main() -> int:
           f"started in {time.monotonic() - t:.0f} s")
     tmp = Path(tempfile.mkdtemp(prefix="gf-pvs-"))
     try:
-        trace = make_trace(a.nodes, a.jobs, a.seed, a.gap_s)
+        trace = (make_fill_trace(a.nodes, a.jobs, a.seed, a.gap_s) if a.fill
+                 else make_trace(a.nodes, a.jobs, a.seed, a.gap_s))
         plain, gf = run_both(lab, trace, tmp)
         print(table(trace, plain, gf))
     finally:

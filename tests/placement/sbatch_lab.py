@@ -19,6 +19,7 @@ from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
 
 from tests.scheduler.fakes import FakeSlurm
 from tests.slurm.harness import SlurmLab
+from tests.slurm.roots import HOST_VIEW
 
 GPUFLEET = str(Path(sys.executable).with_name("gpufleet"))
 LUA = Path(__file__).parents[2] / "scheduler/gpufleet/scheduler/data/cli_filter.lua"
@@ -58,9 +59,17 @@ def degrade(store: SqliteStore, node: str) -> None:
                                  "mlx5_0 port 1 at 200 Gb/s, expected 400", now_ms()))
 
 
-def filter_argv() -> list[str]:
-    """The helper command `gpufleet sbatch` hands cli_filter.lua (GPUFLEET_FILTER)."""
-    return shlex.split(filter_command())
+def filter_argv(lab: SlurmLab | None = None) -> list[str]:
+    """The helper command cli_filter.lua runs (GPUFLEET_FILTER): on the host's Slurm, what
+    `gpufleet sbatch` hands it. A 24.11/26.05 lab's sbatch runs inside its root, where this
+    Python and checkout are not: there the root's own python3 runs gpufleet's sources as the
+    root sees them (the host's / at /host), as a login node runs its own gpufleet[client]
+    (the helper needs only the standard library, munge and its own package)."""
+    argv = shlex.split(filter_command())
+    if lab is None or lab.root is None:
+        return argv
+    script = Path(argv[-1]).resolve()
+    return ["/usr/bin/python3", "-I", "-S", f"{HOST_VIEW}{script}"]
 
 
 def lab_client_conf(lab: SlurmLab, where: Path) -> Path:
@@ -96,6 +105,8 @@ class Placed:
         env = self.lab.env()
         env.update(SLURM_CONF=str(self.conf), GPUFLEET_CLIENT_CONFIG=str(self.client_toml))
         env.pop("GPUFLEET_FILTER", None)
+        if self.lab.root is not None:  # `gpufleet sbatch` keeps one it is given
+            env["GPUFLEET_FILTER"] = shlex.join(filter_argv(self.lab))
         env.update(extra)
         return env
 
@@ -107,13 +118,8 @@ class Placed:
 
 
 @pytest.fixture
-def placed(clean_slurm_lab: SlurmLab, slurm_version: str,
+def placed(clean_slurm_lab: SlurmLab,
            tmp_path: Path) -> Iterator[Callable[..., Placed]]:
-    if clean_slurm_lab.root is not None:
-        # the lua filter runs gpufleet-sbatch-filter with the host's Python and paths; inside a
-        # chroot root neither is there yet (issue 16/15 follow-up), so only 22.05 runs this path
-        pytest.skip(f"cli_filter placement runs on the host's Slurm only, not in the "
-                    f"{slurm_version} root yet")
     made: list[Placed] = []
 
     def make(degraded: tuple[str, ...] = ()) -> Placed:

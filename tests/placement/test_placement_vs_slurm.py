@@ -32,7 +32,9 @@ def test_trace_through_plain_and_gpufleet_sbatch(
         clean_slurm_lab: SlurmLab, tmp_path: Path,
         report_figure: Callable[[str], None]) -> None:
     if clean_slurm_lab.root is not None:
-        pytest.skip("cli_filter placement runs on the host's Slurm only (see sbatch_lab.placed)")
+        # sbatch_lab.Placed reaches the helper inside a root now; this trace has not been
+        # run there yet (it times waits, and the roots' chroot'd clients are slower)
+        pytest.skip("placement vs Slurm is run on the host's Slurm 22.05 only so far")
     bench = _bench()
     trace = bench.make_trace(clean_slurm_lab.config.nodes, 10, seed=3, gap_s=0.6,
                              run_s=(2.0, 5.0))

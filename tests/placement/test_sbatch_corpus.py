@@ -1,7 +1,8 @@
 """A corpus of sbatch invocations, each run through plain `sbatch` and `gpufleet sbatch` on the
-real Slurm 22.05 lab (cli_filter/lua enabled, a controller placing, n6 degraded): the same exit
-code, the same stdout and stderr, the same job fields, except the ones gpufleet documents that
-it adds (docs/placement.md: ReqNodeList when it pins, ExcNodeList, Switches).
+real Slurm lab of each version (cli_filter/lua enabled, a controller placing, n6 degraded;
+in a 24.11/26.05 root the helper runs on the root's own python3): the same exit code, the
+same stdout and stderr, the same job fields, except the ones gpufleet documents that it adds
+(docs/placement.md: ReqNodeList when it pins, ExcNodeList, Switches).
 
 The partition is DOWN while the corpus runs, so no job starts and every job's fields stay as
 submitted (a started job would make the next one's differ). Every option family of sbatch(1),
@@ -222,3 +223,6 @@ def test_corpus_same_as_plain_sbatch(placed: Callable[..., Placed], tmp_path: Pa
                   f"record(s), excluded the degraded node in {excluded}; "
                   f"{len(differ)} differing")
     assert not differ, "\n".join(differ)
+    # placement acted (a helper that cannot run, e.g. unreachable inside a root, would make
+    # every submission plain sbatch and the comparison above pass without testing anything)
+    assert pinned and excluded, f"gpufleet pinned {pinned} and excluded in {excluded} records"

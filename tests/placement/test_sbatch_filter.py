@@ -79,6 +79,10 @@ def test_what_may_be_pinned() -> None:
                                "time": "60", "wrap": "x", "argv": []}, 0)
     assert plain is not None and plain.pin and plain.nodes == 2 and plain.gpus_per_node == 8
     assert plain.time_limit_min == 60
+    # 23.02 on (24.11, 26.05 seen in their cli_filter/lua) spell it gres/gpu:N
+    for gres, n in (("gres/gpu:2", 2), ("gres/gpu:h100:4", 4), ("gres/gpu", 1)):
+        p = plan_from_options({"nodes": "1", "gres": gres}, 0)
+        assert p is not None and p.gpus_per_node == n, gres
     for opts, why in (({"array": "0-3"}, "array"), ({"cpus-per-task": "4"}, "cpus-per-task"),
                       ({"mem": "4G"}, "mem"), ({"nodes": "1-4"}, "node range"),
                       ({"ntasks": "8"}, "ntasks"), ({"licenses": "x"}, "licenses"),
@@ -115,7 +119,9 @@ def test_decide_pins_only_what_may_be_pinned() -> None:
     plan = plan_from_options(opts, 0)
     assert plan is not None
     ok_flags = ["--nodes=2", "--nodelist=n[1-2]", "--gres=gpu:8"]
-    assert decide(opts, plan, True, ok_flags, 1, ["n4"]) == {"nodelist": "n[1-2]"}
+    # the unhealthy node stays excluded with the pin: a released pin must not land there
+    assert decide(opts, plan, True, ok_flags, 1, ["n4"]) == {"nodelist": "n[1-2]",
+                                                            "exclude": "n4"}
     opts = {"nodes": "2", "gres": "gres:gpu:8", "mem": "1G", "exclude": "n9"}
     plan = plan_from_options(opts, 0)
     assert plan is not None
@@ -206,7 +212,7 @@ def test_place_options_end_to_end(ctl: Controller, munged: MungeServer, tmp_path
                    f'munge_socket = "{munged.socket}"\n')
     env = {"GPUFLEET_CLIENT_CONFIG": str(cfg), "PATH": os.environ["PATH"]}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env) == {
-        "nodelist": "n[1-2]", "gpufleet-release-after": "60"}
+        "nodelist": "n[1-2]", "exclude": "n4", "gpufleet-release-after": "60"}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0,
                          {**env, "GPUFLEET_PIN_RELEASE_S": "5"})["gpufleet-release-after"] == "5"
     # the same job as a hetjob component 0 (a `:` on sbatch's command line): not pinned

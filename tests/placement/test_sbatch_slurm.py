@@ -191,6 +191,10 @@ def test_plain_user_places_and_unpins_through_the_controller(
 
     p = placed(degraded=("n1",))
     lab = p.lab
+    if lab.root is not None:
+        # the lab's sbatch of 24.11/26.05 is reached through chroot, which nobody may not do;
+        # this login-node path is the host's (22.05) only
+        pytest.skip("nobody cannot chroot into the Slurm root the lab's sbatch runs in")
     client = Path(tempfile.mkdtemp(prefix="gf-login-"))
     client.chmod(0o755)
     for g in p.conf.parent.iterdir():  # the client etc dir, where nobody can read it

@@ -1,7 +1,10 @@
-"""The controller's Slurm view for FleetUser.Place (SlurmViewSource): nodes and jobs read on
-every call, partitions and the switch tree kept static_ttl_s."""
+"""The controller's Slurm view for FleetUser.Place (SlurmViewSource): nodes read on every call,
+the jobs' GPU indices kept while they fit the nodes' GPU counts, partitions and the switch
+tree kept static_ttl_s."""
 
 from __future__ import annotations
+
+import json
 
 from gpufleet.scheduler.placement.sources import SlurmViewSource, view_from_slurm
 
@@ -69,3 +72,84 @@ def test_handed_out_gpus_are_held_until_hold_s() -> None:
     assert place(later, PlacementRequest(nodes=1, gpus_per_node=8)).nodelist == [other]
     clock.t += 10
     assert held.apply(view) == view
+
+
+def _job3_ended(client: object, nodes_too: bool) -> None:
+    """The canned documents after job 3 (2 GPUs on n1 and n2) ended: squeue says COMPLETED,
+    and, with nodes_too, the nodes' gres_used says no GPU is in use any more."""
+    answers = client.answers  # type: ignore[attr-defined]
+    jobs = json.loads(answers[("squeue", "--json")])
+    for j in jobs["jobs"]:
+        if j["job_id"] == 3:
+            j["job_state"] = "COMPLETED"
+    answers[("squeue", "--json")] = json.dumps(jobs)
+    if nodes_too:
+        nodes = json.loads(answers[("sinfo", "--json")])
+        for n in nodes["nodes"]:
+            n["gres_used"] = "gpu:0"
+        answers[("sinfo", "--json")] = json.dumps(nodes)
+
+
+def _source(client: object, clock: Clock) -> SlurmViewSource:
+    client.answers[("scontrol", "show", "topology")] = TOPOLOGY  # type: ignore[attr-defined]
+    return SlurmViewSource(client, 5, static_ttl_s=30, clock=clock,  # type: ignore[arg-type]
+                           jobs_max_age_s=10, jobs_refresh_s=2)
+
+
+def test_jobs_indices_kept_while_the_nodes_gpu_counts_agree() -> None:
+    client, clock = client_of("22.05"), Clock()
+    source = _source(client, clock)
+    first = source()
+    assert first.nodes["n1"].free_gpus == frozenset(range(2, 8))  # job 3 holds 0-1
+    client.asked.clear()
+    clock.t += 1
+    _job3_ended(client, nodes_too=False)  # squeue would say otherwise, the nodes do not
+    again = source()
+    assert _asked(client) == ["sinfo --json"]  # no squeue: the kept indices still fit
+    assert again == first
+
+
+def test_jobs_read_again_when_a_nodes_gpu_count_changed() -> None:
+    client, clock = client_of("22.05"), Clock()
+    source = _source(client, clock)
+    source()
+    client.asked.clear()
+    clock.t += 1
+    _job3_ended(client, nodes_too=True)
+    view = source()
+    assert sorted(_asked(client)) == ["sinfo --json", "squeue --json"]
+    assert view.nodes["n1"].free_gpus == frozenset(range(8))
+    # jobs are starting and ending: the next calls read them beside the nodes (not after)
+    client.asked.clear()
+    clock.t += 1
+    source()
+    reading = source._reading  # the read started beside the nodes (not waited for: they fit)
+    assert reading is not None
+    reading.result(timeout=30)
+    assert sorted(_asked(client)) == ["sinfo --json", "squeue --json"]
+
+
+def test_jobs_read_again_when_older_than_their_max_age() -> None:
+    client, clock = client_of("22.05"), Clock()
+    source = _source(client, clock)
+    source()
+    client.asked.clear()
+    clock.t += 10
+    _job3_ended(client, nodes_too=False)
+    view = source()
+    assert "squeue --json" in _asked(client)
+    assert view.nodes["n1"].free_gpus == frozenset(range(8))  # the fresh jobs, not the kept
+
+
+def test_a_node_without_gres_used_never_keeps_the_jobs() -> None:
+    client, clock = client_of("22.05"), Clock()
+    nodes = json.loads(client.answers[("sinfo", "--json")])
+    for n in nodes["nodes"]:
+        del n["gres_used"]
+    client.answers[("sinfo", "--json")] = json.dumps(nodes)
+    source = _source(client, clock)
+    source()
+    client.asked.clear()
+    clock.t += 1
+    source()
+    assert "squeue --json" in _asked(client)

@@ -208,6 +208,14 @@ def test_placement_view_of_each_version(version: str) -> None:
     assert view.leaf_of["n6"] == "leaf2"
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpus_in_use_per_node_of_each_version(version: str) -> None:
+    """gres_used (a count: what SlurmViewSource checks its kept job indices against)."""
+    infos = client_of(version).node_infos()
+    assert infos["n1"].gres_used == "gpu:2"  # job 3's two GPUs
+    assert infos["n5"].gres_used == "gpu:0"
+
+
 # ------------------------------------------------------------ another version's documents
 
 PAIRS = [(mine, theirs) for mine in VERSIONS for theirs in VERSIONS if mine != theirs]

@@ -1,13 +1,19 @@
 """The `gpufleet` command's entry point: `gpufleet sbatch ...` becomes the real sbatch at once
 (no CLI framework, no store, no gRPC imported: it costs a Python start and an exec); every
-other command goes to cli.py.
+other command goes to cli.py. `launcher()` is a `gpufleet` that starts without site (what the
+login-node role installs): then `gpufleet sbatch` costs a bare Python start and an exec.
+
+It must never import anything at module level but os and sys (loaded by every Python start).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping, Sequence
+
+TYPE_CHECKING = False  # typing and collections.abc cost 6-30 ms to import; mypy reads the name
+if TYPE_CHECKING:
+    from collections.abc import MutableMapping, Sequence
 
 USAGE = """\
 usage: gpufleet sbatch [--gpufleet-ckpt DIR] [--gpufleet-no-place] [--gpufleet-verbose]
@@ -19,6 +25,10 @@ Slurm's cli_filter/lua plugin (docs/placement.md). The gpufleet options come fir
   --gpufleet-verbose         print the placement and why on stderr
   --gpufleet-controller A    ask this controller (default: /etc/gpufleet/client.toml)
 """
+
+
+# = sbatch_filter.CLIENT_CONFIG (not imported: that module is the helper's, not the wrapper's)
+CLIENT_CONFIG = "/etc/gpufleet/client.toml"
 
 
 class UsageError(Exception):
@@ -47,6 +57,32 @@ def filter_command() -> str:
     return f"{sys.executable} -m gpufleet.scheduler.cli.sbatch_filter"
 
 
+def controller_configured(env: MutableMapping[str, str]) -> bool:
+    """Whether the helper could find a controller: GPUFLEET_CONTROLLER, or a client config
+    file there (what it says is the helper's to read). With neither, cli_filter.lua need not
+    start the helper at all: placement is off, as the helper would find."""
+    if env.get("GPUFLEET_CONTROLLER"):
+        return True
+    return os.path.exists(env.get("GPUFLEET_CLIENT_CONFIG") or CLIENT_CONFIG)
+
+
+def launcher(python: str | None = None) -> str:
+    """The text of a `gpufleet` command that starts faster than pip's console script: this
+    Python with -I -S (no site: no .pth files, no site-packages scan) and this package's
+    root first on sys.path. `gpufleet sbatch` then execs sbatch with nothing imported but
+    this module; every other command loads site first (main). The Ansible role
+    gpufleet_login installs it as gpufleet on users' PATH (bench/sbatch_overhead.py times it)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))  # the directory holding gpufleet/scheduler
+    return (f"#!{python or sys.executable} -IS\n"
+            "# gpufleet without site (gpufleet.scheduler.cli.entry.launcher): `gpufleet sbatch`\n"
+            "# starts as a bare Python; other commands load site themselves\n"
+            "import sys\n"
+            f"sys.path.insert(0, {root!r})\n"
+            "from gpufleet.scheduler.cli.entry import main\n"
+            "main()\n")
+
+
 def sbatch_argv(args: Sequence[str], env: MutableMapping[str, str],
                 test_only: bool = False) -> list[str]:
     """The sbatch command line (the user's arguments unchanged) and, in env, what tells
@@ -73,7 +109,7 @@ def sbatch_argv(args: Sequence[str], env: MutableMapping[str, str],
             raise UsageError("")
         else:
             raise UsageError(f"unknown gpufleet option {name} (sbatch options follow them)")
-    env["GPUFLEET_PLACE"] = "1" if place else "0"
+    env["GPUFLEET_PLACE"] = "1" if place and controller_configured(env) else "0"
     env.setdefault("GPUFLEET_FILTER", filter_command())
     return ["sbatch", *(["--test-only"] if test_only else []), *rest]
 
@@ -100,6 +136,10 @@ def main() -> None:
     if sys.argv[1:2] == ["place"]:
         os.environ["GPUFLEET_FILTER_VERBOSE"] = "1"
         sys.exit(exec_sbatch(sys.argv[2:], test_only=True))
+    if sys.flags.no_site:  # started by launcher(): the other commands need site-packages
+        import site
+
+        site.main()
     from gpufleet.scheduler.cli.main import main as cli_main
 
     cli_main()

@@ -399,7 +399,8 @@ def plan_from_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0912 
     gpn = total = None
     if "gres" in o:
         for raw in o["gres"].split(","):
-            item = raw.removeprefix("gres:")
+            # 22.05 spells it gres:gpu:2, 23.02 on gres/gpu:2 (tres_per_node's new form)
+            item = raw.removeprefix("gres:").removeprefix("gres/")
             if item == "gpu" or item.startswith("gpu:"):
                 gpn = (_count(item) if ":" in item else 1) or 1
     if "gpus-per-node" in o:
@@ -441,16 +442,17 @@ def _flag(flags: Sequence[str], name: str) -> str | None:
 
 def decide(opts: Mapping[str, object], plan: Plan, ok: bool, flags: Sequence[str],
            leaves: int, avoid: Sequence[str]) -> dict[str, str]:
-    """The options to set, from the controller's answer."""
-    if plan.pin and ok:
-        nodelist = _flag(flags, "nodelist")
-        if nodelist:
-            return {"nodelist": nodelist}
+    """The options to set, from the controller's answer. A pin carries the exclusions too:
+    once released (pin_release_s) the job must still stay off the unhealthy nodes."""
     out: dict[str, str] = {}
     user_exclude = str(opts.get("exclude") or "")
     extra = [n for n in avoid if n not in set(user_exclude.split(","))]
     if extra:
         out["exclude"] = ",".join([x for x in (user_exclude,) if x] + extra)
+    if plan.pin and ok:
+        nodelist = _flag(flags, "nodelist")
+        if nodelist:
+            return {"nodelist": nodelist, **out}
     if "switches" not in opts:
         need = plan.nodes or 0
         switches = _flag(flags, "switches")

@@ -11,9 +11,17 @@ any failure there prints nothing and the job is submitted exactly as given.
 --]]
 
 local ALWAYS = false                               -- site switch: place plain sbatch too
-local HELPER = "/usr/local/bin/gpufleet-sbatch-filter"
+local HELPER = "/usr/local/bin/gpufleet-sbatch-filter"   -- absent: plain sbatch, silently
+-- what runs HELPER; "": HELPER itself. The Ansible role sets HELPER to sbatch_filter.py and
+-- this to "<venv>/bin/python -I -S" (no site, no console script: what `gpufleet sbatch`
+-- hands us in GPUFLEET_FILTER), so a plain `sbatch` under ALWAYS starts as fast
+local RUN_WITH = ""
 local pinned = {}                                  -- component offset -> node list we set
 local release_after = 60                           -- seconds; the helper says (client.toml)
+
+local function quote(s)
+  return "'" .. string.gsub(s, "'", "'\\''") .. "'"
+end
 
 local function helper()
   local cmd = os.getenv("GPUFLEET_FILTER")
@@ -21,11 +29,8 @@ local function helper()
   local f = io.open(HELPER, "r")   -- not installed here: plain sbatch, without a word
   if f == nil then return nil end
   f:close()
+  if RUN_WITH ~= "" then return RUN_WITH .. " " .. quote(HELPER) end
   return HELPER
-end
-
-local function quote(s)
-  return "'" .. string.gsub(s, "'", "'\\''") .. "'"
 end
 
 local function wanted(options)

@@ -12,7 +12,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,29 +111,56 @@ def view_from_slurm(slurm: CliSlurmClient | None = None, timeout_s: float = 2.0,
     else `scontrol show topology`), read through the Slurm client (default: the commands
     on this host). A Slurm that fails, is slow, or prints what the client cannot read is
     PlacementUnavailable, with the client's message."""
-    return SlurmViewSource(slurm, timeout_s, topology_conf, static_ttl_s=0.0)()
+    return SlurmViewSource(slurm, timeout_s, topology_conf, static_ttl_s=0.0,
+                           jobs_max_age_s=0.0)()
+
+
+def gpu_counts_agree(infos: Mapping[str, SlurmNodeInfo], used: Mapping[str, set[int]]) -> bool:
+    """Whether GPU indices read from the jobs earlier still fit the nodes read now: on every
+    node the count Slurm says is in use (gres_used, no indices) is the count of indices the
+    jobs held. A node whose gres_used is unknown never agrees."""
+    for name, info in infos.items():
+        if not info.gres_used or gpu_count(info.gres_used) != len(used.get(name, ())):
+            return False
+    return True
 
 
 class SlurmViewSource:
     """The cluster as Slurm sees it, for the controller's FleetUser.Place (one per controller).
 
-    Nodes and jobs (`sinfo`, `squeue`) are read on every call: a pin must fit what is free
-    now. Partitions and the switch tree (`scontrol show partition|topology`) change only when
-    an admin edits slurm.conf and reconfigures, so they are kept for `static_ttl_s` (0: read
-    every time): two Slurm commands fewer on every sbatch (bench/sbatch_overhead.py). A stale
-    tree or time limit costs at most a worse choice of nodes or a pin Slurm refuses to start
-    (released after pin_release_s), never a job placed on a node health keeps jobs off."""
+    Nodes (`sinfo --json` / `scontrol --json show nodes`: state, CPUs, GPUs in use) are read
+    on every call: a pin must fit what is free now. Which GPU indices the jobs hold is only
+    in the jobs (`squeue --json`, whose cost grows with the queue, pending jobs too; no
+    formatted squeue or sinfo field prints the indices on 22.05-26.05). So the jobs' indices
+    are kept and used while they still fit the fresh node read (gpu_counts_agree: the same
+    GPU count in use on every node) and are younger than `jobs_max_age_s`; they are re-read
+    in the background once older than `jobs_refresh_s`, and waited for when they do not fit
+    (a job started or ended since): then the call costs what reading both always cost, and
+    for the next `jobs_refresh_s` every call reads the jobs beside the nodes again, so a busy
+    cluster never waits for the two reads one after the other.
+    Partitions and the switch tree (`scontrol show partition|topology`) change only when an
+    admin edits slurm.conf and reconfigures, so they are kept for `static_ttl_s` (0: read
+    every time). A stale tree or time limit costs at most a worse choice of nodes or a pin
+    Slurm refuses to start (released after pin_release_s), never a job placed on a node
+    health keeps jobs off."""
 
     def __init__(self, slurm: CliSlurmClient | None = None, timeout_s: float = 2.0,
                  topology_conf: str | None = None, static_ttl_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, jobs_max_age_s: float = 10.0,
+                 jobs_refresh_s: float = 2.0) -> None:
         self.slurm = slurm or CliSlurmClient(timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.topology_conf = topology_conf
         self.static_ttl_s = static_ttl_s
+        self.jobs_max_age_s = jobs_max_age_s
+        self.jobs_refresh_s = jobs_refresh_s
         self.clock = clock
         self._lock = threading.Lock()
         self._static: tuple[float, list[SlurmPartition], str, str] | None = None
+        # (when the read started, node -> GPU indices the holding jobs had)
+        self._used: tuple[float, dict[str, set[int]]] | None = None
+        self._reading: Future[dict[str, set[int]]] | None = None
+        self._churn_until = float("-inf")  # until then, jobs are read beside the nodes
 
     def _cached_static(self) -> tuple[list[SlurmPartition], str, str] | None:
         with self._lock:
@@ -140,20 +168,57 @@ class SlurmViewSource:
                 return None
             return self._static[1], self._static[2], self._static[3]
 
+    def _cached_used(self) -> tuple[float, dict[str, set[int]]] | None:
+        with self._lock:
+            if self._used is None or self.clock() - self._used[0] >= self.jobs_max_age_s:
+                return None
+            return self._used
+
+    def _read_used(self, c: CliSlurmClient) -> Future[dict[str, set[int]]]:
+        """The jobs' GPU indices, read in a thread of its own (one read at a time): a caller
+        that has fitting ones answers without waiting for it."""
+        with self._lock:
+            if self._reading is not None and not self._reading.done():
+                return self._reading
+            fut: Future[dict[str, set[int]]] = Future()
+            self._reading = fut
+        started = self.clock()
+
+        def run() -> None:
+            try:
+                used = used_gpus(c.jobs())
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits for it
+                fut.set_exception(e)
+                return
+            with self._lock:
+                if self._used is None or self._used[0] <= started:
+                    self._used = (started, used)
+            fut.set_result(used)
+
+        threading.Thread(target=run, name="slurm-jobs", daemon=True).start()
+        return fut
+
     def __call__(self) -> ClusterView:
         deadline = self.clock() + self.timeout_s
         static = self._cached_static()
+        cached = self._cached_used()
         try:
             # the version first (it picks the commands), then the reads side by side: the
             # caller's deadline is for all of them
             c = self.slurm.with_timeout(max(deadline - self.clock(), 0.05))
-            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="slurm-read") as pool:
-                f_infos, f_jobs = pool.submit(c.node_infos), pool.submit(c.jobs)
+            reading = None
+            # while jobs start and end (a recent call found the kept indices stale), read them
+            # beside the nodes as every call did before: never slower than reading both
+            if (cached is None or self.clock() - cached[0] >= self.jobs_refresh_s
+                    or self.clock() < self._churn_until):
+                reading = self._read_used(c)
+            with ThreadPoolExecutor(max_workers=3, thread_name_prefix="slurm-read") as pool:
+                f_infos = pool.submit(c.node_infos)
                 if static is None:
                     f_parts = pool.submit(c.partitions)
                     f_topo = pool.submit(c.topology_text) if self.topology_conf is None \
                         else None
-                infos, jobs = f_infos.result(), f_jobs.result()
+                infos = f_infos.result()
                 if static is None:
                     topo_text, topo_source = (
                         (f_topo.result(), "scontrol show topology") if f_topo is not None
@@ -162,17 +227,27 @@ class SlurmViewSource:
                     if self.static_ttl_s > 0:
                         with self._lock:
                             self._static = (self.clock(), *static)
+            if cached is not None and gpu_counts_agree(infos, cached[1]):
+                used = cached[1]
+            else:  # none kept, or a job started or ended since: wait for the jobs
+                if cached is not None:
+                    with self._lock:
+                        self._churn_until = self.clock() + self.jobs_refresh_s
+                reading = reading or self._read_used(c)
+                used = reading.result(timeout=max(deadline - self.clock(), 0.05))
         except SlurmError as e:
             raise PlacementUnavailable(str(e)) from e
+        except FutureTimeout as e:
+            raise PlacementUnavailable(
+                f"`squeue` gave no answer within {self.timeout_s:.1f} s") from e
         partitions, topo_text, topo_source = static
-        return _build_view(infos, jobs, partitions, topo_text, topo_source)
+        return _build_view(infos, used, partitions, topo_text, topo_source)
 
 
-def _build_view(infos: Mapping[str, SlurmNodeInfo], jobs: Iterable[SlurmJob],
+def _build_view(infos: Mapping[str, SlurmNodeInfo], used: Mapping[str, set[int]],
                 partitions: Iterable[SlurmPartition],
                 topo_text: str, topo_source: str) -> ClusterView:
     leaf_of, parent = parse_topology_conf(topo_text, topo_source)
-    used = used_gpus(jobs)
     nodes: dict[str, NodeView] = {}
     for name, info in infos.items():
         count = gpu_count(info.gres)

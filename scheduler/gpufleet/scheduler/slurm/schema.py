@@ -192,6 +192,11 @@ class _Obj:
         return _Obj(self.get(key), f"{self.what}: field {key!r}", self.schema)
 
 
+def _gres_used(n: _Obj) -> str:
+    """`gres_used` ("gpu:5") where the document has it (22.05 to 26.05 do); "" otherwise."""
+    return n.text("gres_used") if "gres_used" in n.obj else ""
+
+
 def json_object(text: str, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(text)
@@ -317,7 +322,8 @@ class Reader2205(Reader):
                          split_features(n.text("features")), n.num("weight"))
         return SlurmNodeInfo(node, n.text("gres"), tuple(n.strings("partitions")),
                              split_features(n.text("active_features")), n.num("cpus"),
-                             n.num("alloc_cpus"), self._last_busy(n))
+                             n.num("alloc_cpus"), self._last_busy(n),
+                             _gres_used(n))
 
     def _last_busy(self, n: _Obj) -> int | None:
         # a number (0: never busy). Missing is None rather than an error: placement reads
@@ -348,7 +354,8 @@ class ReaderV39(Reader):
                          tuple(n.strings("features")), n.num("weight"))
         return SlurmNodeInfo(node, n.text("gres"), tuple(n.strings("partitions")),
                              tuple(n.strings("active_features")), n.num("cpus"),
-                             n.num("alloc_cpus"), self._last_busy(n))
+                             n.num("alloc_cpus"), self._last_busy(n),
+                             _gres_used(n))
 
     def _last_busy(self, n: _Obj) -> int | None:
         # 23.02's data_parser v0.0.39 skips the node's last_busy (add_skip in its parsers.c):

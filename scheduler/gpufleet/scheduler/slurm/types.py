@@ -48,6 +48,9 @@ class SlurmNodeInfo:
     alloc_cpus: int | None
     # Slurm's LastBusyTime (Unix seconds): when the node last had a job; None: not read
     last_busy_s: int | None = None
+    # what the node's jobs hold now ("gpu:5": a count, no indices on any version); "" when
+    # the document has no such field
+    gres_used: str = ""
 
 
 @dataclass(frozen=True)
