@@ -141,7 +141,7 @@ def controller(
     from gpufleet.scheduler.access import audit
     from gpufleet.scheduler.access.tls import TlsConfigError, from_options
     from gpufleet.scheduler.health.policy import PolicyConfig
-    from gpufleet.scheduler.service.server import Controller
+    from gpufleet.scheduler.service.server import Controller, tune_gc
 
     setup_logging(verbose)
     if audit_log:
@@ -190,6 +190,7 @@ def controller(
         ctl.start()
     except OSError as e:
         raise click.ClickException(f"cannot listen on {listen}: {e}") from e
+    tune_gc()  # started: what start-up made leaves the collector's passes (docs/scaling.md)
     click.echo(
         f"gpufleet controller listening on {listen} ({'plaintext' if tls is None else 'mTLS'}), "
         f"store {db}{', shadow mode' if shadow or slurm == 'none' else ''}"
