@@ -121,7 +121,7 @@ from gpufleet.scheduler.store import StoreError, open_store
               "docs/scaling.md). Default: a standby refuses agents")
 @repair_options
 @click.option("-v", "--verbose", count=True)
-def controller(
+def controller(  # noqa: PLR0915 - every option to its part, then the process's life, in order
     listen: str, db: str, slurm: str, slurm_rest_socket: str | None, slurm_rest_url: str | None,
     slurm_jwt_file: str | None, shadow: bool, resume_quiet_s: float,
     unreachable_after_s: float, reassert_s: float, drain_unreachable: bool,
