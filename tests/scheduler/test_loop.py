@@ -181,20 +181,16 @@ def test_bad_checkpoint_registration_is_refused(tmp_path, msg: pb.AgentMessage,
     assert store.checkpoint("4711") is None and store.checkpoint("47;11") is None
 
 
-def test_tune_gc_freezes_what_start_up_made_and_collects_the_young_less_often() -> None:
+def test_tune_gc_collects_the_young_less_often() -> None:
     """What `gpufleet controller` does to its process once started (docs/scaling.md)."""
     import gc
 
     from gpufleet.scheduler.service.server import GC_GEN0_THRESHOLD, tune_gc
 
     before = gc.get_threshold()
-    frozen = gc.get_freeze_count()
-    made_at_start_up = [[i] for i in range(100)]  # tracked objects alive when it runs
     try:
         tune_gc()
         assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
         assert before[0] < GC_GEN0_THRESHOLD
-        assert gc.get_freeze_count() >= frozen + len(made_at_start_up)
     finally:
-        gc.unfreeze()  # this test process goes on: put the collector back as it was
-        gc.set_threshold(*before)
+        gc.set_threshold(*before)  # this test process goes on: put the collector back

@@ -190,7 +190,7 @@ def controller(  # noqa: PLR0915 - every option to its part, then the process's 
         ctl.start()
     except OSError as e:
         raise click.ClickException(f"cannot listen on {listen}: {e}") from e
-    tune_gc()  # started: what start-up made leaves the collector's passes (docs/scaling.md)
+    tune_gc()  # started: the young generation collected less often (docs/scaling.md)
     click.echo(
         f"gpufleet controller listening on {listen} ({'plaintext' if tls is None else 'mTLS'}), "
         f"store {db}{', shadow mode' if shadow or slurm == 'none' else ''}"
