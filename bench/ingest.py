@@ -179,7 +179,7 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
     logging.basicConfig(level=logging.ERROR)  # each drain logs a warning: not the figures
     sys.path.insert(0, str(REPO))
     from gpufleet.scheduler.health.policy import PolicyConfig
-    from gpufleet.scheduler.service.server import Controller
+    from gpufleet.scheduler.service.server import Controller, tune_gc
     from gpufleet.scheduler.store import PostgresStore, SqliteStore
 
     from tests.scheduler.fakes import FakeSlurm
@@ -237,6 +237,7 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
     ctl = Controller(store, slurm, listen="127.0.0.1:0", policy=policy,
                      standby_ingests=args.store == "postgres")
     port = ctl.start()
+    tune_gc()  # what `gpufleet controller` does once started
     if ctl.leader is not None:  # the lock is taken before the process says it leads
         ctl.leader.acquired.wait(2.0)
         time.sleep(0.2)

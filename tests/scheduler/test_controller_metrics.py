@@ -50,6 +50,8 @@ def value(ctl: Controller, name: str, labels: dict[str, str] | None = None) -> f
 
 def test_ingest_counts_reports_agents_and_nodes_by_health(controller, tmp_path) -> None:
     ctl = controller
+    assert value(ctl, "gpufleet_controller_last_report_timestamp_seconds") == 0
+    started_s = time.time()
     agent = make_agent(tmp_path, ctl.port, node="n3")
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
@@ -57,6 +59,7 @@ def test_ingest_counts_reports_agents_and_nodes_by_health(controller, tmp_path) 
         # the first sample, then heartbeats (no verdict changes)
         wait_for(lambda: (value(ctl, "gpufleet_controller_reports_received_total",
                                 {"kind": "heartbeat"}) or 0) >= 2)
+        assert value(ctl, "gpufleet_controller_last_report_timestamp_seconds") >= started_s
         assert (value(ctl, "gpufleet_controller_reports_received_total", {"kind": "sample"})
                 or 0) >= 1
         assert value(ctl, "gpufleet_controller_connected_agents") == 1

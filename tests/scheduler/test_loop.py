@@ -179,3 +179,18 @@ def test_bad_checkpoint_registration_is_refused(tmp_path, msg: pb.AgentMessage,
     with pytest.raises(IngestError, match=error):
         ingest.handle(node, msg)
     assert store.checkpoint("4711") is None and store.checkpoint("47;11") is None
+
+
+def test_tune_gc_collects_the_young_less_often() -> None:
+    """What `gpufleet controller` does to its process once started (docs/scaling.md)."""
+    import gc
+
+    from gpufleet.scheduler.service.server import GC_GEN0_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+        assert before[0] < GC_GEN0_THRESHOLD
+    finally:
+        gc.set_threshold(*before)  # this test process goes on: put the collector back

@@ -206,6 +206,48 @@ def test_a_version_2_store_migrates_without_losing_data(store_backend: Backend) 
     assert s.add_action("n1", "resume", "r", "admin", "queued", None, 30) > act.id
 
 
+def test_migration_11_moves_each_inventory_out_of_the_node_row(store_backend: Backend) -> None:
+    """A version 10 store keeps every node, its inventory (now in node_inventory) and its
+    place; the node row no longer carries the inventory a touch would rewrite."""
+    _make_old_store(store_backend, 10)
+    for name, inv in (("n1", b"\x00inv1\xff"), ("n2", None)):
+        store_backend.raw(
+            "INSERT INTO nodes (name, hostname, gpu_count, inventory, health, agent_instance, "
+            "last_seq, first_seen_ms, last_seen_ms) VALUES (?, 'h', 8, ?, 'ok', 'inst-a', 7, "
+            "10, 20)", (name, inv))
+    s = store_backend.open()
+    assert s.schema_version() == len(MIGRATIONS) >= 11
+    assert (s.inventory("n1"), s.inventory("n2")) == (b"\x00inv1\xff", None)
+    assert [(n.name, n.first_seen_ms, n.last_seen_ms) for n in s.nodes()] == [
+        ("n1", 10, 20), ("n2", 10, 20)]
+    assert s.last_seq("n1") == ("inst-a", 7)
+    if store_backend.kind == "sqlite":  # the column stays (no DROP COLUMN before 3.35), empty
+        assert store_backend.raw("SELECT count(*) FROM nodes WHERE inventory IS NOT NULL") == [
+            (0,)]
+    else:
+        assert store_backend.raw(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'nodes' "
+            "AND column_name = 'inventory'") == [(0,)]
+    # the migrated store goes on: a touch, a new inventory, a node without one gets one
+    s.touch_nodes([("n1", "inst-a", 8, 30)])
+    s.upsert_node("n1", "h", 8, b"inv1-new", "inst-a", 40)
+    s.upsert_node("n2", "h", 8, b"inv2", "inst-b", 41)
+    assert (s.inventory("n1"), s.inventory("n2")) == (b"inv1-new", b"inv2")
+    assert s.last_seq("n1") == ("inst-a", 8) and s.last_seq("n2") == ("inst-b", 0)
+
+
+def test_a_reconnect_with_the_same_inventory_keeps_it(store_backend: Backend) -> None:
+    s = store_backend.open()
+    s.upsert_node("n1", "h", 8, b"inv", "a", 1)
+    s.upsert_node("n1", "h", 8, b"inv", "a", 2)  # unchanged: nothing rewritten
+    assert s.inventory("n1") == b"inv"
+    s.upsert_node("n1", "h", 8, b"inv-2", "b", 3)
+    assert s.inventory("n1") == b"inv-2"
+    assert s.inventory("nope") is None
+    node = s.node("n1")
+    assert node is not None and (node.first_seen_ms, node.last_seen_ms) == (1, 3)
+
+
 def test_two_ib_ports_are_two_verdicts(store_backend: Backend) -> None:
     s = store_backend.open()
     s.upsert_node("n1", "h", 8, b"", "a", 1)

@@ -121,7 +121,7 @@ from gpufleet.scheduler.store import StoreError, open_store
               "docs/scaling.md). Default: a standby refuses agents")
 @repair_options
 @click.option("-v", "--verbose", count=True)
-def controller(
+def controller(  # noqa: PLR0915 - every option to its part, then the process's life, in order
     listen: str, db: str, slurm: str, slurm_rest_socket: str | None, slurm_rest_url: str | None,
     slurm_jwt_file: str | None, shadow: bool, resume_quiet_s: float,
     unreachable_after_s: float, reassert_s: float, drain_unreachable: bool,
@@ -141,7 +141,7 @@ def controller(
     from gpufleet.scheduler.access import audit
     from gpufleet.scheduler.access.tls import TlsConfigError, from_options
     from gpufleet.scheduler.health.policy import PolicyConfig
-    from gpufleet.scheduler.service.server import Controller
+    from gpufleet.scheduler.service.server import Controller, tune_gc
 
     setup_logging(verbose)
     if audit_log:
@@ -190,6 +190,7 @@ def controller(
         ctl.start()
     except OSError as e:
         raise click.ClickException(f"cannot listen on {listen}: {e}") from e
+    tune_gc()  # started: the young generation collected less often (docs/scaling.md)
     click.echo(
         f"gpufleet controller listening on {listen} ({'plaintext' if tls is None else 'mTLS'}), "
         f"store {db}{', shadow mode' if shadow or slurm == 'none' else ''}"

@@ -106,14 +106,23 @@ class SqlStore(AcctStoreMixin):
                 db.execute("UPDATE nodes SET health = 'ok', health_reason = '', "
                            "health_evidence = '', last_seq = 0 WHERE name = ?", (name,))
             db.execute(
-                """INSERT INTO nodes (name, hostname, gpu_count, inventory, agent_instance,
+                """INSERT INTO nodes (name, hostname, gpu_count, agent_instance,
                                       health, last_seq, first_seen_ms, last_seen_ms)
-                   VALUES (?, ?, ?, ?, ?, 'ok', 0, ?, ?)
+                   VALUES (?, ?, ?, ?, 'ok', 0, ?, ?)
                    ON CONFLICT(name) DO UPDATE SET
                      hostname=excluded.hostname, gpu_count=excluded.gpu_count,
-                     inventory=excluded.inventory, last_seen_ms=excluded.last_seen_ms,
+                     last_seen_ms=excluded.last_seen_ms,
                      agent_instance=excluded.agent_instance""",
-                (name, hostname, gpu_count, inventory, agent_instance, now_ms, now_ms),
+                (name, hostname, gpu_count, agent_instance, now_ms, now_ms),
+            )
+            # its own table (migration 11): the node's row stays narrow, so the last-seen
+            # touches and the liveness scan never copy or read the ~2.2 KB inventory; an
+            # agent reconnecting with the same inventory rewrites nothing
+            db.execute(
+                """INSERT INTO node_inventory (node, inventory) VALUES (?, ?)
+                   ON CONFLICT(node) DO UPDATE SET inventory=excluded.inventory
+                   WHERE node_inventory.inventory <> excluded.inventory""",
+                (name, inventory),
             )
 
     def last_seq(self, name: str) -> tuple[str, int]:
@@ -188,7 +197,8 @@ class SqlStore(AcctStoreMixin):
 
     def inventory(self, name: str) -> bytes | None:
         with self._read() as db:
-            r = db.execute("SELECT inventory FROM nodes WHERE name = ?", (name,)).fetchone()
+            r = db.execute("SELECT inventory FROM node_inventory WHERE node = ?",
+                           (name,)).fetchone()
         return bytes(r[0]) if r and r[0] is not None else None
 
     # ------------------------------------------------------------ verdicts
