@@ -4,6 +4,9 @@ Migration N is `MIGRATIONS[N-1]` on SQLite and `PG_MIGRATIONS[N-1]` on PostgreSQ
 always have the same length, and a store records the highest number applied in
 `schema_version`. Each migration runs in one transaction with the version bump, so a crash
 leaves the previous version intact. Never edit a released migration: append a new one.
+
+One module (~430 lines): the numbering is the order of this file, so every migration of both
+dialects stays in it; it only grows.
 """
 
 from __future__ import annotations
