@@ -141,7 +141,7 @@ def test_decide_pins_only_what_may_be_pinned() -> None:
 
 
 def test_ckpt_options_keep_the_users_own() -> None:
-    assert ckpt_options({}, "/ck") == {"requeue": "set", "signal": "B:USR1@300",
+    assert ckpt_options({}, "/ck") == {"requeue": "", "signal": "B:USR1@300",
                                        "comment": "gpufleet-ckpt"}
     got = ckpt_options({"no-requeue": "set", "signal": "B:USR2@60", "comment": "mine",
                         "export": "NONE"}, "/ck")

@@ -468,7 +468,9 @@ def ckpt_options(opts: Mapping[str, object], ckpt_dir: str) -> dict[str, str]:
     looks for (scheduler/recovery.py); the user's own settings win."""
     out: dict[str, str] = {}
     if "requeue" not in opts and "no-requeue" not in opts:
-        out["requeue"] = "set"
+        # the bare flag: 26.05's --requeue[=expedite] refuses any other value ("set", "1"),
+        # 22.05 and 24.11 ignore the value
+        out["requeue"] = ""
     if "signal" not in opts:
         out["signal"] = f"B:{CKPT_SIGNAL}@{CKPT_SIGNAL_BEFORE_END_S}"
     comment = str(opts.get("comment") or "").strip()
