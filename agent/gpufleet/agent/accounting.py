@@ -173,7 +173,7 @@ def parse_gpu_list(text: str, name: str = "SLURM_JOB_GPUS") -> tuple[str, ...]:
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        if part.isdigit():
+        if part.isascii() and part.isdigit():
             out.append(str(int(part)))
         elif re.fullmatch(r"[0-9]+-[0-9]+", part):
             lo, hi = (int(x) for x in part.split("-"))
@@ -205,7 +205,7 @@ def job_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     for var in RESTART_COUNT_VARS:
         restarts = env.get(var, "")
         if restarts:
-            if not restarts.isdigit() or len(restarts) > 9:
+            if not (restarts.isascii() and restarts.isdigit()) or len(restarts) > 9:
                 raise AccountingError(f"{var}={restarts[:80]!r}: not a restart count")
             out["restart_count"] = int(restarts)
             break
@@ -612,7 +612,7 @@ class Accountant:
     def _resolve(self, rec: HookRecord) -> tuple[int, ...]:
         out: list[int] = []
         for g in rec.gpus:
-            if g.isdigit():
+            if g.isascii() and g.isdigit():
                 out.append(int(g))
             elif g in self._uuid_to_index:
                 out.append(self._uuid_to_index[g])

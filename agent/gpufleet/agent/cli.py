@@ -385,7 +385,7 @@ HOOK_TIME_MAX_AGE_MS = 60_000  # an older stamp is not this hook's: use the cloc
 
 def _hook_time_ms(stamp: str | None) -> int:
     now = int(time.time() * 1000)
-    if stamp and stamp.isdigit() and 0 <= now - int(stamp) <= HOOK_TIME_MAX_AGE_MS:
+    if stamp and stamp.isdecimal() and 0 <= now - int(stamp) <= HOOK_TIME_MAX_AGE_MS:
         return int(stamp)
     return now
 

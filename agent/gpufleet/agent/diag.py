@@ -265,7 +265,7 @@ def parse_dcgmi(text: str, level: int) -> DiagReport:
                     ev += ": " + "; ".join(texts)
                 report.checks.append(Check(
                     f"dcgm:{name.lower().replace(' ', '_')}", status in ("pass", "warn"), ev,
-                    int(gpu) if isinstance(gpu, (int, str)) and str(gpu).isdigit() else None))
+                    int(gpu) if isinstance(gpu, (int, str)) and str(gpu).isdecimal() else None))
     if not report.checks:
         report.error = "dcgmi reported no test results"
     return report

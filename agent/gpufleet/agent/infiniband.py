@@ -131,7 +131,7 @@ def parse_counter(text: str) -> int | None:
     """Decimal counter; None for the kernel's 'N/A (no PMA)'."""
     if text.startswith("N/A"):
         return None
-    if not text.isdigit():  # also refuses '-1', '1e3', ' ' ...
+    if not (text.isascii() and text.isdigit()):  # also refuses '-1', '1e3', ' ' ...
         raise _Unparsable(f"not a decimal counter: {text!r}")
     return int(text)
 
@@ -219,7 +219,7 @@ class IbSysfs:
                 self._unreadable(str(ports_dir), e)
                 continue
             for name in names:
-                if not name.isdigit():
+                if not (name.isascii() and name.isdigit()):
                     continue
                 d = str(ports_dir / name)
                 found.append(_PortPaths(

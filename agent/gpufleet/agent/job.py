@@ -157,7 +157,7 @@ def signal_from_env() -> signal.Signals:
     """The signal named by $GPUFLEET_CKPT_SIGNAL (USR1, SIGUSR1 or a number; default SIGUSR1)."""
     raw = os.environ.get(ENV_CKPT_SIGNAL, "").strip() or DEFAULT_SIGNAL
     try:
-        if raw.isdigit():
+        if raw.isascii() and raw.isdigit():
             return signal.Signals(int(raw))
         name = raw.upper()
         return signal.Signals[name if name.startswith("SIG") else "SIG" + name]

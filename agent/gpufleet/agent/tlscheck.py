@@ -35,7 +35,7 @@ class Diagnosis:
 
 def split_host_port(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"controller {target!r}: not HOST:PORT")
     return host.strip("[]"), int(port)
 

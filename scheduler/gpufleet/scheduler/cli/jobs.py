@@ -62,7 +62,7 @@ def jobs_show(job_id: str, db: str, as_json: bool, controller: str | None,
               tls_ca: str | None, tls_cert: str | None, tls_key: str | None, insecure: bool,
               munge_socket: str | None) -> None:
     """One job's recoveries, step by step, and its last registered checkpoint."""
-    if not job_id.isdigit():
+    if not job_id.isdecimal():
         raise click.BadParameter(f"{job_id!r}: a Slurm job id is digits", param_hint="JOBID")
     with user_api(db, controller, tls_ca, tls_cert, tls_key, insecure, munge_socket) as api:
         job = ask(lambda: api.show_job(job_id))

@@ -148,7 +148,7 @@ def _flat_toml(text: str) -> dict[str, object]:
         word = value.split("#", 1)[0].strip()
         if word in {"true", "false"}:
             out[key] = word == "true"
-        elif word.isascii() and word.isdigit() and (word == "0" or word[0] != "0"):
+        elif word.isascii() and word.isdecimal() and (word == "0" or word[0] != "0"):
             out[key] = int(word)
         else:
             raise _Unexpected
@@ -314,11 +314,11 @@ def parse_time_min(text: str) -> int | None:
     days = 0
     if "-" in t:
         d, _, t = t.partition("-")
-        if not d.isdigit():
+        if not d.isdecimal():
             return None
         days = int(d)
     parts = t.split(":")
-    if not all(p.isdigit() for p in parts) or len(parts) > 3:
+    if not all(p.isdecimal() for p in parts) or len(parts) > 3:
         return None
     n = [int(p) for p in parts]
     if days:  # D-HH[:MM[:SS]]
@@ -335,7 +335,7 @@ def parse_time_min(text: str) -> int | None:
 
 def _count(text: str) -> int | None:
     last = text.rsplit(":", 1)[-1]
-    return int(last) if last.isdigit() else None
+    return int(last) if last.isdecimal() else None
 
 
 class Plan:
@@ -391,7 +391,7 @@ def plan_from_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0912 
     nodes = None
     if "nodes" in o:
         lo, _, hi = o["nodes"].partition("-")
-        if not lo.isdigit():
+        if not lo.isdecimal():
             return None
         nodes = int(lo)
         if hi and hi != lo:

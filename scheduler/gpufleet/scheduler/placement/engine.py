@@ -415,7 +415,7 @@ def _candidate_leaf_sets(groups: dict[str, list[str]], counts: dict[str, int], k
 
 def _natural(name: str) -> tuple[str | int, ...]:
     """n2 before n10, as Slurm lists nodes."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    return tuple(int(p) if p.isdecimal() else p for p in re.split(r"(\d+)", name))
 
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")

@@ -279,7 +279,7 @@ def place(address: str, request: PlaceRequest, credential: str, timeout_s: float
           tls: Tls | None) -> PlaceReply:
     """FleetUser.Place at HOST:PORT; plaintext when tls is None."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdecimal():
         raise PlaceCallError(f"controller {address!r}: expected HOST:PORT")
     host = host.strip("[]")
     deadline = time.monotonic() + timeout_s

@@ -182,7 +182,7 @@ class PyslurmClient:
             raise SlurmError(f"signal scope {scope!r}: use one of {', '.join(SIGNAL_SCOPES)}",
                              transient=False)
         jid, sig = int(check_job_id(job_id)), check_signal(signal)
-        if not sig.isdigit() and not sig.startswith("SIG"):
+        if not sig.isdecimal() and not sig.startswith("SIG"):
             sig = "SIG" + sig  # pyslurm looks names up in signal.Signals: SIGUSR1, not USR1
         self._call(f"signal job {job_id}", lambda: self._pyslurm.Job(jid).send_signal(
             sig, steps=_PYSLURM_STEPS[scope]))

@@ -300,4 +300,4 @@ def reconcile_jobs(slurm: Sequence[SacctJob], ledger: Sequence[UsageTotal],
 
 def _job_order(job_id: str) -> tuple[int, str]:
     head = job_id.split("_", 1)[0].split("+", 1)[0]
-    return (int(head) if head.isdigit() else 0, job_id)
+    return (int(head) if head.isdecimal() else 0, job_id)

@@ -90,7 +90,7 @@ def hostlist_size(text: str) -> int:
                 for part in group.split(","):
                     lo, _, hi = part.partition("-")
                     lo_s, hi_s = lo.split("/")[0].strip(), (hi or lo).split("/")[0].strip()
-                    if lo_s.isdigit() and hi_s.isdigit():
+                    if lo_s.isdecimal() and hi_s.isdecimal():
                         n += max(int(hi_s) - int(lo_s) + 1, 1)
                     else:
                         n += 1  # not a range: NodeSet says what is wrong with it
