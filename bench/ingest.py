@@ -104,8 +104,8 @@ class MessageMaker:
         self._sample_field = _field_bytes(11, sample)
 
     def heartbeat(self, seq: int, timestamp_ms: int) -> bytes:
-        # field 15 heartbeat { field 1 timestamp_ms }
-        return (b"\x08" + varint(seq) + self._instance_field
+        # field 15 heartbeat { field 1 timestamp_ms }; seq 0 (unsequenced) is not on the wire
+        return ((b"\x08" + varint(seq) if seq else b"") + self._instance_field
                 + _field_bytes(15, b"\x08" + varint(timestamp_ms)))
 
     def xid79(self, seq: int, timestamp_ms: int) -> bytes:
@@ -133,7 +133,8 @@ def _node_name(i: int) -> str:
 
 
 def serve_bare(ready_fd: int, _args: argparse.Namespace) -> None:
-    """A bare FleetController stream: parse each report, ack its seq. No store, no logic."""
+    """A bare FleetController stream: parse each report and ack what the protocol acks (every
+    report with a seq; an unsequenced heartbeat, seq 0, is never acked). No store, no logic."""
     import grpc
     from gpufleet.rpc.v1 import fleet_pb2 as pb
     from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
@@ -146,7 +147,8 @@ def serve_bare(ready_fd: int, _args: argparse.Namespace) -> None:
                 if first:  # hello: the controller does not ack it either
                     first = False
                     continue
-                yield pb.ControllerMessage(ack=pb.Ack(seq=msg.seq))
+                if msg.seq:  # an unsequenced heartbeat (seq 0) is never acked
+                    yield pb.ControllerMessage(ack=pb.Ack(seq=msg.seq))
 
     async def main() -> None:
         # the same gRPC server settings as the controller's (without them neither holds more
@@ -288,7 +290,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
         if n_done == hi - lo:
             all_up.set()
 
-    async def agent(i: int) -> None:  # noqa: PLR0915 - one agent's life, in order
+    async def agent(i: int) -> None:  # noqa: PLR0912, PLR0915 - one agent's life, in order
         nonlocal acked, sent
         maker = MessageMaker(_node_name(i), inventory, sample)
         # its own subchannel pool: its own TCP connection, like a real node
@@ -299,6 +301,11 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                                      request_serializer=ident, response_deserializer=ident)(
             wait_for_ready=True)
         window = args.window if mode == "saturated" else 1
+        # the agent's wire: heartbeats unsequenced (seq 0), never acked, as gpufleet-agent
+        # sends them; "seq": each one sequenced and acked (agents before that change). The
+        # saturated phase always sends sequenced ones: its window of acks bounds what is in
+        # flight, so the server's rate is measured, not the socket buffers'
+        live = args.wire == "live" and mode != "saturated"
         credit = asyncio.Semaphore(window)
         seq = 0
         counted = True
@@ -320,10 +327,11 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
 
             read_task = asyncio.create_task(reader())
             # the first report is acked before the clock starts: the stream is really up then
+            # (a real agent's first report is a sequenced sample, carrying every verdict)
             await credit.acquire()
             seq += 1
             last_write = time.time()
-            await call.write(maker.heartbeat(seq, int(last_write * 1000)))
+            await call.write(maker.report(seq, int(last_write * 1000)))
             await credit.acquire()
             credit.release()
             counted = False
@@ -334,6 +342,10 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                 try:
                     await asyncio.wait_for(go.wait(), timeout=args.heartbeat_s)
                 except TimeoutError:
+                    if live:
+                        last_write = time.time()
+                        await call.write(maker.heartbeat(0, int(last_write * 1000)))
+                        continue
                     await credit.acquire()
                     seq += 1
                     last_write = time.time()
@@ -374,6 +386,12 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                         await asyncio.sleep(wake - now)
                         continue
                     next_t += period
+                if live and mode == "steady":  # unsequenced: no ack to wait for
+                    last_write = time.time()
+                    await call.write(maker.heartbeat(0, int(last_write * 1000)))
+                    if t_start <= time.time() <= t_stop:
+                        sent += 1
+                    continue
                 await credit.acquire()
                 seq += 1
                 last_write = time.time()
@@ -426,11 +444,18 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+# what --kinds runs: (server, the agents' heartbeat wire); "-acked": sequenced heartbeats,
+# each acked (agents before heartbeats went unsequenced), to see what the acks cost
+KINDS = {"bare": ("bare", "live"), "controller": ("controller", "live"),
+         "bare-acked": ("bare", "seq"), "controller-acked": ("controller", "seq")}
+
+
 def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  # noqa: PLR0912, PLR0915 - one phase, in order
               workdir: Path) -> dict[str, Any]:
     r, w = os.pipe()
     db = workdir / f"{kind}-{mode}.db"
-    argv = [sys.executable, str(BENCH), "--role", f"serve-{kind}", "--ready-fd", str(w),
+    server_kind, wire = KINDS[kind]
+    argv = [sys.executable, str(BENCH), "--role", f"serve-{server_kind}", "--ready-fd", str(w),
             "--db", str(db), "--agents", str(args.agents),
             "--unreachable-after-s", str(args.unreachable_after_s)]
     if args.no_limits:
@@ -455,6 +480,7 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
                 [sys.executable, str(BENCH), "--role", "drive", "--target", f"127.0.0.1:{port}",
                  "--agents", str(args.agents), "--lo", str(lo), "--hi", str(hi),
                  "--mode", mode, "--seconds", str(seconds), "--window", str(args.window),
+                 "--wire", wire,
                  "--heartbeat-s", str(args.heartbeat_s), "--profile", args.profile,
                  "--faults-at", json.dumps([i for i in faulted if lo <= i < hi]),
                  "--silence-at", json.dumps([i for i in silent if lo <= i < hi])],
@@ -505,7 +531,7 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
         if gc0 and gc1:  # the controller's collector during the phase, per generation
             result["gc_s"] = [b - a for a, b in zip(gc0[0], gc1[0], strict=True)]
             result["gc_n"] = [b - a for a, b in zip(gc0[1], gc1[1], strict=True)]
-        if kind == "controller" and (faulted or silent):
+        if server_kind == "controller" and (faulted or silent):
             result.update(_detections(db, result, args, t_start, t_stop))
         return result
     finally:
@@ -575,6 +601,7 @@ def run_multi(args: argparse.Namespace, seconds: float) -> dict[str, Any]:  # no
                          f"127.0.0.1:{ports[j]}", "--agents", str(args.agents), "--lo", str(lo),
                          "--hi", str(hi), "--mode", "steady", "--seconds", str(seconds),
                          "--window", "1", "--heartbeat-s", str(args.heartbeat_s),
+                         "--wire", "live",
                          "--profile", args.profile,
                          "--faults-at", json.dumps([i for i in faulted if lo <= i < hi]),
                          "--silence-at", json.dumps([i for i in silent if lo <= i < hi])],
@@ -613,7 +640,7 @@ def run_multi(args: argparse.Namespace, seconds: float) -> dict[str, Any]:  # no
                 if d.returncode != 0:
                     raise RuntimeError(f"multi: a driver failed (exit {d.returncode})")
                 res = json.loads(out.strip().splitlines()[-1])
-                acked[j] += res["acked"]
+                acked[j] += res["sent"]  # heartbeats are not acked: the ones sent
                 driver_cpu += res["driver_cpu_s"]
                 for key in ("fault_sent", "silenced", "last_report"):
                     result[key].update(res[key])
@@ -758,9 +785,12 @@ def _detections(db: Path, result: dict[str, Any], args: argparse.Namespace,
                 if n not in result["silenced"] and t < t_start)}
 
 
-def summarise(res: dict[str, Any]) -> dict[str, Any]:
-    rate = res["acked"] / res["wall_s"]
-    cpu_us = res["server_cpu_s"] * 1e6 / max(1, res["acked"])
+def summarise(res: dict[str, Any], mode: str) -> dict[str, Any]:
+    # reports the server took in: acked ones in the saturated phase (its window bounds what
+    # is in flight); at steady state the ones sent (unsequenced heartbeats get no ack)
+    n = res["acked"] if mode == "saturated" else res["sent"]
+    rate = n / res["wall_s"]
+    cpu_us = res["server_cpu_s"] * 1e6 / max(1, n)
     out = {"reports_per_s": rate, "cpu_us_per_report": cpu_us,
            "core_pct": 100.0 * res["server_cpu_s"] / res["server_wall_s"],
            "driver_core_pct": 100.0 * res["driver_cpu_s"] / res["wall_s"],
@@ -800,6 +830,10 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
                     help="LABELLED: the controller without limits.check (what the rest costs)")
     ap.add_argument("--only", choices=("bare", "controller"),
                     help="run one server only (profiling; prints no efficiency ratio)")
+    ap.add_argument("--kinds", default="bare,controller",
+                    help="servers to run, in order, of " + ", ".join(KINDS) + " (-acked: "
+                         "agents send each heartbeat sequenced and wait for its ack, the wire "
+                         "before heartbeats went unsequenced)")
     ap.add_argument("--processes", type=int, default=1,
                     help="controller processes on one PostgreSQL store (with --store postgres): "
                          "the first leads, the others only ingest; agents split evenly")
@@ -814,11 +848,16 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--times", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="steady", help=argparse.SUPPRESS)
+    ap.add_argument("--wire", default="live", help=argparse.SUPPRESS)
     ap.add_argument("--lo", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--hi", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--faults-at", default="", help=argparse.SUPPRESS)
     ap.add_argument("--silence-at", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    kinds = [args.only] if args.only else [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        sys.exit(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
     # one connection per agent, like the real thing: thousands of sockets on each side
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -877,9 +916,9 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
     print(header, flush=True)
     with tempfile.TemporaryDirectory(prefix="gf-bench-ingest-") as tmp:
         for mode, seconds in phases:
-            for kind in (args.only,) if args.only else ("bare", "controller"):
+            for kind in kinds:
                 figures[f"{kind}/{mode}"] = summarise(run_phase(kind, mode, args, seconds,
-                                                                Path(tmp)))
+                                                                Path(tmp)), mode)
                 row(f"{kind}/{mode}", figures[f"{kind}/{mode}"])
     print(header)
     for key, f in figures.items():
@@ -892,7 +931,16 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
             print(f"{key}: garbage collector {100 * sum(f['gc_s']) / f.get('wall_s', 1):.1f} % "
                   f"of the phase (seconds per generation {[round(x, 2) for x in f['gc_s']]}, "
                   f"collections {f['gc_n']})")
-    for mode, _ in phases if not args.only else ():
+    for mode, _ in phases:
+        for server in ("bare", "controller"):  # what acking every heartbeat costs
+            one, acked = figures.get(f"{server}/{mode}"), figures.get(f"{server}-acked/{mode}")
+            if one and acked and mode == "steady":
+                us, us_acked = one["cpu_us_per_report"], acked["cpu_us_per_report"]
+                print(f"{server}/{mode}: CPU us per report {us:.1f} with unacked heartbeats, "
+                      f"{us_acked:.1f} with every one acked: the ack is "
+                      f"{100 * (1 - us / us_acked):.0f} % of the acked cost")
+        if f"bare/{mode}" not in figures or f"controller/{mode}" not in figures:
+            continue
         bare, ctl = figures[f"bare/{mode}"], figures[f"controller/{mode}"]
         cpu_ratio = bare["cpu_us_per_report"] / ctl["cpu_us_per_report"]
         print(f"{mode}: per-report CPU efficiency (bare us / controller us) = "

@@ -1007,6 +1007,12 @@ class Heartbeat(_message.Message):
     The steady state on the wire: "this agent is alive and nothing it reports changed". Sent
     every heartbeat_interval_s when no sample with a changed verdict went out; the per-second
     series stay on the node for Prometheus to scrape.
+
+    A heartbeat is a sign of life *now*: the agent sends it unsequenced (AgentMessage.seq 0),
+    straight onto the stream when one is up and not at all when none is; it is never spooled
+    nor resent after a reconnect, and the controller never acks it (no write back per
+    heartbeat). A dead controller is seen by gRPC keepalive, not by a missing ack. A heartbeat
+    with a seq (agents before this rule) is still stored and acked like any report.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1057,7 +1063,8 @@ Global___Hello: _TypeAlias = Hello  # noqa: Y015
 class AgentMessage(_message.Message):
     """Every report carries a sequence number, strictly increasing per agent boot
     (agent_instance); the controller acks the highest it has durably stored and
-    ignores a replayed one.
+    ignores a replayed one. The one exception: a heartbeat with seq 0 (see Heartbeat) is
+    unsequenced, never acked, and does not move the node's stored sequence.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

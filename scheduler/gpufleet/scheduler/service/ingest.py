@@ -125,13 +125,23 @@ class Ingestor:
         return name
 
     def handle(self, node: str, msg: pb.AgentMessage) -> int:  # noqa: PLR0912 - one flat branch per report kind reads best
-        """Apply one report; return the sequence number to acknowledge."""
+        """Apply one report; return the sequence number to acknowledge (0 for an
+        unsequenced heartbeat: nothing to acknowledge)."""
         body = msg.WhichOneof("body")
         state = self._nodes.get(node)
         if state is None:  # not through hello() (tests driving ingest directly)
             state = self._nodes[node] = _NodeSeq(*self.store.last_seq(node))
         if msg.agent_instance != state.instance:
             raise IngestError("agent_instance changed within a stream")
+        if msg.seq == 0 and body == "heartbeat":
+            # unsequenced (fleet.proto Heartbeat): a sign of life now, nothing to ack; the
+            # stored sequence stays where it is
+            state.seen_ms, state.dirty = now_ms(), True
+            self._dirty.add(node)
+            self._counted(body, msg.heartbeat.timestamp_ms)
+            if time.monotonic() >= self._next_flush:
+                self.flush_in_background()
+            return 0
         if msg.seq <= state.last_seq:
             self.counters.duplicates += 1
             if self.metrics is not None:

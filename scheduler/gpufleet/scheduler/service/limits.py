@@ -82,7 +82,8 @@ def check(msg: Message, now_ms: int | None = None) -> None:
         raise LimitError(f"{name}{e.path}{e.problem}") from None
     if name == "AgentMessage" and msg.seq == 0:  # type: ignore[attr-defined]
         body = msg.WhichOneof("body")
-        if body is not None and body != "hello":
+        # hello, and a heartbeat (unsequenced: fleet.proto Heartbeat), carry none
+        if body is not None and body not in ("hello", "heartbeat"):
             raise LimitError(f"{name}.seq=0: a report's sequence number starts at 1")
 
 

@@ -1,7 +1,9 @@
 """The repair loop's doors to the agents' streams and to Alertmanager.
 
-`AgentCommands` holds, per node, the commands waiting for that node's stream; the servicer
-sends them after its next ack (so within one report interval). It converts between the
+`AgentCommands` holds, per node, the commands waiting for that node's stream; `send` wakes
+the node's stream (its `wake` callback, thread-safe: the repair loop runs in its own thread),
+which takes and writes them at once: a node whose agent only heartbeats (never acked) gets
+no other write to ride on. It converts between the
 repair domain's types and the wire's, so the repair package never sees protobuf.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.observability.alerting import Alert, AlertSender
@@ -29,15 +32,26 @@ class AgentCommands:
         self._lock = threading.Lock()
         self._pending: dict[str, deque[pb.Command]] = {}
         self._streams: dict[str, int] = {}  # node -> open streams
+        self._wakers: dict[str, list[Callable[[], None]]] = {}  # node -> its streams' wakes
 
     # the servicer's side
-    def connected(self, node: str, up: bool) -> None:
+    def connected(self, node: str, up: bool, wake: Callable[[], None] | None = None) -> None:
+        """A stream of `node` opened (up) or closed; `wake` (the same callable both times):
+        called, from any thread, when a command for `node` is queued."""
         with self._lock:
             n = self._streams.get(node, 0) + (1 if up else -1)
             if n > 0:
                 self._streams[node] = n
             else:
                 self._streams.pop(node, None)
+            if wake is not None:
+                wakers = self._wakers.setdefault(node, [])
+                if up:
+                    wakers.append(wake)
+                elif wake in wakers:
+                    wakers.remove(wake)
+                if not wakers:
+                    self._wakers.pop(node, None)
 
     def take(self, node: str) -> list[pb.Command]:
         with self._lock:
@@ -56,6 +70,9 @@ class AgentCommands:
             self._pending.setdefault(cmd.node, deque()).append(pb.Command(
                 kind=_KINDS[cmd.kind], request_id=cmd.request_id, gpu_indices=cmd.gpus,
                 diag_level=cmd.level))
+            wakers = list(self._wakers.get(cmd.node, ()))
+        for wake in wakers:  # outside the lock: a waker may take() at once
+            wake()
         return True
 
     def boot_id(self, node: str) -> str | None:

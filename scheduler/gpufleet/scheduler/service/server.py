@@ -158,13 +158,45 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
 
     async def Connect(  # noqa: PLR0912, PLR0915 - one stream's life (hello, reports, refusals) reads best in one place
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ControllerMessage]:
+    ) -> None:
         # A report that fails validation is acked with a reason (Ack.rejected) and its seq
         # consumed: the stream goes on and the agent does not resend it. What makes the
         # stream itself untrustworthy still ends it: a bad hello, a second hello, a change
-        # of agent_instance, a report naming another node.
+        # of agent_instance, a report naming another node. An unsequenced heartbeat (seq 0,
+        # fleet.proto Heartbeat) is never acked.
+        #
+        # Writes go through context.write, from this reader and from the command pump (a
+        # repair command goes out the moment it is queued, not after the node's next ack:
+        # a node that only heartbeats gets none); one write at a time on a call.
         node = None
         instance = ""
+        writing = asyncio.Lock()
+        wake_up = asyncio.Event()
+        wake_up.set()  # commands queued before this stream: send them once it is up
+        loop = asyncio.get_running_loop()
+        pump: asyncio.Task[None] | None = None
+
+        def wake() -> None:  # AgentCommands.send, from the repair loop's thread
+            loop.call_soon_threadsafe(wake_up.set)
+
+        async def write(reply: pb.ControllerMessage) -> None:
+            async with writing:
+                await context.write(reply)
+
+        async def send_commands(node: str, commands: AgentCommands) -> None:
+            try:
+                while True:
+                    await wake_up.wait()
+                    wake_up.clear()
+                    for cmd in commands.take(node):
+                        await write(pb.ControllerMessage(command=cmd))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the call ended under the write (gRPC raises several kinds); the reader ends the stream
+                log.info("command to %s not sent: the stream ended (%s)", node, e)
+
+        def unsequenced(msg: pb.AgentMessage) -> bool:
+            return msg.seq == 0 and msg.WhichOneof("body") == "heartbeat"
         if not self.active():
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "standby controller: another controller is active")
@@ -198,34 +230,36 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
             async for msg in request_iterator:
                 try:
                     if node is None:
-                        loop = asyncio.get_running_loop()
                         await loop.run_in_executor(self._hellos, limits.check, msg)
                         await self._check_claim(context, msg, cert_names)
                         node = await loop.run_in_executor(self._hellos, self.ingest.hello, msg)
                         self.store_state(True)
                         instance = msg.agent_instance
                         if self.commands is not None:
-                            self.commands.connected(node, True)
+                            self.commands.connected(node, True, wake)
+                            pump = asyncio.create_task(send_commands(node, self.commands))
                         if self.metrics is not None:
                             self.metrics.agent_connected()
                         continue
                     violation = stream_violation(msg, node)
                     if violation is not None:
                         raise violation
-                    ack: pb.Ack
+                    ack: pb.Ack | None
                     try:
                         limits.check(msg)
-                        ack = pb.Ack(seq=self.ingest.handle(node, msg))
+                        seq = self.ingest.handle(node, msg)
+                        ack = None if unsequenced(msg) else pb.Ack(seq=seq)
                         if msg.WhichOneof("body") != "sample" or msg.sample.verdicts:
                             self.store_state(True)  # a plain sample may not have written
                     except (IngestError, limits.LimitError) as e:
-                        ack = reject(msg, node, e)
+                        ack = None if unsequenced(msg) else reject(msg, node, e)
                     except (ArithmeticError, TypeError, ValueError) as e:
                         # a check missed it and the store refused a value (OverflowError): a
                         # bug, logged as one, but the report is refused, not the node's queue
                         log.exception("report %d from %s failed a check it should have "
                                       "passed or failed earlier", msg.seq, node)
-                        ack = reject(msg, node, ValueError(f"unstorable report: {e}"))
+                        ack = None if unsequenced(msg) else reject(
+                            msg, node, ValueError(f"unstorable report: {e}"))
                 except (IngestError, limits.LimitError) as e:
                     if self.metrics is not None:
                         self.metrics.ingest_error("invalid")
@@ -237,10 +271,8 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                     log.error("store failed on a report from %s: %s", node, e)
                     self.store_state(False)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "controller store failed")
-                yield pb.ControllerMessage(ack=ack)
-                if self.commands is not None and node is not None:
-                    for cmd in self.commands.take(node):
-                        yield pb.ControllerMessage(command=cmd)
+                if ack is not None:
+                    await write(pb.ControllerMessage(ack=ack))
         except DecodeError as e:
             # bytes that are no AgentMessage (a port scanner, another protocol, corruption):
             # nothing of the stream can be trusted; one line, not a traceback
@@ -252,8 +284,10 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                                 f"not a gpufleet.v1.AgentMessage: {e}")
         finally:
             self.streams -= 1
+            if pump is not None:
+                pump.cancel()
             if node is not None and self.commands is not None:
-                self.commands.connected(node, False)
+                self.commands.connected(node, False, wake)
             if node is not None:
                 if self.metrics is not None:
                     self.metrics.agent_disconnected()
