@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from gpufleet.agent.client import Heartbeats, StreamClient
+from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 from gpufleet.scheduler.health.actions import ActionQueue
@@ -150,3 +152,40 @@ def test_a_command_reaches_a_silent_agent_without_a_report(served: Served) -> No
 
 def test_a_command_for_a_node_without_a_stream_is_refused(served: Served) -> None:
     assert not served.commands.send(AgentCommand("n9", "reset_gpu", "req-2", gpus=(1,)))
+
+
+def test_the_agent_sends_heartbeats_only_on_a_live_stream_and_never_queues_them(
+        served: Served) -> None:
+    """The agent's own StreamClient: a heartbeat from before the stream is dropped; on the
+    stream it is taken in, unacked, and the outbox never holds one. The stream counts as up
+    (the controller's headers) though nothing was ever acked."""
+    outbox = Outbox(uuid.uuid4().hex)
+    beats = Heartbeats(outbox.wake)
+    # no stream yet: stale once one is up
+    beats.put(pb.Heartbeat(timestamp_ms=int(time.time() * 1000) - 1000))
+    client = StreamClient(f"127.0.0.1:{served.port}", outbox, lambda: hello("n1").hello,
+                          backoff_initial_s=0.05, heartbeats=beats)
+    stop = threading.Event()
+    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert client.connected.wait(10)
+        assert client.connects == 1
+        now = int(time.time() * 1000)
+        beats.put(pb.Heartbeat(timestamp_ms=now))
+        deadline = time.monotonic() + 10
+        while served.ingest.counters.reports < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert outbox.stats().pending_messages == 0  # never queued
+        assert outbox.acked_seq == 0  # nothing sequenced went out, nothing was acked
+        # a sequenced sample behind it: once acked, everything before it on the stream was
+        # taken in: the fresh heartbeat and the sample, not the stale heartbeat
+        seq = outbox.put_sample(pb.NodeSample(timestamp_ms=now))
+        deadline = time.monotonic() + 10
+        while outbox.acked_seq < seq and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert outbox.acked_seq == seq
+        assert served.ingest.counters.reports == 2
+    finally:
+        stop.set()
+        thread.join(10)

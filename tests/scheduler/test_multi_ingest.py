@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from gpufleet.agent.client import StreamClient
+from gpufleet.agent.client import Heartbeats, StreamClient
 from gpufleet.agent.outbox import Outbox
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.health.policy import PolicyConfig
@@ -44,8 +44,10 @@ class Agent:
     def __init__(self, node: str, targets: str) -> None:
         self.node = node
         self.outbox = Outbox(uuid.uuid4().hex)
+        self.heartbeats = Heartbeats(self.outbox.wake)
         self.client = StreamClient(targets, self.outbox, lambda: hello(node).hello,
-                                   backoff_initial_s=0.05, backoff_max_s=0.5)
+                                   backoff_initial_s=0.05, backoff_max_s=0.5,
+                                   heartbeats=self.heartbeats)
         self.stop = threading.Event()
         self.quiet = threading.Event()  # set: no more heartbeats (the node goes silent)
         self._threads = [threading.Thread(target=self.client.run, args=(self.stop,),
@@ -57,7 +59,7 @@ class Agent:
     def _beat(self) -> None:
         while not self.stop.wait(0.1):
             if not self.quiet.is_set():
-                self.outbox.put_heartbeat(pb.Heartbeat(timestamp_ms=int(time.time() * 1000)))
+                self.heartbeats.put(pb.Heartbeat(timestamp_ms=int(time.time() * 1000)))
 
     def xid79(self) -> int:
         now = int(time.time() * 1000)
@@ -121,7 +123,9 @@ def test_fault_at_the_non_leader_is_drained_once_by_the_leader(dsn: str) -> None
         assert not other.active  # one leader: the other only ingests
         # the non-leader listed first: the agents stay there
         agents = [Agent(n, f"127.0.0.1:{other.port},127.0.0.1:{leader.port}") for n in NODES]
-        wait_for(lambda: all(a.outbox.acked_seq >= 2 for a in agents), 20, "acks")
+        # streams up (the controller's headers) and heartbeats taken in (they are not acked)
+        wait_for(lambda: all(a.client.connected.is_set() for a in agents)
+                 and other.ingest.counters.reports >= 2 * len(agents), 20, "heartbeats")
         assert {a.client.target for a in agents} == {f"127.0.0.1:{other.port}"}
         assert {n.name for n in s1.nodes()} == set(NODES)  # hellos stored, seen by both
 
@@ -170,7 +174,8 @@ def test_new_leader_resumes_what_the_old_one_drained(dsn: str) -> None:
         wait_for(lambda: leader.active, 10, "the first controller to lead")
         other.start(elect_wait_s=0.5)
         agent = Agent("n1", f"127.0.0.1:{other.port}")
-        wait_for(lambda: agent is not None and agent.outbox.acked_seq >= 1, 20, "acks")
+        wait_for(lambda: agent.client.connected.is_set()
+                 and other.ingest.counters.reports >= 1, 20, "a heartbeat")
         agent.xid79()
         wait_for(lambda: slurm.state["n1"][0] == "IDLE+DRAIN", 10, "the leader to drain n1")
         wait_for(lambda: any(a.status == "done" for a in s2.actions("n1")), 10, "drain done")
@@ -226,7 +231,8 @@ def test_leader_killed_the_other_takes_over_and_still_drains(dsn: str, tmp_path:
         other.start(elect_wait_s=0.5)
         assert not other.active
         agents = [Agent(n, f"127.0.0.1:{other.port},127.0.0.1:{port}") for n in NODES]
-        wait_for(lambda: all(a.outbox.acked_seq >= 1 for a in agents), 20, "acks")
+        wait_for(lambda: all(a.client.connected.is_set() for a in agents)
+                 and other.ingest.counters.reports >= len(agents), 20, "heartbeats")
 
         agents[0].xid79()  # at the non-leader: the process leader records its (shadow) drain
         wait_for(lambda: any(a.node == "n1" and a.action == "drain"

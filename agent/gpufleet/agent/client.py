@@ -14,10 +14,15 @@ Reports an earlier agent process left in the spool go first, on a stream whose h
 that process's agent_instance (gpufleet.agent.outbox says why); once all of them are acked
 the stream is closed and the next one speaks as this process. A report the controller
 rejects (`Ack.rejected`) goes to the outbox's dead-letter file and is never resent.
+
+Heartbeats skip the outbox (fleet.proto Heartbeat): unsequenced, sent on the stream when one
+is up for this process, dropped when none is, never acked. So no ack tells this side that the
+controller is gone: gRPC keepalive (below) does, and the controller allows its pings.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -33,13 +38,39 @@ from gpufleet.rpc.v1 import fleet_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# initial metadata the controller sends once it took the hello: the stream is up, even when
+# nothing is acked for a while (heartbeats are not); a refusal (trailers only) carries none.
+# The same key as gpufleet.scheduler.service.server's (the two sides share only the wire).
+STREAM_ACCEPTED_KEY = "gpufleet-stream"
 
 
 class TlsFileError(Exception):
     """A TLS file cannot be read; the message names it."""
 
 
-__all__ = ["ClientTls", "StreamClient", "TlsFileError", "credentials", "split_targets"]
+__all__ = ["ClientTls", "Heartbeats", "StreamClient", "TlsFileError", "credentials",
+           "split_targets"]
+
+
+class Heartbeats:
+    """The newest heartbeat on its way to the stream: one slot, a newer one replaces one not
+    yet sent, and a stream that (re)starts drops what is there (a heartbeat from before it
+    says nothing about now). `wake`: tells the stream's sender to look (Outbox.wake)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._beat: pb.Heartbeat | None = None
+
+    def put(self, beat: pb.Heartbeat) -> None:
+        with self._lock:
+            self._beat = beat
+        self._wake()
+
+    def take(self) -> pb.Heartbeat | None:
+        with self._lock:
+            beat, self._beat = self._beat, None
+        return beat
 
 
 def credentials(tls: ClientTls) -> grpc.ChannelCredentials:
@@ -65,6 +96,11 @@ def split_targets(controller: str) -> list[str]:
     return [t.strip() for t in controller.split(",") if t.strip()]
 
 
+def _accepted(call: grpc.Call) -> bool:
+    """Whether the controller's headers say it took the hello (STREAM_ACCEPTED_KEY)."""
+    return any(key == STREAM_ACCEPTED_KEY for key, _ in call.initial_metadata() or ())
+
+
 class StreamClient:
     def __init__(
         self,
@@ -75,8 +111,10 @@ class StreamClient:
         backoff_max_s: float = 30.0,
         tls: ClientTls | None = None,
         on_command: Callable[[pb.Command], None] | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.on_command = on_command  # the controller's commands (repair); None: ignored
+        self.heartbeats = heartbeats  # sent unsequenced, outside the outbox; None: none
         self.targets = split_targets(target)
         if not self.targets:
             raise ValueError(f"controller {target!r}: no address")
@@ -134,7 +172,9 @@ class StreamClient:
             try:
                 stub = pb_grpc.FleetControllerStub(channel)
                 call = stub.Connect(self._requests(stop, instance))
-                for reply in call:
+                # up once the controller accepted the hello (its headers say so), or at the
+                # first reply (a controller that sends no such header)
+                for reply in itertools.chain([None] if _accepted(call) else [], call):
                     if not self.connected.is_set():
                         self.connected.set()
                         self.connects += 1
@@ -171,7 +211,9 @@ class StreamClient:
             stop.wait(random.uniform(0, backoff))  # noqa: S311 - not crypto
             backoff = min(backoff * 2, self.backoff_max_s)
 
-    def _on_reply(self, reply: pb.ControllerMessage, instance: str) -> None:
+    def _on_reply(self, reply: pb.ControllerMessage | None, instance: str) -> None:
+        if reply is None:  # the stream came up (_accepted): nothing to take
+            return
         if reply.HasField("ack"):
             # rejected first: the outbox still holds them, for the dead-letter file
             for rejected in reply.ack.rejected:
@@ -185,8 +227,17 @@ class StreamClient:
         hello = self.hello()
         cursor = self.outbox.acked_seq_for(instance)
         hello.last_acked_seq = cursor
+        # this process's heartbeats go only on its own stream (not on an earlier process's
+        # replay), and one from before this stream is stale
+        beats = self.heartbeats if instance == self.outbox.agent_instance else None
+        if self.heartbeats is not None:
+            self.heartbeats.take()
         yield pb.AgentMessage(seq=0, agent_instance=instance, hello=hello)
         while not stop.is_set():
+            beat = beats.take() if beats is not None else None
+            if beat is not None:
+                yield pb.AgentMessage(agent_instance=instance, heartbeat=beat)  # seq 0
+                continue
             msg = self.outbox.next_after(cursor, timeout_s=0.5, instance=instance)
             if msg is not None:
                 cursor = msg.seq

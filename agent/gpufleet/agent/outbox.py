@@ -63,7 +63,9 @@ DEFAULT_DISK_RETRY_S = 10.0
 DEAD_LETTER_MAX_BYTES = 1024 * 1024  # then rotated once to rejected.jsonl.1
 # payloads of spooled reports also kept in memory, so a connected agent never reads its spool
 _CACHE_MAX_BYTES = 4 * 1024 * 1024
-# worthless once newer ones exist: written without fsync, and the first dropped for space
+# worthless once newer ones exist: written without fsync, and the first dropped for space.
+# Heartbeats are no longer queued here (unsequenced, sent only on a live stream: client.py
+# Heartbeats), but a spool an older agent left may still hold some
 DROPPABLE_KINDS = frozenset({"sample", "heartbeat"})
 
 
@@ -226,9 +228,6 @@ class Outbox:
 
     def put_sample(self, sample: pb.NodeSample) -> int:
         return self._put(pb.AgentMessage(sample=sample))
-
-    def put_heartbeat(self, heartbeat: pb.Heartbeat) -> int:
-        return self._put(pb.AgentMessage(heartbeat=heartbeat))
 
     def put_event(self, event: pb.HealthEvent) -> int:
         return self._put(pb.AgentMessage(event=event))
@@ -578,6 +577,12 @@ class Outbox:
             self._gone_in_list = 0
 
     # ------------------------------------------------------------ state
+
+    def wake(self) -> None:
+        """Wake a next_after() waiting now: the stream has something else to send (a
+        heartbeat, which never enters the outbox)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def wait_empty(self, timeout_s: float) -> bool:
         with self._cond:

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 from gpufleet.agent import __version__, wire
 from gpufleet.agent.accounting import Accountant
-from gpufleet.agent.client import StreamClient
+from gpufleet.agent.client import Heartbeats, StreamClient
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.health import HealthState, Severity, Verdict
 from gpufleet.agent.infiniband import IbSysfs
@@ -82,6 +82,8 @@ class Agent:
             dead_letter_path=cfg.dead_letter_path(),
         )
         self.metrics.spool_stats = self.outbox.stats
+        # unsequenced, never spooled: sent only while the stream is up (client.py)
+        self.heartbeats = Heartbeats(self.outbox.wake)
         self.stop = threading.Event()
         self.cycles = 0
         self._bus_ids: dict[int, str] = {}
@@ -351,7 +353,7 @@ class Agent:
             return "sample"
         # half a cycle of slack: the loop's pacing jitters by a few ms
         if now - self._last_report_mono >= hb - self.cfg.interval_s / 2:
-            self.outbox.put_heartbeat(wire.heartbeat(sample.timestamp_ms))
+            self.heartbeats.put(wire.heartbeat(sample.timestamp_ms))
             self._last_report_mono = now
             return "heartbeat"
         return ""
@@ -384,7 +386,8 @@ class Agent:
         commands.start()
         client = StreamClient(self.cfg.controller, self.outbox, self.hello,
                               tls=self.cfg.client_tls(),
-                              on_command=wire.on_command(commands.submit))
+                              on_command=wire.on_command(commands.submit),
+                              heartbeats=self.heartbeats)
         threads = [threading.Thread(target=client.run, args=(self.stop,), name="stream",
                                     daemon=True)]
         if not once:

@@ -111,6 +111,8 @@ def tune_gc(gen0_threshold: int = GC_GEN0_THRESHOLD) -> None:
     gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
+# sent as initial metadata once a stream's hello is taken (the agent's client.py: same key)
+STREAM_ACCEPTED_KEY = "gpufleet-stream"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FleetController"].full_name
 USER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FleetUser"].full_name
 
@@ -156,7 +158,9 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                 f"certificate is for {sorted(cert_names) or 'no DNS name'}, "
                 f"not node {claimed!r}", claimed, cert_names)
 
-    async def Connect(  # noqa: PLR0912, PLR0915 - one stream's life (hello, reports, refusals) reads best in one place
+    # the generated stub types a streaming reply as a returned iterator; grpc.aio also takes
+    # a coroutine that writes with context.write, which this one does (commands at any time)
+    async def Connect(  # type: ignore[override]  # noqa: PLR0912, PLR0915 - one stream's life (hello, reports, refusals) reads best in one place
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> None:
         # A report that fails validation is acked with a reason (Ack.rejected) and its seq
@@ -235,6 +239,9 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
                         node = await loop.run_in_executor(self._hellos, self.ingest.hello, msg)
                         self.store_state(True)
                         instance = msg.agent_instance
+                        # the agent sees its stream is up by these headers: heartbeats are
+                        # not acked, so it may get no message for a long time
+                        await context.send_initial_metadata(((STREAM_ACCEPTED_KEY, "1"),))
                         if self.commands is not None:
                             self.commands.connected(node, True, wake)
                             pump = asyncio.create_task(send_commands(node, self.commands))
