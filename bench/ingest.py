@@ -2,20 +2,24 @@
 
 Prints, for the real controller (gpufleet.scheduler.service.server over loopback gRPC, SQLite store,
 the default health policy acting on an in-memory Slurm) and for a bare gRPC bidirectional
-stream that only parses each report and acks it (same proto, same messages, same drivers), in
-the same run:
+stream that only parses each report and acks what the protocol acks (same proto, same
+messages, same drivers), in the same run:
 
 - steady: N agents, each sending what a real agent sends at steady state: a heartbeat every
-  --heartbeat-s (the agent's default 5 s), spread over the interval, for --seconds;
+  --heartbeat-s (the agent's default 5 s), spread over the interval, for --seconds; the
+  heartbeat unsequenced (seq 0) and never acked, as gpufleet-agent sends it (fleet.proto
+  Heartbeat); `--kinds bare-acked,controller-acked` run the wire before that (each heartbeat
+  sequenced, acked, the agent waiting for the ack), so one run shows what the acks cost;
 - samples: (--samples-seconds > 0) the old wire: one 8-GPU sample per agent per second;
-- saturated: the same N streams, each keeping --window heartbeats in flight, for
-  --saturate-seconds: the sustained reports/s, and CPU-us per report.
+- saturated: the same N streams, each keeping --window sequenced heartbeats in flight (their
+  acks bound what is in flight), for --saturate-seconds: the sustained reports/s, and CPU-us
+  per report.
 
-For each: reports/s acked, server CPU-us per report, % of one core, RSS; the per-report
-efficiency controller/bare (bare us / controller us: target >= 50 %). While the steady phase
-runs the controller also gets --faults Xid 79 events (fault -> drain in the in-memory Slurm,
-p50/p99) and --silence agents stop (liveness: silent -> marked unreachable, with
---unreachable-after-s).
+For each: reports/s (sent at steady state, acked when saturated), server CPU-us per report,
+% of one core, RSS; the per-report efficiency controller/bare (bare us / controller us:
+target >= 50 %). While the steady phase runs the controller also gets --faults Xid 79
+events (fault -> drain in the in-memory Slurm, p50/p99) and --silence agents stop (liveness:
+silent -> marked unreachable, with --unreachable-after-s).
 
 Every agent has its OWN TCP connection (`grpc.use_local_subchannel_pool`: gRPC otherwise puts
 every channel to one target on one shared connection), and the agents are spread over
@@ -281,7 +285,8 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
     silenced: dict[str, float] = {}
     last_report: dict[str, float] = {}  # of the silenced agents, before they died
     channels: list[grpc.aio.Channel] = []
-    # write -> ack of the heartbeats sent while the agents connect (the connect storm)
+    # write -> ack of the sequenced reports sent while the agents connect (the connect storm:
+    # each agent's first report; every heartbeat too with --kinds ...-acked)
     connect_ack_s: list[float] = []
 
     def up() -> None:
@@ -924,8 +929,8 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
     for key, f in figures.items():
         row(key, f)
     for key, f in figures.items():
-        if f["connect_ack_max_s"] > 0:  # only sequenced heartbeats are acked
-            print(f"{key}: heartbeat write -> ack while the agents connected: p99 "
+        if f["connect_ack_max_s"] > 0:  # only sequenced reports are acked
+            print(f"{key}: report write -> ack while the agents connected: p99 "
                   f"{f['connect_ack_p99_s']:.2f} s, max {f['connect_ack_max_s']:.2f} s "
                   f"(worst driver)")
         if "gc_s" in f:
