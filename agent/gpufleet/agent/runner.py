@@ -344,7 +344,8 @@ class Agent:
     def report(self, sample: pb.NodeSample) -> str:
         """Queue what the controller needs of this cycle's sample: the sample itself when a
         verdict changed (and the first one, which carries every verdict), a heartbeat when
-        heartbeat_interval_s passed without one, else nothing. Returns what went out."""
+        heartbeat_interval_s passed without one (not queued: handed to the stream, dropped
+        if none is up), else nothing. Returns what went out."""
         hb = self.cfg.heartbeat_interval_s
         now = time.monotonic()
         if hb <= 0 or sample.verdicts or self._last_report_mono is None:
