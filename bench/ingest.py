@@ -17,6 +17,12 @@ runs the controller also gets --faults Xid 79 events (fault -> drain in the in-m
 p50/p99) and --silence agents stop (liveness: silent -> marked unreachable, with
 --unreachable-after-s).
 
+On a real Slurm (`--real-slurm 22.05|24.11|26.05`, root): a lab of --faults slurmd nodes (the
+project's harness, tests/slurm) stands for the faulted agents; the controller's drains of
+those nodes go to the lab through the `scontrol` client (every other node stays in the
+in-memory Slurm), and fault -> drain is measured to `scontrol update` returned, while the
+controller holds all N agents.
+
 Every agent has its OWN TCP connection (`grpc.use_local_subchannel_pool`: gRPC otherwise puts
 every channel to one target on one shared connection), and the agents are spread over
 --drivers processes; the servers run in their own processes and their CPU is read from /proc.
@@ -33,6 +39,7 @@ CPU, and fault -> drain p50/p99 split at the leader's queued action. Steady phas
     .venv/bin/python bench/ingest.py [--agents 10000] [--seconds 30] [--drivers 4]
     .venv/bin/python bench/ingest.py --agents 4000 --seconds 30 --processes 2 --store postgres
     .venv/bin/python bench/ingest.py --agents 200 --seconds 5 --saturate-seconds 3  # CI size
+    .venv/bin/python bench/ingest.py --agents 10000 --saturate-seconds 0 --real-slurm 22.05
 """
 
 from __future__ import annotations
@@ -205,9 +212,17 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
     gc.callbacks.append(on_gc)
     slurm = FakeSlurm([_node_name(i) for i in range(args.agents)])
     real_drain = slurm.drain
+    # --real-slurm: these agents' nodes are the lab's slurmd nodes, drained through scontrol
+    lab_nodes: dict[str, str] = json.loads(args.lab_nodes or "{}")
+    lab_slurm = None
+    if lab_nodes:
+        from gpufleet.scheduler.slurm import CliSlurmClient
+        lab_slurm = CliSlurmClient(env=json.loads(args.slurm_env))
 
     def drain(name: str, reason: str) -> None:
         real_drain(name, reason)
+        if lab_slurm is not None and name in lab_nodes:
+            lab_slurm.drain(lab_nodes[name], reason)  # returns once slurmctld has it
         drained.setdefault(name, time.time())
 
     slurm.drain = drain  # type: ignore[method-assign]
@@ -435,14 +450,18 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
             "--unreachable-after-s", str(args.unreachable_after_s)]
     if args.no_limits:
         argv.append("--no-limits")
-    server = subprocess.Popen(argv, pass_fds=(w,))
-    os.close(w)
-    drivers: list[subprocess.Popen[str]] = []
     # faults and silenced agents: spread over the cluster, in the steady phase only
     step_f = max(1, args.agents // max(1, args.faults))
     faulted = list(range(0, args.agents, step_f))[:args.faults] if mode == "steady" else []
     silent = ([i + step_f // 2 for i in range(0, args.agents, step_f)][:args.silence]
               if mode == "steady" else [])
+    if args.lab is not None and kind == "controller" and faulted:
+        args.lab.reset()  # every lab node idle, no drain left by an earlier phase
+        argv += ["--slurm-env", json.dumps(args.lab.env()), "--lab-nodes",
+                 json.dumps({_node_name(i): f"n{j + 1}" for j, i in enumerate(faulted)})]
+    server = subprocess.Popen(argv, pass_fds=(w,))
+    os.close(w)
+    drivers: list[subprocess.Popen[str]] = []
     try:
         with os.fdopen(r) as ready:
             port = int(ready.readline().split()[0])
@@ -807,6 +826,9 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
                     help="the controller's store (postgres: a throw-away server, as the tests "
                          "start one)")
     ap.add_argument("--profile", default="dgx-h100", help="simulated hardware of the agents")
+    ap.add_argument("--real-slurm", choices=("22.05", "24.11", "26.05"),
+                    help="drain the faulted nodes on a real Slurm lab of --faults nodes "
+                         "(root; 24.11/26.05 from their Debian roots)")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     ap.add_argument("--role", default="main", help=argparse.SUPPRESS)
     ap.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -818,7 +840,10 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
     ap.add_argument("--hi", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--faults-at", default="", help=argparse.SUPPRESS)
     ap.add_argument("--silence-at", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--slurm-env", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--lab-nodes", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.lab = None
     # one connection per agent, like the real thing: thousands of sockets on each side
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -860,6 +885,25 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
         if args.json:
             print(json.dumps(multi, indent=1))
         return
+    if args.real_slurm:
+        if args.store == "postgres":
+            sys.exit("--real-slurm: one controller process on SQLite only")
+        sys.path.insert(0, str(REPO))
+        from tests.slurm.harness import SlurmLab, SlurmLabConfig
+        args.lab = SlurmLab(SlurmLabConfig(
+            lab_dir=Path("/tmp/gf-lab-ingest"), ctld_port=9957, node_port0=20700,  # noqa: S108 - a lab, not a secret
+            nodes=max(2, args.faults), version=args.real_slurm))
+        args.lab.start()
+        print(f"real Slurm {args.real_slurm} lab of {max(2, args.faults)} nodes for the "
+              f"faulted agents", flush=True)
+    try:
+        run_single(args)
+    finally:
+        if args.lab is not None:
+            args.lab.stop()
+
+
+def run_single(args: argparse.Namespace) -> None:
     phases = [("steady", args.seconds)]
     if args.samples_seconds > 0:
         phases.append(("samples", args.samples_seconds))
@@ -901,7 +945,9 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
     steady = figures.get("controller/steady", {})
     if steady.get("faults_sent"):
         d = steady["fault_to_drain_s"]
-        print(f"fault -> drain (in-memory Slurm) while holding {args.agents} nodes: "
+        where = (f"real Slurm {args.real_slurm}, scontrol update returned" if args.real_slurm
+                 else "in-memory Slurm")
+        print(f"fault -> drain ({where}) while holding {args.agents} nodes: "
               f"{len(d)}/{steady['faults_sent']} drained, p50 {1000 * _pct(d, 0.5):.0f} ms, "
               f"p99 {1000 * _pct(d, 0.99):.0f} ms (target p99 <= 1 s)")
     if steady.get("silenced_n"):
