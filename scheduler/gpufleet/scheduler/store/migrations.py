@@ -283,7 +283,7 @@ _COMMAND_RELAY = _dialects("""
         node        TEXT NOT NULL,
         kind        TEXT NOT NULL,           -- the repair domain's: reset_gpu | diag
         request_id  TEXT NOT NULL,
-        gpus        TEXT NOT NULL DEFAULT '', -- comma-separated GPU indices; '': every GPU
+        gpus        TEXT NOT NULL DEFAULT '', -- comma-separated GPU indices, '' for every GPU
         level       INTEGER NOT NULL DEFAULT 1,
         created_ms  {big} NOT NULL
     );
