@@ -5,7 +5,7 @@ always have the same length, and a store records the highest number applied in
 `schema_version`. Each migration runs in one transaction with the version bump, so a crash
 leaves the previous version intact. Never edit a released migration: append a new one.
 
-One module (~430 lines): the numbering is the order of this file, so every migration of both
+One module (~480 lines): the numbering is the order of this file, so every migration of both
 dialects stays in it; it only grows.
 """
 
