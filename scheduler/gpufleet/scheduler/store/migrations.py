@@ -5,7 +5,7 @@ always have the same length, and a store records the highest number applied in
 `schema_version`. Each migration runs in one transaction with the version bump, so a crash
 leaves the previous version intact. Never edit a released migration: append a new one.
 
-One module (~430 lines): the numbering is the order of this file, so every migration of both
+One module (~480 lines): the numbering is the order of this file, so every migration of both
 dialects stays in it; it only grows.
 """
 
@@ -259,6 +259,50 @@ _HEALTH_CHANGES = _dialects("""
     """)
 
 
+# 12: the command relay between ingest processes (service/command_relay.py, docs/scaling.md):
+# which process holds each node's agent stream (`agent_streams`, with each process's beat in
+# `ingest_processes`: a holder whose beat is old is dead), the repair commands the leader
+# queued for a node whose stream is on another process (`agent_commands`: claimed, i.e.
+# deleted, by the process holding the stream) and the agents' answers a process that is not
+# the leader received (`command_results`: read and deleted by the leader). Queues on tables
+# that are almost always empty: each poll is one index probe.
+_COMMAND_RELAY = _dialects("""
+    CREATE TABLE ingest_processes (
+        holder      TEXT PRIMARY KEY,        -- host:pid:random, one per controller process
+        started_ms  {big} NOT NULL,
+        beat_ms     {big} NOT NULL
+    );
+    CREATE TABLE agent_streams (
+        node        TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        since_ms    {big} NOT NULL
+    );
+    CREATE INDEX agent_streams_holder ON agent_streams(holder);
+    CREATE TABLE agent_commands (
+        id          {id},
+        node        TEXT NOT NULL,
+        kind        TEXT NOT NULL,           -- the repair domain's: reset_gpu | diag
+        request_id  TEXT NOT NULL,
+        gpus        TEXT NOT NULL DEFAULT '', -- comma-separated GPU indices, '' for every GPU
+        level       INTEGER NOT NULL DEFAULT 1,
+        created_ms  {big} NOT NULL
+    );
+    CREATE INDEX agent_commands_node ON agent_commands(node);
+    CREATE TABLE command_results (
+        id            {id},
+        node          TEXT NOT NULL,
+        request_id    TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        ok            INTEGER NOT NULL,
+        could_not_run INTEGER NOT NULL,
+        detail        TEXT NOT NULL DEFAULT '',
+        failed_checks TEXT NOT NULL DEFAULT '', -- JSON list of check names
+        evidence      TEXT NOT NULL DEFAULT '',
+        created_ms    {big} NOT NULL
+    )
+    """)
+
+
 MIGRATIONS: list[str] = [
     # 1: see _COMMON
     _COMMON[1][0],
@@ -362,6 +406,8 @@ MIGRATIONS: list[str] = [
         SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL;
     UPDATE nodes SET inventory = NULL WHERE inventory IS NOT NULL
     """,
+    # 12: see _COMMAND_RELAY
+    _COMMAND_RELAY[0],
 ]
 
 # PostgreSQL: BIGINT for millisecond times (past 2038 and past 2^31 ids), BYTEA, identity ids.
@@ -421,6 +467,8 @@ PG_MIGRATIONS: list[str] = [
         SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL;
     ALTER TABLE nodes DROP COLUMN inventory
     """,
+    # 12: see _COMMAND_RELAY
+    _COMMAND_RELAY[1],
 ]
 
 if len(MIGRATIONS) != len(PG_MIGRATIONS):  # pragma: no cover - caught by any test run
