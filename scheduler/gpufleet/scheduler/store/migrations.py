@@ -259,6 +259,19 @@ _HEALTH_CHANGES = _dialects("""
     """)
 
 
+# 11: each node's inventory (~2.2 KB) in its own table. In the node's row it was rewritten
+# with every last-seen touch (2,000 a second at 10,000 nodes) and read by every liveness
+# scan: the narrow row made the touch batch ~4x and the scan ~10x cheaper
+# (docs/scaling.md). What happens to the old column differs (MIGRATIONS, PG_MIGRATIONS).
+_NODE_INVENTORY = _dialects("""
+    CREATE TABLE node_inventory (
+        node      TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        inventory {blob} NOT NULL
+    );
+    INSERT INTO node_inventory (node, inventory)
+        SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL
+    """)
+
 # 12: the command relay between ingest processes (service/command_relay.py, docs/scaling.md):
 # which process holds each node's agent stream (`agent_streams`, with each process's beat in
 # `ingest_processes`: a holder whose beat is old is dead), the repair commands the leader
@@ -392,20 +405,11 @@ MIGRATIONS: list[str] = [
     """,
     # 10: see _HEALTH_CHANGES
     _HEALTH_CHANGES[0],
-    # 11: each node's inventory (~2.2 KB) in its own table. In the node's row it was
-    # rewritten with every last-seen touch (2,000 a second at 10,000 nodes) and read by
-    # every liveness scan: the narrow row made the touch batch ~4x and the scan ~10x
-    # cheaper (docs/scaling.md). SQLite keeps the old column, always NULL: DROP COLUMN
+    # 11: see _NODE_INVENTORY. SQLite keeps the old column, always NULL: DROP COLUMN
     # needs SQLite 3.35, newer than some head nodes' (RHEL 8 and 9 ship 3.26 and 3.34).
-    """
-    CREATE TABLE node_inventory (
-        node      TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
-        inventory BLOB NOT NULL
-    );
-    INSERT INTO node_inventory (node, inventory)
-        SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL;
+    _NODE_INVENTORY[0] + """;
     UPDATE nodes SET inventory = NULL WHERE inventory IS NOT NULL
-    """,
+    """,  # noqa: S608 - constant text, nothing from outside
     # 12: see _COMMAND_RELAY
     _COMMAND_RELAY[0],
 ]
@@ -456,15 +460,8 @@ PG_MIGRATIONS: list[str] = [
     """,
     # 10: see _HEALTH_CHANGES
     _HEALTH_CHANGES[1],
-    # 11: each node's inventory in its own table (see MIGRATIONS[10]); PostgreSQL drops the
-    # column
-    """
-    CREATE TABLE node_inventory (
-        node      TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
-        inventory BYTEA NOT NULL
-    );
-    INSERT INTO node_inventory (node, inventory)
-        SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL;
+    # 11: see _NODE_INVENTORY; PostgreSQL drops the column
+    _NODE_INVENTORY[1] + """;
     ALTER TABLE nodes DROP COLUMN inventory
     """,
     # 12: see _COMMAND_RELAY
