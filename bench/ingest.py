@@ -21,6 +21,12 @@ target >= 50 %). While the steady phase runs the controller also gets --faults X
 events (fault -> drain in the in-memory Slurm, p50/p99) and --silence agents stop (liveness:
 silent -> marked unreachable, with --unreachable-after-s).
 
+On a real Slurm (`--real-slurm 22.05|24.11|26.05`, root): a lab of --faults slurmd nodes (the
+project's harness, tests/slurm) stands for the faulted agents; the controller's drains of
+those nodes go to the lab through the `scontrol` client (every other node stays in the
+in-memory Slurm), and fault -> drain is measured to `scontrol update` returned, while the
+controller holds all N agents.
+
 Every agent has its OWN TCP connection (`grpc.use_local_subchannel_pool`: gRPC otherwise puts
 every channel to one target on one shared connection), and the agents are spread over
 --drivers processes; the servers run in their own processes and their CPU is read from /proc.
@@ -37,6 +43,7 @@ CPU, and fault -> drain p50/p99 split at the leader's queued action. Steady phas
     .venv/bin/python bench/ingest.py [--agents 10000] [--seconds 30] [--drivers 4]
     .venv/bin/python bench/ingest.py --agents 4000 --seconds 30 --processes 2 --store postgres
     .venv/bin/python bench/ingest.py --agents 200 --seconds 5 --saturate-seconds 3  # CI size
+    .venv/bin/python bench/ingest.py --agents 10000 --saturate-seconds 0 --real-slurm 22.05
 """
 
 from __future__ import annotations
@@ -211,9 +218,17 @@ def serve_controller(ready_fd: int, args: argparse.Namespace) -> None:  # noqa: 
     gc.callbacks.append(on_gc)
     slurm = FakeSlurm([_node_name(i) for i in range(args.agents)])
     real_drain = slurm.drain
+    # --real-slurm: these agents' nodes are the lab's slurmd nodes, drained through scontrol
+    lab_nodes: dict[str, str] = json.loads(args.lab_nodes or "{}")
+    lab_slurm = None
+    if lab_nodes:
+        from gpufleet.scheduler.slurm import CliSlurmClient
+        lab_slurm = CliSlurmClient(env=json.loads(args.slurm_env))
 
     def drain(name: str, reason: str) -> None:
         real_drain(name, reason)
+        if lab_slurm is not None and name in lab_nodes:
+            lab_slurm.drain(lab_nodes[name], reason)  # returns once slurmctld has it
         drained.setdefault(name, time.time())
 
     slurm.drain = drain  # type: ignore[method-assign]
@@ -465,14 +480,18 @@ def run_phase(kind: str, mode: str, args: argparse.Namespace, seconds: float,  #
             "--unreachable-after-s", str(args.unreachable_after_s)]
     if args.no_limits:
         argv.append("--no-limits")
-    server = subprocess.Popen(argv, pass_fds=(w,))
-    os.close(w)
-    drivers: list[subprocess.Popen[str]] = []
     # faults and silenced agents: spread over the cluster, in the steady phase only
     step_f = max(1, args.agents // max(1, args.faults))
     faulted = list(range(0, args.agents, step_f))[:args.faults] if mode == "steady" else []
     silent = ([i + step_f // 2 for i in range(0, args.agents, step_f)][:args.silence]
               if mode == "steady" else [])
+    if args.lab is not None and server_kind == "controller" and faulted:
+        args.lab.reset()  # every lab node idle, no drain left by an earlier phase
+        argv += ["--slurm-env", json.dumps(args.lab.env()), "--lab-nodes",
+                 json.dumps({_node_name(i): f"n{j + 1}" for j, i in enumerate(faulted)})]
+    server = subprocess.Popen(argv, pass_fds=(w,))
+    os.close(w)
+    drivers: list[subprocess.Popen[str]] = []
     try:
         with os.fdopen(r) as ready:
             port = int(ready.readline().split()[0])
@@ -846,6 +865,9 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
                     help="the controller's store (postgres: a throw-away server, as the tests "
                          "start one)")
     ap.add_argument("--profile", default="dgx-h100", help="simulated hardware of the agents")
+    ap.add_argument("--real-slurm", choices=("22.05", "24.11", "26.05"),
+                    help="drain the faulted nodes on a real Slurm lab of --faults nodes "
+                         "(root; 24.11/26.05 from their Debian roots)")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     ap.add_argument("--role", default="main", help=argparse.SUPPRESS)
     ap.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -858,11 +880,11 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
     ap.add_argument("--hi", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--faults-at", default="", help=argparse.SUPPRESS)
     ap.add_argument("--silence-at", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--slurm-env", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--lab-nodes", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    kinds = [args.only] if args.only else [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        sys.exit(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
+    _kinds(args)  # a bad --kinds fails here, before anything starts
+    args.lab = None
     # one connection per agent, like the real thing: thousands of sockets on each side
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -904,6 +926,46 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
         if args.json:
             print(json.dumps(multi, indent=1))
         return
+    if args.real_slurm:
+        if args.store == "postgres":
+            sys.exit("--real-slurm: one controller process on SQLite only")
+        sys.path.insert(0, str(REPO))
+        from tests.slurm.harness import SlurmLab, SlurmLabConfig
+        args.lab = SlurmLab(SlurmLabConfig(
+            lab_dir=Path("/tmp/gf-lab-ingest"), ctld_port=9957, node_port0=20700,  # noqa: S108 - a lab, not a secret
+            nodes=max(2, args.faults), version=args.real_slurm))
+        args.lab.start()
+        print(f"real Slurm {args.real_slurm} lab of {max(2, args.faults)} nodes for the "
+              f"faulted agents", flush=True)
+    try:
+        run_single(args)
+    finally:
+        if args.lab is not None:
+            args.lab.stop()
+
+
+def _kinds(args: argparse.Namespace) -> list[str]:
+    kinds = [args.only] if args.only else [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        sys.exit(f"--kinds {args.kinds!r}: each must be one of {', '.join(KINDS)}")
+    return kinds
+
+
+def _print_ack_cost(figures: dict[str, dict[str, Any]]) -> None:
+    """With --kinds ...-acked beside the same server unacked: what acking every heartbeat
+    costs that server (steady phase)."""
+    for server in ("bare", "controller"):
+        one, acked = figures.get(f"{server}/steady"), figures.get(f"{server}-acked/steady")
+        if one and acked:
+            us, us_acked = one["cpu_us_per_report"], acked["cpu_us_per_report"]
+            print(f"{server}/steady: CPU us per report {us:.1f} with unacked heartbeats, "
+                  f"{us_acked:.1f} with every one acked: the ack is "
+                  f"{100 * (1 - us / us_acked):.0f} % of the acked cost")
+
+
+def run_single(args: argparse.Namespace) -> None:  # noqa: PLR0912 - the phases and their report, in order
+    kinds = _kinds(args)
     phases = [("steady", args.seconds)]
     if args.samples_seconds > 0:
         phases.append(("samples", args.samples_seconds))
@@ -937,14 +999,8 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
             print(f"{key}: garbage collector {100 * sum(f['gc_s']) / f.get('wall_s', 1):.1f} % "
                   f"of the phase (seconds per generation {[round(x, 2) for x in f['gc_s']]}, "
                   f"collections {f['gc_n']})")
+    _print_ack_cost(figures)
     for mode, _ in phases:
-        for server in ("bare", "controller"):  # what acking every heartbeat costs
-            one, acked = figures.get(f"{server}/{mode}"), figures.get(f"{server}-acked/{mode}")
-            if one and acked and mode == "steady":
-                us, us_acked = one["cpu_us_per_report"], acked["cpu_us_per_report"]
-                print(f"{server}/{mode}: CPU us per report {us:.1f} with unacked heartbeats, "
-                      f"{us_acked:.1f} with every one acked: the ack is "
-                      f"{100 * (1 - us / us_acked):.0f} % of the acked cost")
         if f"bare/{mode}" not in figures or f"controller/{mode}" not in figures:
             continue
         bare, ctl = figures[f"bare/{mode}"], figures[f"controller/{mode}"]
@@ -955,7 +1011,9 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - argument handling and the report
     steady = figures.get("controller/steady", {})
     if steady.get("faults_sent"):
         d = steady["fault_to_drain_s"]
-        print(f"fault -> drain (in-memory Slurm) while holding {args.agents} nodes: "
+        where = (f"real Slurm {args.real_slurm}, scontrol update returned" if args.real_slurm
+                 else "in-memory Slurm")
+        print(f"fault -> drain ({where}) while holding {args.agents} nodes: "
               f"{len(d)}/{steady['faults_sent']} drained, p50 {1000 * _pct(d, 0.5):.0f} ms, "
               f"p99 {1000 * _pct(d, 0.99):.0f} ms (target p99 <= 1 s)")
     if steady.get("silenced_n"):

@@ -38,7 +38,7 @@ def test_login_role_installs_the_fast_paths(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:]
 
     launcher = (bin_dir / "gpufleet").read_text()
-    assert launcher.startswith(f"#!{venv}/bin/python -IS\n")
+    assert launcher.startswith("#!/bin/sh\n") and f"exec '{venv}/bin/python' -I -S" in launcher
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "sbatch").write_text('#!/bin/sh\necho "sbatch $*"\n')

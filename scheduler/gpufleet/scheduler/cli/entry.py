@@ -1,7 +1,8 @@
 """The `gpufleet` command's entry point: `gpufleet sbatch ...` becomes the real sbatch at once
 (no CLI framework, no store, no gRPC imported: it costs a Python start and an exec); every
-other command goes to cli.py. `launcher()` is a `gpufleet` that starts without site (what the
-login-node role installs): then `gpufleet sbatch` costs a bare Python start and an exec.
+other command goes to cli.py. `launcher()` is the `gpufleet` the login-node role installs: a
+shell script that is plain sbatch when placement is off and otherwise starts this module in
+Python without site (a bare Python start and an exec).
 
 It must never import anything at module level but os and sys (loaded by every Python start).
 """
@@ -29,6 +30,23 @@ Slurm's cli_filter/lua plugin (docs/placement.md). The gpufleet options come fir
 
 # = sbatch_filter.CLIENT_CONFIG (not imported: that module is the helper's, not the wrapper's)
 CLIENT_CONFIG = "/etc/gpufleet/client.toml"
+
+
+# launcher()'s script. Its checks are sbatch_argv's and controller_configured's for these two
+# cases; anything else (a checkpoint, another gpufleet option, no sbatch on PATH: Python's
+# one-line error) goes to Python.
+_LAUNCHER = """#!/bin/sh
+# gpufleet (gpufleet.scheduler.cli.entry.launcher): placement off is sbatch
+# from the shell; everything else is gpufleet's entry in Python without site
+if [ "$1" = sbatch ] && [ -z "$GPUFLEET_CKPT_DIR" ] && command -v sbatch >/dev/null; then
+  if [ "$2" = --gpufleet-no-place ]; then
+    case "$3" in --gpufleet-*) ;; *) shift 2; GPUFLEET_PLACE=0 exec sbatch "$@" ;; esac
+  elif [ -z "$GPUFLEET_CONTROLLER" ] && [ ! -e "${GPUFLEET_CLIENT_CONFIG:-@CONFIG@}" ]; then
+    case "$2" in --gpufleet-*) ;; *) shift; GPUFLEET_PLACE=0 exec sbatch "$@" ;; esac
+  fi
+fi
+exec @PYTHON@ -I -S -c @CODE@ "$@"
+"""
 
 
 class UsageError(Exception):
@@ -67,20 +85,21 @@ def controller_configured(env: MutableMapping[str, str]) -> bool:
 
 
 def launcher(python: str | None = None) -> str:
-    """The text of a `gpufleet` command that starts faster than pip's console script: this
-    Python with -I -S (no site: no .pth files, no site-packages scan) and this package's
-    root first on sys.path. `gpufleet sbatch` then execs sbatch with nothing imported but
-    this module; every other command loads site first (main). The Ansible role
-    gpufleet_login installs it as gpufleet on users' PATH (bench/sbatch_overhead.py times it)."""
+    """The text of the `gpufleet` command the login-node role installs (gpufleet_login), a
+    POSIX shell script. With placement off (no controller configured, or
+    `--gpufleet-no-place` as the only gpufleet option) `gpufleet sbatch` is sbatch exec'd by
+    the shell: no Python starts, so it costs what plain sbatch costs. Everything else runs
+    this module's main() in `python` (this one by default) with -I -S: no site, no .pth
+    files, this package's root first on sys.path; `gpufleet sbatch` then execs sbatch having
+    imported nothing but this module, other commands load site themselves (main).
+    bench/sbatch_overhead.py times it."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))))  # the directory holding gpufleet/scheduler
-    return (f"#!{python or sys.executable} -IS\n"
-            "# gpufleet without site (gpufleet.scheduler.cli.entry.launcher): `gpufleet sbatch`\n"
-            "# starts as a bare Python; other commands load site themselves\n"
-            "import sys\n"
-            f"sys.path.insert(0, {root!r})\n"
-            "from gpufleet.scheduler.cli.entry import main\n"
-            "main()\n")
+    code = (f"import sys; sys.argv[0] = 'gpufleet'; sys.path.insert(0, {root!r}); "
+            "from gpufleet.scheduler.cli.entry import main; main()")
+    return (_LAUNCHER.replace("@CONFIG@", CLIENT_CONFIG)
+            .replace("@PYTHON@", _sh_quote(python or sys.executable))
+            .replace("@CODE@", _sh_quote(code)))
 
 
 def sbatch_argv(args: Sequence[str], env: MutableMapping[str, str],

@@ -79,6 +79,12 @@ class AgentCommands:
         raw = self.store.inventory(node)
         return None if raw is None else inventory_from_blob(raw).boot_id
 
+    def nodes(self) -> frozenset[str]:
+        """The nodes with a stream on this process now (service/command_relay.py publishes
+        them for the other ingest processes)."""
+        with self._lock:
+            return frozenset(self._streams)
+
 
 def result_from_wire(node: str, r: pb.CommandResult) -> CommandResult:
     failed = [c for c in r.checks if not c.passed]

@@ -38,6 +38,7 @@ from gpufleet.scheduler.recovery.manager import RecoveryConfig, RecoveryManager
 from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import Rebooter
 from gpufleet.scheduler.service import limits
+from gpufleet.scheduler.service.command_relay import CommandRelay, RelayedCommands
 from gpufleet.scheduler.service.ingest import IngestError, Ingestor
 from gpufleet.scheduler.service.leader import LeaderLock
 from gpufleet.scheduler.service.repair_link import AgentCommands, Escalator, result_from_wire
@@ -389,15 +390,19 @@ class Controller:
         # drains and needs Slurm; None: off
         self.commands: AgentCommands | None = None
         self.repair: RepairManager | None = None
+        # on a shared store: commands to agents on other processes, answers from them
+        self.relay: CommandRelay | None = None
         if repair is not None:
-            self.commands, self.repair = self._make_repair(slurm, repair, repair_journal,
-                                                           rebooter, partition_of)
+            self.commands, self.repair, self.relay = self._make_repair(
+                slurm, repair, repair_journal, rebooter, partition_of)
         self.policy = HealthPolicy(store, self.actions, policy, recovery=self.recovery,
                                    repair=self.repair, alerts=alerts)
         on_result = None
         if self.repair is not None:
             repair_loop = self.repair
             on_result = lambda node, r: repair_loop.on_result(result_from_wire(node, r))  # noqa: E731 - one line of glue
+            if self.relay is not None:
+                on_result = self.relay.on_result
         # checkpoint registrations' MUNGE credentials are checked with the same munged
         self.ingest = Ingestor(store, self.policy, self.metrics, munge_socket=munge_socket,
                                on_command_result=on_result, acting=self._active.is_set)
@@ -419,7 +424,7 @@ class Controller:
     def _make_repair(self, slurm: SlurmClient | None, cfg: RepairConfig,
                      journal: str | None, rebooter: Rebooter | None,
                      partition_of: Callable[[str], str] | None
-                     ) -> tuple[AgentCommands, RepairManager]:
+                     ) -> tuple[AgentCommands, RepairManager, CommandRelay | None]:
         from gpufleet.scheduler.repair.metrics import RepairCollector
         from gpufleet.scheduler.slurm.repair_calls import CliPartitions, CliRebooter
 
@@ -432,13 +437,18 @@ class Controller:
             raise ValueError(f"routine diagnostics need a Slurm client that lists nodes and "
                              f"pending jobs (cli or rest), not {type(slurm).__name__}")
         commands = AgentCommands(self.store)
+        # a store other processes share (the leader lock): an agent's stream may be on any
+        link = RelayedCommands(commands, self.store) if self.leader is not None else None
         repair = RepairManager(
             slurm, Journal(journal), replace(cfg, shadow=cfg.shadow or self.actions.shadow),
-            commands, rebooter if rebooter is not None else CliRebooter(),
+            link if link is not None else commands,
+            rebooter if rebooter is not None else CliRebooter(),
             Escalator(self.alerts),
             partition_of if partition_of is not None else CliPartitions(), queue=queue)
         self.metrics.registry.register(RepairCollector(repair))
-        return commands, repair
+        relay = (CommandRelay(link, self.store, repair.on_result, self._active.is_set)
+                 if link is not None else None)
+        return commands, repair, relay
 
     async def _serve(self) -> None:
         server = grpc.aio.server(options=[
@@ -593,6 +603,8 @@ class Controller:
             raise TimeoutError("controller did not start")
         if self._error is not None:
             raise self._error
+        if self.relay is not None:
+            self.relay.start()
         if self.leader is not None:
             self.leader.start(self._become_active, self._step_down)
             if not self.leader.acquired.wait(elect_wait_s):
@@ -616,6 +628,8 @@ class Controller:
             self.ingest.close()
         except StoreError as e:
             log.error("store failed writing the last report times at stop: %s", e)
+        if self.relay is not None:
+            self.relay.stop()
         if was_active:
             if self.follower is not None:
                 self.follower.stop()

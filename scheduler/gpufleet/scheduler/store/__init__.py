@@ -14,10 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from .base import HEALTH_ORDER, now_ms
 from .migrations import MIGRATIONS, PG_MIGRATIONS
-from .protocols import AcctStore, HealthStore, NodeStore, RecoveryStore, StateStore
+from .protocols import (
+    AcctStore,
+    HealthStore,
+    NodeStore,
+    RecoveryStore,
+    RelayStore,
+    StateStore,
+)
 from .rows import (
     ActionRow,
+    AgentCommandRow,
     CheckpointRow,
+    CommandResultRow,
     EventRow,
     HealthChangeRow,
     NodeRow,
@@ -45,7 +54,9 @@ __all__ = [
     "PG_MIGRATIONS",
     "AcctStore",
     "ActionRow",
+    "AgentCommandRow",
     "CheckpointRow",
+    "CommandResultRow",
     "EventRow",
     "HealthChangeRow",
     "HealthStore",
@@ -55,6 +66,7 @@ __all__ = [
     "PostgresStore",
     "RecoveryRow",
     "RecoveryStore",
+    "RelayStore",
     "SqliteStore",
     "StateStore",
     "StoreError",

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from .acct import AcctStoreMixin
+from .relay import RelayStoreMixin
 from .rows import (
     ActionRow,
     CheckpointRow,
@@ -57,7 +58,7 @@ def check_schema_version(version: int, known: int, target: str) -> None:
         )
 
 
-class SqlStore(AcctStoreMixin):
+class SqlStore(AcctStoreMixin, RelayStoreMixin):
     """The store's logic over one DB-API connection behind a lock (writes are short).
 
     Subclasses provide `_tx()` (a write transaction yielding something with `execute`),

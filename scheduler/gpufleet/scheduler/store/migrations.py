@@ -5,7 +5,7 @@ always have the same length, and a store records the highest number applied in
 `schema_version`. Each migration runs in one transaction with the version bump, so a crash
 leaves the previous version intact. Never edit a released migration: append a new one.
 
-One module (~430 lines): the numbering is the order of this file, so every migration of both
+One module (~480 lines): the numbering is the order of this file, so every migration of both
 dialects stays in it; it only grows.
 """
 
@@ -259,6 +259,63 @@ _HEALTH_CHANGES = _dialects("""
     """)
 
 
+# 11: each node's inventory (~2.2 KB) in its own table. In the node's row it was rewritten
+# with every last-seen touch (2,000 a second at 10,000 nodes) and read by every liveness
+# scan: the narrow row made the touch batch ~4x and the scan ~10x cheaper
+# (docs/scaling.md). What happens to the old column differs (MIGRATIONS, PG_MIGRATIONS).
+_NODE_INVENTORY = _dialects("""
+    CREATE TABLE node_inventory (
+        node      TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        inventory {blob} NOT NULL
+    );
+    INSERT INTO node_inventory (node, inventory)
+        SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL
+    """)
+
+# 12: the command relay between ingest processes (service/command_relay.py, docs/scaling.md):
+# which process holds each node's agent stream (`agent_streams`, with each process's beat in
+# `ingest_processes`: a holder whose beat is old is dead), the repair commands the leader
+# queued for a node whose stream is on another process (`agent_commands`: claimed, i.e.
+# deleted, by the process holding the stream) and the agents' answers a process that is not
+# the leader received (`command_results`: read and deleted by the leader). Queues on tables
+# that are almost always empty: each poll is one index probe.
+_COMMAND_RELAY = _dialects("""
+    CREATE TABLE ingest_processes (
+        holder      TEXT PRIMARY KEY,        -- host:pid:random, one per controller process
+        started_ms  {big} NOT NULL,
+        beat_ms     {big} NOT NULL
+    );
+    CREATE TABLE agent_streams (
+        node        TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        since_ms    {big} NOT NULL
+    );
+    CREATE INDEX agent_streams_holder ON agent_streams(holder);
+    CREATE TABLE agent_commands (
+        id          {id},
+        node        TEXT NOT NULL,
+        kind        TEXT NOT NULL,           -- the repair domain's: reset_gpu | diag
+        request_id  TEXT NOT NULL,
+        gpus        TEXT NOT NULL DEFAULT '', -- comma-separated GPU indices, '' for every GPU
+        level       INTEGER NOT NULL DEFAULT 1,
+        created_ms  {big} NOT NULL
+    );
+    CREATE INDEX agent_commands_node ON agent_commands(node);
+    CREATE TABLE command_results (
+        id            {id},
+        node          TEXT NOT NULL,
+        request_id    TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        ok            INTEGER NOT NULL,
+        could_not_run INTEGER NOT NULL,
+        detail        TEXT NOT NULL DEFAULT '',
+        failed_checks TEXT NOT NULL DEFAULT '', -- JSON list of check names
+        evidence      TEXT NOT NULL DEFAULT '',
+        created_ms    {big} NOT NULL
+    )
+    """)
+
+
 MIGRATIONS: list[str] = [
     # 1: see _COMMON
     _COMMON[1][0],
@@ -348,20 +405,13 @@ MIGRATIONS: list[str] = [
     """,
     # 10: see _HEALTH_CHANGES
     _HEALTH_CHANGES[0],
-    # 11: each node's inventory (~2.2 KB) in its own table. In the node's row it was
-    # rewritten with every last-seen touch (2,000 a second at 10,000 nodes) and read by
-    # every liveness scan: the narrow row made the touch batch ~4x and the scan ~10x
-    # cheaper (docs/scaling.md). SQLite keeps the old column, always NULL: DROP COLUMN
+    # 11: see _NODE_INVENTORY. SQLite keeps the old column, always NULL: DROP COLUMN
     # needs SQLite 3.35, newer than some head nodes' (RHEL 8 and 9 ship 3.26 and 3.34).
-    """
-    CREATE TABLE node_inventory (
-        node      TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
-        inventory BLOB NOT NULL
-    );
-    INSERT INTO node_inventory (node, inventory)
-        SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL;
+    _NODE_INVENTORY[0] + """;
     UPDATE nodes SET inventory = NULL WHERE inventory IS NOT NULL
-    """,
+    """,  # noqa: S608 - constant text, nothing from outside
+    # 12: see _COMMAND_RELAY
+    _COMMAND_RELAY[0],
 ]
 
 # PostgreSQL: BIGINT for millisecond times (past 2038 and past 2^31 ids), BYTEA, identity ids.
@@ -410,17 +460,12 @@ PG_MIGRATIONS: list[str] = [
     """,
     # 10: see _HEALTH_CHANGES
     _HEALTH_CHANGES[1],
-    # 11: each node's inventory in its own table (see MIGRATIONS[10]); PostgreSQL drops the
-    # column
-    """
-    CREATE TABLE node_inventory (
-        node      TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
-        inventory BYTEA NOT NULL
-    );
-    INSERT INTO node_inventory (node, inventory)
-        SELECT name, inventory FROM nodes WHERE inventory IS NOT NULL;
+    # 11: see _NODE_INVENTORY; PostgreSQL drops the column
+    _NODE_INVENTORY[1] + """;
     ALTER TABLE nodes DROP COLUMN inventory
     """,
+    # 12: see _COMMAND_RELAY
+    _COMMAND_RELAY[1],
 ]
 
 if len(MIGRATIONS) != len(PG_MIGRATIONS):  # pragma: no cover - caught by any test run

@@ -14,7 +14,9 @@ from gpufleet.scheduler.accounting.ledger import UsageDelta, UsageQuery, UsageRo
 
 from .rows import (
     ActionRow,
+    AgentCommandRow,
     CheckpointRow,
+    CommandResultRow,
     EventRow,
     HealthChangeRow,
     NodeRow,
@@ -117,7 +119,32 @@ class AcctStore(Protocol):
                         ) -> list[UsageTotal]: ...
 
 
-class StateStore(HealthStore, RecoveryStore, AcctStore, Protocol):
+class RelayStore(Protocol):
+    """Repair commands and their answers between ingest processes on one store (migration
+    12, service/command_relay.py): who holds each node's stream, and two queues."""
+
+    def publish_streams(self, holder: str, up: Sequence[str], down: Sequence[str],
+                        now_ms: int) -> None: ...
+
+    def stream_holders(self, live_since_ms: int, node: str | None = None
+                       ) -> dict[str, str]: ...
+
+    def forget_streams(self, holder: str) -> None: ...
+
+    def prune_relay(self, dead_before_ms: int, commands_before_ms: int) -> tuple[int, int]: ...
+
+    def queue_command(self, row: AgentCommandRow) -> int: ...
+
+    def claim_commands(self, holder: str) -> list[AgentCommandRow]: ...
+
+    def add_command_result(self, row: CommandResultRow) -> int: ...
+
+    def command_results(self, limit: int = 1000) -> list[CommandResultRow]: ...
+
+    def delete_command_results(self, ids: Sequence[int]) -> None: ...
+
+
+class StateStore(HealthStore, RecoveryStore, AcctStore, RelayStore, Protocol):
     """Everything: what the controller process opens and hands to each part."""
 
     def schema_version(self) -> int: ...

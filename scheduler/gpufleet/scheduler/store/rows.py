@@ -42,6 +42,37 @@ class HealthChangeRow:
 
 
 @dataclass(frozen=True)
+class AgentCommandRow:
+    """A repair command the leader queued for a node whose agent stream is on another
+    ingest process; that process claims it (migration 12). `id` 0: not stored yet."""
+
+    id: int
+    node: str
+    kind: str
+    request_id: str
+    gpus: tuple[int, ...]
+    level: int
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class CommandResultRow:
+    """An agent's answer to a repair command, received by a process that is not the leader;
+    the leader reads it (migration 12). `id` 0: not stored yet."""
+
+    id: int
+    node: str
+    request_id: str
+    kind: str
+    ok: bool
+    could_not_run: bool
+    detail: str
+    failed_checks: tuple[str, ...]
+    evidence: str
+    created_ms: int
+
+
+@dataclass(frozen=True)
 class ActionRow:
     id: int
     node: str
