@@ -189,3 +189,33 @@ def test_the_agent_sends_heartbeats_only_on_a_live_stream_and_never_queues_them(
     finally:
         stop.set()
         thread.join(10)
+
+
+def test_a_controller_from_before_gets_sequenced_heartbeats(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller that sends no gpufleet-stream header (one from before unsequenced
+    heartbeats, which refuses seq 0) gets each heartbeat through the outbox, sequenced and
+    acked, as before: agents may be upgraded before their controller."""
+    from gpufleet.scheduler.service import server
+
+    monkeypatch.setattr(server, "STREAM_ACCEPTED_KEY", "not-gpufleet-stream")
+    outbox = Outbox(uuid.uuid4().hex)
+    beats = Heartbeats(outbox.wake)
+    client = StreamClient(f"127.0.0.1:{served.port}", outbox, lambda: hello("n1").hello,
+                          backoff_initial_s=0.05, heartbeats=beats)
+    stop = threading.Event()
+    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        seq = outbox.put_sample(pb.NodeSample(timestamp_ms=int(time.time() * 1000)))
+        assert client.connected.wait(10)  # at the first ack: no header says so
+        beats.put(pb.Heartbeat(timestamp_ms=int(time.time() * 1000)))
+        deadline = time.monotonic() + 10
+        while outbox.acked_seq <= seq and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert outbox.acked_seq == seq + 1  # the heartbeat went sequenced, and was acked
+        assert served.store.node("n1") is not None
+        assert served.ingest.counters.reports == 2
+    finally:
+        stop.set()
+        thread.join(10)

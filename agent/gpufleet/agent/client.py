@@ -17,7 +17,10 @@ rejects (`Ack.rejected`) goes to the outbox's dead-letter file and is never rese
 
 Heartbeats skip the outbox (fleet.proto Heartbeat): unsequenced, sent on the stream when one
 is up for this process, dropped when none is, never acked. So no ack tells this side that the
-controller is gone: gRPC keepalive (below) does, and the controller allows its pings.
+controller is gone: gRPC keepalive (below) does, and the controller allows its pings. Only a
+controller whose headers say so (STREAM_ACCEPTED_KEY) gets them unsequenced: to one from
+before (it refuses seq 0), or before the headers came, a heartbeat goes through the outbox,
+sequenced and acked, as it always did. So agents and controllers upgrade in either order.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ class StreamClient:
         # set by _requests when it closed a stream because the instance it spoke for has
         # nothing left: reconnect at once, to the same controller, as the next instance
         self._instance_done = False
+        # this stream's controller takes unsequenced heartbeats (its headers said so)
+        self._unsequenced_ok = False
 
     def _channel(self) -> grpc.Channel:
         options = [
@@ -174,7 +179,7 @@ class StreamClient:
                 call = stub.Connect(self._requests(stop, instance))
                 # up once the controller accepted the hello (its headers say so), or at the
                 # first reply (a controller that sends no such header)
-                for reply in itertools.chain([None] if _accepted(call) else [], call):
+                for reply in itertools.chain([None] if self._headers_accept(call) else [], call):
                     if not self.connected.is_set():
                         self.connected.set()
                         self.connects += 1
@@ -211,6 +216,12 @@ class StreamClient:
             stop.wait(random.uniform(0, backoff))  # noqa: S311 - not crypto
             backoff = min(backoff * 2, self.backoff_max_s)
 
+    def _headers_accept(self, call: grpc.Call) -> bool:
+        """Whether this stream's controller said it took the hello (and so takes unsequenced
+        heartbeats); waits for its headers."""
+        self._unsequenced_ok = _accepted(call)
+        return self._unsequenced_ok
+
     def _on_reply(self, reply: pb.ControllerMessage | None, instance: str) -> None:
         if reply is None:  # the stream came up (_accepted): nothing to take
             return
@@ -224,6 +235,7 @@ class StreamClient:
 
     def _requests(self, stop: threading.Event, instance: str) -> Iterator[pb.AgentMessage]:
         # Hello first; then everything not yet acked, in order, then new reports as they come.
+        self._unsequenced_ok = False  # until this stream's headers say otherwise (run)
         hello = self.hello()
         cursor = self.outbox.acked_seq_for(instance)
         hello.last_acked_seq = cursor
@@ -235,9 +247,11 @@ class StreamClient:
         yield pb.AgentMessage(seq=0, agent_instance=instance, hello=hello)
         while not stop.is_set():
             beat = beats.take() if beats is not None else None
-            if beat is not None:
+            if beat is not None and self._unsequenced_ok:
                 yield pb.AgentMessage(agent_instance=instance, heartbeat=beat)  # seq 0
                 continue
+            if beat is not None:  # a controller from before (or its headers not in yet)
+                self.outbox.put_heartbeat(beat)
             msg = self.outbox.next_after(cursor, timeout_s=0.5, instance=instance)
             if msg is not None:
                 cursor = msg.seq

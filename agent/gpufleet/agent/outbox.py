@@ -239,6 +239,11 @@ class Outbox:
         # never dropped for space (only samples are): usage is cumulative and few per minute
         return self._put(pb.AgentMessage(usage=report))
 
+    def put_heartbeat(self, beat: pb.Heartbeat) -> int:
+        """A sequenced heartbeat, for a controller that predates unsequenced ones (it sends
+        no gpufleet-stream header and refuses seq 0; gpufleet.agent.client)."""
+        return self._put(pb.AgentMessage(heartbeat=beat))
+
     def put_command_result(self, result: pb.CommandResult) -> int:
         return self._put(pb.AgentMessage(command_result=result))
 

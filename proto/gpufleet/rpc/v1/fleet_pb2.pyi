@@ -1012,7 +1012,9 @@ class Heartbeat(_message.Message):
     straight onto the stream when one is up and not at all when none is; it is never spooled
     nor resent after a reconnect, and the controller never acks it (no write back per
     heartbeat). A dead controller is seen by gRPC keepalive, not by a missing ack. A heartbeat
-    with a seq (agents before this rule) is still stored and acked like any report.
+    with a seq (agents before this rule) is still stored and acked like any report. The agent
+    sends seq 0 only where the controller's initial metadata carries "gpufleet-stream" (it
+    takes unsequenced heartbeats); to a controller without it, heartbeats go sequenced.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
