@@ -5,23 +5,30 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 from .labconfig import SlurmLabError
-from .labcore import LabCore
+from .labcore import LAB_MARK, TRANSIENT_ERRORS, LabCore
 from .procs import (
     log,
     port_free,
     proc_alive,
     procs_named,
+    procs_with_env,
     read_pid,
     stop_pids,
     tail,
     with_descendants,
 )
+from .queries import TERMINAL_JOB_STATES
 from .roots import mount_root, unmount_recorded
 from .slurmdbd import ACCT_PACKAGES
+
+# squeue -t all lists ended jobs too (MinJobAge keeps them 300 s)
+ENDED_JOB_STATES = TERMINAL_JOB_STATES | {"REVOKED"}
 
 
 class Daemons(LabCore):
@@ -87,7 +94,11 @@ class Daemons(LabCore):
             self._unmount()
             return
         if self.ctld_alive():
-            self._cancel_all_jobs()
+            try:
+                self._cancel_all_jobs(time.monotonic() + 20)
+            except SlurmLabError as exc:  # stopping goes on: slurmstepds are killed below
+                log.warning("%s", exc)
+        self._stop_leftovers()
         self.stop_restd()
         pidfiles = sorted(self.pid_dir.glob("slurmd-*.pid"))
         self._stop_pidfiles(pidfiles, "slurmd", 20)
@@ -121,9 +132,13 @@ class Daemons(LabCore):
         if stuck:
             log.error("could not unmount %s", stuck)
 
-    def reset(self, timeout_s: float = 60) -> None:
-        """Back to a clean idle cluster between tests: restart dead daemons, cancel all jobs,
-        resume drained/down nodes. Node features/weights changed by a test are not restored.
+    def reset(self, timeout_s: float = 90) -> None:
+        """Back to a clean idle cluster between tests, whatever a test left: restart dead
+        daemons (and a slurmctld that is alive but does not answer), cancel every job of
+        every user (pending, held, arrays, hetjobs too) and wait until none is left, stop the
+        processes a test started through lab.env() that outlived it, resume drained/down
+        nodes, wait until every node is idle. Nothing is waited for on a lab already clean.
+        Node features/weights changed by a test are not restored.
         """
         deadline = time.monotonic() + timeout_s
         if not self.ctld_alive():
@@ -131,7 +146,8 @@ class Daemons(LabCore):
         for node in self.node_names:
             if not self.slurmd_alive(node):
                 self._start_slurmd(node)
-        self._cancel_all_jobs()
+        self._cancel_all_jobs(deadline)
+        self._stop_leftovers()
         for name, info in self.sinfo_nodes().items():
             flags = set(info.get("state_flags") or [])
             if info.get("state") == "down" or flags & {"DRAIN", "FAIL"}:
@@ -146,9 +162,6 @@ class Daemons(LabCore):
             pid = read_pid(path)
             out[path.stem] = pid if proc_alive(pid, comm) else None
         return out
-
-    def ctld_alive(self) -> bool:
-        return proc_alive(read_pid(self.pid_dir / "slurmctld.pid"), "slurmctld")
 
     def slurmd_alive(self, node: str) -> bool:
         return proc_alive(read_pid(self.pid_dir / f"slurmd-{node}.pid"), "slurmd")
@@ -216,10 +229,13 @@ class Daemons(LabCore):
                     )
             time.sleep(0.2)
         bad = {node: state for node, state in states.items() if state != "idle"} or states
-        logs = ", ".join(str(self.log_file(node)) for node in bad if node in self.node_names)
+        seen = ", ".join(f"{node} {state}" for node, state in sorted(bad.items()))
+        jobs = self.run("squeue", "-h", "-t", "all", "-o", "%A:%T", check=False, retry_s=0)
+        active = [j for j in jobs.stdout.split() if j.split(":")[-1] not in ENDED_JOB_STATES]
         raise SlurmLabError(
-            f"nodes not idle after {timeout_s:.0f}s: {bad or 'sinfo failed'}; "
-            f"read {logs or self.log_file('slurmctld')}"
+            f"nodes not idle after {timeout_s:.0f}s: {seen or 'sinfo failed'}; "
+            f"jobs not ended: {' '.join(active[:10]) or 'none'}; "
+            f"read {self.log_file('slurmctld')}"
         )
 
     def _check_ports(self) -> None:
@@ -249,20 +265,71 @@ class Daemons(LabCore):
             f"slurmd-{node}", ["/usr/sbin/slurmd", "-f", str(self.conf_path), "-N", node]
         )
 
-    def _cancel_all_jobs(self, timeout_s: float = 20) -> None:
-        """scancel everything and wait until nothing runs/completes (no slurmstepd left)."""
-        proc = self.run("squeue", "-h", "-o", "%i", check=False, timeout_s=10)
-        jobs = proc.stdout.split()
-        if proc.returncode != 0 or not jobs:
-            return
-        self.run("scancel", *jobs, check=False, timeout_s=10)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            proc = self.run("squeue", "-h", "-t", "R,CG,S,CF,PD", "-o", "%i", check=False)
-            if proc.returncode != 0 or not proc.stdout.strip():
-                return
+    def _active_jobs(self, deadline: float) -> list[tuple[str, str, str]]:
+        """(job id, uid, state) of every job not ended yet, every user's, pending and held
+        ones, array tasks and hetjob components included. A slurmctld whose process is alive
+        but that does not answer squeue (after run()'s retries) is restarted once."""
+        argv = ("squeue", "-h", "-t", "all", "-o", "%A|%U|%T")
+        proc: subprocess.CompletedProcess[str] | None = None
+        try:
+            proc = self.run(*argv, check=False, timeout_s=15)
+            said = proc.stderr + proc.stdout
+            wedged = proc.returncode != 0 and any(t in said for t in TRANSIENT_ERRORS)
+        except SlurmLabError as exc:  # timed out, every time run() asked
+            said, wedged = str(exc), True
+        if wedged and self.ctld_alive():
+            log.warning("slurmctld does not answer squeue (%s): restarting it",
+                        " ".join(said.split()))
+            self.stop_slurmctld()
+            self.start_slurmctld(max(deadline - time.monotonic(), 10.0))
+            proc = self.run(*argv, check=False, timeout_s=15)
+            said = proc.stderr + proc.stdout
+        if proc is None or proc.returncode != 0:
+            alive = "" if self.ctld_alive() else " (slurmctld is not running)"
+            raise SlurmLabError(
+                f"squeue failed{alive}: {' '.join(said.split()) or 'no message'}; "
+                f"read {self.log_file('slurmctld')}"
+            )
+        jobs = []
+        for line in proc.stdout.splitlines():
+            job, _, rest = line.strip().partition("|")
+            uid, _, state = rest.partition("|")
+            if state and state not in ENDED_JOB_STATES:
+                jobs.append((job, uid, state))
+        return jobs
+
+    def _cancel_all_jobs(self, deadline: float) -> None:
+        """scancel every user's jobs and wait until none is left (running, completing,
+        pending, held): by user, since a job id as squeue prints it is not always one scancel
+        takes (an array throttled with %N: `12_[5%2]` makes scancel refuse every id given)."""
+        jobs = self._active_jobs(deadline)
+        asked = float("-inf")
+        while jobs:
+            now = time.monotonic()
+            if now > deadline:
+                counts = Counter(state for _, _, state in jobs)
+                raise SlurmLabError(
+                    f"{len(jobs)} job(s) still there after scancel "
+                    f"({', '.join(f'{n} {st}' for st, n in sorted(counts.items()))}: "
+                    f"{' '.join(j for j, _, _ in jobs[:10])}); read {self.log_file('slurmctld')}"
+                )
+            if now - asked >= 5:  # again now and then: a job requeued, or submitted late
+                for uid in sorted({uid for _, uid, _ in jobs}):
+                    self.run("scancel", "-u", uid, check=False, timeout_s=15)
+                asked = now
             time.sleep(0.2)
-        log.warning("jobs still active %ss after scancel: %s", timeout_s, proc.stdout.split())
+            jobs = self._active_jobs(deadline)
+
+    def _stop_leftovers(self) -> None:
+        """Stop what a test started through lab.env() and left running, outside this process:
+        cli_filter's background helpers (`sleep 60; gpufleet-sbatch-filter release ...` that
+        would run scontrol against whatever lab is up a minute later), a job's processes."""
+        left = procs_with_env(LAB_MARK, str(self.lab_dir))
+        if left:
+            log.info("stopping processes a test left: %s", left)
+            stuck = stop_pids(left, 2)
+            if stuck:
+                log.error("leftover pids %s survived SIGKILL", stuck)
 
     def _our_stepds(self) -> list[int]:
         """slurmstepd processes of this lab. Their environ is empty, but cwd and the log fd

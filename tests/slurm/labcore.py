@@ -36,6 +36,31 @@ ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # PATH inside a root
 # Ambient variables that would change what client commands do or print (e.g. when the tests run
 # inside a Slurm job, or a developer has SQUEUE_FORMAT set): dropped from lab.env().
 _AMBIENT_SLURM_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SACCT_")
+# lab.env() marks every process started with it (and what those leave behind: cli_filter's
+# background helpers, a job's processes) with the lab's dir, so reset() and stop() can find
+# and stop what a test left running; the daemons' own environment (_slurm_env) is not marked
+LAB_MARK = "GPUFLEET_SLURMLAB_CLIENT_OF"
+# What a client prints when slurmctld is up but busy or restarting: asked again (run()).
+# An unknown job or node, a bad option, a refused update are not among them.
+TRANSIENT_ERRORS = ("Socket timed out", "Unable to contact slurm controller",
+                    "Zero Bytes were transmitted", "Connection refused",
+                    "Connection reset by peer", "Resource temporarily unavailable",
+                    "Transport endpoint is not connected")
+# Commands that only read (or, scancel, do the same thing however often they run): a
+# transient error is retried for up to RETRY_S while slurmctld's process is alive
+_READ_ONLY = frozenset({"sinfo", "squeue", "sacct", "sdiag", "sprio", "sshare", "sstat",
+                        "scancel"})
+RETRY_S = 30.0
+
+
+def _read_only(argv: Sequence[str]) -> bool:
+    """Whether running `argv` twice does no more than running it once."""
+    if not argv:
+        return False
+    if argv[0] == "scontrol":  # `scontrol show ...`, `scontrol --json show ...`
+        words = [a for a in argv[1:] if not a.startswith("-")]
+        return bool(words) and words[0] == "show"
+    return argv[0] in _READ_ONLY
 
 
 class LabCore:
@@ -154,6 +179,7 @@ class LabCore:
         environment (gpufleet's CLI Slurm client) reaches this lab's Slurm, whatever version."""
         env = self._slurm_env()
         env["PATH"] = f"{self.lab_dir / 'bin'}:{os.environ.get('PATH', os.defpath)}"
+        env[LAB_MARK] = str(self.lab_dir)
         return env
 
     def _slurm_env(self) -> dict[str, str]:
@@ -173,30 +199,56 @@ class LabCore:
         cwd: Path | None = None,
         input_text: str | None = None,
         user: str | None = None,
+        retry_s: float | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a Slurm client command against this lab (SLURM_CONF set, text output captured).
 
         It runs inside the lab's root for 24.11/26.05 (in `cwd`, whose path is the same
-        there); `user`: as that user."""
-        try:
-            proc = subprocess.run(
-                self.argv(argv, cwd=cwd, user=user),
-                env=self._slurm_env(),
-                cwd=cwd,
-                input=input_text,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise SlurmLabError(
-                f"`{shlex.join(argv)}` timed out after {timeout_s}s; "
-                f"is slurmctld up? read {self.log_file('slurmctld')}"
-            ) from exc
+        there); `user`: as that user. A command that only reads (sinfo, squeue, `scontrol
+        show`, ...) or scancel is asked again for up to `retry_s` (default RETRY_S; others 0)
+        when it timed out or slurmctld answered as a busy one does ("Socket timed out on
+        send/recv"), as long as slurmctld's process is alive (a stopped one fails at once)."""
+        if retry_s is None:
+            retry_s = RETRY_S if _read_only(argv) else 0.0
+        give_up = time.monotonic() + retry_s
+        pause_s = 0.2
+        while True:
+            try:
+                proc = subprocess.run(
+                    self.argv(argv, cwd=cwd, user=user),
+                    env=self._slurm_env(),
+                    cwd=cwd,
+                    input=input_text,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout_s,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired as exc:
+                problem = f"timed out after {timeout_s}s"
+                if not self._worth_retrying(give_up):
+                    raise SlurmLabError(
+                        f"`{shlex.join(argv)}` {problem}; is slurmctld up? "
+                        f"read {self.log_file('slurmctld')}"
+                    ) from exc
+            else:
+                said = proc.stderr + proc.stdout
+                if proc.returncode == 0 or not any(t in said for t in TRANSIENT_ERRORS) \
+                        or not self._worth_retrying(give_up):
+                    break
+                problem = said.strip().splitlines()[-1] if said.strip() else "failed"
+            log.info("`%s`: %s; asking again in %.1fs", shlex.join(argv), problem, pause_s)
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2.0)
         if check and proc.returncode != 0:
             raise SlurmCommandError(argv, proc.returncode, proc.stdout, proc.stderr)
         return proc
+
+    def _worth_retrying(self, give_up: float) -> bool:
+        return time.monotonic() < give_up and self.ctld_alive()
+
+    def ctld_alive(self) -> bool:
+        return proc_alive(read_pid(self.pid_dir / "slurmctld.pid"), "slurmctld")
 
     def __enter__(self) -> Self:
         self.start()

@@ -76,6 +76,42 @@ def with_descendants(roots: Iterable[int]) -> dict[int, str]:
     return found
 
 
+def procs_with_env(name: str, value: str) -> dict[int, str]:
+    """{pid: comm} of live processes started with `name=value` in their environment, except
+    this process, its ancestors and its descendants (what a test runs itself is its own)."""
+    needle = f"{name}={value}".encode()
+    parents: dict[int, int] = {}
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            head, _, rest = (entry / "stat").read_text().rpartition(")")
+            fields = rest.split()
+            parents[pid] = int(fields[1])
+            if fields[0] != "Z" and needle in (entry / "environ").read_bytes().split(b"\0"):
+                found[pid] = head.split("(", 1)[1]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    ours = {os.getpid()}
+    pid = os.getpid()
+    while pid in parents and parents[pid] not in ours and parents[pid] > 0:  # ancestors
+        pid = parents[pid]
+        ours.add(pid)
+
+    def mine(pid: int) -> bool:  # a descendant of this process
+        seen = set()
+        while pid > 1 and pid not in seen:
+            if pid == os.getpid():
+                return True
+            seen.add(pid)
+            pid = parents.get(pid, 0)
+        return False
+
+    return {pid: comm for pid, comm in found.items() if pid not in ours and not mine(pid)}
+
+
 def port_free(port: int) -> bool:
     """Bind like the daemons do (SO_REUSEADDR): TIME_WAIT leftovers are fine, listeners are not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

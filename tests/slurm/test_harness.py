@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from .harness import SlurmLab, SlurmLabConfig, write_gpufleet_hooks
+from .labcore import LAB_MARK, _read_only
+from .procs import procs_with_env
 
 # ------------------------------------------------------------- config generation (no Slurm)
 
@@ -65,6 +71,43 @@ def test_accounting_and_hooks_config(tmp_path: Path) -> None:
         SlurmLabConfig(lab_dir=tmp_path, accounting=True, dbd_port=6817)
     with pytest.raises(ValueError, match="absolute path"):
         SlurmLabConfig(lab_dir=tmp_path, prolog="prolog.sh")
+
+
+def test_only_reads_and_scancel_are_asked_again() -> None:
+    for argv in (["sinfo", "-N"], ["squeue", "--json"], ["scontrol", "show", "nodes", "--json"],
+                 ["scontrol", "--json", "show", "job", "3"], ["scancel", "-u", "0"]):
+        assert _read_only(argv), argv
+    for argv in (["sbatch", "--wrap", "true"], ["scontrol", "update", "nodename=n1"],
+                 ["scontrol", "ping"], ["scontrol"], ["srun", "true"], []):
+        assert not _read_only(argv), argv
+
+
+def _orphan(env: dict[str, str], pidfile: Path) -> int:
+    """A `sleep` whose parent exits at once, as cli_filter's `setsid -f` helpers are left."""
+    subprocess.run([sys.executable, "-c", "import subprocess as s, sys; open(sys.argv[1], 'w')"
+                    ".write(str(s.Popen(['sleep', '30'], start_new_session=True, "
+                    "stdout=s.DEVNULL, stderr=s.DEVNULL).pid))", str(pidfile)],
+                   env=env, check=True, timeout=10)
+    return int(pidfile.read_text())
+
+
+def test_leftovers_are_found_by_the_lab_mark_but_never_our_own_children(tmp_path: Path) -> None:
+    """What reset() stops: a process started with lab.env() that outlived its parent, never
+    one this process started itself, nor another lab's."""
+    env = {**os.environ, LAB_MARK: str(tmp_path)}
+    child = subprocess.Popen(["sleep", "30"], env=env)
+    orphan = _orphan(env, tmp_path / "orphan.pid")
+    stranger = _orphan({**os.environ, LAB_MARK: str(tmp_path / "other")}, tmp_path / "o.pid")
+    try:
+        found = procs_with_env(LAB_MARK, str(tmp_path))
+        assert found.get(orphan) == "sleep"
+        assert child.pid not in found
+        assert stranger not in found
+    finally:
+        for pid in (orphan, stranger):
+            os.kill(pid, 9)
+        child.kill()
+        child.wait()
 
 
 # ----------------------------------------------------------------------------- real Slurm
@@ -164,3 +207,34 @@ def test_controller_outage_keeps_state(clean_slurm_lab: SlurmLab) -> None:
     assert lab.job_state(job) == "RUNNING"
     assert lab.node_state("n8") == "IDLE+DRAIN"
     assert lab.node_reason("n8") == "before outage"
+
+
+@pytest.mark.slurm
+def test_reset_clears_whatever_a_test_left(clean_slurm_lab: SlurmLab, tmp_path: Path) -> None:
+    """Jobs of two users running, pending, held, an array throttled with %N (squeue prints
+    `12_[2-3%1]`, an id scancel refuses), a hetjob, a job pinned to a node in use (backfill
+    marks that node PLANNED), a drained node and a process left behind through lab.env():
+    reset() gets back to no jobs and every node idle."""
+    lab = clean_slurm_lab
+    lab.sbatch("-w", "n1", "-N1", "--exclusive", "--wrap", "sleep 600")
+    # pending for n1; backfill marks the idle n2 PLANNED for it
+    lab.sbatch("-w", "n[1-2]", "-N2", "--exclusive", "--wrap", "sleep 600")
+    lab.sbatch("--array=0-3%1", "--wrap", "sleep 600")
+    lab.sbatch("-H", "--wrap", "true")
+    lab.sbatch("-N1", "--wrap", "sleep 600", ":", "-N1", "--wrap", "sleep 600")
+    lab.sbatch("--wrap", "sleep 600", user="nobody")
+    lab.run("scontrol", "update", "nodename=n8", "state=drain", "reason=left by a test")
+    leftover = subprocess.Popen(["setsid", "-f", "sleep", "300"], env=lab.env())
+    leftover.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while "PENDING" not in lab.run("squeue", "-h", "-o", "%T").stdout.split():
+        assert time.monotonic() < deadline, "nothing pending"
+        time.sleep(0.2)
+    assert procs_with_env(LAB_MARK, str(lab.lab_dir))
+
+    lab.reset()
+    assert lab.run("squeue", "-h", "-o", "%i %T").stdout == ""
+    nodes = lab.sinfo_nodes()
+    assert {name: (n["state"], n["state_flags"]) for name, n in nodes.items()} == {
+        name: ("idle", []) for name in lab.node_names}
+    assert procs_with_env(LAB_MARK, str(lab.lab_dir)) == {}
