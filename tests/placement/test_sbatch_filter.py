@@ -300,3 +300,36 @@ def test_only_known_unhealthy_nodes_are_avoided(tmp_path: Path) -> None:
         api.close()
     assert answer.avoid == ("n3", "n4")
     assert not answer.placement.ok  # nothing known healthy to pin: Slurm places it
+
+
+def test_release_asks_again_while_slurmctld_is_busy(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The release helper is the only thing that un-pins a job: one scontrol that timed out
+    must not leave the job waiting on its pinned nodes."""
+    from gpufleet.scheduler.cli import sbatch_filter
+    from gpufleet.scheduler.cli.sbatch_filter import release
+
+    monkeypatch.setattr(sbatch_filter, "SCONTROL_RETRY_S", 0.01)
+
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+n=$(wc -l < {calls})
+if [ "$n" -le 2 ]; then echo "Socket timed out on send/recv operation" >&2; exit 1; fi
+case "$1" in
+  show) echo "JobId=7 JobState=PENDING ReqNodeList=n[1-2]" ;;
+  update) exit 0 ;;
+esac
+""")
+    scontrol.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    assert release("7", "n1,n2", 0, env) == "job 7: released n1,n2"
+    assert calls.read_text().splitlines() == [
+        "show job -o 7", "show job -o 7", "show job -o 7", "update JobId=7 ReqNodeList="]
+    # a job Slurm no longer knows is not asked about again
+    calls.write_text("x\nx\n")
+    (tmp_path / "scontrol").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\necho "Invalid job id specified" >&2\nexit 1\n')
+    assert release("8", "n1", 0, env) == "job 8: gone, kept"
+    assert len(calls.read_text().splitlines()) == 3

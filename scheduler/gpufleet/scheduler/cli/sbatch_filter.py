@@ -34,11 +34,13 @@ import time
 
 TYPE_CHECKING = False  # typing's import pulls in re and collections; mypy reads the name
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Mapping, Sequence
 
 CLIENT_CONFIG = "/etc/gpufleet/client.toml"
 PLACE_TIMEOUT_S = 1.0
 PIN_RELEASE_S = 60.0  # a pinned job still pending after this long gets its node list back
+SCONTROL_RETRY_S = 1.0  # the release's first wait before asking a busy slurmctld again
 SWITCH_WAIT_MIN = 5
 CKPT_SIGNAL = "USR1"
 CKPT_SIGNAL_BEFORE_END_S = 300
@@ -560,21 +562,37 @@ def _same_nodes(a: str, b: str) -> bool:
     return bool(NodeSet(a.replace("(null)", "")) == NodeSet(b))
 
 
+def _scontrol(args: list[str], env: Mapping[str, str], tries: int = 5
+              ) -> subprocess.CompletedProcess[str]:
+    """scontrol, asked again (1, 2, 4, 8 s apart) while slurmctld is busy or away: a release
+    that gives up on one timed-out call leaves the job waiting on its pinned nodes."""
+    import subprocess
+
+    delay_s = SCONTROL_RETRY_S
+    for attempt in range(tries):
+        try:
+            p = subprocess.run(["scontrol", *args], capture_output=True, text=True,
+                               check=False, timeout=30, env=dict(env))
+        except subprocess.TimeoutExpired:
+            p = subprocess.CompletedProcess(["scontrol", *args], 1, "", "timed out")
+        if p.returncode == 0 or "Invalid job id" in p.stderr or attempt == tries - 1:
+            return p
+        time.sleep(delay_s)
+        delay_s *= 2
+    raise AssertionError("not reached")
+
+
 def release(job: str, nodes: str, delay_s: float, env: Mapping[str, str]) -> str:
     """After delay_s: a job still PENDING with the node list gpufleet pinned gets it cleared
     (`scontrol update ReqNodeList=`), so it never waits for nodes someone else took."""
-    import subprocess
-
     time.sleep(delay_s)
-    p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
-                       check=False, timeout=30, env=dict(env))
+    p = _scontrol(["show", "job", "-o", job], env)
     fields = dict(w.split("=", 1) for w in p.stdout.split() if "=" in w)
     if p.returncode != 0 or fields.get("JobState") != "PENDING":
         return f"job {job}: {fields.get('JobState', 'gone')}, kept"
     if not _same_nodes(fields.get("ReqNodeList", ""), nodes):
         return f"job {job}: node list now {fields.get('ReqNodeList')!r}, not ours: kept"
-    u = subprocess.run(["scontrol", "update", f"JobId={job}", "ReqNodeList="],
-                       capture_output=True, text=True, check=False, timeout=30, env=dict(env))
+    u = _scontrol(["update", f"JobId={job}", "ReqNodeList="], env)
     return f"job {job}: released {nodes}" if u.returncode == 0 else \
         f"job {job}: release failed: {u.stderr.strip()}"
 
