@@ -121,6 +121,7 @@ class JobResult:
     start: float = 0.0
     end: float = 0.0
     on_unhealthy: list[str] = field(default_factory=list)
+    added: str = ""  # gpufleet sbatch: what the filter added (pin, sw=K@M, ex, -)
 
 
 @dataclass
@@ -198,17 +199,36 @@ def leaves_of(lab: SlurmLab) -> dict[str, str]:
     return out
 
 
+def _added(stderr: str) -> str:
+    """The filter's `adds ...` line (--gpufleet-verbose) in short: pin, sw=K@M, ex, -."""
+    words: list[str] = []
+    for line in stderr.splitlines():
+        if " adds " not in line:
+            continue
+        for flag in line.split(" adds ", 1)[1].split():
+            if flag.startswith("--nodelist="):
+                words.append("pin")
+            elif flag.startswith("--switches="):
+                words.append("sw=" + flag.split("=", 1)[1])
+            elif flag.startswith("--exclude="):
+                words.append("ex")
+    return "+".join(words) or "-"
+
+
 def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path,
-                     fallbacks: list[str]) -> str:
+                     fallbacks: list[str], added: dict[str, str]) -> str:
     """Submit with --gpufleet-verbose; a submission the helper sent on as plain sbatch (no
-    answer from Place in time, or an error) is added to `fallbacks` with the reason."""
+    answer from Place in time, or an error) is added to `fallbacks` with the reason, and
+    what the filter added to each job to `added` (job id -> _added)."""
     argv = [GPUFLEET, "sbatch", "--gpufleet-verbose", "--parsable", *args]
     p = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False,
                        timeout=60)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()}")
     fallbacks.extend(line for line in p.stderr.splitlines() if "no placement (" in line)
-    return p.stdout.strip().split(";")[0]
+    job_id = p.stdout.strip().split(";")[0]
+    added[job_id] = "fb" if "no placement (" in p.stderr else _added(p.stderr)
+    return job_id
 
 
 def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResult]:
@@ -223,9 +243,13 @@ def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResu
     try:
         env = placed.env()
         fallbacks: list[str] = []
+        added: dict[str, str] = {}
         gf = replay(lab, trace,
-                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir, fallbacks),
+                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir, fallbacks,
+                                               added),
                     lambda _t: degrade(placed.store, trace.fault_node), leaf_of)
+        for r in gf:
+            r.added = added.get(r.job_id, "?")
     finally:
         placed.close()
     return (RunResult("plain sbatch", plain, gpus),
@@ -237,7 +261,7 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
              f"{trace.degraded_at_start} degraded from the start, {trace.fault_node} degraded "
              f"at {trace.fault_s:.0f} s (gpufleet health; Slurm sees neither)",
              f"{'job':5} {'kind':10} {'N':>2} {'run s':>5} | {'plain: leaves':>13} {'wait s':>6} "
-             f"{'nodes':12} | {'gpufleet: leaves':>16} {'wait s':>6} {'nodes':12}"]
+             f"{'nodes':12} | {'gpufleet: leaves':>16} {'wait s':>6} {'nodes':12} added"]
     for p, g in zip(plain.jobs, gf.jobs, strict=True):
         def nodes(r: JobResult) -> str:
             text = ",".join(r.nodes)
@@ -245,8 +269,10 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
             return text + ("!" if r.on_unhealthy else "")
         lines.append(f"{p.job.name:5} {p.job.kind:10} {p.job.nodes:2d} {p.job.run_s:5.1f} | "
                      f"{p.leaves:13d} {p.wait_s:6.0f} {nodes(p):12} | {g.leaves:16d} "
-                     f"{g.wait_s:6.0f} {nodes(g):12}")
-    lines.append("(! = placed on a node gpufleet's health called unhealthy at submission)")
+                     f"{g.wait_s:6.0f} {nodes(g):12} {g.added}")
+    lines.append("(! = placed on a node gpufleet's health called unhealthy at submission; "
+                 "added: what gpufleet's filter added, pin = --nodelist, sw = --switches, "
+                 "ex = --exclude, fb = no placement, - = nothing)")
     lines.append(f"{'total':24} {'leaves spanned':>15} {'multi-node leaves':>17} {'wait s':>7} "
                  f"{'mean wait s':>11} {'GPU util':>8} {'on unhealthy':>12} {'not COMPLETED':>13}")
     for r in (plain, gf):
@@ -255,6 +281,15 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
         lines.append(f"{r.how:24} {r.total('leaves'):15.0f} {multi:17d} {r.total('wait_s'):7.0f} "
                      f"{r.total('wait_s') / len(r.jobs):11.2f} {r.utilisation:8.1%} "
                      f"{r.total('on_unhealthy'):12.0f} {bad:13d}")
+    lines.append("mean wait s, plain / gpufleet, per kind and per what gpufleet added:")
+    groups: dict[str, list[tuple[JobResult, JobResult]]] = {}
+    for p, g in zip(plain.jobs, gf.jobs, strict=True):
+        groups.setdefault(f"kind {p.job.kind}", []).append((p, g))
+        groups.setdefault(f"added {g.added}", []).append((p, g))
+    for key, pairs in groups.items():
+        n = len(pairs)
+        lines.append(f"  {key:24} {n:3d} job(s): {sum(p.wait_s for p, _ in pairs) / n:6.2f} / "
+                     f"{sum(g.wait_s for _, g in pairs) / n:6.2f}")
     reasons = sorted({f.split("no placement (", 1)[1].split(")")[0][:60] for f in gf.fallbacks})
     lines.append(f"gpufleet sbatch: {len(gf.fallbacks)} of {len(gf.jobs)} submission(s) went "
                  f"on as plain sbatch (no placement){': ' if reasons else ''}"
