@@ -83,12 +83,14 @@ def make_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 1.0,
                  fault_node=f"n{max(2, nodes // 4)}", fault_s=round(t / 2, 2))
 
 
-def make_fill_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 0.3) -> Trace:
+def make_fill_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 0.3,
+                    run_scale: float = 1.0) -> Trace:
     """A seeded trace that fills the lab, fragmented: its first half are 1-GPU and
     partial-node jobs (2-6 GPUs on one node) arriving fast with long, mixed run times
     (20-60 s), so by the time the second half arrives most nodes are partly used; the second
     half is ~60 % whole-node jobs of 2..nodes/4 nodes (6-15 s) among more small jobs (5-30 s)
-    that keep taking the holes the first ones leave. Arrival gaps: exponential, mean gap_s."""
+    that keep taking the holes the first ones leave. Arrival gaps: exponential, mean gap_s;
+    run times times run_scale (CI: a short trace of the same shape)."""
     rnd = random.Random(seed)
     out: list[TraceJob] = []
     t = 0.0
@@ -96,13 +98,13 @@ def make_fill_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 0.3) ->
     for i in range(jobs):
         multi = i >= jobs // 2 and rnd.random() < 0.6
         if multi:
-            job = TraceJob(f"t{i:03d}", KINDS[2], round(t, 2), round(rnd.uniform(6, 15), 1),
-                           rnd.randint(2, widest), 8)
+            job = TraceJob(f"t{i:03d}", KINDS[2], round(t, 2),
+                           round(rnd.uniform(6, 15) * run_scale, 1), rnd.randint(2, widest), 8)
         else:
             one = rnd.random() < 0.55
             run = rnd.uniform(20, 60) if i < jobs // 2 else rnd.uniform(5, 30)
             job = TraceJob(f"t{i:03d}", KINDS[0] if one else PART_NODE, round(t, 2),
-                           round(run, 1), 1, 1 if one else rnd.randint(2, 6))
+                           round(run * run_scale, 1), 1, 1 if one else rnd.randint(2, 6))
         out.append(job)
         t += rnd.expovariate(1 / gap_s)
     return Trace(out, degraded_at_start=f"n{max(1, nodes // 2 + 2)}",
