@@ -12,7 +12,7 @@ placed on a node that gpufleet's health called unhealthy when the job was submit
 
     flock /tmp/gpufleet-slurm.lock .venv/bin/python bench/placement_vs_slurm.py \\
         --nodes 32 --leaves 4 --jobs 48
-    ... --nodes 32 --leaves 4 --jobs 96 --fill --gap-s 0.3   # fills the lab, fragmented
+    ... --nodes 32 --leaves 4 --jobs 96 --fill   # fills the lab, fragmented (gaps 0.3 s)
 (root: the lab starts slurmctld/slurmd; lab in /tmp/gpufleet-bench-pvs, port 7417). The
 small size runs in CI: tests/placement/test_placement_vs_slurm.py.
 """
@@ -304,7 +304,8 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=32)
     ap.add_argument("--leaves", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=48)
-    ap.add_argument("--gap-s", type=float, default=1.0, help="mean gap between arrivals")
+    ap.add_argument("--gap-s", type=float, default=None,
+                    help="mean gap between arrivals (default 1.0; 0.3 with --fill)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fill", action="store_true",
                     help="a trace that fills the lab, fragmented (make_fill_trace): small "
@@ -322,8 +323,8 @@ def main() -> int:
           f"started in {time.monotonic() - t:.0f} s")
     tmp = Path(tempfile.mkdtemp(prefix="gf-pvs-"))
     try:
-        trace = (make_fill_trace(a.nodes, a.jobs, a.seed, a.gap_s) if a.fill
-                 else make_trace(a.nodes, a.jobs, a.seed, a.gap_s))
+        trace = (make_fill_trace(a.nodes, a.jobs, a.seed, a.gap_s or 0.3) if a.fill
+                 else make_trace(a.nodes, a.jobs, a.seed, a.gap_s or 1.0))
         plain, gf = run_both(lab, trace, tmp)
         print(table(trace, plain, gf))
     finally:
