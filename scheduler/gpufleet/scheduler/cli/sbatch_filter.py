@@ -9,7 +9,8 @@ sbatch job component, after sbatch itself merged the command line, SBATCH_* vari
 `place` asks the controller (FleetUser.Place, as the calling user, MUNGE) and prints only
 what cannot make the job wait longer than plain sbatch would:
 - always `exclude=...` (the user's exclusions plus the nodes gpufleet's health keeps jobs off);
-- `nodelist=...` (a pin) only when the controller found nodes where the job starts now and it
+- `nodelist=...` (a pin) only when the controller found nodes free now, no job waits for nodes
+  in the partition (Slurm's backfill may hold free nodes for those), and the job
   asks nothing placement cannot judge (see PIN_OK): no array, dependency, --begin, --hold,
   CPU/memory/licence asks, ranges; released after `pin_release_s` if it is still pending;
 - `switches=1@0:30` only for a multi-node job that is not pinned and starts now on one leaf;
@@ -449,18 +450,21 @@ def _flag(flags: Sequence[str], name: str) -> str | None:
 
 
 def decide(opts: Mapping[str, object], plan: Plan, ok: bool, flags: Sequence[str],
-           leaves: int, avoid: Sequence[str]) -> dict[str, str]:
-    """The options to set, from the controller's answer (`ok`: the job starts now on the
-    nodes in `flags`, across `leaves` leaf switches). The exclusions always; a pin carries
-    them too: once released (pin_release_s) the job must still stay off the unhealthy nodes.
-    A pin or a switch count only where the job starts now: otherwise either would make it
-    wait for particular nodes or one leaf while Slurm could start it sooner elsewhere."""
+           leaves: int, avoid: Sequence[str], waiting: int = 0) -> dict[str, str]:
+    """The options to set, from the controller's answer (`ok`: the nodes in `flags` are free
+    now, across `leaves` leaf switches; `waiting`: jobs pending for nodes in its partition).
+    The exclusions always; a pin carries them too: once released (pin_release_s) the job
+    must still stay off the unhealthy nodes. A pin or a switch count only where the job
+    starts now: otherwise either would make it wait for particular nodes or one leaf while
+    Slurm could start it sooner elsewhere. With jobs waiting ahead of it, free nodes may be
+    held for them by Slurm's backfill (fill trace: pinned 1-GPU jobs waited 13-49 s where
+    plain sbatch started some at once): not sure, so no pin."""
     out: dict[str, str] = {}
     user_exclude = str(opts.get("exclude") or "")
     extra = [n for n in avoid if n not in set(user_exclude.split(","))]
     if extra:
         out["exclude"] = ",".join([x for x in (user_exclude,) if x] + extra)
-    if not ok:
+    if not ok or waiting > 0:
         return out
     if plan.pin:
         nodelist = _flag(flags, "nodelist")
@@ -549,7 +553,7 @@ def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - ea
     if not plan.pin:
         _debug(env, f"component {offset}: not pinned ({plan.why_not_pin})")
     out.update(decide(opts, plan, reply.ok, reply.flags, int(reply.cost.get("leaves", 0)),
-                      reply.avoid))
+                      reply.avoid, int(reply.cost.get("jobs_waiting", 0))))
     if "nodelist" in out:  # when cli_filter.lua checks whether the pinned job started
         delay = float(env.get("GPUFLEET_PIN_RELEASE_S") or cfg.pin_release_s)
         out["gpufleet-release-after"] = f"{max(0, int(delay))}"

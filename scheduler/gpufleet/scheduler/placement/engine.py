@@ -488,6 +488,10 @@ def place(view: ClusterView, req: PlacementRequest) -> Placement:
         f"{shape}{where}: {k} leaf switch(es) ({', '.join(best.leaves)}), {best.hops} hop(s); "
         f"{k} is the fewest possible ({el.n_choices} eligible node(s) now)",
     ]
+    waiting = view.waiting_jobs.get(partition or "", 0)
+    if waiting:
+        expl.append(f"{waiting} job(s) pending for nodes{where}: Slurm may hold these nodes "
+                    "for them, so the job may not start on them now")
     if skipped:
         expl.append(f"not eligible: {skipped}")
     expl.extend(notes)
@@ -510,7 +514,8 @@ def place(view: ClusterView, req: PlacementRequest) -> Placement:
         ok=True, request=req, nodes=chosen, flags=flags, score=round(score, 1),
         cost={"leaves": k, "hops": best.hops, "island_splits": best.splits,
               "nic_rank": best.nic_rank, "idle_leaves_opened": best.empty_leaves_opened,
-              "leftover_nodes": best.leftover},
+              "leftover_nodes": best.leftover,
+              "jobs_waiting": waiting},
         explanation=expl,
         env={"GPUFLEET_PLACEMENT": " ".join(
             f"{c.node}:{','.join(map(str, c.gpus))}" for c in chosen)},
