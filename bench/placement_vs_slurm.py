@@ -12,7 +12,7 @@ placed on a node that gpufleet's health called unhealthy when the job was submit
 
     flock /tmp/gpufleet-slurm.lock .venv/bin/python bench/placement_vs_slurm.py \\
         --nodes 32 --leaves 4 --jobs 48
-    ... --nodes 32 --leaves 4 --jobs 96 --fill --gap-s 0.3   # fills the lab, fragmented
+    ... --nodes 32 --leaves 4 --jobs 96 --fill   # fills the lab, fragmented (gaps 0.3 s)
 (root: the lab starts slurmctld/slurmd; lab in /tmp/gpufleet-bench-pvs, port 7417). The
 small size runs in CI: tests/placement/test_placement_vs_slurm.py.
 """
@@ -83,12 +83,14 @@ def make_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 1.0,
                  fault_node=f"n{max(2, nodes // 4)}", fault_s=round(t / 2, 2))
 
 
-def make_fill_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 0.3) -> Trace:
+def make_fill_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 0.3,
+                    run_scale: float = 1.0) -> Trace:
     """A seeded trace that fills the lab, fragmented: its first half are 1-GPU and
     partial-node jobs (2-6 GPUs on one node) arriving fast with long, mixed run times
     (20-60 s), so by the time the second half arrives most nodes are partly used; the second
     half is ~60 % whole-node jobs of 2..nodes/4 nodes (6-15 s) among more small jobs (5-30 s)
-    that keep taking the holes the first ones leave. Arrival gaps: exponential, mean gap_s."""
+    that keep taking the holes the first ones leave. Arrival gaps: exponential, mean gap_s;
+    run times times run_scale (CI: a short trace of the same shape)."""
     rnd = random.Random(seed)
     out: list[TraceJob] = []
     t = 0.0
@@ -96,13 +98,13 @@ def make_fill_trace(nodes: int, jobs: int, seed: int = 1, gap_s: float = 0.3) ->
     for i in range(jobs):
         multi = i >= jobs // 2 and rnd.random() < 0.6
         if multi:
-            job = TraceJob(f"t{i:03d}", KINDS[2], round(t, 2), round(rnd.uniform(6, 15), 1),
-                           rnd.randint(2, widest), 8)
+            job = TraceJob(f"t{i:03d}", KINDS[2], round(t, 2),
+                           round(rnd.uniform(6, 15) * run_scale, 1), rnd.randint(2, widest), 8)
         else:
             one = rnd.random() < 0.55
             run = rnd.uniform(20, 60) if i < jobs // 2 else rnd.uniform(5, 30)
             job = TraceJob(f"t{i:03d}", KINDS[0] if one else PART_NODE, round(t, 2),
-                           round(run, 1), 1, 1 if one else rnd.randint(2, 6))
+                           round(run * run_scale, 1), 1, 1 if one else rnd.randint(2, 6))
         out.append(job)
         t += rnd.expovariate(1 / gap_s)
     return Trace(out, degraded_at_start=f"n{max(1, nodes // 2 + 2)}",
@@ -121,6 +123,7 @@ class JobResult:
     start: float = 0.0
     end: float = 0.0
     on_unhealthy: list[str] = field(default_factory=list)
+    added: str = ""  # gpufleet sbatch: what the filter added (pin, sw=K@M, ex, -)
 
 
 @dataclass
@@ -198,17 +201,36 @@ def leaves_of(lab: SlurmLab) -> dict[str, str]:
     return out
 
 
+def _added(stderr: str) -> str:
+    """The filter's `adds ...` line (--gpufleet-verbose) in short: pin, sw=K@M, ex, -."""
+    words: list[str] = []
+    for line in stderr.splitlines():
+        if " adds " not in line:
+            continue
+        for flag in line.split(" adds ", 1)[1].split():
+            if flag.startswith("--nodelist="):
+                words.append("pin")
+            elif flag.startswith("--switches="):
+                words.append("sw=" + flag.split("=", 1)[1])
+            elif flag.startswith("--exclude="):
+                words.append("ex")
+    return "+".join(words) or "-"
+
+
 def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path,
-                     fallbacks: list[str]) -> str:
+                     fallbacks: list[str], added: dict[str, str]) -> str:
     """Submit with --gpufleet-verbose; a submission the helper sent on as plain sbatch (no
-    answer from Place in time, or an error) is added to `fallbacks` with the reason."""
+    answer from Place in time, or an error) is added to `fallbacks` with the reason, and
+    what the filter added to each job to `added` (job id -> _added)."""
     argv = [GPUFLEET, "sbatch", "--gpufleet-verbose", "--parsable", *args]
     p = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False,
                        timeout=60)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()}")
     fallbacks.extend(line for line in p.stderr.splitlines() if "no placement (" in line)
-    return p.stdout.strip().split(";")[0]
+    job_id = p.stdout.strip().split(";")[0]
+    added[job_id] = "fb" if "no placement (" in p.stderr else _added(p.stderr)
+    return job_id
 
 
 def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResult]:
@@ -223,9 +245,13 @@ def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResu
     try:
         env = placed.env()
         fallbacks: list[str] = []
+        added: dict[str, str] = {}
         gf = replay(lab, trace,
-                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir, fallbacks),
+                    lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir, fallbacks,
+                                               added),
                     lambda _t: degrade(placed.store, trace.fault_node), leaf_of)
+        for r in gf:
+            r.added = added.get(r.job_id, "?")
     finally:
         placed.close()
     return (RunResult("plain sbatch", plain, gpus),
@@ -237,7 +263,7 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
              f"{trace.degraded_at_start} degraded from the start, {trace.fault_node} degraded "
              f"at {trace.fault_s:.0f} s (gpufleet health; Slurm sees neither)",
              f"{'job':5} {'kind':10} {'N':>2} {'run s':>5} | {'plain: leaves':>13} {'wait s':>6} "
-             f"{'nodes':12} | {'gpufleet: leaves':>16} {'wait s':>6} {'nodes':12}"]
+             f"{'nodes':12} | {'gpufleet: leaves':>16} {'wait s':>6} {'nodes':12} added"]
     for p, g in zip(plain.jobs, gf.jobs, strict=True):
         def nodes(r: JobResult) -> str:
             text = ",".join(r.nodes)
@@ -245,8 +271,10 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
             return text + ("!" if r.on_unhealthy else "")
         lines.append(f"{p.job.name:5} {p.job.kind:10} {p.job.nodes:2d} {p.job.run_s:5.1f} | "
                      f"{p.leaves:13d} {p.wait_s:6.0f} {nodes(p):12} | {g.leaves:16d} "
-                     f"{g.wait_s:6.0f} {nodes(g):12}")
-    lines.append("(! = placed on a node gpufleet's health called unhealthy at submission)")
+                     f"{g.wait_s:6.0f} {nodes(g):12} {g.added}")
+    lines.append("(! = placed on a node gpufleet's health called unhealthy at submission; "
+                 "added: what gpufleet's filter added, pin = --nodelist, sw = --switches, "
+                 "ex = --exclude, fb = no placement, - = nothing)")
     lines.append(f"{'total':24} {'leaves spanned':>15} {'multi-node leaves':>17} {'wait s':>7} "
                  f"{'mean wait s':>11} {'GPU util':>8} {'on unhealthy':>12} {'not COMPLETED':>13}")
     for r in (plain, gf):
@@ -255,6 +283,15 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
         lines.append(f"{r.how:24} {r.total('leaves'):15.0f} {multi:17d} {r.total('wait_s'):7.0f} "
                      f"{r.total('wait_s') / len(r.jobs):11.2f} {r.utilisation:8.1%} "
                      f"{r.total('on_unhealthy'):12.0f} {bad:13d}")
+    lines.append("mean wait s, plain / gpufleet, per kind and per what gpufleet added:")
+    groups: dict[str, list[tuple[JobResult, JobResult]]] = {}
+    for p, g in zip(plain.jobs, gf.jobs, strict=True):
+        groups.setdefault(f"kind {p.job.kind}", []).append((p, g))
+        groups.setdefault(f"added {g.added}", []).append((p, g))
+    for key, pairs in groups.items():
+        n = len(pairs)
+        lines.append(f"  {key:24} {n:3d} job(s): {sum(p.wait_s for p, _ in pairs) / n:6.2f} / "
+                     f"{sum(g.wait_s for _, g in pairs) / n:6.2f}")
     reasons = sorted({f.split("no placement (", 1)[1].split(")")[0][:60] for f in gf.fallbacks})
     lines.append(f"gpufleet sbatch: {len(gf.fallbacks)} of {len(gf.jobs)} submission(s) went "
                  f"on as plain sbatch (no placement){': ' if reasons else ''}"
@@ -267,7 +304,8 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=32)
     ap.add_argument("--leaves", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=48)
-    ap.add_argument("--gap-s", type=float, default=1.0, help="mean gap between arrivals")
+    ap.add_argument("--gap-s", type=float, default=None,
+                    help="mean gap between arrivals (default 1.0; 0.3 with --fill)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fill", action="store_true",
                     help="a trace that fills the lab, fragmented (make_fill_trace): small "
@@ -285,8 +323,8 @@ def main() -> int:
           f"started in {time.monotonic() - t:.0f} s")
     tmp = Path(tempfile.mkdtemp(prefix="gf-pvs-"))
     try:
-        trace = (make_fill_trace(a.nodes, a.jobs, a.seed, a.gap_s) if a.fill
-                 else make_trace(a.nodes, a.jobs, a.seed, a.gap_s))
+        trace = (make_fill_trace(a.nodes, a.jobs, a.seed, a.gap_s or 0.3) if a.fill
+                 else make_trace(a.nodes, a.jobs, a.seed, a.gap_s or 1.0))
         plain, gf = run_both(lab, trace, tmp)
         print(table(trace, plain, gf))
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2
 from gpufleet.scheduler.cli.entry import filter_command
+from gpufleet.scheduler.health.policy import PolicyConfig
 from gpufleet.scheduler.placement.sources import SlurmViewSource
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
@@ -93,8 +94,12 @@ class Placed:
         self.store = write_store(tmp / "state.db", degraded, lab.node_names)
         slurm = CliSlurmClient(env=lab.env(), timeout_s=5)  # as the controller's view source
         self.ctl_view_source = SlurmViewSource(slurm, 5)  # what `gpufleet controller` uses
+        # no agent reports here: the stored verdicts stand for agents that do. With the
+        # policy's 30 s of silence every node turned unreachable mid-trace and Place then
+        # avoided nothing (bench/placement_vs_slurm.py --fill: traces of 88 s)
         self.ctl = Controller(self.store, FakeSlurm(list(lab.node_names)),
-                              listen="127.0.0.1:0", user_view_source=self.ctl_view_source)
+                              listen="127.0.0.1:0", user_view_source=self.ctl_view_source,
+                              policy=PolicyConfig(unreachable_after_s=24 * 3600.0))
         self.ctl.start()
         self.conf = lab_client_conf(lab, tmp / "client-etc")
         (tmp / "client.toml").write_text(

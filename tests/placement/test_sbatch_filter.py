@@ -122,16 +122,31 @@ def test_decide_pins_only_what_may_be_pinned() -> None:
     # the unhealthy node stays excluded with the pin: a released pin must not land there
     assert decide(opts, plan, True, ok_flags, 1, ["n4"]) == {"nodelist": "n[1-2]",
                                                             "exclude": "n4"}
+    # free now, but jobs wait for nodes in the partition (backfill may hold these for
+    # them): not sure it starts now, so neither a pin nor a switch count
+    assert decide(opts, plan, True, ok_flags, 1, ["n4"], waiting=1) == {"exclude": "n4"}
     opts = {"nodes": "2", "gres": "gres:gpu:8", "mem": "1G", "exclude": "n9"}
     plan = plan_from_options(opts, 0)
     assert plan is not None
+    # not pinned, starts now on one leaf: a short switch count (Slurm's pick may span more)
     assert decide(opts, plan, True, ok_flags, 1, ["n4", "n9"]) == {
-        "exclude": "n9,n4", "switches": "1@5"}
-    # not now: the fallback's switch count, never a pin
+        "exclude": "n9,n4", "switches": "1@0:30"}
+    # ... on two leaves now: Slurm's own topology placement, no count to wait for
+    assert decide(opts, plan, True, ok_flags, 2, ["n4"]) == {"exclude": "n9,n4"}
+    # an array: its later tasks start later, where "one leaf now" says nothing
+    aopts = {"nodes": "2", "gres": "gres:gpu:8", "array": "0-3"}
+    aplan = plan_from_options(aopts, 0)
+    assert aplan is not None and decide(aopts, aplan, True, ok_flags, 1, []) == {}
+    # not now: the exclusions only, never a pin nor a switch count (either would make the
+    # job wait for particular nodes while Slurm could start it sooner elsewhere)
     plan = plan_from_options({"nodes": "2"}, 0)
     assert plan is not None
-    assert decide({"nodes": "2"}, plan, False, ["--switches=1@10", "--exclude=n4"], 0,
-                  ["n4"]) == {"exclude": "n4", "switches": "1@10"}
+    assert decide({"nodes": "2"}, plan, False, ["--switches=1@10", "--exclude=n4"], 1,
+                  ["n4"]) == {"exclude": "n4"}
+    plan = plan_from_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0)
+    assert plan is not None and plan.pin
+    assert decide({"nodes": "2"}, plan, False, ["--nodes=2", "--exclude=n4"], 1,
+                  ["n4"]) == {"exclude": "n4"}
     # one node: no switch count; the user's own --switches wins
     plan = plan_from_options({"nodes": "1", "mem": "1"}, 0)
     assert plan is not None and decide({"nodes": "1", "mem": "1"}, plan, True, [], 1, []) == {}
@@ -212,15 +227,14 @@ def test_place_options_end_to_end(ctl: Controller, munged: MungeServer, tmp_path
                    f'munge_socket = "{munged.socket}"\n')
     env = {"GPUFLEET_CLIENT_CONFIG": str(cfg), "PATH": os.environ["PATH"]}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env) == {
-        "nodelist": "n[1-2]", "exclude": "n4", "gpufleet-release-after": "60"}
+        "nodelist": "n[1-2]", "exclude": "n4", "gpufleet-release-after": "10"}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0,
                          {**env, "GPUFLEET_PIN_RELEASE_S": "5"})["gpufleet-release-after"] == "5"
     # the same job as a hetjob component 0 (a `:` on sbatch's command line): not pinned
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env,
-                         het=True) == {"exclude": "n4", "switches": "1@5"}
+                         het=True) == {"exclude": "n4", "switches": "1@0:30"}
     assert place_options({"nodes": "1", "mem": "1G"}, 0, env) == {"exclude": "n4"}
-    assert place_options({"array": "0-1", "nodes": "3"}, 0, env) == {
-        "exclude": "n4", "switches": "2@5"}
+    assert place_options({"array": "0-1", "nodes": "3"}, 0, env) == {"exclude": "n4"}
     assert place_options({"nodes": "1", "hold": "set"}, 0, env) == {}
     # controller away, or none configured: nothing added
     cfg.write_text('controller = "127.0.0.1:1"\ninsecure = true\n')

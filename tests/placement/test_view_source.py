@@ -153,3 +153,30 @@ def test_a_node_without_gres_used_never_keeps_the_jobs() -> None:
     clock.t += 1
     source()
     assert "squeue --json" in _asked(client)
+
+
+def test_jobs_waiting_for_nodes_are_counted_per_partition_and_stop_pins() -> None:
+    from gpufleet.scheduler.placement import PlacementRequest, place
+    from gpufleet.scheduler.placement.model import ClusterView, NodeView
+    from gpufleet.scheduler.placement.sources import waiting_jobs
+    from gpufleet.scheduler.slurm import SlurmJob
+
+    def job(state: str, reason: str, parts: tuple[str, ...]) -> SlurmJob:
+        return SlurmJob("1", state, (), True, True, "", 0, None, 0, (), 0,
+                        state_reason=reason, partitions=parts)
+
+    jobs = [job("PENDING", "Resources", ("main",)), job("PENDING", "Priority", ("main", "gpu")),
+            job("PENDING", "Dependency", ("main",)), job("PENDING", "JobHeldUser", ("main",)),
+            job("RUNNING", "None", ("main",))]
+    assert waiting_jobs(jobs) == {"main": 2, "gpu": 1}
+    view = ClusterView(
+        nodes={n: NodeView(name=n, gpu_count=8, free_gpus=frozenset(range(8)), cpus_free=4)
+               for n in ("n1", "n2")},
+        leaf_of={"n1": "leaf1", "n2": "leaf1"}, default_partition="main",
+        waiting_jobs={"main": 2})
+    p = place(view, PlacementRequest(nodes=1, gpus_per_node=1))
+    # free now, but Slurm may hold it for the jobs ahead: the answer says so
+    assert p.ok and p.cost["jobs_waiting"] == 2
+    assert any("2 job(s) pending for nodes" in line for line in p.explanation)
+    assert place(view, PlacementRequest(nodes=1, gpus_per_node=1,
+                                         partition="gpu")).cost["jobs_waiting"] == 0

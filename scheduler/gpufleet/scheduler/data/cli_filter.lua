@@ -17,7 +17,7 @@ local HELPER = "/usr/local/bin/gpufleet-sbatch-filter"   -- absent: plain sbatch
 -- hands us in GPUFLEET_FILTER), so a plain `sbatch` under ALWAYS starts as fast
 local RUN_WITH = ""
 local pinned = {}                                  -- component offset -> node list we set
-local release_after = 60                           -- seconds; the helper says (client.toml)
+local release_after = 10                           -- seconds; the helper says (client.toml)
 
 local function quote(s)
   return "'" .. string.gsub(s, "'", "'\\''") .. "'"

@@ -91,6 +91,9 @@ class ClusterView:
     default_partition: str | None = None
     partition_max_time_min: dict[str, int | None] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)  # what it was built from, for explanations
+    # partition -> jobs pending in it for nodes (Resources/Priority), from the newest jobs
+    # read: Slurm may hold the free nodes for them, so "free now" is not "starts now"
+    waiting_jobs: dict[str, int] = field(default_factory=dict)
     # the engine's index of this view, built by the first place() and kept between requests
     # (gpufleet.scheduler.placement.engine.ViewIndex). Change nodes through update_node();
     # after changing leaf_of or parent, call invalidate().

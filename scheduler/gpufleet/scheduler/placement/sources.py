@@ -105,6 +105,21 @@ def used_gpus(jobs: Iterable[SlurmJob]) -> dict[str, set[int]]:
     return used
 
 
+# a pending job waiting for nodes (not for a dependency, a begin time or a hold): Slurm's
+# backfill may hold the free nodes for it, so a job submitted now may not start on them
+_WAITING_REASONS = frozenset({"Resources", "Priority"})
+
+
+def waiting_jobs(jobs: Iterable[SlurmJob]) -> dict[str, int]:
+    """partition -> jobs pending in it for nodes (a job naming several counts in each)."""
+    out: dict[str, int] = {}
+    for job in jobs:
+        if job.state == "PENDING" and job.state_reason in _WAITING_REASONS:
+            for part in job.partitions:
+                out[part] = out.get(part, 0) + 1
+    return out
+
+
 def view_from_slurm(slurm: CliSlurmClient | None = None, timeout_s: float = 2.0,
                     topology_conf: str | None = None) -> ClusterView:
     """Nodes, GPUs held by jobs, partitions and the switch tree (topology_conf text if given,
@@ -160,6 +175,7 @@ class SlurmViewSource:
         # (when the read started, node -> GPU indices the holding jobs had)
         self._used: tuple[float, dict[str, set[int]]] | None = None
         self._reading: Future[dict[str, set[int]]] | None = None
+        self._waiting: tuple[float, dict[str, int]] = (float("-inf"), {})  # the newest read
         self._churn_until = float("-inf")  # until then, jobs are read beside the nodes
 
     def _cached_static(self) -> tuple[list[SlurmPartition], str, str] | None:
@@ -186,13 +202,17 @@ class SlurmViewSource:
 
         def run() -> None:
             try:
-                used = used_gpus(c.jobs())
+                jobs = c.jobs()
+                used = used_gpus(jobs)
+                waiting = waiting_jobs(jobs)
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits for it
                 fut.set_exception(e)
                 return
             with self._lock:
                 if self._used is None or self._used[0] <= started:
                     self._used = (started, used)
+                if self._waiting[0] <= started:
+                    self._waiting = (started, waiting)
             fut.set_result(used)
 
         threading.Thread(target=run, name="slurm-jobs", daemon=True).start()
@@ -241,7 +261,10 @@ class SlurmViewSource:
             raise PlacementUnavailable(
                 f"`squeue` gave no answer within {self.timeout_s:.1f} s") from e
         partitions, topo_text, topo_source = static
-        return _build_view(infos, used, partitions, topo_text, topo_source)
+        view = _build_view(infos, used, partitions, topo_text, topo_source)
+        with self._lock:
+            view.waiting_jobs = dict(self._waiting[1])
+        return view
 
 
 def _build_view(infos: Mapping[str, SlurmNodeInfo], used: Mapping[str, set[int]],
