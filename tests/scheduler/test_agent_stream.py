@@ -9,11 +9,12 @@ the node's next report, and a heartbeat-only node gets none).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -154,6 +155,27 @@ def test_a_command_for_a_node_without_a_stream_is_refused(served: Served) -> Non
     assert not served.commands.send(AgentCommand("n9", "reset_gpu", "req-2", gpus=(1,)))
 
 
+@contextlib.contextmanager
+def agent_client(served: Served, outbox: Outbox, beats: Heartbeats) -> Iterator[StreamClient]:
+    """The agent's own StreamClient for node n1, running in a thread until the block ends."""
+    client = StreamClient(f"127.0.0.1:{served.port}", outbox, lambda: hello("n1").hello,
+                          backoff_initial_s=0.05, heartbeats=beats)
+    stop = threading.Event()
+    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield client
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def wait_until(done: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_the_agent_sends_heartbeats_only_on_a_live_stream_and_never_queues_them(
         served: Served) -> None:
     """The agent's own StreamClient: a heartbeat from before the stream is dropped; on the
@@ -163,32 +185,20 @@ def test_the_agent_sends_heartbeats_only_on_a_live_stream_and_never_queues_them(
     beats = Heartbeats(outbox.wake)
     # no stream yet: stale once one is up
     beats.put(pb.Heartbeat(timestamp_ms=int(time.time() * 1000) - 1000))
-    client = StreamClient(f"127.0.0.1:{served.port}", outbox, lambda: hello("n1").hello,
-                          backoff_initial_s=0.05, heartbeats=beats)
-    stop = threading.Event()
-    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with agent_client(served, outbox, beats) as client:
         assert client.connected.wait(10)
         assert client.connects == 1
         now = int(time.time() * 1000)
         beats.put(pb.Heartbeat(timestamp_ms=now))
-        deadline = time.monotonic() + 10
-        while served.ingest.counters.reports < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: served.ingest.counters.reports >= 1)
         assert outbox.stats().pending_messages == 0  # never queued
         assert outbox.acked_seq == 0  # nothing sequenced went out, nothing was acked
         # a sequenced sample behind it: once acked, everything before it on the stream was
         # taken in: the fresh heartbeat and the sample, not the stale heartbeat
         seq = outbox.put_sample(pb.NodeSample(timestamp_ms=now))
-        deadline = time.monotonic() + 10
-        while outbox.acked_seq < seq and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: outbox.acked_seq >= seq)
         assert outbox.acked_seq == seq
         assert served.ingest.counters.reports == 2
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def test_a_controller_from_before_gets_sequenced_heartbeats(
@@ -201,21 +211,11 @@ def test_a_controller_from_before_gets_sequenced_heartbeats(
     monkeypatch.setattr(server, "STREAM_ACCEPTED_KEY", "not-gpufleet-stream")
     outbox = Outbox(uuid.uuid4().hex)
     beats = Heartbeats(outbox.wake)
-    client = StreamClient(f"127.0.0.1:{served.port}", outbox, lambda: hello("n1").hello,
-                          backoff_initial_s=0.05, heartbeats=beats)
-    stop = threading.Event()
-    thread = threading.Thread(target=client.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with agent_client(served, outbox, beats) as client:
         seq = outbox.put_sample(pb.NodeSample(timestamp_ms=int(time.time() * 1000)))
         assert client.connected.wait(10)  # at the first ack: no header says so
         beats.put(pb.Heartbeat(timestamp_ms=int(time.time() * 1000)))
-        deadline = time.monotonic() + 10
-        while outbox.acked_seq <= seq and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: outbox.acked_seq > seq)
         assert outbox.acked_seq == seq + 1  # the heartbeat went sequenced, and was acked
         assert served.store.node("n1") is not None
         assert served.ingest.counters.reports == 2
-    finally:
-        stop.set()
-        thread.join(10)
