@@ -30,10 +30,6 @@ def _bench():  # type: ignore[no-untyped-def]  # a script, loaded as a module
 
 def _run(lab: SlurmLab, tmp_path: Path, report_figure: Callable[[str], None],
          trace, title: str) -> None:  # type: ignore[no-untyped-def]  # the bench's Trace
-    if lab.root is not None:
-        # sbatch_lab.Placed reaches the helper inside a root now; this trace has not been
-        # run there yet (it times waits, and the roots' chroot'd clients are slower)
-        pytest.skip("placement vs Slurm is run on the host's Slurm 22.05 only so far")
     bench = _bench()
     plain, gf = bench.run_both(lab, trace, tmp_path)
     report_figure(f"placement vs Slurm ({title}):\n" + bench.table(trace, plain, gf))
