@@ -113,13 +113,18 @@ def _ours(job_id: str, gpus: int, allocated_s: float, ended: bool = True) -> Usa
 def test_reconcile_statuses() -> None:
     slurm = [_slurm("1", 2, 10), _slurm("2", 2, 10), _slurm("3", 1, 10), _slurm("4", 1, 10),
              _slurm("5", 0, 60), _slurm("6", 4, 5, ended=False),
-             _slurm("8", 1, 4), _slurm("8", 1, 6)]  # 8: requeued, two records
+             _slurm("8", 1, 4), _slurm("8", 1, 6),  # 8: requeued, two records
+             _slurm("9", 2, 5), _slurm("9", 2, 9), _slurm("10", 2, 14)]
     ours = [_ours("1", 2, 2 * 9.2),  # each GPU 0.8 s short: Slurm's whole seconds
             _ours("2", 2, 2 * 8.9),  # 1.1 s per GPU: too far
             _ours("3", 2, 20.0),  # two GPUs where Slurm allocated one
-            _ours("6", 4, 18.0, ended=False), _ours("7", 1, 3.0), _ours("8", 1, 10.4)]
+            _ours("6", 4, 18.0, ended=False), _ours("7", 1, 3.0), _ours("8", 1, 10.4),
+            # 9: two runs, each timed by Slurm on whole seconds: up to 1 s per GPU per run
+            # (seen on 26.05: 10 and 18 GPU-s against 8.3 and 16.4); 10: the same total in
+            # one run is too far
+            _ours("9", 2, 24.7), _ours("10", 2, 24.7)]
     rows = {r.job_id: r for r in reconcile_jobs(slurm, ours, tolerance_s=1.0)}
-    assert set(rows) == {"1", "2", "3", "4", "6", "7", "8"}  # 5 has no GPUs anywhere
+    assert set(rows) == {"1", "2", "3", "4", "6", "7", "8", "9", "10"}  # 5: no GPUs anywhere
     assert (rows["1"].status, rows["1"].slurm_gpu_s, rows["1"].diff_gpu_s) == (
         STATUS_OK, 20.0, -1.6)
     assert rows["2"].status == STATUS_MISMATCH and "2.200 > 1 s x 2 GPU(s)" in rows["2"].reason
@@ -129,6 +134,9 @@ def test_reconcile_statuses() -> None:
     assert (rows["7"].status, rows["7"].slurm_gpu_s) == (STATUS_MISSING_SLURM, None)
     assert (rows["8"].status, rows["8"].slurm_gpu_s, rows["8"].slurm_elapsed_s) == (
         STATUS_OK, 10.0, 10)
+    assert (rows["9"].status, rows["9"].diff_gpu_s, rows["9"].slurm_runs) == (STATUS_OK, -3.3, 2)
+    assert rows["10"].status == STATUS_MISMATCH and rows["10"].reason == \
+        "|diff| 3.300 > 1 s x 2 GPU(s)"
 
 
 # --------------------------------------------------------------- the command, real SQLite

@@ -113,8 +113,8 @@ def _print_table(rows: list[Reconciled]) -> None:
 @click.option("-S", "--starttime", "start", help="window start [default: now-1day; all with -j]")
 @click.option("-E", "--endtime", "end", help="window end [default: now]")
 @click.option("--tolerance-s", type=FiniteRange(0, 86400), default=1.0, show_default=True,
-              help="allowed difference per allocated GPU, in seconds (Slurm keeps whole "
-              "seconds)")
+              help="allowed difference per allocated GPU and per run, in seconds (Slurm "
+              "keeps whole seconds)")
 @click.option("--sacct", "sacct", default="sacct", show_default=True,
               help="the sacct program (SLURM_CONF in the environment picks the cluster)")
 @click.option("--sacct-json", "sacct_json", type=click.File("r"),

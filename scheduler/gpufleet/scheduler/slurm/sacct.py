@@ -13,7 +13,8 @@ its runs, the GPUs those of the largest run on each side; both sides' run counts
 printed (records that never started are not runs).
 
 Slurm's times are whole seconds, so even exact hooks differ by up to a second of wall time,
-on each GPU (and on each run): the tolerance is therefore per allocated GPU (`tolerance_s x GPUs`).
+on each GPU and on each run: the tolerance is therefore per allocated GPU and per run Slurm
+timed (`tolerance_s x GPUs x runs`; a requeued job's runs each start and end on a second).
 
 Each version's document is read on purpose: 22.05 and 23.02 (data_parser v0.0.39) print a
 record's `state.current` as a string, 23.11+ (v0.0.40..) as a list of flags and name their
@@ -253,7 +254,7 @@ def reconcile_jobs(slurm: Sequence[SacctJob], ledger: Sequence[UsageTotal],
     `slurm` may hold several records (runs) per job: they are summed. Jobs without
     GPUs in Slurm and not in the ledger are left out. A job still running on either side is
     `running`, not compared. Ended on both: `mismatch` when the GPU counts differ or
-    |diff| > tolerance_s x GPUs (Slurm's whole seconds: see the module docstring).
+    |diff| > tolerance_s x GPUs x runs (Slurm's whole seconds: see the module docstring).
     """
     by_id = _merge(slurm)
     ours = {t.key: t for t in ledger}
@@ -283,9 +284,10 @@ def reconcile_jobs(slurm: Sequence[SacctJob], ledger: Sequence[UsageTotal],
             status = STATUS_RUNNING
         elif g.gpus != s.gpus:
             status, reason = STATUS_MISMATCH, f"GPUs: gpufleet {g.gpus}, Slurm {s.gpus}"
-        elif abs(diff) > tolerance_s * max(s.gpus, 1):
+        elif abs(diff) > tolerance_s * max(s.gpus, 1) * max(s.runs, 1):
             status = STATUS_MISMATCH
-            reason = f"|diff| {abs(diff):.3f} > {tolerance_s:g} s x {max(s.gpus, 1)} GPU(s)"
+            reason = (f"|diff| {abs(diff):.3f} > {tolerance_s:g} s x {max(s.gpus, 1)} GPU(s)"
+                      + (f" x {s.runs} runs" if s.runs > 1 else ""))
         else:
             status = STATUS_OK
         if status != STATUS_RUNNING and g.runs and g.runs != s.runs:
