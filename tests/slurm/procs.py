@@ -49,67 +49,61 @@ def procs_named(comm: str) -> list[int]:
     return pids
 
 
-def with_descendants(roots: Iterable[int]) -> dict[int, str]:
-    """{pid: comm} of `roots` and every live descendant (a step's job processes)."""
-    children: dict[int, list[int]] = {}
-    comms: dict[int, str] = {}
+def _proc_table() -> dict[int, tuple[str, int]]:
+    """{pid: (comm, parent pid)} of every live (non-zombie) process, from /proc/PID/stat."""
+    table: dict[int, tuple[str, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat_line = (entry / "stat").read_text()
-        except OSError:
-            continue
-        head, _, rest = stat_line.rpartition(")")
-        fields = rest.split()
-        if fields[0] == "Z":
-            continue
-        comms[int(entry.name)] = head.split("(", 1)[1]
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
+            head, _, rest = (entry / "stat").read_text().rpartition(")")
+            fields = rest.split()
+            if fields[0] != "Z":
+                table[int(entry.name)] = (head.split("(", 1)[1], int(fields[1]))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return table
+
+
+def _descendants(table: dict[int, tuple[str, int]], roots: Iterable[int]) -> dict[int, str]:
+    children: dict[int, list[int]] = {}
+    for pid, (_comm, parent) in table.items():
+        children.setdefault(parent, []).append(pid)
     found: dict[int, str] = {}
-    todo = [pid for pid in roots if pid in comms]
+    todo = [pid for pid in roots if pid in table]
     while todo:
         pid = todo.pop()
         if pid not in found:
-            found[pid] = comms[pid]
+            found[pid] = table[pid][0]
             todo.extend(children.get(pid, []))
     return found
+
+
+def with_descendants(roots: Iterable[int]) -> dict[int, str]:
+    """{pid: comm} of `roots` and every live descendant (a step's job processes)."""
+    return _descendants(_proc_table(), roots)
 
 
 def procs_with_env(name: str, value: str) -> dict[int, str]:
     """{pid: comm} of live processes started with `name=value` in their environment, except
     this process, its ancestors and its descendants (what a test runs itself is its own)."""
     needle = f"{name}={value}".encode()
-    parents: dict[int, int] = {}
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            head, _, rest = (entry / "stat").read_text().rpartition(")")
-            fields = rest.split()
-            parents[pid] = int(fields[1])
-            if fields[0] != "Z" and needle in (entry / "environ").read_bytes().split(b"\0"):
-                found[pid] = head.split("(", 1)[1]
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile, or not ours to read
-    ours = {os.getpid()}
+    table = _proc_table()
+    ours = set(_descendants(table, [os.getpid()]))
     pid = os.getpid()
-    while pid in parents and parents[pid] not in ours and parents[pid] > 0:  # ancestors
-        pid = parents[pid]
+    while pid in table and table[pid][1] > 0:  # ancestors
+        pid = table[pid][1]
         ours.add(pid)
-
-    def mine(pid: int) -> bool:  # a descendant of this process
-        seen = set()
-        while pid > 1 and pid not in seen:
-            if pid == os.getpid():
-                return True
-            seen.add(pid)
-            pid = parents.get(pid, 0)
-        return False
-
-    return {pid: comm for pid, comm in found.items() if pid not in ours and not mine(pid)}
+    found: dict[int, str] = {}
+    for pid, (comm, _parent) in table.items():
+        if pid in ours:
+            continue
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found[pid] = comm
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
 
 
 def port_free(port: int) -> bool:
