@@ -71,6 +71,11 @@ class _NodeSeq:
     dirty: bool = False  # last_seq / seen_ms not yet written to the store
 
 
+def unsequenced(msg: pb.AgentMessage) -> bool:
+    """A heartbeat sent without a sequence number (fleet.proto Heartbeat): never acked."""
+    return msg.seq == 0 and msg.WhichOneof("body") == "heartbeat"
+
+
 class Ingestor:
     """Applies agent reports. Not thread-safe: the gRPC event loop is its only caller, but
     for hello(), which the servicer runs on one worker thread (it only adds to `_nodes`;
@@ -133,16 +138,10 @@ class Ingestor:
             state = self._nodes[node] = _NodeSeq(*self.store.last_seq(node))
         if msg.agent_instance != state.instance:
             raise IngestError("agent_instance changed within a stream")
-        if msg.seq == 0 and body == "heartbeat":
-            # unsequenced (fleet.proto Heartbeat): a sign of life now, nothing to ack; the
-            # stored sequence stays where it is
-            state.seen_ms, state.dirty = now_ms(), True
-            self._dirty.add(node)
-            self._counted(body, msg.heartbeat.timestamp_ms)
-            if time.monotonic() >= self._next_flush:
-                self.flush_in_background()
-            return 0
-        if msg.seq <= state.last_seq:
+        # unsequenced (fleet.proto Heartbeat): a sign of life now, nothing to ack; the stored
+        # sequence stays where it is
+        sequenced = not unsequenced(msg)
+        if sequenced and msg.seq <= state.last_seq:
             self.counters.duplicates += 1
             if self.metrics is not None:
                 self.metrics.duplicate_report()
@@ -157,7 +156,9 @@ class Ingestor:
         now = now_ms()
         if body == "heartbeat" or (body == "sample" and not msg.sample.verdicts):
             # nothing to store but the sequence and the time: batched (module docstring)
-            state.last_seq, state.seen_ms, state.dirty = msg.seq, now, True
+            if sequenced:
+                state.last_seq = msg.seq
+            state.seen_ms, state.dirty = now, True
             self._dirty.add(node)
             stamp = msg.heartbeat.timestamp_ms if body == "heartbeat" else msg.sample.timestamp_ms
             self._counted(body, stamp)

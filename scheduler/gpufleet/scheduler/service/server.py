@@ -39,7 +39,7 @@ from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import Rebooter
 from gpufleet.scheduler.service import limits
 from gpufleet.scheduler.service.command_relay import CommandRelay, RelayedCommands
-from gpufleet.scheduler.service.ingest import IngestError, Ingestor
+from gpufleet.scheduler.service.ingest import IngestError, Ingestor, unsequenced
 from gpufleet.scheduler.service.leader import LeaderLock
 from gpufleet.scheduler.service.repair_link import AgentCommands, Escalator, result_from_wire
 from gpufleet.scheduler.service.user_service import (
@@ -200,8 +200,6 @@ class FleetServicer(pb_grpc.FleetControllerServicer):
             except Exception as e:  # noqa: BLE001 - the call ended under the write (gRPC raises several kinds); the reader ends the stream
                 log.info("command to %s not sent: the stream ended (%s)", node, e)
 
-        def unsequenced(msg: pb.AgentMessage) -> bool:
-            return msg.seq == 0 and msg.WhichOneof("body") == "heartbeat"
         if not self.active():
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "standby controller: another controller is active")
