@@ -22,6 +22,7 @@ from gpufleet.scheduler.placement import parse_gres_detail
 
 from tests.placement.sbatch_lab import GPUFLEET, PAIRS, Placed
 from tests.slurm.harness import SlurmLab
+from tests.slurm.labcore import ROOT_PATH
 
 pytestmark = pytest.mark.slurm
 
@@ -181,21 +182,33 @@ def test_user_nodelist_is_respected(placed: Callable[..., Placed]) -> None:
     assert p.lab.job_nodes(jobid) == ["n4"]  # the user's explicit choice stands
 
 
+def _login_node_package(client: Path) -> Path:
+    """gpufleet's package as a login node installs it, in `client`, readable by every user
+    (a copy: the checkout may sit where `nobody` cannot go, e.g. under /root); the sbatch
+    path needs only the standard library. Returns the directory for PYTHONPATH."""
+    lib = client / "lib"
+    shutil.copytree(Path(__file__).parents[2] / "scheduler" / "gpufleet", lib / "gpufleet",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [lib, *lib.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return lib
+
+
 def test_plain_user_places_and_unpins_through_the_controller(
     placed: Callable[..., Placed],
 ) -> None:
     """As `nobody` on a login-node style install (system Python, no gpufleet dependencies,
     a world-readable client config, the controller's store nowhere in reach): the pin comes
-    from the controller (MUNGE as nobody) and nobody's own `scontrol update` releases it."""
+    from the controller (MUNGE as nobody) and nobody's own `scontrol update` releases it.
+    On 24.11/26.05 the login node is the Slurm root itself: root chroots into it as nobody
+    (nobody may not chroot, so not through the lab's wrappers), and nobody runs the root's
+    own python3, sbatch, munge and scontrol."""
     import tempfile
 
     p = placed(degraded=("n1",))
     lab = p.lab
-    if lab.root is not None:
-        # the lab's sbatch of 24.11/26.05 is reached through chroot, which nobody may not do;
-        # this login-node path is the host's (22.05) only
-        pytest.skip("nobody cannot chroot into the Slurm root the lab's sbatch runs in")
-    client = Path(tempfile.mkdtemp(prefix="gf-login-"))
+    # in /tmp: world-traversable, and the same path inside a root (mount_root binds it)
+    client = Path(tempfile.mkdtemp(prefix="gf-login-", dir="/tmp"))
     client.chmod(0o755)
     for g in p.conf.parent.iterdir():  # the client etc dir, where nobody can read it
         target = client / g.name
@@ -205,18 +218,25 @@ def test_plain_user_places_and_unpins_through_the_controller(
             target.write_text(g.read_text())
             target.chmod(0o644)
     (client / "client.toml").write_text(p.client_toml.read_text())
+    (client / "client.toml").chmod(0o644)
     env = p.env(SLURM_CONF=str(client / "slurm.conf"),
                 GPUFLEET_CLIENT_CONFIG=str(client / "client.toml"), GPUFLEET_PIN_RELEASE_S="2")
+    # `gpufleet sbatch` picks its own helper (this install's python3 on its sbatch_filter.py)
+    env.pop("GPUFLEET_FILTER", None)
+    code = "from gpufleet.scheduler.cli.entry import main; main()"
+    sbatch = ["sbatch", "--parsable", "-o", "/dev/null", "--gres=gpu:8", "--wrap", "true"]
     lab.run("scontrol", "update", "PartitionName=main", "State=DOWN")
     try:
-        # a bare login node: the system Python and gpufleet's sources, nothing else (the
-        # sbatch path needs only the standard library)
-        env["PYTHONPATH"] = str(Path(__file__).parents[2] / "scheduler")
-        env.pop("GPUFLEET_FILTER", None)
-        out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c",
-                              "from gpufleet.scheduler.cli.entry import main; main()", "sbatch",
-                              "--parsable", "-o", "/dev/null", "--gres=gpu:8", "--wrap", "true"],
-                             env=env, cwd=lab.jobs_dir, capture_output=True, text=True,
+        if lab.root is None:
+            # a bare login node: the system Python and gpufleet's sources, nothing else
+            env["PYTHONPATH"] = str(Path(__file__).parents[2] / "scheduler")
+            argv = ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", code, *sbatch]
+        else:
+            env["PYTHONPATH"] = str(_login_node_package(client))
+            env["PATH"] = ROOT_PATH  # the root's sbatch and scontrol
+            argv = lab.argv(["/usr/bin/python3", "-c", code, *sbatch], cwd=lab.jobs_dir,
+                            user="nobody")
+        out = subprocess.run(argv, env=env, cwd=lab.jobs_dir, capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 0 and out.stderr == "", out.stderr
         jobid = int(out.stdout.strip())
