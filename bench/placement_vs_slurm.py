@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpufleet.scheduler.placement.switch_hold import DEFAULT_GRACE_S
+
 from tests.placement.sbatch_lab import GPUFLEET, Placed, degrade
 from tests.slurm.harness import SlurmLab, SlurmLabConfig
 
@@ -233,15 +235,18 @@ def _gpufleet_sbatch(args: Sequence[str], env: dict[str, str], cwd: Path,
     return job_id
 
 
-def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResult]:
-    """The trace through plain sbatch, then through gpufleet sbatch, on an idle lab each."""
+def run_both(lab: SlurmLab, trace: Trace, tmp: Path,
+             switch_hold_grace_s: float | None = None) -> tuple[RunResult, RunResult]:
+    """The trace through plain sbatch, then through gpufleet sbatch, on an idle lab each
+    (`switch_hold_grace_s`: the controller with --switch-holds and this grace)."""
     leaf_of = leaves_of(lab)
     gpus = lab.config.nodes * lab.config.gpus
     lab.reset()
     plain = replay(lab, trace, lambda j: str(lab.sbatch(*j.sbatch_args())), lambda _t: None,
                    leaf_of)
     lab.reset()
-    placed = Placed(lab, tmp / "gpufleet", degraded=(trace.degraded_at_start,))
+    placed = Placed(lab, tmp / "gpufleet", degraded=(trace.degraded_at_start,),
+                    switch_hold_grace_s=switch_hold_grace_s)
     try:
         env = placed.env()
         fallbacks: list[str] = []
@@ -250,8 +255,11 @@ def run_both(lab: SlurmLab, trace: Trace, tmp: Path) -> tuple[RunResult, RunResu
                     lambda j: _gpufleet_sbatch(j.sbatch_args(), env, lab.jobs_dir, fallbacks,
                                                added),
                     lambda _t: degrade(placed.store, trace.fault_node), leaf_of)
+        holds = placed.ctl.switch_holds
+        dropped = set(holds.released) if holds is not None else set()
         for r in gf:
-            r.added = added.get(r.job_id, "?")
+            # "/dropped": the controller dropped the job's switch count (switch_hold.py)
+            r.added = added.get(r.job_id, "?") + ("/dropped" if r.job_id in dropped else "")
     finally:
         placed.close()
     return (RunResult("plain sbatch", plain, gpus),
@@ -274,7 +282,8 @@ def table(trace: Trace, plain: RunResult, gf: RunResult) -> str:
                      f"{g.wait_s:6.0f} {nodes(g):12} {g.added}")
     lines.append("(! = placed on a node gpufleet's health called unhealthy at submission; "
                  "added: what gpufleet's filter added, pin = --nodelist, sw = --switches, "
-                 "ex = --exclude, fb = no placement, - = nothing)")
+                 "ex = --exclude, fb = no placement, - = nothing; /dropped = the controller "
+                 "dropped the switch count, the job could start across leaves)")
     lines.append(f"{'total':24} {'leaves spanned':>15} {'multi-node leaves':>17} {'wait s':>7} "
                  f"{'mean wait s':>11} {'GPU util':>8} {'on unhealthy':>12} {'not COMPLETED':>13}")
     for r in (plain, gf):
@@ -310,6 +319,10 @@ def main() -> int:
     ap.add_argument("--fill", action="store_true",
                     help="a trace that fills the lab, fragmented (make_fill_trace): small "
                          "jobs first, then multi-node jobs among more small ones")
+    ap.add_argument("--switch-holds", action="store_true",
+                    help="run gpufleet's controller with --switch-holds")
+    ap.add_argument("--switch-hold-grace-s", type=float, default=DEFAULT_GRACE_S,
+                    help="with --switch-holds: its grace (default %(default)s)")
     ap.add_argument("--lab", type=Path, default=Path("/tmp/gpufleet-bench-pvs"))  # noqa: S108 - the harness's lab dirs live in /tmp
     ap.add_argument("--port", type=int, default=7417)
     a = ap.parse_args()
@@ -325,7 +338,8 @@ def main() -> int:
     try:
         trace = (make_fill_trace(a.nodes, a.jobs, a.seed, a.gap_s or 0.3) if a.fill
                  else make_trace(a.nodes, a.jobs, a.seed, a.gap_s or 1.0))
-        plain, gf = run_both(lab, trace, tmp)
+        plain, gf = run_both(lab, trace, tmp,
+                             a.switch_hold_grace_s if a.switch_holds else None)
         print(table(trace, plain, gf))
     finally:
         lab.stop()

@@ -14,6 +14,7 @@ from gpufleet.rpc.v1 import fleet_pb2
 from gpufleet.scheduler.cli.entry import filter_command
 from gpufleet.scheduler.health.policy import PolicyConfig
 from gpufleet.scheduler.placement.sources import SlurmViewSource
+from gpufleet.scheduler.placement.switch_hold import DEFAULT_GRACE_S
 from gpufleet.scheduler.service.server import Controller
 from gpufleet.scheduler.slurm import CliSlurmClient
 from gpufleet.scheduler.store import SqliteStore, VerdictRow, now_ms
@@ -89,7 +90,10 @@ def lab_client_conf(lab: SlurmLab, where: Path) -> Path:
 class Placed:
     """A controller serving FleetUser.Place for the lab, and the client environment."""
 
-    def __init__(self, lab: SlurmLab, tmp: Path, degraded: tuple[str, ...] = ()) -> None:
+    def __init__(self, lab: SlurmLab, tmp: Path, degraded: tuple[str, ...] = (),
+                 switch_hold_grace_s: float | None = None) -> None:
+        """`switch_hold_grace_s`: run the controller with switch holds (--switch-holds) and
+        this grace; None: without (the default)."""
         self.lab = lab
         self.store = write_store(tmp / "state.db", degraded, lab.node_names)
         slurm = CliSlurmClient(env=lab.env(), timeout_s=5)  # as the controller's view source
@@ -99,7 +103,10 @@ class Placed:
         # avoided nothing (bench/placement_vs_slurm.py --fill: traces of 88 s)
         self.ctl = Controller(self.store, FakeSlurm(list(lab.node_names)),
                               listen="127.0.0.1:0", user_view_source=self.ctl_view_source,
-                              policy=PolicyConfig(unreachable_after_s=24 * 3600.0))
+                              policy=PolicyConfig(unreachable_after_s=24 * 3600.0),
+                              switch_holds_slurm=slurm if switch_hold_grace_s is not None
+                              else None,
+                              switch_hold_grace_s=switch_hold_grace_s or DEFAULT_GRACE_S)
         self.ctl.start()
         self.conf = lab_client_conf(lab, tmp / "client-etc")
         (tmp / "client.toml").write_text(
@@ -127,11 +134,13 @@ def placed(clean_slurm_lab: SlurmLab,
            tmp_path: Path) -> Iterator[Callable[..., Placed]]:
     made: list[Placed] = []
 
-    def make(degraded: tuple[str, ...] = ()) -> Placed:
+    def make(degraded: tuple[str, ...] = (),
+             switch_hold_grace_s: float | None = None) -> Placed:
         for p in made:
             p.close()
         made.clear()
-        made.append(Placed(clean_slurm_lab, tmp_path / f"p{time.monotonic_ns()}", degraded))
+        made.append(Placed(clean_slurm_lab, tmp_path / f"p{time.monotonic_ns()}", degraded,
+                           switch_hold_grace_s))
         return made[-1]
 
     yield make

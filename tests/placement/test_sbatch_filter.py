@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from gpufleet.rpc.v1 import fleet_pb2 as pb
 from gpufleet.scheduler.cli.sbatch_filter import (
+    SWITCH_HOLD,
     ConfigError,
     ckpt_options,
     decide,
@@ -123,30 +124,40 @@ def test_decide_pins_only_what_may_be_pinned() -> None:
     assert decide(opts, plan, True, ok_flags, 1, ["n4"]) == {"nodelist": "n[1-2]",
                                                             "exclude": "n4"}
     # free now, but jobs wait for nodes in the partition (backfill may hold these for
-    # them): not sure it starts now, so neither a pin nor a switch count
-    assert decide(opts, plan, True, ok_flags, 1, ["n4"], waiting=1) == {"exclude": "n4"}
+    # them): not sure it starts now, so no pin; the one-leaf hold the controller lifts
+    hold = {"switches": f"1@{SWITCH_HOLD}"}
+    assert decide(opts, plan, True, ok_flags, 1, ["n4"], waiting=1) == {"exclude": "n4",
+                                                                        **hold}
     opts = {"nodes": "2", "gres": "gres:gpu:8", "mem": "1G", "exclude": "n9"}
     plan = plan_from_options(opts, 0)
     assert plan is not None
-    # not pinned, starts now on one leaf: a short switch count (Slurm's pick may span more)
-    assert decide(opts, plan, True, ok_flags, 1, ["n4", "n9"]) == {
-        "exclude": "n9,n4", "switches": "1@0:30"}
-    # ... on two leaves now: Slurm's own topology placement, no count to wait for
-    assert decide(opts, plan, True, ok_flags, 2, ["n4"]) == {"exclude": "n9,n4"}
+    # not pinned, starts now on one leaf: the hold (Slurm's pick may span more)
+    assert decide(opts, plan, True, ok_flags, 1, ["n4", "n9"]) == {"exclude": "n9,n4", **hold}
+    # ... on two leaves now: held too, the controller lifts it after its grace
+    assert decide(opts, plan, True, ok_flags, 2, ["n4"]) == {"exclude": "n9,n4", **hold}
+    # a controller that runs no switch holds: no count (Slurm alone would keep it to 119 s)
+    assert decide(opts, plan, True, ok_flags, 2, ["n4"], switch_hold=False) == {
+        "exclude": "n9,n4"}
+    # the user's own switch count wins
+    sopts = {**opts, "switches": "2"}
+    assert decide(sopts, plan, True, ok_flags, 1, ["n4"]) == {"exclude": "n9,n4"}
     # an array: its later tasks start later, where "one leaf now" says nothing
     aopts = {"nodes": "2", "gres": "gres:gpu:8", "array": "0-3"}
     aplan = plan_from_options(aopts, 0)
     assert aplan is not None and decide(aopts, aplan, True, ok_flags, 1, []) == {}
-    # not now: the exclusions only, never a pin nor a switch count (either would make the
-    # job wait for particular nodes while Slurm could start it sooner elsewhere)
+    # not now: never a pin (the job would wait for particular nodes while Slurm could start
+    # it sooner elsewhere); the hold where it fits one leaf of an idle cluster (a fallback's
+    # `leaves`), none where it never can
     plan = plan_from_options({"nodes": "2"}, 0)
     assert plan is not None
     assert decide({"nodes": "2"}, plan, False, ["--switches=1@10", "--exclude=n4"], 1,
-                  ["n4"]) == {"exclude": "n4"}
+                  ["n4"]) == {"exclude": "n4", **hold}
+    assert decide({"nodes": "2"}, plan, False, ["--exclude=n4"], 2, ["n4"]) == {
+        "exclude": "n4"}
     plan = plan_from_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0)
     assert plan is not None and plan.pin
     assert decide({"nodes": "2"}, plan, False, ["--nodes=2", "--exclude=n4"], 1,
-                  ["n4"]) == {"exclude": "n4"}
+                  ["n4"]) == {"exclude": "n4", **hold}
     # one node: no switch count; the user's own --switches wins
     plan = plan_from_options({"nodes": "1", "mem": "1"}, 0)
     assert plan is not None and decide({"nodes": "1", "mem": "1"}, plan, True, [], 1, []) == {}
@@ -208,6 +219,7 @@ def test_place_call_against_the_controller(ctl: Controller, munged: MungeServer)
     r = placecall.place(addr, placecall.PlaceRequest(nodes=2, gpus_per_node=8), cred, 5, None)
     assert r.ok and sorted(r.nodes) == ["n1", "n2"] and r.avoid == ["n4"]
     assert "--nodelist=n[1-2]" in r.flags and r.cost["leaves"] == 1.0
+    assert "switch_hold" not in r.cost  # this controller runs no switch holds
     # refused (a replayed credential; a bad request): an error, never a made-up reply
     with pytest.raises(placecall.PlaceCallError, match="refused"):
         placecall.place(addr, placecall.PlaceRequest(nodes=1), cred, 5, None)
@@ -230,9 +242,14 @@ def test_place_options_end_to_end(ctl: Controller, munged: MungeServer, tmp_path
         "nodelist": "n[1-2]", "exclude": "n4", "gpufleet-release-after": "10"}
     assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0,
                          {**env, "GPUFLEET_PIN_RELEASE_S": "5"})["gpufleet-release-after"] == "5"
-    # the same job as a hetjob component 0 (a `:` on sbatch's command line): not pinned
-    assert place_options({"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}, 0, env,
-                         het=True) == {"exclude": "n4", "switches": "1@0:30"}
+    # the same job as a hetjob component 0 (a `:` on sbatch's command line): not pinned;
+    # a switch count only from a controller that runs switch holds (it says so in the cost)
+    het = {"nodes": "2", "gres": "gres:gpu:8", "wrap": "x"}
+    assert place_options(het, 0, env, het=True) == {"exclude": "n4"}
+    ctl.user_servicer.switch_holds = True
+    assert place_options(het, 0, env, het=True) == {"exclude": "n4",
+                                                     "switches": f"1@{SWITCH_HOLD}"}
+    ctl.user_servicer.switch_holds = False
     assert place_options({"nodes": "1", "mem": "1G"}, 0, env) == {"exclude": "n4"}
     assert place_options({"array": "0-1", "nodes": "3"}, 0, env) == {"exclude": "n4"}
     assert place_options({"nodes": "1", "hold": "set"}, 0, env) == {}

@@ -141,6 +141,55 @@ def test_pinned_job_not_started_gets_its_node_list_back(placed: Callable[..., Pl
         lab.run("scontrol", "update", "PartitionName=main", "State=UP")
 
 
+def test_switch_hold_waits_for_one_leaf_only_within_its_grace(
+    placed: Callable[..., Placed],
+) -> None:
+    """With --switch-holds, a 3-node job that asks memory (so never pinned) gets
+    `--switches=1@1:59`; with 2 free nodes on each leaf Slurm alone would start it across
+    both at once. With a long grace the controller keeps the hold and the job starts on the
+    leaf that frees first; with a short one it drops the count and the job starts across
+    leaves, as plain sbatch would."""
+    p = placed(switch_hold_grace_s=60)
+    lab = p.lab
+    blockers = {n: _hold(lab, n, 8) for n in ("n1", "n2", "n5", "n6")}
+    args = ("--parsable", "-N", "3", "--gres=gpu:8", "--mem=100", "--wrap", "sleep 600")
+    out = _gf(p, *args)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    jobid = int(out.stdout.strip())
+    assert "Switches=1@00:01:59" in lab.show_job(jobid)
+    time.sleep(3)
+    assert lab.job_state(jobid) == "PENDING"  # held for one leaf, within the grace
+    lab.run("scancel", str(blockers["n2"]))  # leaf1 now has 3 free nodes
+    assert lab.wait_job_state(jobid, "RUNNING") == "RUNNING"
+    assert lab.job_nodes(jobid) == ["n2", "n3", "n4"]
+    assert p.ctl.switch_holds is not None and p.ctl.switch_holds.released == []
+
+    lab.reset()
+    p = placed(switch_hold_grace_s=2)
+    for n in ("n1", "n2", "n5", "n6"):
+        _hold(lab, n, 8)
+    out = _gf(p, *args)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    jobid = int(out.stdout.strip())
+    assert lab.wait_job_state(jobid, "RUNNING", timeout_s=30) == "RUNNING"
+    assert sorted(lab.job_nodes(jobid)) in (["n3", "n4", "n7"], ["n3", "n4", "n8"],
+                                            ["n3", "n7", "n8"], ["n4", "n7", "n8"])
+    assert p.ctl.switch_holds is not None and p.ctl.switch_holds.released == [str(jobid)]
+
+    # a controller without --switch-holds (the default): no count, it starts at once across
+    # leaves, as plain sbatch starts it
+    lab.reset()
+    p = placed()
+    for n in ("n1", "n2", "n5", "n6"):
+        _hold(lab, n, 8)
+    out = _gf(p, *args)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    jobid = int(out.stdout.strip())
+    assert "Switches=1@" not in lab.show_job(jobid)
+    assert lab.wait_job_state(jobid, "RUNNING", timeout_s=10) == "RUNNING"
+    assert p.ctl.switch_holds is None
+
+
 def test_controller_away_is_plain_sbatch_silently(
     placed: Callable[..., Placed], tmp_path: Path,
 ) -> None:

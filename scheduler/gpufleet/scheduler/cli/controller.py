@@ -119,6 +119,15 @@ from gpufleet.scheduler.store import StoreError, open_store
               help="while not the leader (PostgreSQL store), still take agents' streams and "
               "store their reports; only the leader acts in Slurm (several ingest processes: "
               "docs/scaling.md). Default: a standby refuses agents")
+@click.option("--switch-holds", is_flag=True,
+              help="have `gpufleet sbatch` keep multi-node jobs on one leaf switch, waiting "
+              "for one at most --switch-hold-grace-s past the moment they could start across "
+              "leaves: fewer leaves per job for a little more wait on a full cluster "
+              "(docs/placement.md). Default: off, a job never waits for a leaf")
+@click.option("--switch-hold-grace-s", type=FiniteRange(0, 119), default=1.0,
+              show_default=True,
+              help="with --switch-holds: how long a held job may wait for one leaf once it "
+              "could start across leaves; then its switch count is dropped")
 @repair_options
 @click.option("-v", "--verbose", count=True)
 def controller(  # noqa: PLR0915 - every option to its part, then the process's life, in order
@@ -129,7 +138,9 @@ def controller(  # noqa: PLR0915 - every option to its part, then the process's 
     degraded_feature: str, metrics_listen: str, tls_ca: str | None, tls_cert: str | None,
     tls_key: str | None, insecure: bool, recover: bool, recovery_grace_s: float,
     recovery_max_restarts: int, recovery_signal: str, munge_socket: str, admin_group: str,
-    audit_log: str | None, standby_ingests: bool, verbose: int, **repair_opts: Any,
+    audit_log: str | None, standby_ingests: bool, switch_holds: bool,
+    switch_hold_grace_s: float, verbose: int,
+    **repair_opts: Any,
 ) -> None:
     """Run the controller (the systemd service runs this).
 
@@ -142,6 +153,7 @@ def controller(  # noqa: PLR0915 - every option to its part, then the process's 
     from gpufleet.scheduler.access.tls import TlsConfigError, from_options
     from gpufleet.scheduler.health.policy import PolicyConfig
     from gpufleet.scheduler.service.server import Controller, tune_gc
+    from gpufleet.scheduler.slurm import CliSlurmClient
 
     setup_logging(verbose)
     if audit_log:
@@ -183,7 +195,10 @@ def controller(  # noqa: PLR0915 - every option to its part, then the process's 
             listen, shadow, policy=policy, metrics_listen=metrics_listen or None, tls=tls,
             recovery=recovery, munge_socket=munge_socket, admin_group=admin_group or None,
             repair=repair, repair_journal=journal, alerts=alert_sender(repair_opts),
-            standby_ingests=standby_ingests)
+            standby_ingests=standby_ingests,
+            # the sbatch filter's switch holds are judged on the commands Place reads
+            switch_holds_slurm=CliSlurmClient() if switch_holds and slurm != "none" else None,
+            switch_hold_grace_s=switch_hold_grace_s)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:

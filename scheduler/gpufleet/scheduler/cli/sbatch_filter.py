@@ -13,10 +13,11 @@ what cannot make the job wait longer than plain sbatch would:
   in the partition (Slurm's backfill may hold free nodes for those), and the job
   asks nothing placement cannot judge (see PIN_OK): no array, dependency, --begin, --hold,
   CPU/memory/licence asks, ranges; released after `pin_release_s` if it is still pending;
-- `switches=1@0:30` only for a multi-node job that is not pinned and starts now on one leaf;
-- for a job that cannot start now, nothing more: a pin or a one-leaf switch count would hold
-  it for particular nodes where Slurm alone starts it as soon as any fit (on a full lab,
-  `--switches=1@10` made gpufleet's jobs wait 23.9 s on average against plain sbatch's 20.8);
+- `switches=1@1:59` for a multi-node job not pinned that fits one leaf on an idle cluster:
+  Slurm then starts it on one leaf, and the controller drops the count once the job could
+  have started across leaves for a few seconds (placement/switch_hold.py: held the whole
+  time, on a full lab `--switches=1@10` made jobs wait 23.9 s on average against plain
+  sbatch's 20.8);
 - nothing at all for jobs that start later (dependency, --begin, --hold): health then is not
   health now. No controller configured, controller away, any doubt: nothing, exit 0, so the
   job is submitted exactly as plain sbatch would submit it.
@@ -50,7 +51,11 @@ PLACE_TIMEOUT_S = 1.0
 # submission; backfill within bf_interval, 30 s by default, when jobs ahead of it wait)
 PIN_RELEASE_S = 10.0
 SCONTROL_RETRY_S = 1.0  # the release's first wait before asking a busy slurmctld again
-SWITCH_WAIT = "0:30"  # minutes:seconds: Slurm drops the switch count after this long
+# `--switches=1@1:59` (minutes:seconds) on a multi-node job not pinned: Slurm starts it on one
+# leaf; the controller drops the count once the job could have started across leaves for a
+# few seconds (placement/switch_hold.py, which knows its hold by these 119 s; with no
+# controller Slurm drops it itself after them)
+SWITCH_HOLD = "1:59"
 CKPT_SIGNAL = "USR1"
 CKPT_SIGNAL_BEFORE_END_S = 300
 CKPT_MARKER = "gpufleet-ckpt"
@@ -452,28 +457,34 @@ def _flag(flags: Sequence[str], name: str) -> str | None:
 
 
 def decide(opts: Mapping[str, object], plan: Plan, ok: bool, flags: Sequence[str],
-           leaves: int, avoid: Sequence[str], waiting: int = 0) -> dict[str, str]:
+           leaves: int, avoid: Sequence[str], waiting: int = 0,
+           switch_hold: bool = True) -> dict[str, str]:
     """The options to set, from the controller's answer (`ok`: the nodes in `flags` are free
     now, across `leaves` leaf switches; `waiting`: jobs pending for nodes in its partition).
     The exclusions always; a pin carries them too: once released (pin_release_s) the job
-    must still stay off the unhealthy nodes. A pin or a switch count only where the job
-    starts now: otherwise either would make it wait for particular nodes or one leaf while
-    Slurm could start it sooner elsewhere. With jobs waiting ahead of it, free nodes may be
-    held for them by Slurm's backfill (fill trace: pinned 1-GPU jobs waited 13-49 s where
-    plain sbatch started some at once): not sure, so no pin."""
+    must still stay off the unhealthy nodes. A pin only where the job starts now: otherwise
+    it would wait for particular nodes while Slurm could start it sooner elsewhere. With jobs
+    waiting ahead of it, free nodes may be held for them by Slurm's backfill (fill trace:
+    pinned 1-GPU jobs waited 13-49 s where plain sbatch started some at once): not sure, so
+    no pin. A switch count (SWITCH_HOLD) for a multi-node job not pinned, where the
+    controller runs switch holds (`switch_hold`): it keeps the count only while it costs the
+    job no more than its grace."""
     out: dict[str, str] = {}
     user_exclude = str(opts.get("exclude") or "")
     extra = [n for n in avoid if n not in set(user_exclude.split(","))]
     if extra:
         out["exclude"] = ",".join([x for x in (user_exclude,) if x] + extra)
-    if not ok or waiting > 0:
-        return out
-    if plan.pin:
+    # a multi-node job that fits one leaf on an idle cluster (`leaves` of a fallback) or is
+    # answered now waits for one leaf, but only as long as the controller's switch hold
+    # allows: a few seconds past the moment it could start across leaves
+    hold = (switch_hold and "switches" not in opts and "array" not in opts
+            and (plan.nodes or 0) > 1 and (ok or leaves == 1))
+    if ok and waiting == 0 and plan.pin:
         nodelist = _flag(flags, "nodelist")
         if nodelist:
             return {"nodelist": nodelist, **out}
-    if "switches" not in opts and "array" not in opts and (plan.nodes or 0) > 1 and leaves == 1:
-        out["switches"] = f"1@{SWITCH_WAIT}"  # fits one leaf now: Slurm's pick may span more
+    if hold:
+        out["switches"] = f"1@{SWITCH_HOLD}"
     return out
 
 
@@ -555,7 +566,8 @@ def place_options(opts: Mapping[str, object], offset: int,  # noqa: PLR0911 - ea
     if not plan.pin:
         _debug(env, f"component {offset}: not pinned ({plan.why_not_pin})")
     out.update(decide(opts, plan, reply.ok, reply.flags, int(reply.cost.get("leaves", 0)),
-                      reply.avoid, int(reply.cost.get("jobs_waiting", 0))))
+                      reply.avoid, int(reply.cost.get("jobs_waiting", 0)),
+                      bool(reply.cost.get("switch_hold", 0))))
     if "nodelist" in out:  # when cli_filter.lua checks whether the pinned job started
         delay = float(env.get("GPUFLEET_PIN_RELEASE_S") or cfg.pin_release_s)
         out["gpufleet-release-after"] = f"{max(0, int(delay))}"

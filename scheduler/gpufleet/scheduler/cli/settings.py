@@ -24,7 +24,8 @@ CONFIG_KEYS = {
     "drain_unreachable", "degraded_weight", "degraded_feature", "metrics_listen",
     "tls_ca", "tls_cert", "tls_key", "insecure",
     "recover", "recovery_grace_s", "recovery_max_restarts", "recovery_signal",
-    "munge_socket", "admin_group", "audit_log",
+    "munge_socket", "admin_group", "audit_log", "switch_holds",
+    "switch_hold_grace_s",
     # the repair loop (gpufleet.scheduler.cli.repair)
     "repair", "repair_journal", "repair_policy", "repair_max_per_partition",
     "repair_fail_limit", "repair_fail_window_s", "repair_diag_level", "repair_shadow",

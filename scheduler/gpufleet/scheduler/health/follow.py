@@ -17,9 +17,9 @@ leader's liveness tick reads them.
 from __future__ import annotations
 
 import logging
-import threading
 
 from gpufleet.scheduler.health.policy import HealthPolicy
+from gpufleet.scheduler.poll_loop import PollLoop
 from gpufleet.scheduler.store import HealthStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ class ChangeFollower:
         self.poll_s = poll_s
         self.batch = batch
         self.applied = 0  # changes handed to the policy (tests, metrics)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PollLoop("health-follow", self._round, poll_s, log,
+                              "acting on other processes' health changes",
+                              expected=(StoreError,))
 
     def poll_once(self) -> int:
         """Act on the queued changes (at most `batch`, oldest first); how many were taken."""
@@ -54,24 +55,11 @@ class ChangeFollower:
         return len(rows)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="health-follow", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self.poll_once() >= self.batch:
-                    continue  # a backlog (a takeover after a storm): no wait between batches
-            except StoreError as e:
-                log.warning("reading other processes' health changes failed: %s", e)
-                self._stop.wait(1.0)
-            except Exception:  # like the policy's tick: the loop must outlive one bad round
-                log.exception("acting on other processes' health changes failed")
-                self._stop.wait(1.0)
-            self._stop.wait(self.poll_s)
+    def _round(self) -> bool:
+        # a full batch is a backlog (a takeover after a storm): no wait between batches
+        return self.poll_once() >= self.batch

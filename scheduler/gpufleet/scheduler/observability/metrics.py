@@ -219,6 +219,13 @@ class ControllerMetrics:
             "finished, limit, failed, shadow.",
             ["status"], registry=r,
         )
+        self._switch_holds_dropped = Counter(
+            "gpufleet_controller_switch_holds_dropped",
+            "Multi-node jobs whose one-leaf switch count (asked by gpufleet sbatch) the "
+            "controller dropped because they could start across leaves, a count "
+            "(placement/switch_hold.py).",
+            registry=r,
+        )
         self._store_up = Gauge(
             "gpufleet_controller_store_up",
             "1 while the state store takes writes, 0 from a failed write (a full disk, a "
@@ -276,6 +283,9 @@ class ControllerMetrics:
         if child is None:
             child = self._errors.labels(reason)
         child.inc()
+
+    def switch_hold_dropped(self) -> None:
+        self._switch_holds_dropped.inc()
 
     def store_up(self, up: bool) -> None:
         self._store_up.set(1 if up else 0)

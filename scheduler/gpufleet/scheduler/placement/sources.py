@@ -8,7 +8,6 @@ interactive `gpufleet sbatch`) gives placement 2 s in all.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +36,7 @@ from gpufleet.scheduler.slurm import (
 from gpufleet.scheduler.slurm.gres import gpu_count, parse_gres_detail
 from gpufleet.scheduler.slurm.topology_conf import TopologyConfError
 from gpufleet.scheduler.slurm.topology_conf import parse_topology_conf as parse_topology_text
+from gpufleet.scheduler.slurm.types import slurm_time_s
 from gpufleet.scheduler.topology.inventory import NodeInventory
 
 __all__ = [
@@ -75,22 +75,11 @@ def parse_topology_conf(text: str, source: str = "topology.conf",
 
 def parse_time_min(text: str) -> int | None:
     """Slurm time (`90`, `1:30:00`, `2-00`, `UNLIMITED`) -> minutes (None: no limit)."""
-    value = text.strip()
-    if value.upper() in {"UNLIMITED", "INFINITE", "NONE", ""}:
-        return None
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
-    if not m:
-        raise PlacementError(f"time {text!r}: not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH...)")
-    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
-    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
-        secs = days * 86400 + (a or 0) * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # HH:MM:SS
-        secs = (a or 0) * 3600 + (b or 0) * 60 + c
-    elif b is not None:  # MM:SS
-        secs = (a or 0) * 60 + b
-    else:  # MM
-        secs = (a or 0) * 60
-    return max(1, -(-secs // 60))
+    try:
+        secs = slurm_time_s(text)
+    except ValueError as e:
+        raise PlacementError(str(e)) from e
+    return None if secs is None else max(1, -(-secs // 60))
 
 
 def used_gpus(jobs: Iterable[SlurmJob]) -> dict[str, set[int]]:

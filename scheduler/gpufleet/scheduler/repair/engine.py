@@ -49,6 +49,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from gpufleet.scheduler.access import audit
+from gpufleet.scheduler.poll_loop import PollLoop
 from gpufleet.scheduler.repair.catalog import Resolution, resolve
 from gpufleet.scheduler.repair.journal import Journal, JournalError
 from gpufleet.scheduler.slurm import (
@@ -285,8 +286,7 @@ class RepairManager:
         self._diagnosed_ms: dict[str, int] = {}
         self._idle_seen_ms: dict[str, int] = {}
         self._next_scan_ms = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PollLoop("repair", self.tick, config.tick_s, log, "repair tick")
         self._replay()
 
     # ------------------------------------------------------------ journal
@@ -830,18 +830,8 @@ class RepairManager:
             return out
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="repair", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.config.tick_s):
-            try:
-                self.tick()
-            except Exception:  # the repair loop must outlive one bad tick
-                log.exception("repair tick failed")
+        self._loop.stop()
 

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable
 
 from gpufleet.rpc.v1 import fleet_pb2 as pb
+from gpufleet.scheduler.poll_loop import PollLoop
 from gpufleet.scheduler.repair.engine import AgentCommand, CommandResult
 from gpufleet.scheduler.service.repair_link import AgentCommands, result_from_wire
 from gpufleet.scheduler.store import (
@@ -141,8 +142,9 @@ class CommandRelay:
         self._published: frozenset[str] = frozenset()
         self._beat_at: int | None = None
         self._prune_at = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PollLoop("command-relay", self.poll_once, poll_s, log,
+                              "relaying repair commands through the store",
+                              expected=(StoreError,))
 
     @property
     def holder(self) -> str:
@@ -225,28 +227,12 @@ class CommandRelay:
     # ------------------------------------------------------------ thread
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="command-relay", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop polling and say in the store that this process holds no stream any more."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        self._loop.stop()
         try:
             self.store.forget_streams(self.holder)
         except StoreError as e:  # its beat goes stale: the others stop counting on it
             log.warning("could not withdraw this process's agent streams: %s", e)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except StoreError as e:
-                log.warning("relaying repair commands through the store failed: %s", e)
-                self._stop.wait(1.0)
-            except Exception:  # like the follower's: the loop must outlive one bad round
-                log.exception("relaying repair commands failed")
-                self._stop.wait(1.0)
-            self._stop.wait(self.poll_s)

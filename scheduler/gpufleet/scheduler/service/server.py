@@ -34,6 +34,8 @@ from gpufleet.scheduler.observability.metrics import (
     MetricsHttpServer,
     start_metrics_http,
 )
+from gpufleet.scheduler.placement.sources import apply_store
+from gpufleet.scheduler.placement.switch_hold import DEFAULT_GRACE_S, SwitchHolds
 from gpufleet.scheduler.recovery.manager import RecoveryConfig, RecoveryManager
 from gpufleet.scheduler.repair import Journal, RepairConfig, RepairManager
 from gpufleet.scheduler.repair.engine import Rebooter
@@ -48,7 +50,12 @@ from gpufleet.scheduler.service.user_service import (
     FleetUserServicer,
     ViewSource,
 )
-from gpufleet.scheduler.slurm import SlurmClient, SlurmJobClient, SlurmQueueClient
+from gpufleet.scheduler.slurm import (
+    CliSlurmClient,
+    SlurmClient,
+    SlurmJobClient,
+    SlurmQueueClient,
+)
 from gpufleet.scheduler.store import StateStore, StoreError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -345,6 +352,8 @@ class Controller:
         alerts: AlertSender | None = None,
         standby_ingests: bool = False,
         follow_poll_s: float = 0.05,
+        switch_holds_slurm: CliSlurmClient | None = None,
+        switch_hold_grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         self.store = store
         self._health: health.aio.HealthServicer | None = None
@@ -407,6 +416,11 @@ class Controller:
         # the leader acts on what other ingest processes stored (only a shared store has any)
         self.follower = (ChangeFollower(store, self.policy, follow_poll_s)
                          if self.leader is not None else None)
+        # the sbatch filter's one-leaf waits, dropped once they would cost a job more than
+        # switch_hold_grace_s (placement/switch_hold.py); judged as Place judges
+        self.switch_holds = (self._make_switch_holds(switch_holds_slurm, switch_hold_grace_s)
+                             if switch_holds_slurm is not None else None)
+        self.user_servicer.switch_holds = self.switch_holds is not None
         self.metrics_listen = metrics_listen
         self.metrics_server: MetricsHttpServer | None = None
         self.listen = listen
@@ -528,6 +542,15 @@ class Controller:
     def _serves_agents(self) -> bool:
         return self.standby_ingests or self._active.is_set()
 
+    def _make_switch_holds(self, cli: CliSlurmClient, grace_s: float) -> SwitchHolds:
+        users, store = self.user_servicer, self.store
+        return SwitchHolds(
+            cli.switch_requests, cli.pending_jobs,
+            lambda: apply_store(users.view_source(), store, users.inventories),
+            lambda job_id: cli.update_job(job_id, switches=0),
+            grace_s=grace_s, shadow=self.actions.shadow,
+            on_release=self.metrics.switch_hold_dropped)
+
     def _become_active(self) -> None:
         self.actions.start()
         self.policy.start()
@@ -537,6 +560,8 @@ class Controller:
             self.alerts.start()
         if self.repair is not None:
             self.repair.start()
+        if self.switch_holds is not None:
+            self.switch_holds.start()
         self._active.set()
         self._publish_health_soon()
 
@@ -636,6 +661,8 @@ class Controller:
                 self.recovery.stop()
             if self.repair is not None:
                 self.repair.stop()
+            if self.switch_holds is not None:
+                self.switch_holds.stop()
             if self.alerts is not None:
                 self.alerts.stop()
             self.actions.stop()

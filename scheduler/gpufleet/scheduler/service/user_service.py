@@ -143,6 +143,9 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         self.handed_out = HandedOut()
         self.inventories = stored_inventories(store)
         self.refused = 0
+        # whether this controller runs switch holds (placement/switch_hold.py): only then does
+        # Place tell the sbatch filter to ask for one (cost "switch_hold" = 1)
+        self.switch_holds = False
 
     # ------------------------------------------------------------ authentication
 
@@ -232,7 +235,10 @@ class FleetUserServicer(pb_grpc.FleetUserServicer):
         except PlacementError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         answer = await self._call(context, "Place", c, lambda api: api.place(req))
-        return wire.place_reply(answer)
+        reply = wire.place_reply(answer)
+        if self.switch_holds:
+            reply.cost["switch_hold"] = 1.0
+        return reply
 
     async def Drain(self, request: pb.NodeActionRequest,
                     context: grpc.aio.ServicerContext) -> pb.NodeActionReply:

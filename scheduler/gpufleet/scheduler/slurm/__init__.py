@@ -31,6 +31,7 @@ from gpufleet.scheduler.slurm.types import (
     SlurmNodeInfo,
     SlurmPartition,
     SlurmQueueClient,
+    SwitchRequest,
     check_features,
     check_job_id,
     check_node_name,
@@ -40,6 +41,7 @@ from gpufleet.scheduler.slurm.types import (
     decode_exit_code,
     expand_hostlist,
     is_permanent_message,
+    slurm_time_s,
     split_features,
 )
 
@@ -57,6 +59,7 @@ __all__ = [
     "SlurmPartition",
     "SlurmQueueClient",
     "SlurmVersion",
+    "SwitchRequest",
     "check_features",
     "check_job_id",
     "check_node_name",
@@ -68,6 +71,7 @@ __all__ = [
     "is_permanent_message",
     "make_slurm_client",
     "reader_for",
+    "slurm_time_s",
     "slurm_version",
     "split_features",
 ]

@@ -32,6 +32,7 @@ from gpufleet.scheduler.slurm.types import (
     SlurmNode,
     SlurmNodeInfo,
     SlurmPartition,
+    SwitchRequest,
     check_features,
     check_job_id,
     check_node_name,
@@ -40,6 +41,7 @@ from gpufleet.scheduler.slurm.types import (
     clean_reason,
     fold_hostlist,
     is_permanent_message,
+    slurm_time_s,
     split_features,
 )
 
@@ -218,6 +220,32 @@ class CliSlurmClient:
         `-t PENDING` with --json, so the state is filtered here on every version."""
         return [j for j in self._jobs(what="pending jobs") if j.state == "PENDING"]
 
+    def switch_requests(self) -> list[SwitchRequest]:
+        """Pending jobs that ask for a switch count (`--switches`), one `squeue -O` line each
+        (22.05's --json has no switch fields). Array and hetjob components (ids such as
+        `7_[1-3]`, `7+1`) are left out: gpufleet's filter never asks a count for an array,
+        and a component is not updated on its own."""
+        label = "`squeue -O ReqSwitch,Wait4Switch`"
+        text = self._run("squeue", "-h", "-t", "PD", "-O",
+                         "JobID:|,ReqSwitch:|,Wait4Switch:|,NumNodes:|,tres-per-node:")
+        out: list[SwitchRequest] = []
+        for line in text.splitlines():
+            parts = [p.strip() for p in line.split("|")]
+            if not line.strip():
+                continue
+            if len(parts) != 5:
+                raise SlurmError(f"{label}: line {line[:120]!r}: expected 5 fields",
+                                 transient=False)
+            job_id, switches, wait, nodes, tres = parts
+            if not job_id.isdigit() or switches in {"", "0", "N/A"}:
+                continue
+            try:
+                out.append(SwitchRequest(job_id, int(switches), slurm_time_s(wait) or 0,
+                                         int(nodes), tres))
+            except ValueError as e:
+                raise SlurmError(f"{label}: job {job_id}: {e}", transient=False) from e
+        return out
+
     def jobs_on_node(self, node: str) -> list[SlurmJob]:
         """Jobs in any state slurmctld still holds (MinJobAge) whose allocation has `node`:
         a job the fault already killed is as much recovery's business as a running one."""
@@ -251,10 +279,17 @@ class CliSlurmClient:
         self._run("scontrol", "requeue", check_job_id(job_id))
 
     def update_job(self, job_id: str, *, start_now_plus_s: int | None = None,
-                   excluded_nodes: tuple[str, ...] | None = None) -> None:
+                   excluded_nodes: tuple[str, ...] | None = None,
+                   switches: int | None = None) -> None:
         """StartTime=now[+N] clears the 120 s BeginTime Slurm puts on a requeued job (it only
-        sticks once the job is PENDING: set while COMPLETING, Slurm overwrites it)."""
+        sticks once the job is PENDING: set while COMPLETING, Slurm overwrites it).
+        `switches=0` drops a pending job's switch count: Slurm may start it across leaves
+        at its next scheduling pass (22.05, 24.11, 26.05)."""
         argv = ["scontrol", "update", f"JobId={check_job_id(job_id)}"]
+        if switches is not None:
+            if switches < 0:
+                raise SlurmError(f"job {job_id}: switch count {switches} < 0", transient=False)
+            argv.append(f"Switches={switches}")
         if start_now_plus_s is not None:
             if start_now_plus_s < 0:
                 raise SlurmError(f"job {job_id}: start delay {start_now_plus_s} s < 0",

@@ -76,6 +76,38 @@ class SlurmJob:
 
 
 @dataclass(frozen=True)
+class SwitchRequest:
+    """A pending job's `--switches=count@max-wait` (squeue's ReqSwitch and Wait4Switch), with
+    what it asks per node: what the controller's switch holds (placement/switch_hold.py)
+    read. 22.05's `squeue --json` has no switch fields, so this is its own read."""
+
+    job_id: str
+    switches: int  # leaf switches at most; 0: none asked
+    wait_s: int  # how long Slurm keeps the job waiting for that count
+    nodes: int
+    tres_per_node: str  # as squeue prints it: "gres:gpu:8" (22.05), "gres/gpu:8" (23.02+)
+
+
+def slurm_time_s(text: str) -> int | None:
+    """Slurm's time format (`90` minutes, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`) -> seconds;
+    None for no limit (UNLIMITED, INFINITE, NONE, empty). ValueError for anything else."""
+    value = text.strip()
+    if value.upper() in {"UNLIMITED", "INFINITE", "NONE", ""}:
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
+    if not m:
+        raise ValueError(f"time {text!r}: not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH...)")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        return days * 86400 + (a or 0) * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # HH:MM:SS
+        return (a or 0) * 3600 + (b or 0) * 60 + c
+    if b is not None:  # MM:SS
+        return (a or 0) * 60 + b
+    return (a or 0) * 60  # MM
+
+
+@dataclass(frozen=True)
 class SlurmPartition:
     name: str
     default: bool
