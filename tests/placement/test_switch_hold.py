@@ -169,10 +169,11 @@ def test_only_gpufleets_own_hold_on_jobs_waiting_for_nodes_is_touched() -> None:
 
 def test_in_doubt_the_hold_goes() -> None:
     lab = Lab()
-    lab.hold("7", nodes=3, tres="gres:gpu")  # a count the keeper cannot read
+    lab.hold("7", nodes=3, tres="gres:gpu")  # a GPU count the keeper cannot read
+    lab.hold("8", nodes=0)  # a node range (squeue's "2-4")
     keeper = lab.keeper()
     keeper.tick()
-    assert lab.released == ["7"]
+    assert lab.released == ["7", "8"]
 
 
 def test_shadow_mode_decides_but_never_releases() -> None:

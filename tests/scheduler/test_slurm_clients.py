@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from gpufleet.scheduler.slurm import (
     CliSlurmClient,
     SlurmClient,
     SlurmError,
+    SwitchRequest,
     check_features,
     check_weight,
     make_slurm_client,
@@ -302,3 +304,29 @@ def test_routine_diag_reads_agree_with_squeue(rest_lab: SlurmLab) -> None:
                    and "main" in i.partitions for i in infos.values())
     finally:
         rest_lab.run("scancel", str(held), str(later), check=False)
+
+
+def test_switch_requests_read_squeue_format_lines(tmp_path: Path) -> None:
+    """`squeue -O JobID,ReqSwitch,Wait4Switch,NumNodes,tres-per-node` as 22.05 and 26.05 print
+    it (seen on the real labs), with what the switch holds must survive: an array and a
+    hetjob component, a job with no count, a node range, a wait it cannot read."""
+    squeue = tmp_path / "squeue"
+    squeue.write_text("#!/bin/sh\ncat <<'OUT'\n"
+                      "5|1|1:59|3|gres:gpu:8\n"         # 22.05
+                      "6|1|2:00|2|gres/gpu:8\n"         # 26.05, a user's own wait
+                      "7|0|0:00|2|gres/gpu:8\n"         # no count asked
+                      "8_[1-3]|1|1:59|2|gres/gpu:8\n"   # an array
+                      "9+1|1|1:59|2|gres/gpu:8\n"       # a hetjob component
+                      "10|1|1:59|2-4|gres/gpu:8\n"      # a node range
+                      "11|1|soon|2|\n"
+                      "\n"
+                      "OUT\n")
+    squeue.chmod(0o755)
+    got = CliSlurmClient(env={"PATH": f"{tmp_path}:/usr/bin:/bin"}).switch_requests()
+    assert got == [SwitchRequest("5", 1, 119, 3, "gres:gpu:8"),
+                   SwitchRequest("6", 1, 120, 2, "gres/gpu:8"),
+                   SwitchRequest("10", 1, 119, 0, "gres/gpu:8"),
+                   SwitchRequest("11", 1, 0, 2, "")]
+    squeue.write_text("#!/bin/sh\necho '5|1|1:59'\n")
+    with pytest.raises(SlurmError, match="expected 5 fields"):
+        CliSlurmClient(env={"PATH": f"{tmp_path}:/usr/bin:/bin"}).switch_requests()

@@ -13,11 +13,11 @@ what cannot make the job wait longer than plain sbatch would:
   in the partition (Slurm's backfill may hold free nodes for those), and the job
   asks nothing placement cannot judge (see PIN_OK): no array, dependency, --begin, --hold,
   CPU/memory/licence asks, ranges; released after `pin_release_s` if it is still pending;
-- `switches=1@1:59` for a multi-node job not pinned that fits one leaf on an idle cluster:
-  Slurm then starts it on one leaf, and the controller drops the count once the job could
-  have started across leaves for a few seconds (placement/switch_hold.py: held the whole
-  time, on a full lab `--switches=1@10` made jobs wait 23.9 s on average against plain
-  sbatch's 20.8);
+- `switches=1@1:59` for a multi-node job not pinned that fits one leaf on an idle cluster,
+  only where the controller runs switch holds (its answer says so): Slurm then starts it on
+  one leaf, and the controller drops the count once the job could have started across leaves
+  for its grace (placement/switch_hold.py; held the whole time, on a full lab
+  `--switches=1@10` made jobs wait 23.9 s on average against plain sbatch's 20.8);
 - nothing at all for jobs that start later (dependency, --begin, --hold): health then is not
   health now. No controller configured, controller away, any doubt: nothing, exit 0, so the
   job is submitted exactly as plain sbatch would submit it.
@@ -51,10 +51,10 @@ PLACE_TIMEOUT_S = 1.0
 # submission; backfill within bf_interval, 30 s by default, when jobs ahead of it wait)
 PIN_RELEASE_S = 10.0
 SCONTROL_RETRY_S = 1.0  # the release's first wait before asking a busy slurmctld again
-# `--switches=1@1:59` (minutes:seconds) on a multi-node job not pinned: Slurm starts it on one
-# leaf; the controller drops the count once the job could have started across leaves for a
-# few seconds (placement/switch_hold.py, which knows its hold by these 119 s; with no
-# controller Slurm drops it itself after them)
+# `--switches=1@1:59` (minutes:seconds) on a multi-node job not pinned, from a controller with
+# switch holds: Slurm starts it on one leaf; the controller drops the count once the job could
+# have started across leaves for its grace (placement/switch_hold.py, which knows its hold by
+# these 119 s; with no controller Slurm drops it itself after them)
 SWITCH_HOLD = "1:59"
 CKPT_SIGNAL = "USR1"
 CKPT_SIGNAL_BEFORE_END_S = 300

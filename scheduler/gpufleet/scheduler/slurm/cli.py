@@ -237,13 +237,15 @@ class CliSlurmClient:
                 raise SlurmError(f"{label}: line {line[:120]!r}: expected 5 fields",
                                  transient=False)
             job_id, switches, wait, nodes, tres = parts
-            if not job_id.isdigit() or switches in {"", "0", "N/A"}:
+            if not job_id.isdigit() or not switches.isdigit() or switches == "0":
                 continue
             try:
-                out.append(SwitchRequest(job_id, int(switches), slurm_time_s(wait) or 0,
-                                         int(nodes), tres))
-            except ValueError as e:
-                raise SlurmError(f"{label}: job {job_id}: {e}", transient=False) from e
+                wait_s = slurm_time_s(wait) or 0
+            except ValueError:
+                wait_s = 0  # not a wait this client can read: nobody's hold it knows
+            # a node range ("2-4") or anything else: 0, which the switch holds take as doubt
+            out.append(SwitchRequest(job_id, int(switches), wait_s,
+                                     int(nodes) if nodes.isdigit() else 0, tres))
         return out
 
     def jobs_on_node(self, node: str) -> list[SlurmJob]:

@@ -84,7 +84,7 @@ class SwitchRequest:
     job_id: str
     switches: int  # leaf switches at most; 0: none asked
     wait_s: int  # how long Slurm keeps the job waiting for that count
-    nodes: int
+    nodes: int  # 0: not one number (a range such as 2-4)
     tres_per_node: str  # as squeue prints it: "gres:gpu:8" (22.05), "gres/gpu:8" (23.02+)
 
 
