@@ -13,8 +13,8 @@ this hold and drops the count (`scontrol update Switches=0`) of a job that could
 (enough healthy nodes free for it, by the engine Place uses, on several leaves only) `grace_s`
 ago, counted from the first such moment: while it is held, backfill may start smaller jobs in
 that room, and a grace restarted each time would hold it for good. Measured on the fill
-trace, grace 1 s: 34 leaves for the 32 multi-node jobs against plain sbatch's 47, mean wait
-22.3 s against 21.0 s (the chance a held job misses is the cost); hence opt-in. In doubt (a
+trace, grace 1 s: 34-36 leaves for the 32 multi-node jobs against plain sbatch's 47-51, mean
+wait 1.3-2.7 s longer (the chance a held job misses is the cost); hence opt-in. In doubt (a
 request it cannot read, an engine refusal, Slurm leaving one leaf with room by the engine's
 count unused for 3 x grace_s) the count is dropped: the job is then exactly as plain sbatch
 submitted it, but for the unhealthy-node exclusion.
