@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 class ChangeFollower:
     def __init__(self, store: HealthStore, policy: HealthPolicy, poll_s: float = 0.05,
                  batch: int = 1000) -> None:
-        if poll_s <= 0:
-            raise ValueError(f"poll_s={poll_s}: must be > 0")
         self.store = store
         self.policy = policy
         self.poll_s = poll_s

@@ -230,9 +230,9 @@ class CliSlurmClient:
                          "JobID:|,ReqSwitch:|,Wait4Switch:|,NumNodes:|,tres-per-node:")
         out: list[SwitchRequest] = []
         for line in text.splitlines():
-            parts = [p.strip() for p in line.split("|")]
             if not line.strip():
                 continue
+            parts = [p.strip() for p in line.split("|")]
             if len(parts) != 5:
                 raise SlurmError(f"{label}: line {line[:120]!r}: expected 5 fields",
                                  transient=False)
